@@ -1,0 +1,78 @@
+// The flashmla op library: the one schema block, and the autograd guard shared by every op.
+//
+// Kernels are registered elsewhere:
+//   * CPU reference and the CUDA entry points: Python (torch_flashmla/_registration.py), which
+//     validates inputs in one place (torch_flashmla/checks.py) before any launch;
+//   * fakes: meta/ (imported as torch_flashmla.meta);
+//   * SM90 kernels: internal ops in the `flashmla_cuda` namespace, one TORCH_LIBRARY_FRAGMENT per
+//     kernel family under csrc/api/, called by the CUDA registrations after the checks.
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace flashmla {
+
+// Every flashmla op is inference-only. The dispatcher's default autograd fallback only warns
+// when a custom op without a backward is called on tensors that require grad, so refuse loudly,
+// and otherwise redispatch below autograd (refusing unconditionally would break every call).
+static void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::IValue& value = (*stack)[first + i];
+    if (value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad()) {
+      TORCH_CHECK(false, op.schema().name(), ": argument '", arguments[i].name(),
+                  "' requires grad, but flashmla ops are inference-only (no backward). "
+                  "Call them under torch.no_grad()/torch.inference_mode() or pass detached tensors.");
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+TORCH_LIBRARY(flashmla, m) {
+  // Fakes live in Python; tell torch where to find them when only this library is loaded.
+  m.set_python_module("torch_flashmla.meta");
+
+  m.def(
+      "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_heads_q, "
+      "bool is_fp8_kvcache, int? topk, int num_sm_parts) -> (Tensor tile_scheduler_metadata, Tensor num_splits)");
+  m.def(
+      "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+      "float softmax_scale, bool causal, Tensor tile_scheduler_metadata, Tensor num_splits) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, Tensor? topk_length, Tensor? attn_sink, "
+      "Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int head_dim_v, "
+      "float softmax_scale, Tensor tile_scheduler_metadata, Tensor num_splits) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_mla_prefill(Tensor q, Tensor kv, Tensor indices, float softmax_scale, int head_dim_v, "
+      "Tensor? attn_sink, Tensor? topk_length) -> (Tensor out, Tensor max_logits, Tensor lse)");
+  m.def(
+      "concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
+      "str kv_cache_dtype) -> ()");
+  m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
+  m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flashmla, Autograd, m) {
+  for (const char* name : {"get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill",
+                           "concat_and_cache_mla", "quantize_kv_fp8", "dequantize_kv_fp8"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  }
+}
+
+}  // namespace flashmla
+
+// A Python module so that `import torch_flashmla._C` loads the library (and its registrations).
+static PyModuleDef flashmla_module = {PyModuleDef_HEAD_INIT, "_C", "flashmla op library", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&flashmla_module);
+  if (module != nullptr) {
+#ifdef FLASHMLA_WITH_CUDA
+    PyModule_AddIntConstant(module, "with_cuda_kernels", 1);
+#else
+    PyModule_AddIntConstant(module, "with_cuda_kernels", 0);
+#endif
+  }
+  return module;
+}

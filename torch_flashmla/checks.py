@@ -1,0 +1,202 @@
+"""Input validation for every flashmla op: the one place where bad input is turned away.
+
+Each ``check_<op>`` is called by that op's CPU kernel, CUDA kernel and fake, before anything is
+launched. The checks read only metadata (dtype, rank, sizes, strides, device), never tensor values,
+so they are free of host syncs and also run on fake tensors with symbolic sizes.
+Errors are ``ValueError`` naming the op, the argument and what was expected.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .kv_cache import D_QK, D_V, FP8_RECORD_BYTES
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+FP8_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
+DENSE_PAGE_ALIGN = 64       # dense decode pages hold whole 64-token tiles
+MAX_HEADS_Q = 128
+METADATA_WIDTH = 8          # int32 fields per SM partition in tile_scheduler_metadata
+KV_CACHE_DTYPES = ("auto", "fp8_ds_mla")
+
+
+class _Checker:
+    def __init__(self, op: str):
+        self.op = op
+
+    def fail(self, arg: str, expected: str, got) -> None:
+        raise ValueError(f"flashmla.{self.op}: argument '{arg}' must be {expected}, got {got}")
+
+    def tensor(self, arg: str, t, *, dtypes: Sequence[torch.dtype], dim: int, device=None,
+               last_dim_contiguous: bool = True, contiguous: bool = False) -> None:
+        if not isinstance(t, torch.Tensor):
+            self.fail(arg, "a Tensor", type(t).__name__)
+        if t.dtype not in dtypes:
+            self.fail(arg, "of dtype " + " or ".join(str(d) for d in dtypes), t.dtype)
+        if t.dim() != dim:
+            self.fail(arg, f"a {dim}-D tensor", f"shape {tuple(t.shape)}")
+        if device is not None and t.device != device:
+            self.fail(arg, f"on device {device} (the device of the first argument)", t.device)
+        if contiguous and not t.is_contiguous():
+            self.fail(arg, "contiguous", f"strides {tuple(t.stride())}")
+        if last_dim_contiguous and t.shape[-1] != 1 and t.stride(-1) != 1:
+            self.fail(arg, "contiguous in its last dimension", f"strides {tuple(t.stride())}")
+
+    def size(self, arg: str, t: torch.Tensor, dim: int, expected, what: str) -> None:
+        if t.shape[dim] != expected:
+            self.fail(arg, f"of size {expected} in dimension {dim} ({what})", f"shape {tuple(t.shape)}")
+
+    def value(self, arg: str, ok: bool, expected: str, got) -> None:
+        if not ok:
+            self.fail(arg, expected, got)
+
+
+def check_get_mla_metadata(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+                           is_fp8_kvcache, topk, num_sm_parts) -> None:
+    c = _Checker("get_mla_metadata")
+    c.tensor("seqlens", seqlens, dtypes=(torch.int32,), dim=1)
+    c.value("num_q_tokens_per_head_k", num_q_tokens_per_head_k >= 1, "a positive int", num_q_tokens_per_head_k)
+    c.value("num_heads_k", num_heads_k >= 1, "a positive int", num_heads_k)
+    c.value("num_heads_q", 1 <= num_heads_q <= MAX_HEADS_Q and num_heads_q % num_heads_k == 0,
+            f"in 1..{MAX_HEADS_Q} and a multiple of num_heads_k={num_heads_k}", num_heads_q)
+    c.value("topk", topk is None or topk >= 0, "None (dense) or a non-negative int", topk)
+    c.value("num_sm_parts", num_sm_parts >= 1, "a positive int", num_sm_parts)
+
+
+def _check_plan(c: _Checker, tile_scheduler_metadata, num_splits, batch, device) -> None:
+    c.tensor("tile_scheduler_metadata", tile_scheduler_metadata, dtypes=(torch.int32,), dim=2, device=device,
+             contiguous=True)
+    c.size("tile_scheduler_metadata", tile_scheduler_metadata, 1, METADATA_WIDTH, "fields per SM partition")
+    c.tensor("num_splits", num_splits, dtypes=(torch.int32,), dim=1, device=device, contiguous=True)
+    c.size("num_splits", num_splits, 0, batch + 1, "batch size + 1, from get_mla_metadata")
+
+
+def _check_q(c: _Checker, q, dtypes) -> None:
+    c.tensor("q", q, dtypes=dtypes, dim=4)
+    c.size("q", q, 3, D_QK, "d_qk = 512 latent + 64 rope")
+    c.value("q", 1 <= q.shape[2] <= MAX_HEADS_Q, f"[b, s_q, h_q, {D_QK}] with h_q in 1..{MAX_HEADS_Q}",
+            f"shape {tuple(q.shape)}")
+
+
+def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                     tile_scheduler_metadata, num_splits) -> None:
+    c = _Checker("mla_decode")
+    _check_q(c, q, HALF_DTYPES)
+    dev = q.device
+    c.tensor("kv_cache", kv_cache, dtypes=(q.dtype,), dim=4, device=dev)
+    c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, h_kv, 576]")
+    page_size, h_kv = kv_cache.shape[1], kv_cache.shape[2]
+    c.value("kv_cache", page_size % DENSE_PAGE_ALIGN == 0 and page_size > 0,
+            f"paged with page_size a positive multiple of {DENSE_PAGE_ALIGN}", f"page_size {page_size}")
+    c.value("kv_cache", h_kv >= 1 and q.shape[2] % h_kv == 0,
+            f"of h_kv dividing h_q={q.shape[2]}", f"h_kv {h_kv}")
+    b = q.shape[0]
+    c.tensor("block_table", block_table, dtypes=(torch.int32,), dim=2, device=dev)
+    c.size("block_table", block_table, 0, b, "batch size of q")
+    c.tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+    c.size("cache_seqlens", cache_seqlens, 0, b, "batch size of q")
+    c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
+    c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
+    _check_plan(c, tile_scheduler_metadata, num_splits, b, dev)
+
+
+def _check_fp8_cache(c: _Checker, arg: str, cache, device) -> None:
+    c.tensor(arg, cache, dtypes=FP8_CACHE_DTYPES, dim=4, device=device)
+    c.size(arg, cache, 3, FP8_RECORD_BYTES, "bytes of the V3.2 FP8 record")
+    c.size(arg, cache, 2, 1, "h_kv = 1 for sparse attention")
+
+
+def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices,
+                            extra_topk_length, head_dim_v, softmax_scale, tile_scheduler_metadata,
+                            num_splits) -> None:
+    c = _Checker("sparse_mla_decode")
+    _check_q(c, q, (torch.bfloat16,))
+    dev = q.device
+    b, s_q, h_q = q.shape[0], q.shape[1], q.shape[2]
+    _check_fp8_cache(c, "kv_cache", kv_cache, dev)
+    c.tensor("indices", indices, dtypes=(torch.int32,), dim=3, device=dev)
+    c.value("indices", indices.shape[0] == b and indices.shape[1] == s_q,
+            f"[b={b}, s_q={s_q}, topk]", f"shape {tuple(indices.shape)}")
+    if topk_length is not None:
+        c.tensor("topk_length", topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+        c.size("topk_length", topk_length, 0, b, "batch size of q")
+    if attn_sink is not None:
+        c.tensor("attn_sink", attn_sink, dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
+        c.size("attn_sink", attn_sink, 0, h_q, "h_q")
+    if extra_kv_cache is not None:
+        _check_fp8_cache(c, "extra_kv_cache", extra_kv_cache, dev)
+        c.value("extra_indices", extra_indices is not None, "given when extra_kv_cache is given", None)
+    else:
+        c.value("extra_indices", extra_indices is None, "None when extra_kv_cache is None", "a tensor")
+        c.value("extra_topk_length", extra_topk_length is None, "None when extra_kv_cache is None", "a tensor")
+    if extra_indices is not None:
+        c.tensor("extra_indices", extra_indices, dtypes=(torch.int32,), dim=3, device=dev)
+        c.value("extra_indices", extra_indices.shape[0] == b and extra_indices.shape[1] == s_q,
+                f"[b={b}, s_q={s_q}, extra_topk]", f"shape {tuple(extra_indices.shape)}")
+    if extra_topk_length is not None:
+        c.tensor("extra_topk_length", extra_topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+        c.size("extra_topk_length", extra_topk_length, 0, b, "batch size of q")
+    c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
+    c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
+    _check_plan(c, tile_scheduler_metadata, num_splits, b, dev)
+
+
+def check_sparse_mla_prefill(q, kv, indices, softmax_scale, head_dim_v, attn_sink, topk_length) -> None:
+    c = _Checker("sparse_mla_prefill")
+    c.tensor("q", q, dtypes=(torch.bfloat16,), dim=3)
+    dev = q.device
+    s_q, h_q, d_qk = q.shape
+    c.value("q", d_qk in (D_QK, D_V) and 1 <= h_q <= MAX_HEADS_Q,
+            f"[s_q, h_q, d_qk] with d_qk 576 or 512 and h_q in 1..{MAX_HEADS_Q}", f"shape {tuple(q.shape)}")
+    c.tensor("kv", kv, dtypes=(torch.bfloat16,), dim=3, device=dev)
+    c.value("kv", kv.shape[1] == 1 and kv.shape[2] == d_qk, f"[s_kv, 1, {d_qk}]", f"shape {tuple(kv.shape)}")
+    c.tensor("indices", indices, dtypes=(torch.int32,), dim=3, device=dev)
+    c.value("indices", indices.shape[0] == s_q and indices.shape[1] == 1, f"[s_q={s_q}, 1, topk]",
+            f"shape {tuple(indices.shape)}")
+    c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
+    c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
+    if attn_sink is not None:
+        c.tensor("attn_sink", attn_sink, dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
+        c.size("attn_sink", attn_sink, 0, h_q, "h_q")
+    if topk_length is not None:
+        c.tensor("topk_length", topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+        c.size("topk_length", topk_length, 0, s_q, "s_q")
+
+
+def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype) -> None:
+    c = _Checker("concat_and_cache_mla")
+    c.value("kv_cache_dtype", kv_cache_dtype in KV_CACHE_DTYPES, " or ".join(map(repr, KV_CACHE_DTYPES)),
+            repr(kv_cache_dtype))
+    c.tensor("kv_c", kv_c, dtypes=HALF_DTYPES, dim=2)
+    dev = kv_c.device
+    c.size("kv_c", kv_c, 1, D_V, "latent width")
+    c.tensor("k_pe", k_pe, dtypes=(kv_c.dtype,), dim=2, device=dev)
+    c.size("k_pe", k_pe, 1, D_QK - D_V, "rope width")
+    c.size("k_pe", k_pe, 0, kv_c.shape[0], "number of tokens of kv_c")
+    c.tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
+    c.size("slot_mapping", slot_mapping, 0, kv_c.shape[0], "number of tokens of kv_c")
+    if kv_cache_dtype == "auto":
+        c.tensor("kv_cache", kv_cache, dtypes=(kv_c.dtype,), dim=4, device=dev, contiguous=True)
+        c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, 1, 576]")
+    else:
+        c.value("kv_c", kv_c.dtype == torch.bfloat16, "bfloat16 for the fp8_ds_mla cache", kv_c.dtype)
+        _check_fp8_cache(c, "kv_cache", kv_cache, dev)
+        c.value("kv_cache", kv_cache.is_contiguous(), "contiguous", f"strides {tuple(kv_cache.stride())}")
+    c.size("kv_cache", kv_cache, 2, 1, "h_kv = 1")
+
+
+def check_quantize_kv_fp8(kv) -> None:
+    c = _Checker("quantize_kv_fp8")
+    c.value("kv", isinstance(kv, torch.Tensor) and kv.dim() >= 1, "a tensor of shape [..., 576]", type(kv).__name__)
+    c.tensor("kv", kv, dtypes=(torch.bfloat16,), dim=kv.dim())
+    c.size("kv", kv, -1, D_QK, "512 latent + 64 rope")
+
+
+def check_dequantize_kv_fp8(kv_fp8) -> None:
+    c = _Checker("dequantize_kv_fp8")
+    c.value("kv_fp8", isinstance(kv_fp8, torch.Tensor) and kv_fp8.dim() >= 1, "a tensor of shape [..., 656]",
+            type(kv_fp8).__name__)
+    c.tensor("kv_fp8", kv_fp8, dtypes=FP8_CACHE_DTYPES, dim=kv_fp8.dim())
+    c.size("kv_fp8", kv_fp8, -1, FP8_RECORD_BYTES, "bytes of the V3.2 FP8 record")
+

@@ -1,0 +1,149 @@
+"""Python API: one function per ``torch.ops.flashmla`` op, defaults filled in, no state.
+
+Every function here is a thin wrapper around a single op call, so it traces under
+``torch.compile(fullgraph=True)`` and captures in CUDA graphs. Compute the plan
+(:func:`get_mla_metadata`) once per decode step and pass it to every layer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .kv_cache import D_QK, D_V
+
+DEFAULT_SM_COUNT = 132          # H100/H200 SXM; used when planning for a CPU tensor
+DECODE_BLOCK_M = 64             # query rows (s_q * h_q / h_kv) handled by one CTA of the decode kernel
+
+
+@torch.compiler.assume_constant_result
+def sm_count(device_index: int) -> int:
+    """Number of SMs of CUDA device ``device_index`` (constant under torch.compile)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """How many SM partitions the decode kernels split the work into: one CTA per SM for each
+    (kv head, 64-row query tile) pair."""
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else DEFAULT_SM_COUNT
+    row_tiles = -(-num_q_tokens_per_head_k // DECODE_BLOCK_M)
+    return max(1, sms // num_heads_k // row_tiles)
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int = 1,
+                     num_heads_q: Optional[int] = None, is_fp8_kvcache: bool = False, topk: Optional[int] = None,
+                     num_sm_parts: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plan a decode step (on the GPU, no host sync; capturable in a CUDA graph).
+
+    Args:
+        cache_seqlens: [b] int32, tokens per request (for sparse decode: ``topk_length``, or a
+            tensor filled with ``topk``).
+        num_q_tokens_per_head_k: ``s_q * h_q // h_kv``.
+        num_heads_k: h_kv. num_heads_q: h_q (default ``num_q_tokens_per_head_k * h_kv``, i.e. s_q = 1).
+        is_fp8_kvcache, topk: the cache format and top-k of sparse decode (``topk=None``: dense).
+        num_sm_parts: SM partitions; default from the device's SM count (132 for CPU tensors).
+    Returns:
+        tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1].
+    """
+    if num_heads_q is None:
+        num_heads_q = num_q_tokens_per_head_k * num_heads_k
+    if num_sm_parts is None:
+        num_sm_parts = default_num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    return torch.ops.flashmla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+                                               is_fp8_kvcache, topk, num_sm_parts)
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+               tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor, head_dim_v: int = D_V,
+               softmax_scale: Optional[float] = None, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense MLA decode over a paged BF16/FP16 cache.
+
+    Args:
+        q: [b, s_q, h_q, 576] bf16/fp16.
+        kv_cache: [num_blocks, page_size, h_kv, 576], q's dtype; page_size a multiple of 64.
+        block_table: [b, max_blocks_per_seq] int32; entries past the last used page are ignored.
+        cache_seqlens: [b] int32 (0 allowed: out = 0, lse = +inf).
+        tile_scheduler_metadata, num_splits: the plan from :func:`get_mla_metadata`.
+        head_dim_v: 512. softmax_scale: default 576 ** -0.5.
+        causal: with s_q > 1, query t sees keys ``< cache_seqlens - s_q + t + 1``.
+    Returns:
+        out [b, s_q, h_q, 512] (q's dtype), lse [b, h_q, s_q] fp32 (natural log).
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    return torch.ops.flashmla.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                                         tile_scheduler_metadata, num_splits)
+
+
+def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
+                      tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+                      topk_length: Optional[torch.Tensor] = None, attn_sink: Optional[torch.Tensor] = None,
+                      extra_kv_cache: Optional[torch.Tensor] = None, extra_indices: Optional[torch.Tensor] = None,
+                      extra_topk_length: Optional[torch.Tensor] = None, head_dim_v: int = D_V,
+                      softmax_scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-sparse MLA decode over the 656-byte FP8 cache (DeepSeek Sparse Attention).
+
+    Args:
+        q: [b, s_q, h_q, 576] bf16.
+        kv_cache: [num_blocks, page_size, 1, 656] uint8 or float8_e4m3fn.
+        indices: [b, s_q, topk] int32, ``block_id * page_size + offset``; -1 (or out of range) = skip.
+        tile_scheduler_metadata, num_splits: plan from ``get_mla_metadata(..., is_fp8_kvcache=True, topk=topk)``.
+        topk_length: [b] int32, only the first ``topk_length[i]`` indices count.
+        attn_sink: [h_q] fp32; out *= exp(lse) / (exp(lse) + exp(attn_sink)), lse unchanged.
+        extra_kv_cache, extra_indices [b, s_q, extra_topk], extra_topk_length [b]: a second cache
+            attended in the same softmax.
+    Returns:
+        out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32.
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    return torch.ops.flashmla.sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache,
+                                                extra_indices, extra_topk_length, head_dim_v, softmax_scale,
+                                                tile_scheduler_metadata, num_splits)
+
+
+def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                       softmax_scale: Optional[float] = None, head_dim_v: int = D_V,
+                       attn_sink: Optional[torch.Tensor] = None, topk_length: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-sparse MLA prefill.
+
+    Args:
+        q: [s_q, h_q, d_qk] bf16 (d_qk 576 or 512). kv: [s_kv, 1, d_qk] bf16.
+        indices: [s_q, 1, topk] int32; -1 or >= s_kv = skip. topk_length: [s_q] int32.
+        attn_sink: [h_q] fp32. softmax_scale: default d_qk ** -0.5.
+    Returns:
+        out [s_q, h_q, 512] bf16, max_logits [s_q, h_q] fp32, lse [s_q, h_q] fp32 (natural log;
+        -inf / +inf for a query with nothing to attend to, whose out is 0).
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    return torch.ops.flashmla.sparse_mla_prefill(q, kv, indices, softmax_scale, head_dim_v, attn_sink, topk_length)
+
+
+def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         kv_cache_dtype: str = "auto") -> None:
+    """Write new tokens into a paged cache in place.
+
+    Args:
+        kv_c: [T, 512], k_pe: [T, 64] bf16/fp16.
+        kv_cache: [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype) or
+            [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``, kv_c bf16).
+        slot_mapping: [T] int64, ``block_id * page_size + offset``; negative = skip the token.
+    """
+    torch.ops.flashmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype)
+
+
+def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
+    """[..., 576] bf16 -> [..., 656] uint8 V3.2 FP8 records (see :mod:`torch_flashmla.kv_cache`)."""
+    return torch.ops.flashmla.quantize_kv_fp8(kv)
+
+
+def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
+    """[..., 656] uint8/float8_e4m3fn records -> [..., 576] bf16."""
+    return torch.ops.flashmla.dequantize_kv_fp8(kv_fp8)
+
+
+__all__ = ["get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill", "concat_and_cache_mla",
+           "quantize_kv_fp8", "dequantize_kv_fp8", "default_num_sm_parts", "D_QK", "D_V"]
