@@ -9,18 +9,20 @@
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 
 namespace flashmla {
 
 // Every flashmla op is inference-only. The dispatcher's default autograd fallback only warns
 // when a custom op without a backward is called on tensors that require grad, so refuse loudly,
-// and otherwise redispatch below autograd (refusing unconditionally would break every call).
+// while grad mode is on, and otherwise redispatch below autograd (refusing unconditionally would break every call).
 static void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
+  const bool grad_enabled = at::GradMode::is_enabled();  // under no_grad nothing would be recorded
   const size_t first = stack->size() - arguments.size();
   for (size_t i = 0; i < arguments.size(); ++i) {
     const c10::IValue& value = (*stack)[first + i];
-    if (value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad()) {
+    if (grad_enabled && value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad()) {
       TORCH_CHECK(false, op.schema().name(), ": argument '", arguments[i].name(),
                   "' requires grad, but flashmla ops are inference-only (no backward). "
                   "Call them under torch.no_grad()/torch.inference_mode() or pass detached tensors.");
