@@ -1,0 +1,135 @@
+// CUDA entry points of the KV-cache ops: torch.ops.flashmla_cuda.{concat_and_cache_mla,
+// quantize_kv_fp8, dequantize_kv_fp8}. The Python layer validates inputs first; the checks here are
+// the cheap ones the kernels rely on. No host synchronization, current stream, caching allocator
+// only: every op can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "kv_cache/kv_cache.h"
+
+namespace {
+
+namespace kvc = flashmla::kv_cache;
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// [rows, width] view of `t` whose rows start 16-byte aligned with unit inner stride (copies if not).
+at::Tensor rows_16b(const at::Tensor& t, int64_t width) {
+  at::Tensor x = t.reshape({-1, width});
+  if (x.size(0) > 1 && x.stride(0) * x.element_size() % 16 != 0) x = x.contiguous();
+  if (x.stride(1) != 1 && width > 1) x = x.contiguous();
+  if (!aligned16(x.data_ptr())) x = x.clone(at::MemoryFormat::Contiguous);
+  return x;
+}
+
+void concat_and_cache_mla_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
+                               const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype) {
+  TORCH_CHECK(kv_c.is_cuda() && k_pe.is_cuda() && kv_cache.is_cuda() && slot_mapping.is_cuda(),
+              "concat_and_cache_mla: all tensors must be CUDA tensors");
+  TORCH_CHECK(kv_c.dim() == 2 && kv_c.size(1) == kvc::kLatent, "concat_and_cache_mla: kv_c must be [T, 512]");
+  TORCH_CHECK(k_pe.dim() == 2 && k_pe.size(1) == kvc::kRope && k_pe.size(0) == kv_c.size(0),
+              "concat_and_cache_mla: k_pe must be [T, 64]");
+  TORCH_CHECK(k_pe.scalar_type() == kv_c.scalar_type(), "concat_and_cache_mla: k_pe must have kv_c's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == kv_c.size(0),
+              "concat_and_cache_mla: slot_mapping must be int64 [T]");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(2) == 1 && kv_cache.stride(3) == 1,
+              "concat_and_cache_mla: kv_cache must be [num_blocks, page_size, 1, D] with unit inner stride");
+  const bool fp8 = kv_cache_dtype == "fp8_ds_mla";
+  TORCH_CHECK(fp8 || kv_cache_dtype == "auto", "concat_and_cache_mla: kv_cache_dtype must be 'auto' or 'fp8_ds_mla'");
+  if (fp8) {
+    TORCH_CHECK(kv_cache.scalar_type() == at::kByte || kv_cache.scalar_type() == at::kFloat8_e4m3fn,
+                "concat_and_cache_mla: fp8_ds_mla cache must be uint8 or float8_e4m3fn");
+    TORCH_CHECK(kv_cache.size(3) == kvc::kRecord, "concat_and_cache_mla: fp8_ds_mla cache rows must be 656 bytes");
+    TORCH_CHECK(kv_c.scalar_type() == at::kBFloat16, "concat_and_cache_mla: fp8_ds_mla needs bfloat16 kv_c");
+  } else {
+    TORCH_CHECK(kv_c.scalar_type() == at::kBFloat16 || kv_c.scalar_type() == at::kHalf,
+                "concat_and_cache_mla: kv_c must be bfloat16 or float16");
+    TORCH_CHECK(kv_cache.scalar_type() == kv_c.scalar_type(), "concat_and_cache_mla: 'auto' cache must have kv_c's dtype");
+    TORCH_CHECK(kv_cache.size(3) == kvc::kRow, "concat_and_cache_mla: 'auto' cache rows must be 576 values");
+  }
+  const int64_t num_tokens = kv_c.size(0);
+  if (num_tokens == 0 || kv_cache.numel() == 0) return;
+
+  c10::cuda::CUDAGuard guard(kv_cache.device());
+  const int64_t esize = kv_cache.element_size();
+  const int64_t block_stride = kv_cache.stride(0) * esize;
+  const int64_t page_stride = kv_cache.stride(1) * esize;
+  TORCH_CHECK(aligned16(kv_cache.data_ptr()) && (kv_cache.size(0) == 1 || block_stride % 16 == 0) &&
+                  (kv_cache.size(1) == 1 || page_stride % 16 == 0),
+              "concat_and_cache_mla: kv_cache rows must start at 16-byte boundaries");
+  const at::Tensor c = rows_16b(kv_c, kvc::kLatent);
+  const at::Tensor p = rows_16b(k_pe, kvc::kRope);
+  const at::Tensor slots = slot_mapping.contiguous();
+
+  kvc::CacheWriteArgs args;
+  args.kv_c = c.data_ptr();
+  args.kv_c_stride = c.stride(0);
+  args.k_pe = p.data_ptr();
+  args.k_pe_stride = p.stride(0);
+  args.cache = kv_cache.data_ptr();
+  args.block_stride = block_stride;
+  args.page_stride = page_stride;
+  args.slot_mapping = slots.data_ptr<int64_t>();
+  args.num_tokens = num_tokens;
+  args.page_size = kv_cache.size(1);
+  args.num_slots = kv_cache.size(0) * kv_cache.size(1);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (fp8) {
+    kvc::launch_concat_and_cache_fp8(args, stream);
+  } else {
+    kvc::launch_concat_and_cache_auto(args, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor quantize_kv_fp8_cuda(const at::Tensor& kv) {
+  TORCH_CHECK(kv.is_cuda(), "quantize_kv_fp8: kv must be a CUDA tensor");
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, "quantize_kv_fp8: kv must be bfloat16");
+  TORCH_CHECK(kv.dim() >= 1 && kv.size(-1) == kvc::kRow, "quantize_kv_fp8: kv must be [..., 576]");
+  c10::cuda::CUDAGuard guard(kv.device());
+  std::vector<int64_t> sizes = kv.sizes().vec();
+  sizes.back() = kvc::kRecord;
+  at::Tensor out = at::empty(sizes, kv.options().dtype(at::kByte));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = rows_16b(kv, kvc::kRow);
+  kvc::launch_quantize_kv_fp8(x.data_ptr(), x.stride(0), out.data_ptr(), x.size(0),
+                              c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor dequantize_kv_fp8_cuda(const at::Tensor& kv_fp8) {
+  TORCH_CHECK(kv_fp8.is_cuda(), "dequantize_kv_fp8: kv_fp8 must be a CUDA tensor");
+  TORCH_CHECK(kv_fp8.scalar_type() == at::kByte || kv_fp8.scalar_type() == at::kFloat8_e4m3fn,
+              "dequantize_kv_fp8: kv_fp8 must be uint8 or float8_e4m3fn");
+  TORCH_CHECK(kv_fp8.dim() >= 1 && kv_fp8.size(-1) == kvc::kRecord, "dequantize_kv_fp8: kv_fp8 must be [..., 656]");
+  c10::cuda::CUDAGuard guard(kv_fp8.device());
+  std::vector<int64_t> sizes = kv_fp8.sizes().vec();
+  sizes.back() = kvc::kRow;
+  at::Tensor out = at::empty(sizes, kv_fp8.options().dtype(at::kBFloat16));
+  if (out.numel() == 0) return out;
+  const at::Tensor x = rows_16b(kv_fp8, kvc::kRecord);
+  kvc::launch_dequantize_kv_fp8(x.data_ptr(), x.stride(0), out.data_ptr(), x.size(0),
+                                c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
+  m.def("concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
+        "str kv_cache_dtype) -> ()");
+  m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
+  m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) {
+  m.impl("concat_and_cache_mla", &concat_and_cache_mla_cuda);
+  m.impl("quantize_kv_fp8", &quantize_kv_fp8_cuda);
+  m.impl("dequantize_kv_fp8", &dequantize_kv_fp8_cuda);
+}

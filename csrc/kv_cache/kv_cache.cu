@@ -1,0 +1,330 @@
+// KV-cache kernels: paged-cache writes (bf16/fp16 rows or FP8 "V3.2" records) and whole-tensor
+// FP8 quantize/dequantize, bit-exact with torch_flashmla/kv_cache.py evaluated by PyTorch on CUDA.
+//
+// One warp per token. Lane l owns latent values 16l..16l+15 (two 16-byte loads, one 16-byte store of
+// fp8 values), so the 8 lanes of a 128-value tile reduce their amax with 3 xor-shuffles; lanes 0..7
+// move the 64 RoPE values (8 x 16 bytes); lane 0 stores the 4 scales (16 bytes).
+//
+// Bit-exactness notes (the build uses --use_fast_math, so every step whose rounding matters is PTX):
+//  * scale: the reference computes, in fp32 on the GPU, amax * fl(1/448) (PyTorch divides by a CPU
+//    scalar as a multiply by its reciprocal), clamp_min 1e-4f, log2f (libdevice's polynomial, not
+//    MUFU.LG2), ceil, powf(2, .). log2_libdevice() replays libdevice's log2f sequence for positive
+//    normal inputs op for op, so the scale matches near powers of two as well.
+//  * amax is an integer max over the bf16 bit patterns with the sign cleared, so NaN (> inf) wins,
+//    like PyTorch's NaN-propagating amax.
+//  * finite tile: x / scale is exact (power of two), |x / scale| <= 448 * (1 + 2^-17) < 464, so the
+//    hardware cvt.rn.satfinite.e4m3x2 rounds like c10's software conversion (RNE; saturating or not
+//    makes no difference below 464); the sign bit of x is OR-ed in as c10 does (-tiny -> 0x80).
+//  * tile with inf (no NaN): scale = +inf; x / inf = +-0 for finite x, inf / inf = NaN -> 0x7F.
+//  * tile with NaN: scale = NaN (0x7FFFFFFF, the GPU's canonical NaN); every value -> 0x7F.
+//  * dequantize: fp8 -> fp32 is exact (hardware cvt, NaN bytes patched to c10's bit pattern),
+//    product in mul.rn.f32 without flush-to-zero, cvt.rn.bf16x2.f32 like c10::BFloat16(float).
+#include "kv_cache/kv_cache.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace flashmla {
+namespace kv_cache {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = kWarpsPerBlock * 32;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr float kInv448 = 1.0f / 448.0f;  // fl32(1/448), as PyTorch's host computes it
+
+template <bool kStream>
+__device__ __forceinline__ uint4 load16(const void* p) {
+  if constexpr (kStream) {
+    return __ldcs(reinterpret_cast<const uint4*>(p));
+  } else {
+    return *reinterpret_cast<const uint4*>(p);
+  }
+}
+
+template <bool kStream>
+__device__ __forceinline__ void store16(void* p, uint4 v) {
+  if constexpr (kStream) {
+    __stcs(reinterpret_cast<uint4*>(p), v);
+  } else {
+    *reinterpret_cast<uint4*>(p) = v;
+  }
+}
+
+// libdevice's log2f for positive, finite, normal v, op for op (CUDA 13 libdevice, no ftz).
+__device__ __forceinline__ float log2_libdevice(float v) {
+  float r;
+  asm("{\n\t"
+      ".reg .b32 ib, ie, im;\n\t"
+      ".reg .f32 fm, fe, t, p;\n\t"
+      "mov.b32 ib, %1;\n\t"
+      "add.s32 ie, ib, -1060439283;\n\t"
+      "and.b32 ie, ie, -8388608;\n\t"
+      "sub.s32 im, ib, ie;\n\t"
+      "mov.b32 fm, im;\n\t"
+      "cvt.rn.f32.s32 fe, ie;\n\t"
+      "fma.rn.f32 fe, fe, 0f34000000, 0f00000000;\n\t"
+      "add.rn.f32 t, fm, 0fBF800000;\n\t"
+      "fma.rn.f32 p, 0f3DC6B27F, t, 0fBE2C7F30;\n\t"
+      "fma.rn.f32 p, p, t, 0f3E2FCF2A;\n\t"
+      "fma.rn.f32 p, p, t, 0fBE374E43;\n\t"
+      "fma.rn.f32 p, p, t, 0f3E520BF4;\n\t"
+      "fma.rn.f32 p, p, t, 0fBE763C8B;\n\t"
+      "fma.rn.f32 p, p, t, 0f3E93BF99;\n\t"
+      "fma.rn.f32 p, p, t, 0fBEB8AA49;\n\t"
+      "fma.rn.f32 p, p, t, 0f3EF6384A;\n\t"
+      "fma.rn.f32 p, p, t, 0fBF38AA3B;\n\t"
+      "mul.rn.f32 p, t, p;\n\t"
+      "mul.rn.f32 p, t, p;\n\t"
+      "fma.rn.f32 p, t, 0f3FB8AA3B, p;\n\t"
+      "add.rn.f32 %0, fe, p;\n\t"
+      "}"
+      : "=f"(r)
+      : "f"(v));
+  return r;
+}
+
+// Scale of a tile from the bf16 bit pattern of its |x| maximum.
+__device__ __forceinline__ float tile_scale(uint32_t amax16) {
+  if (amax16 > 0x7F80u) return __uint_as_float(0x7FFFFFFFu);   // NaN in the tile
+  if (amax16 == 0x7F80u) return __uint_as_float(0x7F800000u);  // inf in the tile
+  float amax = __uint_as_float(amax16 << 16);
+  float v;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(v) : "f"(amax), "f"(kInv448));
+  v = v < 1e-4f ? 1e-4f : v;  // both finite here
+  float c;
+  asm("cvt.rpi.f32.f32 %0, %1;" : "=f"(c) : "f"(log2_libdevice(v)));
+  const int e = static_cast<int>(c);  // in [-13, 120]
+  return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
+}
+
+__device__ __forceinline__ uint32_t cvt_e4m3x2(float lo, float hi) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// 4 fp8 bytes of elements packed in bf16x2 words w0 (elements 0,1) and w1 (elements 2,3).
+__device__ __forceinline__ uint32_t quant4(uint32_t w0, uint32_t w1, float rs) {
+  const uint32_t a = cvt_e4m3x2(__uint_as_float(w0 << 16) * rs, __uint_as_float(w0 & 0xFFFF0000u) * rs);
+  const uint32_t b = cvt_e4m3x2(__uint_as_float(w1 << 16) * rs, __uint_as_float(w1 & 0xFFFF0000u) * rs);
+  const uint32_t signs = __byte_perm(w0, w1, 0x7531) & 0x80808080u;
+  return (a | (b << 16)) | signs;
+}
+
+// Tile with inf and no NaN: scale = inf, x / inf = +-0, +-inf / inf = NaN (0x7F).
+__device__ __forceinline__ uint32_t quant4_inf_tile(uint32_t w0, uint32_t w1) {
+  uint32_t out = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t w = k < 2 ? w0 : w1;
+    const uint32_t h = (k & 1) ? (w >> 16) : (w & 0xFFFFu);
+    const uint32_t byte = (h & 0x7FFFu) == 0x7F80u ? 0x7Fu : ((h >> 8) & 0x80u);
+    out |= byte << (8 * k);
+  }
+  return out;
+}
+
+// Quantizes one row (512 latent + 64 rope bf16 values) into a 656-byte record; whole warp calls it.
+template <bool kStream>
+__device__ __forceinline__ void quantize_row(const __nv_bfloat16* latent, const __nv_bfloat16* rope,
+                                             uint8_t* out, int lane) {
+  const uint4* src = reinterpret_cast<const uint4*>(latent) + 2 * lane;
+  const uint4 a = load16<kStream>(src);
+  const uint4 b = load16<kStream>(src + 1);
+  uint4 r = make_uint4(0, 0, 0, 0);
+  if (lane < 8) r = load16<kStream>(reinterpret_cast<const uint4*>(rope) + lane);
+
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = __vmaxu2(m, w[i] & 0x7FFF7FFFu);
+  m = max(m & 0xFFFFu, m >> 16);
+  m = max(m, __shfl_xor_sync(kFull, m, 1));
+  m = max(m, __shfl_xor_sync(kFull, m, 2));
+  m = max(m, __shfl_xor_sync(kFull, m, 4));
+  const float scale = tile_scale(m);
+
+  uint4 q;
+  if (m < 0x7F80u) {
+    // 1 / 2^c exactly: exponent field 254 - (c + 127).
+    const float rs = __uint_as_float((254u << 23) - __float_as_uint(scale));
+    q.x = quant4(w[0], w[1], rs);
+    q.y = quant4(w[2], w[3], rs);
+    q.z = quant4(w[4], w[5], rs);
+    q.w = quant4(w[6], w[7], rs);
+  } else if (m == 0x7F80u) {
+    q.x = quant4_inf_tile(w[0], w[1]);
+    q.y = quant4_inf_tile(w[2], w[3]);
+    q.z = quant4_inf_tile(w[4], w[5]);
+    q.w = quant4_inf_tile(w[6], w[7]);
+  } else {
+    q = make_uint4(0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu);
+  }
+  const uint32_t sb = __float_as_uint(scale);
+  const uint32_t s0 = __shfl_sync(kFull, sb, 0);
+  const uint32_t s1 = __shfl_sync(kFull, sb, 8);
+  const uint32_t s2 = __shfl_sync(kFull, sb, 16);
+  const uint32_t s3 = __shfl_sync(kFull, sb, 24);
+
+  store16<kStream>(out + 16 * lane, q);
+  if (lane == 0) store16<kStream>(out + kLatent, make_uint4(s0, s1, s2, s3));
+  if (lane < 8) store16<kStream>(out + kLatent + 16 + 16 * lane, r);
+}
+
+// c10's fp32 bit pattern of an fp8 NaN byte (0x7F / 0xFF).
+__device__ __forceinline__ float c10_fp8_nan(uint32_t byte) {
+  return __uint_as_float(((byte & 0x80u) << 24) | 0x7FF00000u);
+}
+
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// 4 fp8 bytes -> 4 bf16 (two bf16x2 words) with scale s.
+__device__ __forceinline__ uint2 dequant4(uint32_t w, float s, bool has_nan) {
+  float f[4];
+  uint32_t h01, h23;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h01) : "h"(static_cast<unsigned short>(w & 0xFFFFu)));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h23) : "h"(static_cast<unsigned short>(w >> 16)));
+  f[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(h01 & 0xFFFFu)));
+  f[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(h01 >> 16)));
+  f[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(h23 & 0xFFFFu)));
+  f[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(h23 >> 16)));
+  if (has_nan) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t byte = (w >> (8 * k)) & 0xFFu;
+      if ((byte & 0x7Fu) == 0x7Fu) f[k] = c10_fp8_nan(byte);
+    }
+  }
+  return make_uint2(pack_bf16x2(mul_rn(f[0], s), mul_rn(f[1], s)), pack_bf16x2(mul_rn(f[2], s), mul_rn(f[3], s)));
+}
+
+__device__ __forceinline__ bool has_fp8_nan(uint32_t w) {
+  return (((w & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0;
+}
+
+// Dequantizes one 656-byte record into 576 bf16 values; whole warp calls it.
+template <bool kStream>
+__device__ __forceinline__ void dequantize_row(const uint8_t* in, __nv_bfloat16* out, int lane) {
+  const uint4 v = load16<kStream>(in + 16 * lane);
+  const float s = *reinterpret_cast<const float*>(in + kLatent + 4 * (lane >> 3));
+  uint4 r = make_uint4(0, 0, 0, 0);
+  if (lane < 8) r = load16<kStream>(in + kLatent + 16 + 16 * lane);
+
+  const bool nan = has_fp8_nan(v.x) || has_fp8_nan(v.y) || has_fp8_nan(v.z) || has_fp8_nan(v.w);
+  uint2 o0, o1, o2, o3;
+  if (!nan) {
+    o0 = dequant4(v.x, s, false);
+    o1 = dequant4(v.y, s, false);
+    o2 = dequant4(v.z, s, false);
+    o3 = dequant4(v.w, s, false);
+  } else {
+    o0 = dequant4(v.x, s, true);
+    o1 = dequant4(v.y, s, true);
+    o2 = dequant4(v.z, s, true);
+    o3 = dequant4(v.w, s, true);
+  }
+  uint8_t* o = reinterpret_cast<uint8_t*>(out);
+  store16<kStream>(o + 32 * lane, make_uint4(o0.x, o0.y, o1.x, o1.y));
+  store16<kStream>(o + 32 * lane + 16, make_uint4(o2.x, o2.y, o3.x, o3.y));
+  if (lane < 8) store16<kStream>(o + 2 * kLatent + 16 * lane, r);
+}
+
+// Destination of a token, or nullptr when its slot is skipped (warp-uniform).
+__device__ __forceinline__ uint8_t* slot_address(const CacheWriteArgs& a, int64_t token) {
+  const int64_t slot = a.slot_mapping[token];
+  if (slot < 0 || slot >= a.num_slots) return nullptr;
+  const int64_t block = slot / a.page_size;
+  const int64_t off = slot - block * a.page_size;
+  return static_cast<uint8_t*>(a.cache) + block * a.block_stride + off * a.page_stride;
+}
+
+__global__ void __launch_bounds__(kThreads) concat_auto_kernel(const CacheWriteArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (token >= a.num_tokens) return;
+  uint8_t* dst = slot_address(a, token);
+  if (dst == nullptr) return;
+  const uint8_t* c = static_cast<const uint8_t*>(a.kv_c) + token * a.kv_c_stride * 2;
+  const uint8_t* p = static_cast<const uint8_t*>(a.k_pe) + token * a.k_pe_stride * 2;
+  // 72 chunks of 16 bytes: 64 latent, 8 rope.
+  const uint4 x0 = load16<false>(c + 16 * lane);
+  const uint4 x1 = load16<false>(c + 16 * (lane + 32));
+  uint4 x2 = make_uint4(0, 0, 0, 0);
+  if (lane < 8) x2 = load16<false>(p + 16 * lane);
+  store16<false>(dst + 16 * lane, x0);
+  store16<false>(dst + 16 * (lane + 32), x1);
+  if (lane < 8) store16<false>(dst + 2 * kLatent + 16 * lane, x2);
+}
+
+__global__ void __launch_bounds__(kThreads) concat_fp8_kernel(const CacheWriteArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (token >= a.num_tokens) return;
+  uint8_t* dst = slot_address(a, token);
+  if (dst == nullptr) return;
+  const auto* c = static_cast<const __nv_bfloat16*>(a.kv_c) + token * a.kv_c_stride;
+  const auto* p = static_cast<const __nv_bfloat16*>(a.k_pe) + token * a.k_pe_stride;
+  quantize_row<false>(c, p, dst, lane);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    quantize_kernel(const __nv_bfloat16* __restrict__ in, int64_t in_stride, uint8_t* __restrict__ out,
+                    int64_t num_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= num_rows) return;
+  const __nv_bfloat16* x = in + row * in_stride;
+  quantize_row<true>(x, x + kLatent, out + row * kRecord, lane);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(const uint8_t* __restrict__ in, int64_t in_stride, __nv_bfloat16* __restrict__ out,
+                      int64_t num_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= num_rows) return;
+  dequantize_row<true>(in + row * in_stride, out + row * kRow, lane);
+}
+
+inline unsigned grid_for(int64_t rows) {
+  return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+}
+
+}  // namespace
+
+void launch_concat_and_cache_auto(const CacheWriteArgs& args, cudaStream_t stream) {
+  if (args.num_tokens <= 0) return;
+  concat_auto_kernel<<<grid_for(args.num_tokens), kThreads, 0, stream>>>(args);
+}
+
+void launch_concat_and_cache_fp8(const CacheWriteArgs& args, cudaStream_t stream) {
+  if (args.num_tokens <= 0) return;
+  concat_fp8_kernel<<<grid_for(args.num_tokens), kThreads, 0, stream>>>(args);
+}
+
+void launch_quantize_kv_fp8(const void* in, int64_t in_stride, void* out, int64_t num_rows, cudaStream_t stream) {
+  if (num_rows <= 0) return;
+  quantize_kernel<<<grid_for(num_rows), kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(in), in_stride,
+                                                               static_cast<uint8_t*>(out), num_rows);
+}
+
+void launch_dequantize_kv_fp8(const void* in, int64_t in_stride, void* out, int64_t num_rows, cudaStream_t stream) {
+  if (num_rows <= 0) return;
+  dequantize_kernel<<<grid_for(num_rows), kThreads, 0, stream>>>(static_cast<const uint8_t*>(in), in_stride,
+                                                                 static_cast<__nv_bfloat16*>(out), num_rows);
+}
+
+}  // namespace kv_cache
+}  // namespace flashmla
