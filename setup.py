@@ -48,7 +48,7 @@ def _cutlass_include():
 def _extension():
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     op_library = ["csrc/ops.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     if not _want_cuda():
         print("torch_flashmla: building the C++ op library only (no CUDA kernels)")
         return CppExtension("torch_flashmla._C", op_library, extra_compile_args={"cxx": cxx_flags})
@@ -64,7 +64,6 @@ def _extension():
         include_dirs.append(cutlass)
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
         "-gencode=arch=compute_90a,code=sm_90a",
         "--expt-relaxed-constexpr",
         "--expt-extended-lambda",

@@ -2,6 +2,8 @@
 
 Importing the package loads the op library (schemas), the kernels and the fakes.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers the flashmla schemas and, when built, the SM90 kernels)
 from . import _registration  # noqa: F401  (CPU reference and CUDA kernels)
 from . import meta  # noqa: F401  (fakes)
