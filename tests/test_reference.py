@@ -251,3 +251,27 @@ def test_concat_and_cache_writes_only_named_slots(kv_cache_dtype):
         assert torch.equal(cache[slot], expect)
     untouched = [s for s in range(cache.shape[0]) if s not in written]
     assert torch.equal(cache[untouched].view(torch.uint8), old[untouched].view(torch.uint8))
+
+
+def test_fp8_non_finite_tiles_bytes():
+    kv = torch.randn(2, 576).to(torch.bfloat16)
+    kv[0, 5], kv[0, 6] = float("inf"), float("-inf")   # tile 0 of row 0: inf, no NaN
+    kv[1, 130] = -float("nan")                           # tile 1 of row 1: NaN
+    rec = F.quantize_kv_fp8(kv)
+    scale_bits = rec[:, 512:528].contiguous().view(torch.int32)
+    assert rec[0, 512:516].view(torch.float32).item() == float("inf")
+    assert rec[0, 5] == 0x7F and rec[0, 6] == 0x7F
+    others = torch.cat([rec[0, :5], rec[0, 7:128]])
+    assert torch.all((others & 0x7F) == 0)               # finite / inf = signed zero
+    assert scale_bits[1, 1].item() == 0x7FFFFFFF and torch.all(rec[1, 128:256] == 0x7F)
+    assert torch.isfinite(rec[1, 512:516].view(torch.float32)).all()
+
+
+def test_fp8_scale_is_exact_at_powers_of_two():
+    # amax = 448 * 2^k exactly: scale 2^k (not 2^(k+1)); the next bf16 value up needs 2^(k+1).
+    for k in range(-12, 20):
+        kv = torch.zeros(576, dtype=torch.bfloat16)
+        kv[0] = 448 * 2.0 ** k
+        assert F.quantize_kv_fp8(kv)[512:516].view(torch.float32).item() == 2.0 ** k
+        kv[0] = (torch.tensor(448 * 2.0 ** k).to(torch.bfloat16).view(torch.int16) + 1).view(torch.bfloat16)
+        assert F.quantize_kv_fp8(kv)[512:516].view(torch.float32).item() == 2.0 ** (k + 1)

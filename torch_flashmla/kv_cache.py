@@ -14,12 +14,14 @@ Layouts (DESIGN §4):
   528-655  64 bf16 RoPE values (not quantized)
   ======== ==================================================================
 
-  Dequantized value = fp8 × scale. Scale = 2^ceil(log2(max(amax / 448, 1e-4))) (power of two, so
-  ``x / scale`` is exact and the only rounding is the e4m3 round-to-nearest-even).
+  Dequantized value = fp8 × scale. Scale = 2^ceil(log2(max(amax / 448, 1e-4))), evaluated exactly
+  (the smallest power of two with amax <= 448 · scale, at least 2^-13), so every device gives the
+  same bytes and ``x / scale`` is exact; the only rounding is e4m3's round-to-nearest-even.
 
-NaN/inf policy (documented and pinned by tests): a tile holding inf or NaN gets a non-finite scale
-(inf or NaN); its values become NaN after dequantization. Finite inputs never produce NaN: the
-power-of-two scale keeps every ``|x| / scale <= 448``, the largest e4m3 value.
+NaN/inf policy (the same on every device; pinned by tests): a tile whose 128 values hold a NaN gets
+the scale bits ``0x7FFFFFFF`` (NaN) and all its values ``0x7F`` (e4m3 NaN); a tile holding ±inf
+and no NaN gets scale ``+inf``, its finite values become ±0 and its infinities ``0x7F``. After
+dequantization such tiles read NaN (or ±0). Finite inputs never produce NaN: ``|x| / scale <= 448``.
 """
 from __future__ import annotations
 
@@ -33,14 +35,23 @@ FP8_TILE = 128
 FP8_NUM_TILES = D_LATENT // FP8_TILE  # 4
 FP8_RECORD_BYTES = D_LATENT + 4 * FP8_NUM_TILES + 2 * D_ROPE  # 656
 FP8_MAX = 448.0
-FP8_MIN_SCALE_INV = 1e-4
+
+
+FP8_MIN_SCALE_EXP = -13     # 2^ceil(log2(1e-4)): the clamp of amax / 448 at 1e-4
+FP8_NAN_SCALE_BITS = 0x7FFFFFFF
+E4M3_NAN = 0x7F
 
 
 def fp8_scales(latent: torch.Tensor) -> torch.Tensor:
-    """Per-128-value power-of-two scales. ``latent [..., 512]`` -> ``[..., 4]`` float32."""
-    tiles = latent.float().unflatten(-1, (FP8_NUM_TILES, FP8_TILE))
-    amax = tiles.abs().amax(dim=-1)
-    return torch.pow(2.0, torch.clamp_min(amax / FP8_MAX, FP8_MIN_SCALE_INV).log2().ceil())
+    """Per-128-value power-of-two scales. ``latent [..., 512]`` -> ``[..., 4]`` float32 (NaN for a
+    tile with NaN, +inf for a tile with inf)."""
+    amax = latent.float().unflatten(-1, (FP8_NUM_TILES, FP8_TILE)).abs().amax(dim=-1)
+    # amax = m * 2^e with m in [0.5, 1); amax <= 448 * 2^k = 0.875 * 2^(9 + k)  <=>  k >= e - 9 + (m > 0.875)
+    mantissa, exponent = torch.frexp(amax)
+    k = (exponent - 9 + (mantissa > 0.875).int()).clamp_min(FP8_MIN_SCALE_EXP)
+    k = torch.where(amax > 0, k, FP8_MIN_SCALE_EXP)
+    scales = torch.ldexp(torch.ones_like(amax), k)
+    return torch.where(torch.isfinite(amax), scales, amax)
 
 
 def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
@@ -49,11 +60,15 @@ def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     latent, rope = kv[..., :D_LATENT], kv[..., D_LATENT:]
     scales = fp8_scales(latent)                                            # [..., 4]
     tiles = latent.float().unflatten(-1, (FP8_NUM_TILES, FP8_TILE)) / scales.unsqueeze(-1)
-    values = tiles.flatten(-2).to(torch.float8_e4m3fn).view(torch.uint8)   # [..., 512]
-    scale_bytes = scales.contiguous().view(torch.uint8)                    # [..., 16]
+    values = tiles.to(torch.float8_e4m3fn).view(torch.uint8)               # [..., 4, 128]
+    # One NaN encoding whatever sign the device's NaN has; a NaN tile is NaN throughout.
+    values = torch.where((values & 0x7F) == E4M3_NAN, E4M3_NAN, values)
+    values = torch.where(torch.isnan(scales).unsqueeze(-1), E4M3_NAN, values).to(torch.uint8).flatten(-2)
+    scale_bits = scales.contiguous().view(torch.int32)
+    scale_bits = torch.where(torch.isnan(scales), FP8_NAN_SCALE_BITS, scale_bits)
+    scale_bytes = scale_bits.contiguous().view(torch.uint8)               # [..., 16]
     rope_bytes = rope.to(torch.bfloat16).contiguous().view(torch.uint8)    # [..., 128]
-    out = torch.cat([values, scale_bytes.reshape(*lead, 16), rope_bytes.reshape(*lead, 128)], dim=-1)
-    return out
+    return torch.cat([values, scale_bytes.reshape(*lead, 16), rope_bytes.reshape(*lead, 128)], dim=-1)
 
 
 def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:

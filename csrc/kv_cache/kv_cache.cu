@@ -1,15 +1,13 @@
 // KV-cache kernels: paged-cache writes (bf16/fp16 rows or FP8 "V3.2" records) and whole-tensor
-// FP8 quantize/dequantize, bit-exact with torch_flashmla/kv_cache.py evaluated by PyTorch on CUDA.
+// FP8 quantize/dequantize, bit-exact with torch_flashmla/kv_cache.py (whose results do not depend on the device).
 //
 // One warp per token. Lane l owns latent values 16l..16l+15 (two 16-byte loads, one 16-byte store of
 // fp8 values), so the 8 lanes of a 128-value tile reduce their amax with 3 xor-shuffles; lanes 0..7
 // move the 64 RoPE values (8 x 16 bytes); lane 0 stores the 4 scales (16 bytes).
 //
 // Bit-exactness notes (the build uses --use_fast_math, so every step whose rounding matters is PTX):
-//  * scale: the reference computes, in fp32 on the GPU, amax * fl(1/448) (PyTorch divides by a CPU
-//    scalar as a multiply by its reciprocal), clamp_min 1e-4f, log2f (libdevice's polynomial, not
-//    MUFU.LG2), ceil, powf(2, .). log2_libdevice() replays libdevice's log2f sequence for positive
-//    normal inputs op for op, so the scale matches near powers of two as well.
+//  * scale: exact, from the exponent and mantissa bits of amax (see tile_scale), as the reference
+//    computes it with frexp on every device.
 //  * amax is an integer max over the bf16 bit patterns with the sign cleared, so NaN (> inf) wins,
 //    like PyTorch's NaN-propagating amax.
 //  * finite tile: x / scale is exact (power of two), |x / scale| <= 448 * (1 + 2^-17) < 464, so the
@@ -32,7 +30,7 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
 constexpr unsigned kFull = 0xffffffffu;
-constexpr float kInv448 = 1.0f / 448.0f;  // fl32(1/448), as PyTorch's host computes it
+constexpr int kMinScaleExp = -13;  // 2^ceil(log2(1e-4))
 
 template <bool kStream>
 __device__ __forceinline__ uint4 load16(const void* p) {
@@ -52,51 +50,17 @@ __device__ __forceinline__ void store16(void* p, uint4 v) {
   }
 }
 
-// libdevice's log2f for positive, finite, normal v, op for op (CUDA 13 libdevice, no ftz).
-__device__ __forceinline__ float log2_libdevice(float v) {
-  float r;
-  asm("{\n\t"
-      ".reg .b32 ib, ie, im;\n\t"
-      ".reg .f32 fm, fe, t, p;\n\t"
-      "mov.b32 ib, %1;\n\t"
-      "add.s32 ie, ib, -1060439283;\n\t"
-      "and.b32 ie, ie, -8388608;\n\t"
-      "sub.s32 im, ib, ie;\n\t"
-      "mov.b32 fm, im;\n\t"
-      "cvt.rn.f32.s32 fe, ie;\n\t"
-      "fma.rn.f32 fe, fe, 0f34000000, 0f00000000;\n\t"
-      "add.rn.f32 t, fm, 0fBF800000;\n\t"
-      "fma.rn.f32 p, 0f3DC6B27F, t, 0fBE2C7F30;\n\t"
-      "fma.rn.f32 p, p, t, 0f3E2FCF2A;\n\t"
-      "fma.rn.f32 p, p, t, 0fBE374E43;\n\t"
-      "fma.rn.f32 p, p, t, 0f3E520BF4;\n\t"
-      "fma.rn.f32 p, p, t, 0fBE763C8B;\n\t"
-      "fma.rn.f32 p, p, t, 0f3E93BF99;\n\t"
-      "fma.rn.f32 p, p, t, 0fBEB8AA49;\n\t"
-      "fma.rn.f32 p, p, t, 0f3EF6384A;\n\t"
-      "fma.rn.f32 p, p, t, 0fBF38AA3B;\n\t"
-      "mul.rn.f32 p, t, p;\n\t"
-      "mul.rn.f32 p, t, p;\n\t"
-      "fma.rn.f32 p, t, 0f3FB8AA3B, p;\n\t"
-      "add.rn.f32 %0, fe, p;\n\t"
-      "}"
-      : "=f"(r)
-      : "f"(v));
-  return r;
-}
-
-// Scale of a tile from the bf16 bit pattern of its |x| maximum.
+// Scale of a tile from the bf16 bit pattern of its |x| maximum: the smallest power of two 2^k with
+// amax <= 448 * 2^k, at least 2^-13 (the clamp of amax / 448 at 1e-4), evaluated exactly on the bits.
+// amax = (1 + M / 128) * 2^(E - 127) and 448 = 1.75 * 2^8, so k = E - 135 + (M > 96).
 __device__ __forceinline__ float tile_scale(uint32_t amax16) {
   if (amax16 > 0x7F80u) return __uint_as_float(0x7FFFFFFFu);   // NaN in the tile
   if (amax16 == 0x7F80u) return __uint_as_float(0x7F800000u);  // inf in the tile
-  float amax = __uint_as_float(amax16 << 16);
-  float v;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(v) : "f"(amax), "f"(kInv448));
-  v = v < 1e-4f ? 1e-4f : v;  // both finite here
-  float c;
-  asm("cvt.rpi.f32.f32 %0, %1;" : "=f"(c) : "f"(log2_libdevice(v)));
-  const int e = static_cast<int>(c);  // in [-13, 120]
-  return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
+  const int biased = static_cast<int>(amax16 >> 7);             // 0 for zero and subnormals
+  const int mantissa = static_cast<int>(amax16 & 0x7Fu);
+  int k = biased == 0 ? kMinScaleExp : biased - 135 + (mantissa > 96 ? 1 : 0);
+  k = k < kMinScaleExp ? kMinScaleExp : k;                       // k in [-13, 120]
+  return __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
 }
 
 __device__ __forceinline__ uint32_t cvt_e4m3x2(float lo, float hi) {
