@@ -1,0 +1,183 @@
+// Decode planner (tile scheduler) and split-KV combine kernels.
+#include "common/decode_common.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+namespace flashmla {
+namespace common {
+
+namespace {
+
+constexpr int kPlannerThreads = 256;
+constexpr int kPlannerSmemLens = 12288;  // requests whose block counts are staged in shared memory
+
+// Exactly the greedy algorithm of torch_flashmla/reference.py::get_mla_metadata. The sequential
+// part runs in one thread over block counts staged in shared memory.
+__global__ void __launch_bounds__(kPlannerThreads) planner_kernel(const int* __restrict__ seqlens, int b,
+                                                                  int num_sm_parts, int* __restrict__ metadata,
+                                                                  int* __restrict__ num_splits) {
+  __shared__ int s_nblk[kPlannerSmemLens];
+  __shared__ long long s_partial[kPlannerThreads];
+  const bool staged = b <= kPlannerSmemLens;
+  long long local = 0;
+  for (int i = threadIdx.x; i < b; i += blockDim.x) {
+    const int len = max(seqlens[i], 0);
+    const int nb = (len + kPlannerBlockN - 1) / kPlannerBlockN;
+    if (staged) s_nblk[i] = nb;
+    local += nb;
+  }
+  s_partial[threadIdx.x] = local;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  long long total = 0;
+  for (int i = 0; i < kPlannerThreads; ++i) total += s_partial[i];
+  total += (long long)b * kPlannerOverhead;
+  const long long payload = (total + num_sm_parts - 1) / num_sm_parts + kPlannerOverhead;
+  auto nblk = [&](int r) -> long long {
+    if (staged) return s_nblk[r];
+    const int len = max(seqlens[r], 0);
+    return (len + kPlannerBlockN - 1) / kPlannerBlockN;
+  };
+  auto length = [&](int r) -> int { return max(seqlens[r], 0); };
+  int req = 0, split = 0, cum = 0;
+  long long blk = 0;
+  num_splits[0] = 0;
+  for (int p = 0; p < num_sm_parts; ++p) {
+    const int begin_req = req, begin_split = split;
+    const long long begin_blk = blk;
+    long long remain = payload;
+    while (req < b) {
+      const long long left = nblk(req) - blk;
+      if (remain >= left + kPlannerOverhead) {
+        cum += split + 1;
+        num_splits[req + 1] = cum;
+        remain -= left + kPlannerOverhead;
+        ++req;
+        blk = 0;
+        split = 0;
+      } else {
+        if (remain - kPlannerOverhead > 0) {
+          blk += remain - kPlannerOverhead;
+          ++split;
+        }
+        break;
+      }
+    }
+    int end_req, end_tok;
+    if (blk > 0) {
+      end_req = req;
+      end_tok = (int)min(blk * kPlannerBlockN, (long long)length(req));
+    } else {
+      end_req = req - 1;
+      end_tok = req >= 1 ? length(req - 1) : 0;
+    }
+    int* row = metadata + (size_t)p * kMetadataWidth;
+    row[0] = begin_req;
+    row[1] = (int)(begin_blk * kPlannerBlockN);
+    row[2] = end_req;
+    row[3] = end_tok;
+    row[4] = begin_split;
+    row[5] = 0;
+    row[6] = 0;
+    row[7] = 0;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* dst, const float4& v);
+template <>
+__device__ __forceinline__ void store4<__nv_bfloat16>(__nv_bfloat16* dst, const float4& v) {
+  __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<uint32_t*>(&a);
+  u.y = *reinterpret_cast<uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(dst) = u;
+}
+template <>
+__device__ __forceinline__ void store4<__half>(__half* dst, const float4& v) {
+  __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<uint32_t*>(&a);
+  u.y = *reinterpret_cast<uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(dst) = u;
+}
+
+constexpr int kCombineWarps = 4;
+
+// One warp per (request, kv head, query row); each lane owns 16 of the 512 columns.
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombineParams p) {
+  const int r = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int m = blockIdx.z * kCombineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (m >= p.m_total) return;
+  const int first = p.num_splits[r];
+  const int n = p.num_splits[r + 1] - first;
+  if (n <= 1) return;
+  int base = first - r;  // compact scratch row of this request's first split
+  base = max(0, min(base, p.acc_rows - n));
+  const size_t row_stride = (size_t)p.h_kv * p.m_total;
+  const size_t row0 = (size_t)base * row_stride + (size_t)kvh * p.m_total + m;
+  float mx = -INFINITY;
+  for (int i = lane; i < n; i += 32) mx = fmaxf(mx, p.lseacc[row0 + (size_t)i * row_stride]);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const int t = m / p.group;
+  const int head = kvh * p.group + m % p.group;
+  T* out = reinterpret_cast<T*>(p.out) + (((size_t)r * p.s_q + t) * p.h_q + head) * 512;
+  if (mx == -INFINITY) {  // nothing attended in any split
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) store4<T>(out + k * 128 + lane * 4, z);
+    if (lane == 0) p.lse[((size_t)r * p.h_q + head) * p.s_q + t] = INFINITY;
+    return;
+  }
+  float sum = 0.f;
+  for (int i = lane; i < n; i += 32) sum += __expf(p.lseacc[row0 + (size_t)i * row_stride] - mx);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float lse = mx + __logf(sum);
+  float4 acc[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int i = 0; i < n; ++i) {
+    const size_t row = row0 + (size_t)i * row_stride;
+    const float w = __expf(p.lseacc[row] - lse);
+    const float4* src = reinterpret_cast<const float4*>(p.oacc + row * 512);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float4 v = src[k * 32 + lane];
+      if (w > 0.f) {  // a split with nothing attended holds zeros; skip it (w == 0)
+        acc[k].x += w * v.x;
+        acc[k].y += w * v.y;
+        acc[k].z += w * v.z;
+        acc[k].w += w * v.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) store4<T>(out + k * 128 + lane * 4, acc[k]);
+  if (lane == 0) p.lse[((size_t)r * p.h_q + head) * p.s_q + t] = lse;
+}
+
+}  // namespace
+
+void launch_planner(const int* seqlens, int b, int num_sm_parts, int* metadata, int* num_splits, cudaStream_t stream) {
+  planner_kernel<<<1, kPlannerThreads, 0, stream>>>(seqlens, b, num_sm_parts, metadata, num_splits);
+}
+
+void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream) {
+  if (p.b == 0 || p.m_total == 0) return;
+  dim3 grid(p.b, p.h_kv, (p.m_total + kCombineWarps - 1) / kCombineWarps);
+  if (is_bf16) {
+    combine_kernel<__nv_bfloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  } else {
+    combine_kernel<__half><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  }
+}
+
+}  // namespace common
+}  // namespace flashmla

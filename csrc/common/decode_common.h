@@ -1,0 +1,30 @@
+// Planner and split-KV combine kernels shared by the decode kernels.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace flashmla {
+namespace common {
+
+constexpr int kPlannerBlockN = 64;
+constexpr int kPlannerOverhead = 5;
+constexpr int kMetadataWidth = 8;
+
+// seqlens [b] int32 -> metadata [num_sm_parts, 8] int32, num_splits [b + 1] int32 (one CTA).
+void launch_planner(const int* seqlens, int b, int num_sm_parts, int* metadata, int* num_splits, cudaStream_t stream);
+
+struct CombineParams {
+  const float* oacc;     // [acc_rows, h_kv, m_total, 512]
+  const float* lseacc;   // [acc_rows, h_kv, m_total]
+  const int* num_splits; // [b + 1]
+  void* out;             // [b, s_q, h_q, 512] (bf16 or fp16)
+  float* lse;            // [b, h_q, s_q]
+  int b, s_q, h_q, h_kv, group, m_total, acc_rows;
+};
+
+// Merges the partials of every request with more than one split (the others are written by the
+// attention kernel and skipped here).
+void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream);
+
+}  // namespace common
+}  // namespace flashmla

@@ -1,0 +1,43 @@
+// Dense MLA decode on SM90: parameters and launchers (kernels in dense_decode_kernel.cuh, instantiated
+// per dtype in dense_decode_{bf16,fp16}.cu).
+#pragma once
+#include <cstdint>
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+namespace flashmla {
+namespace sm90 {
+
+constexpr int kDQK = 576;
+constexpr int kDV = 512;
+constexpr int kBlockM = 64;   // query rows per CTA (rows = s_q * h_q / h_kv of one kv head)
+constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of one page)
+
+struct DenseDecodeParams {
+  // q [b, s_q, h_q, 576]; element strides (last dim contiguous)
+  const void* q;
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  // out [b, s_q, h_q, 512] contiguous; lse [b, h_q, s_q] fp32 contiguous
+  void* out;
+  float* lse;
+  // split partials: oacc [rows, h_kv, m_total, 512] fp32, lseacc [rows, h_kv, m_total]
+  float* oacc;
+  float* lseacc;
+  int acc_rows;
+  const int* block_table;
+  int64_t block_table_stride;
+  const int* seqlens;
+  const int* metadata;     // [num_sm_parts, 8]
+  const int* num_splits;   // [b + 1]
+  int b, s_q, h_q, h_kv, group, m_total, page_size, num_sm_parts, num_m_tiles;
+  float scale_log2;        // softmax_scale * log2(e)
+  int causal;
+};
+
+// Launches the attention kernel (grid num_sm_parts x h_kv x m tiles) on `stream`.
+// tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, 64, 1}, 128B swizzle.
+void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
+void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
+
+}  // namespace sm90
+}  // namespace flashmla
