@@ -139,9 +139,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   const int64_t m_total = s_q * group;
   const int64_t num_m_tiles = (m_total + fs::kBlockM - 1) / fs::kBlockM;
   TORCH_CHECK(num_sm_parts <= 65535 * 16 && h_kv <= 65535 && num_m_tiles <= 65535, "mla_decode: problem too large");
-  // Requests split over several partitions: at most num_sm_parts extra pieces in all, so
-  // num_sm_parts + 1 compact scratch rows are enough (row of request r = num_splits[r] - r + split).
-  const int64_t acc_rows = num_sm_parts + 1;
+  // Scratch rows of split requests: request r's split i goes to row 2 * E_r + i, E_r = num_splits[r] - r
+  // = the extra pieces of the requests before r. A split request has n >= 2 pieces, n <= 2 (n - 1), so
+  // the rows of different requests never overlap, and E <= num_sm_parts (one extra piece per
+  // partition at most) bounds every row by 2 * num_sm_parts.
+  const int64_t acc_rows = 2 * num_sm_parts + 1;
   at::Tensor oacc = at::empty({acc_rows, h_kv, m_total, fs::kDV}, q.options().dtype(at::kFloat));
   at::Tensor lseacc = at::empty({acc_rows, h_kv, m_total}, q.options().dtype(at::kFloat));
 

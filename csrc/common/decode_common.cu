@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   const int first = p.num_splits[r];
   const int n = p.num_splits[r + 1] - first;
   if (n <= 1) return;
-  int base = first - r;  // compact scratch row of this request's first split
+  int base = 2 * (first - r);  // scratch row of this request's first split (see the attention kernel)
   base = max(0, min(base, p.acc_rows - n));
   const size_t row_stride = (size_t)p.h_kv * p.m_total;
   const size_t row0 = (size_t)base * row_stride + (size_t)kvh * p.m_total + m;

@@ -25,6 +25,7 @@ namespace sm90 {
 namespace dense {
 
 constexpr int kThreads = 256;
+constexpr int kPreciseMaxLen = 1024;
 constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 bytes
 constexpr int kNumColTiles = kDQK / 64;          // 9
 constexpr int kStageBytes = kNumColTiles * kTileBytes;  // 73728
@@ -101,6 +102,9 @@ struct TypeOps<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&v);
   }
+  static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
+    return pack(a - __bfloat162float(__float2bfloat16_rn(a)), b - __bfloat162float(__float2bfloat16_rn(b)));
+  }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
 };
@@ -109,6 +113,9 @@ struct TypeOps<__half> {
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
     __half2 v = __floats2half2_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
+    return pack(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
   }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_f16_kmn(d, a, b, s); }
@@ -200,6 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int len = max(p.seqlens[r], 0);
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     const int split_idx = r == begin_req ? begin_split : 0;
+    // Short requests: P = hi + lo (two bf16/fp16 terms) so that P's rounding does not show in
+    // outputs that average only a few tokens. Long requests use one term (errors average out).
+    const bool precise = len <= kPreciseMaxLen;
 
     float o[128];
 #pragma unroll
@@ -309,12 +319,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       run_sum0 = run_sum0 * alpha0 + sum0;
       run_sum1 = run_sum1 * alpha1 + sum1;
+      if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         o[j * 4 + 0] *= alpha0;
         o[j * 4 + 1] *= alpha0;
         o[j * 4 + 2] *= alpha1;
         o[j * 4 + 3] *= alpha1;
+      }
       }
       // P -> shared memory (A operand of PV, K-major over the 64 tokens)
       uint8_t* sp = smem + kOffP;
@@ -340,6 +352,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+      if (precise) {  // second term: the rounding residue of P
+        named_bar_sync_all();  // both warpgroups are done reading the first term
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int chunk = wg * 4 + j;
+          *reinterpret_cast<uint32_t*>(sp + swz(row0, chunk) + quad_col * 2) =
+              TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1]);
+          *reinterpret_cast<uint32_t*>(sp + swz(row1, chunk) + quad_col * 2) =
+              TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
+        }
+        fence_proxy_async();
+        named_bar_sync_all();
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
+                         desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+      }
     }
 
     // ---- epilogue: finish the row sums across the quad and both warpgroups ----
@@ -380,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
       }
     } else {
-      int row = p.num_splits[r] - r + split_idx;
+      int row = 2 * (p.num_splits[r] - r) + split_idx;
       row = max(0, min(row, p.acc_rows - 1));
       const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
       float* acc0 = p.oacc + (base + m0) * kDV + wg * 256 + quad_col;
