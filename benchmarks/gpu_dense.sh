@@ -29,6 +29,14 @@ PY
 fi
 echo "build: $(( $(date +%s) - start )) s"
 grep -A2 "Compiling entry function.*dense_decode" "$LOG/build.log" | grep -E "registers|spill" | head -4
-timeout 300 python3 -m pytest -q --maxfail=30 --tb=line -p no:cacheprovider tests/test_dense_decode_cuda.py ${1:+-k "$1"} > "$LOG/pytest.log" 2>&1
-echo "pytest rc=$?"; grep -E "passed|failed|Error|assert|^E " "$LOG/pytest.log" | head -40
-timeout 200 python3 benchmarks/bench_decode.py 2>&1 | tee "$LOG/bench.log" | tail -25
+VARIANTS="${FLASHMLA_DENSE_VARIANTS:-0 1}"
+for v in $VARIANTS; do
+  FLASHMLA_DENSE_VARIANT=$v timeout 300 python3 -m pytest -q --maxfail=30 --tb=line -p no:cacheprovider \
+    tests/test_dense_decode_cuda.py ${1:+-k "$1"} > "$LOG/pytest_v$v.log" 2>&1
+  echo "variant $v: pytest rc=$? $(tail -1 "$LOG/pytest_v$v.log")"
+  grep -E "^E " "$LOG/pytest_v$v.log" | head -8
+done
+for v in $VARIANTS; do
+  FLASHMLA_DENSE_VARIANT=$v timeout 200 python3 benchmarks/bench_decode.py > "$LOG/bench_v$v.log" 2>&1
+done
+for v in $VARIANTS; do echo "== variant $v"; tail -24 "$LOG/bench_v$v.log"; done

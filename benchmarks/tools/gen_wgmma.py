@@ -27,7 +27,8 @@ out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the dense
        "// *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).",
        "#pragma once", "#include <cstdint>", "", "namespace flashmla {", "namespace sm90 {", ""]
 for dt in ("bf16", "f16"):
-    out += [gen(32, dt, f"wgmma_m64n32k16_{dt}_kk", 0), "", gen(256, dt, f"wgmma_m64n256k16_{dt}_kmn", 1), ""]
+    out += [gen(32, dt, f"wgmma_m64n32k16_{dt}_kk", 0), "", gen(64, dt, f"wgmma_m64n64k16_{dt}_kk", 0), "",
+            gen(256, dt, f"wgmma_m64n256k16_{dt}_kmn", 1), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
 (root / "csrc/sm90/decode/dense/wgmma_ops.h").write_text("\n".join(out) + "\n")

@@ -106,6 +106,7 @@ struct TypeOps<__nv_bfloat16> {
     return pack(a - __bfloat162float(__float2bfloat16_rn(a)), b - __bfloat162float(__float2bfloat16_rn(b)));
   }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
 };
 template <>
@@ -118,6 +119,7 @@ struct TypeOps<__half> {
     return pack(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
   }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_f16_kmn(d, a, b, s); }
 };
 
@@ -131,7 +133,12 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r,
   start = max(start, 0);
 }
 
-template <typename T>
+// kSolo = false: each warpgroup computes S for 32 of the 64 tokens (m64n32), the row max is
+//                exchanged through shared memory.
+// kSolo = true:  warpgroup 0 computes S for all 64 tokens (m64n64: a third less shared-memory
+//                traffic for the QK product) and the softmax; it publishes P and the rescale
+//                factors; warpgroup 1 only runs its half of the PV product.
+template <typename T, bool kSolo>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -259,6 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         named_bar_sync_all();
       }
 
+      if constexpr (!kSolo) {
       // ---- S = Q K^T (this warpgroup's 32 tokens) ----
       float s[16];
 #pragma unroll
@@ -375,6 +383,121 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 128; ++i) fence_operand(o[i]);
       }
+      } else {
+      // ---- S = Q K^T over all 64 tokens (warpgroup 0) ----
+      float s[32];
+      float alpha0 = 1.f, alpha1 = 1.f;
+      uint8_t* sp = smem + kOffP;
+      if (wg == 0) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kDQK / 16; ++kk) {
+          const uint32_t off = (kk / 4) * kTileBytes + (kk % 4) * 32;
+          TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + off, 16, 1024), desc_sw128(kv + off, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 32; ++i) fence_operand(s[i]);
+        const int lim0 = min(end, lim_causal0);
+        const int lim1 = min(end, lim_causal1);
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int tok = c + j * 8 + quad_col + e;
+            s[j * 4 + e] = tok < lim0 ? s[j * 4 + e] * p.scale_log2 : -INFINITY;
+            s[j * 4 + 2 + e] = tok < lim1 ? s[j * 4 + 2 + e] * p.scale_log2 : -INFINITY;
+            mx0 = fmaxf(mx0, s[j * 4 + e]);
+            mx1 = fmaxf(mx1, s[j * 4 + 2 + e]);
+          }
+        }
+#pragma unroll
+        for (int o_ = 1; o_ <= 2; o_ *= 2) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+        }
+        const float new_max0 = fmaxf(run_max0, mx0);
+        const float new_max1 = fmaxf(run_max1, mx1);
+        const float base0 = new_max0 == -INFINITY ? 0.f : new_max0;
+        const float base1 = new_max1 == -INFINITY ? 0.f : new_max1;
+        alpha0 = exp2f(run_max0 - base0);
+        alpha1 = exp2f(run_max1 - base1);
+        run_max0 = new_max0;
+        run_max1 = new_max1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const bool top = (i % 4) < 2;
+          s[i] = exp2f(s[i] - (top ? base0 : base1));
+          if (top) sum0 += s[i]; else sum1 += s[i];
+        }
+        run_sum0 = run_sum0 * alpha0 + sum0;
+        run_sum1 = run_sum1 * alpha1 + sum1;
+        if (lane % 4 == 0) {
+          s_max[row0] = alpha0;
+          s_max[row1] = alpha1;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          *reinterpret_cast<uint32_t*>(sp + swz(row0, j) + quad_col * 2) = TypeOps<T>::pack(s[j * 4], s[j * 4 + 1]);
+          *reinterpret_cast<uint32_t*>(sp + swz(row1, j) + quad_col * 2) = TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
+        }
+        fence_proxy_async();
+      }
+      named_bar_sync_all();  // P and the rescale factors are ready
+      if (wg == 1) {
+        alpha0 = s_max[row0];
+        alpha1 = s_max[row1];
+      }
+      if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[j * 4 + 0] *= alpha0;
+          o[j * 4 + 1] *= alpha0;
+          o[j * 4 + 2] *= alpha1;
+          o[j * 4 + 3] *= alpha1;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
+                       desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+      if (precise) {  // second term: the rounding residue of P
+        named_bar_sync_all();  // both warpgroups are done reading the first term
+        if (wg == 0) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            *reinterpret_cast<uint32_t*>(sp + swz(row0, j) + quad_col * 2) = TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1]);
+            *reinterpret_cast<uint32_t*>(sp + swz(row1, j) + quad_col * 2) =
+                TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
+          }
+          fence_proxy_async();
+        }
+        named_bar_sync_all();
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
+                         desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+      }
+      }
     }
 
     // ---- epilogue: finish the row sums across the quad and both warpgroups ----
@@ -435,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  auto kernel = dense_decode_kernel<T>;
+  auto kernel = p.variant == 1 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
