@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the H200: build the extension, run the dense-decode GPU tests and the decode benchmark.
 # Logs under $OUT (or ./gpu_logs). Usage: benchmarks/gpu_dense.sh [pytest -k expression]
+# FLASHMLA_DENSE_VARIANTS="0 1" (kernel schedules to test), FLASHMLA_BENCH_VARIANTS (to time; default: the same).
 # If the package build fails (e.g. someone else's work-in-progress source), falls back to a JIT
 # build of csrc/ops.cpp + the dense-decode and KV-cache sources only.
 set -uo pipefail
@@ -36,7 +37,8 @@ for v in $VARIANTS; do
   echo "variant $v: pytest rc=$? $(tail -1 "$LOG/pytest_v$v.log")"
   grep -E "^E " "$LOG/pytest_v$v.log" | head -8
 done
-for v in $VARIANTS; do
+BENCH_VARIANTS="${FLASHMLA_BENCH_VARIANTS:-$VARIANTS}"
+for v in $BENCH_VARIANTS; do
   FLASHMLA_DENSE_VARIANT=$v timeout 200 python3 benchmarks/bench_decode.py > "$LOG/bench_v$v.log" 2>&1
 done
-for v in $VARIANTS; do echo "== variant $v"; tail -24 "$LOG/bench_v$v.log"; done
+for v in $BENCH_VARIANTS; do echo "== variant $v"; tail -24 "$LOG/bench_v$v.log"; done

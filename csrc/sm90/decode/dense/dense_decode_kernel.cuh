@@ -1,5 +1,8 @@
 // Dense MLA decode kernel for SM90 (sm_90a): wgmma from shared memory, TMA page loads on mbarriers.
 //
+// Two schedules (template flag kSolo, runtime switch FLASHMLA_DENSE_VARIANT, default 1 = kSolo):
+// see the comment above dense_decode_kernel.
+//
 // One CTA = (SM partition of the plan, kv head, 64-row query tile). Query rows are the
 // s_q * h_q / h_kv (token, head) pairs sharing one kv head (row m -> token m / group, head
 // kvh * group + m % group); tiles are padded with zero rows. 256 threads = two warpgroups.
@@ -26,6 +29,7 @@ namespace dense {
 
 constexpr int kThreads = 256;
 constexpr int kPreciseMaxLen = 1024;
+static_assert(kBlockM * (kDQK / 8) % kThreads == 0, "Q tile load");
 constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 bytes
 constexpr int kNumColTiles = kDQK / 64;          // 9
 constexpr int kStageBytes = kNumColTiles * kTileBytes;  // 73728
@@ -227,20 +231,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (start < end) {
       // Q tile of request r -> shared memory (zero rows past m_total).
       named_bar_sync_all();
-      for (int idx = tid; idx < kBlockM * (kDQK / 8); idx += kThreads) {
+      // 16-byte cp.async (asynchronous: all 18 per thread in flight at once, no register staging);
+      // rows past m_total are zero-filled.
+#pragma unroll 1
+      for (int it = 0; it < kBlockM * (kDQK / 8) / kThreads; ++it) {
+        const int idx = tid + it * kThreads;
         const int row = idx / (kDQK / 8);
         const int ch = idx % (kDQK / 8);
         const int m = mtile * kBlockM + row;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (m < p.m_total) {
-          const int t = m / p.group;
-          const int head = kvh * p.group + m % p.group;
-          const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
-                         (int64_t)head * p.q_head_stride + ch * 8;
-          v = __ldg(reinterpret_cast<const uint4*>(src));
-        }
-        *reinterpret_cast<uint4*>(smem + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8)) = v;
+        const bool in = m < p.m_total;
+        const int mm = in ? m : 0;
+        const int t = mm / p.group;
+        const int head = kvh * p.group + mm % p.group;
+        const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
+                       (int64_t)head * p.q_head_stride + ch * 8;
+        const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+                     : "memory");
       }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
       fence_proxy_async();
       named_bar_sync_all();
     }
