@@ -37,6 +37,10 @@ for v in $VARIANTS; do
   echo "variant $v: pytest rc=$? $(tail -1 "$LOG/pytest_v$v.log")"
   grep -E "^E " "$LOG/pytest_v$v.log" | head -8
 done
+# The project's other GPU tests that go through the public ops (default schedule).
+timeout 150 python3 -m pytest -q --tb=line -p no:cacheprovider tests/test_gpu_ops.py tests/test_decode_graphs.py \
+  > "$LOG/pytest_ops.log" 2>&1
+echo "test_gpu_ops + test_decode_graphs: rc=$? $(tail -1 "$LOG/pytest_ops.log")"; grep -E "^E |FAILED" "$LOG/pytest_ops.log" | head -6
 BENCH_VARIANTS="${FLASHMLA_BENCH_VARIANTS:-$VARIANTS}"
 for v in $BENCH_VARIANTS; do
   FLASHMLA_DENSE_VARIANT=$v timeout 200 python3 benchmarks/bench_decode.py > "$LOG/bench_v$v.log" 2>&1
