@@ -1,13 +1,20 @@
-"""Dense MLA decode on the GPU: whole decode call (kernel + combine; plan computed beforehand)
-timed under CUDA-graph replay, plus the planner alone. FLOPs and bytes use FlashMLA's formulas:
+"""Dense MLA decode on the GPU, side by side: our op, the naive PyTorch decode (gather pages +
+einsum) and FlashMLA when ``flash_mla`` is importable, all timed under CUDA-graph replay.
+Columns: "op us" = the decode op (attention kernel + combine, plan computed beforehand); "step us" =
+planner + decode op (the whole call of a decode step). FLOPs and bytes use FlashMLA's formulas:
   FLOPs = b*s_q*h_q*s_k*2*(576+512)
   bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576*2 + s_q*h_q*512*2)
 Floors (DESIGN §6 / the issue): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases >= 3.4 TB/s.
 
-Usage: python benchmarks/bench_decode.py [--quick]
+Ceilings measured on the H200 (DESIGN §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS.
+Writes a table to stdout, JSON and a PNG plot to $OUT (or benchmarks/results/).
+
+Usage: python benchmarks/bench_decode.py [--quick] [--no-naive]
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import sys
 
@@ -17,6 +24,8 @@ import torch_flashmla
 
 D_QK, D_V = 576, 512
 DEV = torch.device("cuda")
+COPY_GBS, MATMUL_TFLOPS = 4284.0, 799.0
+RESULTS = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 COMPUTE = [(128, s_q, s_k, 128) for s_q in (1, 2) for s_k in (4096, 8192, 16384, 32768)]
 MEMORY = [(b, 1, s_k, h_q) for b in (64, 128) for s_k in (8192, 32768) for h_q in (16, 32, 64)]
@@ -63,8 +72,58 @@ def graph_time_us(fn, iters=30, reps=5):
     return statistics.median(times), min(times), max(times)
 
 
+def naive_decode(q, cache, table, lens, scale):
+    """Gather every page, einsum, softmax in fp32 (what a model without a kernel does)."""
+    b, s_q, h_q, _ = q.shape
+    kv = cache[table.long()].flatten(1, 2)[:, :, 0]                              # [b, s_k, 576]
+    scores = torch.einsum("bthd,bsd->bths", q, kv).float() * scale
+    valid = torch.arange(kv.shape[1], device=q.device)[None, :] < lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.einsum("bths,bsd->bthd", torch.softmax(scores, dim=-1).to(q.dtype), kv[..., :D_V])
+
+
+def flashmla_fn(q, cache, table, lens, h_q, s_q):
+    """FlashMLA's call on the same inputs, or None when flash_mla is not importable."""
+    try:
+        import flash_mla
+    except ImportError:
+        return None
+    meta, splits = flash_mla.get_mla_metadata(lens, s_q * h_q, 1)
+    if splits is None:  # newer object form: the plan is made on the first call
+        flash_mla.flash_mla_with_kvcache(q, cache, table, lens, D_V, meta, None)
+    return lambda: flash_mla.flash_mla_with_kvcache(q, cache, table, lens, D_V, meta, splits)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, kind, key, ceiling, unit in ((axes[0], "compute", "tflops", MATMUL_TFLOPS, "TFLOPS"),
+                                         (axes[1], "memory", "gbs", COPY_GBS, "GB/s")):
+        sel = [r for r in rows if r["kind"] == kind]
+        labels = [f"b{r['b']} sq{r['s_q']} sk{r['s_k']//1024}k h{r['h_q']}" for r in sel]
+        x = range(len(sel))
+        for offset, impl, color in ((-0.27, "ours", "tab:blue"), (0.0, "naive", "tab:gray"), (0.27, "flashmla", "tab:orange")):
+            vals = [r.get(f"{impl}_{key}") or 0 for r in sel]
+            if any(vals):
+                ax.bar([i + offset for i in x], vals, width=0.27, label=impl, color=color)
+        ax.axhline(ceiling, color="k", ls="--", lw=0.8, label="measured ceiling")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(f"dense MLA decode, {kind}-bound cases (H200)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     quick = "--quick" in sys.argv
+    with_naive = "--no-naive" not in sys.argv
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     rows = []
     cases = [("compute", c) for c in COMPUTE] + [("memory", c) for c in MEMORY]
@@ -76,27 +135,47 @@ def main():
         meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
         scale = D_QK ** -0.5
         fn = lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, meta, splits)  # noqa: E731
+
+        def step():
+            m, n = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+            return torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, m, n)
+
         med, lo, hi = graph_time_us(fn)
+        step_us, _, _ = graph_time_us(step)
         plan_us, _, _ = graph_time_us(lambda: torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q))
         flops = b * s_q * h_q * s_k * 2 * (D_QK + D_V)
         nbytes = b * (s_q * h_q * D_QK * 2 + s_k * D_QK * 2 + s_q * h_q * D_V * 2)
-        tflops = flops / med / 1e6
-        gbs = nbytes / med / 1e3
+        row = dict(kind=kind, b=b, s_q=s_q, s_k=s_k, h_q=h_q, ours_us=med, ours_min_us=lo, ours_max_us=hi,
+                   step_us=step_us, plan_us=plan_us, ours_tflops=flops / med / 1e6, ours_gbs=nbytes / med / 1e3)
+        if with_naive and kind != "l2diag":
+            naive_us, _, _ = graph_time_us(lambda: naive_decode(q, cache, table, lens, scale), iters=2, reps=3)
+            row.update(naive_us=naive_us, naive_tflops=flops / naive_us / 1e6, naive_gbs=nbytes / naive_us / 1e3)
+        ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
+        if ref is not None:
+            fm_us, _, _ = graph_time_us(ref)
+            row.update(flashmla_us=fm_us, flashmla_tflops=flops / fm_us / 1e6, flashmla_gbs=nbytes / fm_us / 1e3)
         if kind == "compute":
-            ok = tflops >= 500
+            row["floor_met"] = row["ours_tflops"] >= 500
         elif kind == "memory":
-            ok = gbs >= 3400
-        else:
-            ok = None
-        rows.append((kind, b, s_q, s_k, h_q, med, lo, hi, tflops, gbs, plan_us, ok))
+            row["floor_met"] = row["ours_gbs"] >= 3400
+        rows.append(row)
         del q, cache, table, lens
         torch.cuda.empty_cache()
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "bench_decode.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbs=COPY_GBS,
+                       matmul_tflops=MATMUL_TFLOPS, rows=rows), f, indent=1)
+    plot(rows, os.path.join(RESULTS, "bench_decode.png"))
     print()
-    print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'us(med)':>9} {'min':>8} {'max':>8} "
-          f"{'TFLOPS':>7} {'GB/s':>6} {'plan us':>7} floor")
-    for kind, b, s_q, s_k, h_q, med, lo, hi, tf, gb, pl, ok in rows:
-        print(f"{kind:8} {b:4d} {s_q:3d} {s_k:6d} {h_q:4d} {med:9.1f} {lo:8.1f} {hi:8.1f} {tf:7.1f} {gb:6.0f} "
-              f"{pl:7.1f} {'-' if ok is None else 'ok' if ok else 'MISS'}")
+    print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'op us':>8} {'step us':>8} {'TFLOPS':>7} "
+          f"{'%mm':>4} {'GB/s':>6} {'%cp':>4} {'naive us':>9} {'naive TF':>8} {'FlashMLA us':>11} floor")
+    for r in rows:
+        floor = r.get("floor_met")
+        print(f"{r['kind']:8} {r['b']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['h_q']:4d} {r['ours_us']:8.1f} "
+              f"{r['step_us']:8.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} "
+              f"{r['ours_gbs']:6.0f} {100 * r['ours_gbs'] / COPY_GBS:4.0f} "
+              f"{r.get('naive_us', float('nan')):9.1f} {r.get('naive_tflops', float('nan')):8.1f} "
+              f"{r.get('flashmla_us', float('nan')):11.1f} {'-' if floor is None else 'ok' if floor else 'MISS'}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# On the H200 machine: build (SM90 kernels), run the GPU tests, run the benchmarks, print a short
-# table last. Usage: benchmarks/gpu_check.sh [pytest -k expression] ; logs go to $OUT (or ./gpu_logs).
+# On the H200 machine: build with the SM90 kernels, run every GPU test, the benchmarks, the demo and
+# the example, and print the short tables last. Logs and JSON/PNG results go to $OUT (or ./gpu_logs).
+# Usage: benchmarks/gpu_check.sh [pytest -k expression]
+#   FLASHMLA_DENSE_VARIANT=0|1 picks the dense-decode schedule (default 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
+export OUT="${OUT:-gpu_logs}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" FLASHMLA_BUILD_CUDA=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$LOG/gpu.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 start=$(date +%s)
-FLASHMLA_PTXAS_VERBOSE=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$LOG/build.log" 2>&1 \
-  || { tail -50 "$LOG/build.log"; exit 1; }
+FLASHMLA_PTXAS_VERBOSE=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+  || { grep -E "error" "$OUT/build.log" | head -20; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
-grep -A2 "Compiling entry function" "$LOG/build.log" | grep -E "entry function|registers" | sed 's/^ *//' > "$LOG/ptxas.txt" || true
-python3 -m pytest -q -x -m cuda tests ${1:+-k "$1"} 2>&1 | tee "$LOG/pytest_cuda.log" | tail -25
-for bench in benchmarks/bench_*.py; do
-  [ -f "$bench" ] && python3 "$bench" 2>&1 | tee "$LOG/$(basename "$bench" .py).log" | tail -40
+# ptxas resource report of every kernel (registers, spills, shared memory)
+grep -E "Compiling entry function|registers|spill" "$OUT/build.log" | sed 's/^ptxas info *: //' > "$OUT/ptxas.txt"
+timeout 420 python3 -m pytest -q -p no:cacheprovider --tb=short -m cuda tests ${1:+-k "$1"} > "$OUT/pytest_cuda.log" 2>&1
+echo "GPU tests: rc=$? $(tail -1 "$OUT/pytest_cuda.log")"; grep -E "^FAILED|^ERROR" "$OUT/pytest_cuda.log" | head -20
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests > "$OUT/pytest_all.log" 2>&1
+echo "all tests: rc=$? $(tail -1 "$OUT/pytest_all.log")"
+python3 -m torch_flashmla > "$OUT/demo.log" 2>&1; echo "demo: rc=$?"
+python3 examples/deepseek_mla_layer.py > "$OUT/example.log" 2>&1; echo "example: rc=$?"; tail -4 "$OUT/example.log"
+for bench in benchmarks/bench_kv_cache.py benchmarks/bench_sparse_decode.py benchmarks/bench_decode.py; do
+  [ -f "$bench" ] || continue
+  timeout 300 python3 "$bench" > "$OUT/$(basename "$bench" .py).log" 2>&1; echo "$bench: rc=$?"
+done
+cat "$OUT/demo.log"
+for bench in bench_kv_cache bench_sparse_decode bench_decode; do
+  [ -f "$OUT/$bench.log" ] && { echo "== $bench"; tail -30 "$OUT/$bench.log"; }
 done
