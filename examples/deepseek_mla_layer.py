@@ -126,6 +126,14 @@ class DecodeModel(nn.Module):
         return hidden
 
 
+def static_cache(kv_cache: torch.Tensor) -> torch.Tensor:
+    """Mark a paged cache as a static input: its address never changes between steps, so the graphs
+    of torch.compile(mode="reduce-overhead") may write into it in place (CUDA graph trees skip graphs
+    that mutate ordinary inputs)."""
+    torch._dynamo.mark_static_address(kv_cache)
+    return kv_cache
+
+
 def make_state(cfg: MLAConfig, batch: int, max_len: int, device, dtype=torch.bfloat16, seed: int = 0):
     """Random caches filled up to random lengths, and the inputs of the next decode step."""
     g = torch.Generator().manual_seed(seed)
@@ -139,13 +147,13 @@ def make_state(cfg: MLAConfig, batch: int, max_len: int, device, dtype=torch.bfl
     slot = block_table.gather(1, (lengths // cfg.page_size)[:, None])[:, 0] * cfg.page_size + lengths % cfg.page_size
     hidden = torch.randn(batch, cfg.hidden, generator=g).to(dtype)
     to = dict(device=device)
-    return dict(hidden=hidden.to(**to), kv_caches=[c.to(**to) for c in caches],
+    return dict(hidden=hidden.to(**to), kv_caches=[static_cache(c.to(**to)) for c in caches],
                 block_table=block_table.to(torch.int32).to(**to), cache_seqlens=cache_seqlens.to(torch.int32).to(**to),
                 slot_mapping=slot.to(torch.int64).to(**to))
 
 
 def clone_state(state):
-    return {k: ([c.clone() for c in v] if isinstance(v, list) else v.clone()) for k, v in state.items()}
+    return {k: ([static_cache(c.clone()) for c in v] if isinstance(v, list) else v.clone()) for k, v in state.items()}
 
 
 def describe_path(device: torch.device) -> str:
