@@ -9,7 +9,7 @@ export OUT="${OUT:-gpu_logs}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" FLASHMLA_BUILD_CUDA=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 start=$(date +%s)
-FLASHMLA_PTXAS_VERBOSE=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+FLASHMLA_PTXAS_VERBOSE=1 python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { grep -E "error" "$OUT/build.log" | head -20; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 # ptxas resource report of every kernel (registers, spills, shared memory)
