@@ -275,3 +275,13 @@ def test_fp8_scale_is_exact_at_powers_of_two():
         assert F.quantize_kv_fp8(kv)[512:516].view(torch.float32).item() == 2.0 ** k
         kv[0] = (torch.tensor(448 * 2.0 ** k).to(torch.bfloat16).view(torch.int16) + 1).view(torch.bfloat16)
         assert F.quantize_kv_fp8(kv)[512:516].view(torch.float32).item() == 2.0 ** (k + 1)
+
+
+def test_concat_and_cache_skips_slots_past_the_cache():
+    a = T.cache_write_inputs(num_tokens=4, num_blocks=2, page_size=16, seed=1)
+    a["slot_mapping"] = torch.tensor([0, 32, 10 ** 9, -5])
+    before = a["kv_cache"].clone()
+    F.concat_and_cache_mla(**a)
+    flat, old = a["kv_cache"].view(32, -1), before.view(32, -1)
+    assert torch.equal(flat[0], torch.cat([a["kv_c"][0], a["k_pe"][0]]))
+    assert torch.equal(flat[1:].view(torch.uint8), old[1:].view(torch.uint8))

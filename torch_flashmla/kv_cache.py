@@ -87,7 +87,7 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
 
     kv_c [T, 512], k_pe [T, 64]; kv_cache [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype)
     or [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``); slot_mapping [T]
-    int64 = block_id * page_size + offset, negative = skip the token.
+    int64 = block_id * page_size + offset; negative (or past the cache) = skip the token.
     """
     row = torch.cat([kv_c, k_pe], dim=-1)
     if kv_cache_dtype == "fp8_ds_mla":
@@ -96,7 +96,7 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     flat = flat.view(-1, flat.shape[-1])
     # Skipped tokens are routed to a scratch row past the end, so no host-side filtering is needed.
     num_slots = flat.shape[0]
-    slots = torch.where(slot_mapping >= 0, slot_mapping, num_slots).long()
+    slots = torch.where((slot_mapping >= 0) & (slot_mapping < num_slots), slot_mapping, num_slots).long()
     padded = torch.cat([flat, flat.new_empty(1, flat.shape[-1])], dim=0)
     padded.index_copy_(0, slots, row.to(flat.dtype))
     flat.copy_(padded[:num_slots])

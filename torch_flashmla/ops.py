@@ -130,7 +130,7 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
         kv_c: [T, 512], k_pe: [T, 64] bf16/fp16.
         kv_cache: [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype) or
             [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``, kv_c bf16).
-        slot_mapping: [T] int64, ``block_id * page_size + offset``; negative = skip the token.
+        slot_mapping: [T] int64, ``block_id * page_size + offset``; negative or past the cache = skip.
     """
     torch.ops.flashmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype)
 
