@@ -156,6 +156,8 @@ LARGE = [
     (128, 1, 64, 2, 4096, False, torch.float16, True, True),
     (64, 2, 63, 1, 8192, True, torch.bfloat16, True, True),
     (6, 1, 128, 1, 32768, False, torch.bfloat16, False, False),
+    (4096, 1, 16, 1, 300, False, torch.bfloat16, True, True),      # the largest batch of the contract
+    (2, 2, 64, 1, 131072, True, torch.bfloat16, True, False),     # 128k-token sequences
 ]
 
 
