@@ -1,5 +1,5 @@
-# Quick start:  make demo   (set up .venv, build, run the self-check + benchmark)
-#               make test   (set up if needed, run the test suite)
+# Quick start:  make demo                          (set up .venv, build, run the self-check + benchmark)
+#               .venv/bin/python -m pytest -q tests (run the test suite; `make test` also sets up first)
 # VENV=        use $(PYTHON)'s own environment instead of .venv (e.g. a machine with torch preinstalled)
 # TORCH_SPEC   torch to install when the environment has none (torch==2.13.0: a CPU build where a local
 #              wheel exists; elsewhere any torch>=2.6 works, a CUDA one for the SM90 kernels)
@@ -19,7 +19,9 @@ endif
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: demo test bench clean
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m torch_flashmla
