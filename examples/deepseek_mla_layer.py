@@ -38,6 +38,7 @@ from torch import nn
 
 import torch_flashmla as flashmla
 from torch_flashmla import _registration, reference
+from torch_flashmla.testing import capture_cuda_graph
 
 D_LATENT, D_ROPE = 512, 64           # kv_lora_rank, qk_rope_head_dim
 D_QK = D_LATENT + D_ROPE             # 576: what the cache and the absorbed query hold per token/head
@@ -342,14 +343,8 @@ def main(argv=None) -> int:
               "captured without the SM90 kernels)")
     elif device.type == "cuda":
         static = make_state(cfg, args.batch, 3000, device, dtype, seed=1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                       # warm-up outside the capture
-            model.decode_step(**clone_state(static))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graph_out = model.decode_step(**static)
+        graph, graph_out = capture_cuda_graph(lambda: model.decode_step(**static),
+                                              warmup=lambda: model.decode_step(**clone_state(static)))
         print("CUDA graph of one decode step (flashmla ops), replayed with new inputs vs eager float32 reference:")
         for seed in (2, 3):
             fresh = make_state(cfg, args.batch, 3000, device, dtype, seed=seed)

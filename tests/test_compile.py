@@ -11,6 +11,8 @@ import torch
 import torch._dynamo.testing
 from torch._dynamo.utils import counters
 
+from torch_flashmla.testing import capture_cuda_graph
+
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "deepseek_mla_layer.py"
 spec = importlib.util.spec_from_file_location("deepseek_mla_layer", EXAMPLE)
 example = importlib.util.module_from_spec(spec)
@@ -128,15 +130,9 @@ def test_cuda_graph_capture_replays_with_new_lengths():
     model = build("cuda")
     step = torch.compile(model.decode_step, fullgraph=True)
     static = example.make_state(CFG, batch=3, max_len=MAX_LEN, device="cuda", seed=0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compile and warm up outside the capture
-            step(**example.clone_state(static))
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(**static)
+    # compile and warm up outside the capture
+    graph, out = capture_cuda_graph(lambda: step(**static), warmup=lambda: step(**example.clone_state(static)),
+                                    warmup_iters=2)
     for seed in (1, 2, 3):
         fresh = example.make_state(CFG, batch=3, max_len=MAX_LEN, device="cuda", seed=seed)
         example.copy_state_(static, fresh)

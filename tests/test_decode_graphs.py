@@ -61,25 +61,13 @@ class Step:
         return fresh
 
 
-def capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
-
-
 def test_four_layer_step_replays_with_new_lengths_and_tables():
     # max length 9000, captured while the lengths were short: replays grow them by thousands.
     case = T.DenseDecodeCase(b=8, h_q=H_Q, seqlen=9000, varlen=True)
     step = Step(case, seed=0)
     step.cache_seqlens.fill_(50)
     in_graph = planner_in_graph()
-    graph, outputs = capture(lambda: step.run(in_graph))
+    graph, outputs = T.capture_cuda_graph(lambda: step.run(in_graph))
     for seed in (100, 200, 300):
         fresh = step.load(case, seed)
         graph.replay()
@@ -91,7 +79,7 @@ def test_four_layer_step_replays_with_new_lengths_and_tables():
 def test_batch64_graph_with_plan_for_fewer_real_requests():
     case = T.DenseDecodeCase(b=64, h_q=H_Q, seqlen=3000, varlen=True)
     step = Step(case, seed=1)
-    graph, outputs = capture(lambda: step.run(in_graph_plan=False))
+    graph, outputs = T.capture_cuda_graph(lambda: step.run(in_graph_plan=False))
     real = 40
     fresh = step.load(case, seed=7)
     step.cache_seqlens[real:] = 0  # padding requests of the engine
@@ -110,7 +98,7 @@ def test_memory_flat_over_1000_replays():
     case = T.DenseDecodeCase(b=16, h_q=H_Q, seqlen=2000, varlen=True)
     step = Step(case, seed=2)
     in_graph = planner_in_graph()
-    graph, _ = capture(lambda: step.run(in_graph))
+    graph, _ = T.capture_cuda_graph(lambda: step.run(in_graph))
     for _ in range(10):
         graph.replay()
     torch.cuda.synchronize()

@@ -10,7 +10,6 @@ cosine distance <= 5e-6; lse rel 8/65536.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ pytestmark = pytest.mark.cuda
 torch_flashmla = pytest.importorskip("torch_flashmla")
 from torch_flashmla import reference  # noqa: E402
 from torch_flashmla import _registration  # noqa: E402
+from torch_flashmla.testing import capture_cuda_graph  # noqa: E402
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -196,17 +196,11 @@ def test_decode_cuda_graph_replay():
     scale = D_QK ** -0.5
     static_lens = lens.clone()
     static_table = table.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            meta, splits = torch_flashmla.get_mla_metadata(static_lens, s_q * h_q, 1, h_q)
-            torch.ops.flashmla.mla_decode(q, cache, static_table, static_lens, D_V, scale, True, meta, splits)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step():
         meta, splits = torch_flashmla.get_mla_metadata(static_lens, s_q * h_q, 1, h_q)
-        out, lse = torch.ops.flashmla.mla_decode(q, cache, static_table, static_lens, D_V, scale, True, meta, splits)
+        return torch.ops.flashmla.mla_decode(q, cache, static_table, static_lens, D_V, scale, True, meta, splits)
+
+    graph, (out, lse) = capture_cuda_graph(step, warmup_iters=2)
     for seed in range(3):
         _, _, table2, lens2, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=(seed != 1), seed=100 + seed)
         # keep the cache (same shape): new lengths must stay within the pages this cache fills

@@ -121,14 +121,7 @@ def test_dense_decode_cuda_graph_replay():
                 static_seqlens, 16, 1, 16, num_sm_parts=parts)
         return F.mla_decode(**static)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = T.capture_cuda_graph(step)
     for seed in range(3):
         fresh = T.dense_decode_inputs(case, device=DEV, seed=10 + seed)
         static_seqlens.copy_(fresh["cache_seqlens"])

@@ -7,7 +7,7 @@ huge ids in block-table tails, NaN in FP8 records that only skipped indices poin
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -200,3 +200,20 @@ def cache_write_inputs(num_tokens: int = 10, num_blocks: int = 4, page_size: int
                k_pe=_randn((num_tokens, kvc.D_QK - kvc.D_V), g, dtype, "cpu"),
                kv_cache=cache, slot_mapping=slots.to(torch.int64), kv_cache_dtype=kv_cache_dtype)
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+
+def capture_cuda_graph(fn: Callable, warmup: Optional[Callable] = None, warmup_iters: int = 1):
+    """Run ``warmup`` (default ``fn``) ``warmup_iters`` times on a side stream (compilation, lazy
+    initialisation, allocator warm-up stay outside the graph), then capture ``fn()`` in a CUDA graph.
+    Returns ``(graph, outputs)``: the outputs live in the graph's memory and change on each replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_iters):
+            (warmup or fn)()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
