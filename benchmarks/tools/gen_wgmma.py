@@ -1,4 +1,4 @@
-"""Writes csrc/sm90/decode/dense/wgmma_ops.h: inline-PTX wgmma wrappers (operands from shared memory)."""
+"""Writes csrc/sm90/common/wgmma_ops.h: inline-PTX wgmma wrappers (operands from shared memory)."""
 import pathlib
 
 
@@ -22,7 +22,7 @@ def gen(n, dt, name, transb):
     return "\n".join(lines)
 
 
-out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the dense decode kernel.",
+out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 decode kernels.",
        "// Both operands from shared memory (matrix descriptors); fp32 accumulators in registers.",
        "// *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).",
        "#pragma once", "#include <cstdint>", "", "namespace flashmla {", "namespace sm90 {", ""]
@@ -31,4 +31,4 @@ for dt in ("bf16", "f16"):
             gen(256, dt, f"wgmma_m64n256k16_{dt}_kmn", 1), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
-(root / "csrc/sm90/decode/dense/wgmma_ops.h").write_text("\n".join(out) + "\n")
+(root / "csrc/sm90/common/wgmma_ops.h").write_text("\n".join(out) + "\n")

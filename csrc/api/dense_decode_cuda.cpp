@@ -203,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   cp.num_splits = p.num_splits;
   cp.out = p.out;
   cp.lse = p.lse;
+  cp.attn_sink = nullptr;
   cp.b = p.b;
   cp.s_q = p.s_q;
   cp.h_q = p.h_q;

@@ -158,6 +158,16 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
       }
     }
   }
+  if (p.attn_sink != nullptr) {  // sigmoid(lse - sink): the sink's share of the softmax is dropped
+    const float keep = 1.f / (1.f + __expf(p.attn_sink[head] - lse));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      acc[k].x *= keep;
+      acc[k].y *= keep;
+      acc[k].z *= keep;
+      acc[k].w *= keep;
+    }
+  }
 #pragma unroll
   for (int k = 0; k < 4; ++k) store4<T>(out + k * 128 + lane * 4, acc[k]);
   if (lane == 0) p.lse[((size_t)r * p.h_q + head) * p.s_q + t] = lse;

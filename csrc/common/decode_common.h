@@ -19,6 +19,7 @@ struct CombineParams {
   const int* num_splits; // [b + 1]
   void* out;             // [b, s_q, h_q, 512] (bf16 or fp16)
   float* lse;            // [b, h_q, s_q]
+  const float* attn_sink;  // [h_q] fp32 or nullptr: out *= exp(lse) / (exp(lse) + exp(attn_sink))
   int b, s_q, h_q, h_kv, group, m_total, acc_rows;
 };
 

@@ -21,7 +21,7 @@
 #include <math.h>
 
 #include "sm90/decode/dense/dense_decode.h"
-#include "sm90/decode/dense/wgmma_ops.h"
+#include "sm90/common/sm90_ptx.h"
 
 namespace flashmla {
 namespace sm90 {
@@ -41,91 +41,6 @@ constexpr int kOffSum = kOffMax + 2 * 64 * 4;    // float [2][64]
 constexpr int kOffBar = kOffSum + 2 * 64 * 4;    // uint64 [2]
 constexpr int kSmemUsed = kOffBar + 2 * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;     // slack for 1024-byte alignment
-
-// ---------------------------------------------------------------------------------------------
-// PTX helpers
-// ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void named_bar_sync_all() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
-                                            int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-
-// Shared-memory matrix descriptor, 128-byte swizzle. K-major: SBO = 1024 (8-row groups), LBO unused.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(lbo_bytes >> 4) << 16;
-  d |= static_cast<uint64_t>(sbo_bytes >> 4) << 32;
-  d |= 1ull << 62;
-  return d;
-}
-
-// Byte offset of (row, 16-byte chunk) inside a 64-row x 128-byte tile with the 128B swizzle.
-__device__ __forceinline__ uint32_t swz(int row, int chunk) {
-  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
-}
-
-template <typename T>
-struct TypeOps;
-template <>
-struct TypeOps<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
-    return pack(a - __bfloat162float(__float2bfloat16_rn(a)), b - __bfloat162float(__float2bfloat16_rn(b)));
-  }
-  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
-  static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_bf16_kk(d, a, b, s); }
-  static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
-};
-template <>
-struct TypeOps<__half> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
-    return pack(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
-  }
-  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
-  static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_f16_kk(d, a, b, s); }
-  static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_f16_kmn(d, a, b, s); }
-};
 
 // Token range [start, end) of request r inside partition (begin_req..end_req).
 __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r, int begin_req, int begin_tok,
@@ -230,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if (start < end) {
       // Q tile of request r -> shared memory (zero rows past m_total).
-      named_bar_sync_all();
+      named_bar_sync(1, 256);
       // 16-byte cp.async (asynchronous: all 18 per thread in flight at once, no register staging);
       // rows past m_total are zero-filled.
 #pragma unroll 1
@@ -252,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("cp.async.commit_group;\n" ::: "memory");
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
       fence_proxy_async();
-      named_bar_sync_all();
+      named_bar_sync(1, 256);
     }
     const int lim_causal0 = p.causal ? len - p.s_q + t0 + 1 : len;
     const int lim_causal1 = p.causal ? len - p.s_q + t1 + 1 : len;
@@ -260,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int c = start; c < end; c += kBlockN, ++g) {
       const int stage = g & 1;
       // Everyone finished chunk g-1 (its PV read the other stage): refill that stage.
-      named_bar_sync_all();
+      named_bar_sync(1, 256);
       if (tid == 0) ld_issue(stage ^ 1);
       mbar_wait(bar_full0 + stage * 8, (g >> 1) & 1);
       const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
@@ -273,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<uint4*>(kvp + (ch / 8) * kTileBytes + swz(row, ch % 8)) = make_uint4(0, 0, 0, 0);
         }
         fence_proxy_async();
-        named_bar_sync_all();
+        named_bar_sync(1, 256);
       }
 
       if constexpr (!kSolo) {
@@ -317,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_max[wg * 64 + row0] = mx0;
         s_max[wg * 64 + row1] = mx1;
       }
-      named_bar_sync_all();
+      named_bar_sync(1, 256);
       mx0 = fmaxf(mx0, s_max[(wg ^ 1) * 64 + row0]);
       mx1 = fmaxf(mx1, s_max[(wg ^ 1) * 64 + row1]);
       const float new_max0 = fmaxf(run_max0, mx0);
@@ -355,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(sp + swz(row1, chunk) + quad_col * 2) = TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
       }
       fence_proxy_async();
-      named_bar_sync_all();
+      named_bar_sync(1, 256);
 
       // ---- O += P V (this warpgroup's 256 columns) ----
 #pragma unroll
@@ -371,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_operand(o[i]);
       if (precise) {  // second term: the rounding residue of P
-        named_bar_sync_all();  // both warpgroups are done reading the first term
+        named_bar_sync(1, 256);  // both warpgroups are done reading the first term
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int chunk = wg * 4 + j;
@@ -381,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
         }
         fence_proxy_async();
-        named_bar_sync_all();
+        named_bar_sync(1, 256);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -458,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_proxy_async();
       }
-      named_bar_sync_all();  // P and the rescale factors are ready
+      named_bar_sync(1, 256);  // P and the rescale factors are ready
       if (wg == 1) {
         alpha0 = s_max[row0];
         alpha1 = s_max[row1];
@@ -485,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_operand(o[i]);
       if (precise) {  // second term: the rounding residue of P
-        named_bar_sync_all();  // both warpgroups are done reading the first term
+        named_bar_sync(1, 256);  // both warpgroups are done reading the first term
         if (wg == 0) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
@@ -495,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           fence_proxy_async();
         }
-        named_bar_sync_all();
+        named_bar_sync(1, 256);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -516,12 +431,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       run_sum0 += __shfl_xor_sync(0xffffffffu, run_sum0, o_);
       run_sum1 += __shfl_xor_sync(0xffffffffu, run_sum1, o_);
     }
-    named_bar_sync_all();  // s_sum free (previous request's readers are done)
+    named_bar_sync(1, 256);  // s_sum free (previous request's readers are done)
     if (lane % 4 == 0) {
       s_sum[wg * 64 + row0] = run_sum0;
       s_sum[wg * 64 + row1] = run_sum1;
     }
-    named_bar_sync_all();
+    named_bar_sync(1, 256);
     const float l0 = s_sum[row0] + s_sum[64 + row0];
     const float l1 = s_sum[row1] + s_sum[64 + row1];
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;

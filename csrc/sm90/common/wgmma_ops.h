@@ -1,4 +1,4 @@
-// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the dense decode kernel.
+// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 decode kernels.
 // Both operands from shared memory (matrix descriptors); fp32 accumulators in registers.
 // *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).
 #pragma once

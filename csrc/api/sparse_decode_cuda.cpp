@@ -1,0 +1,174 @@
+// CUDA entry point of token-sparse MLA decode over the FP8 cache:
+// torch.ops.flashmla_cuda.sparse_mla_decode. The Python layer validates inputs first
+// (torch_flashmla/checks.py); the checks here are the cheap ones the kernel relies on. The plan comes
+// from flashmla_cuda::get_mla_metadata (dense_decode_cuda.cpp) and the split partials are merged by
+// the same combine kernel as dense decode. No host synchronization: capturable in CUDA graphs.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/decode_common.h"
+#include "sm90/decode/sparse_fp8/sparse_decode.h"
+
+namespace {
+
+namespace fs = flashmla::sm90;
+namespace fc = flashmla::common;
+
+constexpr int64_t kDQK = 576, kDV = 512, kBlockM = 64;
+
+bool is_fp8_cache_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kByte || t.scalar_type() == at::ScalarType::Float8_e4m3fn;
+}
+
+// One FP8 cache [num_blocks, page_size, 1, 656] and its indices [b, s_q, topk] (+ topk_length [b]).
+// `keep` holds the tensors that had to be made contiguous alive until the launch.
+fs::SparseKVSource make_source(const char* name, const at::Tensor& cache_in, const at::Tensor& indices_in,
+                               const c10::optional<at::Tensor>& topk_length, int64_t b, int64_t s_q,
+                               std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(cache_in.is_cuda() && is_fp8_cache_dtype(cache_in) && cache_in.dim() == 4 &&
+                  cache_in.size(2) == 1 && cache_in.size(3) == fs::kFp8RecordBytes,
+              "sparse_mla_decode: ", name, " must be a uint8/float8_e4m3fn CUDA tensor [num_blocks, page_size, 1, 656]");
+  at::Tensor cache = cache_in;
+  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+  if (cache.stride(3) != 1 || !aligned(cache.stride(0)) || !aligned(cache.stride(1)) ||
+      reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 != 0) {
+    cache = cache.contiguous();  // 16-byte record loads need 16-byte aligned records
+    keep.push_back(cache);
+  }
+  TORCH_CHECK(indices_in.is_cuda() && indices_in.scalar_type() == at::kInt && indices_in.dim() == 3 &&
+                  indices_in.size(0) == b && indices_in.size(1) == s_q,
+              "sparse_mla_decode: indices of ", name, " must be int32 [b, s_q, topk]");
+  at::Tensor indices = indices_in.stride(2) == 1 ? indices_in : indices_in.contiguous();
+  keep.push_back(indices);
+  fs::SparseKVSource src{};
+  src.records = reinterpret_cast<const uint8_t*>(cache.data_ptr());
+  src.block_stride = cache.stride(0);
+  src.token_stride = cache.stride(1);
+  src.page_size = static_cast<int>(cache.size(1));
+  src.num_slots = cache.size(0) * cache.size(1);
+  src.indices = indices.data_ptr<int>();
+  src.indices_batch_stride = indices.stride(0);
+  src.indices_seq_stride = indices.stride(1);
+  src.topk = static_cast<int>(indices.size(2));
+  src.topk_length = nullptr;
+  if (topk_length.has_value()) {
+    TORCH_CHECK(topk_length->is_cuda() && topk_length->scalar_type() == at::kInt && topk_length->numel() == b,
+                "sparse_mla_decode: the topk_length of ", name, " must be int32 [b]");
+    at::Tensor lengths = topk_length->contiguous();
+    keep.push_back(lengths);
+    src.topk_length = lengths.data_ptr<int>();
+  }
+  return src;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
+    const at::Tensor& q_in, const at::Tensor& kv_cache, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& topk_length, const c10::optional<at::Tensor>& attn_sink,
+    const c10::optional<at::Tensor>& extra_kv_cache, const c10::optional<at::Tensor>& extra_indices,
+    const c10::optional<at::Tensor>& extra_topk_length, int64_t head_dim_v, double softmax_scale,
+    const at::Tensor& tile_scheduler_metadata_in, const at::Tensor& num_splits_in) {
+  TORCH_CHECK(q_in.is_cuda() && q_in.scalar_type() == at::kBFloat16 && q_in.dim() == 4 && q_in.size(3) == kDQK,
+              "sparse_mla_decode: q must be a bf16 CUDA tensor [b, s_q, h_q, 576]");
+  TORCH_CHECK(head_dim_v == kDV, "sparse_mla_decode: head_dim_v must be 512");
+  const int64_t b = q_in.size(0), s_q = q_in.size(1), h_q = q_in.size(2);
+  TORCH_CHECK(tile_scheduler_metadata_in.scalar_type() == at::kInt && tile_scheduler_metadata_in.dim() == 2 &&
+                  tile_scheduler_metadata_in.size(1) == fc::kMetadataWidth,
+              "sparse_mla_decode: tile_scheduler_metadata must be int32 [num_sm_parts, 8]");
+  TORCH_CHECK(num_splits_in.scalar_type() == at::kInt && num_splits_in.numel() == b + 1,
+              "sparse_mla_decode: num_splits must be int32 [b + 1]");
+  TORCH_CHECK(extra_kv_cache.has_value() == extra_indices.has_value(),
+              "sparse_mla_decode: extra_kv_cache and extra_indices come together");
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor q = q_in;
+  if (q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
+    q = q.contiguous();
+  }
+  std::vector<at::Tensor> keep;
+  fs::SparseDecodeParams p{};
+  p.main = make_source("kv_cache", kv_cache, indices, topk_length, b, s_q, keep);
+  p.extra = fs::SparseKVSource{};
+  if (extra_kv_cache.has_value()) {
+    p.extra = make_source("extra_kv_cache", *extra_kv_cache, *extra_indices, extra_topk_length, b, s_q, keep);
+  }
+  at::Tensor sink;
+  if (attn_sink.has_value()) {
+    TORCH_CHECK(attn_sink->is_cuda() && attn_sink->scalar_type() == at::kFloat && attn_sink->numel() == h_q,
+                "sparse_mla_decode: attn_sink must be fp32 [h_q]");
+    sink = attn_sink->contiguous();
+  }
+  at::Tensor metadata = tile_scheduler_metadata_in.contiguous();
+  at::Tensor num_splits = num_splits_in.contiguous();
+  const int64_t num_sm_parts = metadata.size(0);
+
+  at::Tensor out = at::empty({b, s_q, h_q, kDV}, q.options());
+  at::Tensor lse = at::empty({b, h_q, s_q}, q.options().dtype(at::kFloat));
+  if (b == 0 || s_q == 0 || h_q == 0) return {out, lse};
+  const int64_t num_m_tiles = (h_q + kBlockM - 1) / kBlockM;
+  TORCH_CHECK(num_sm_parts <= (int64_t(1) << 31) - 1 && s_q <= 65535 && num_m_tiles <= 65535,
+              "sparse_mla_decode: problem too large");
+  // Scratch rows of split requests, as in mla_decode_cuda: at most 2 * num_sm_parts + 1.
+  const int64_t acc_rows = 2 * num_sm_parts + 1;
+  const int64_t m_total = s_q * h_q;
+  at::Tensor oacc = at::empty({acc_rows, m_total, kDV}, q.options().dtype(at::kFloat));
+  at::Tensor lseacc = at::empty({acc_rows, m_total}, q.options().dtype(at::kFloat));
+
+  p.q = q.data_ptr();
+  p.q_batch_stride = q.stride(0);
+  p.q_seq_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.attn_sink = attn_sink.has_value() ? sink.data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.oacc = oacc.data_ptr<float>();
+  p.lseacc = lseacc.data_ptr<float>();
+  p.acc_rows = static_cast<int>(acc_rows);
+  p.metadata = metadata.data_ptr<int>();
+  p.num_splits = num_splits.data_ptr<int>();
+  p.b = static_cast<int>(b);
+  p.s_q = static_cast<int>(s_q);
+  p.h_q = static_cast<int>(h_q);
+  p.num_sm_parts = static_cast<int>(num_sm_parts);
+  p.num_m_tiles = static_cast<int>(num_m_tiles);
+  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  fs::launch_sparse_decode(p, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  fc::CombineParams cp{};
+  cp.oacc = p.oacc;
+  cp.lseacc = p.lseacc;
+  cp.num_splits = p.num_splits;
+  cp.out = p.out;
+  cp.lse = p.lse;
+  cp.attn_sink = p.attn_sink;
+  cp.b = p.b;
+  cp.s_q = p.s_q;
+  cp.h_q = p.h_q;
+  cp.h_kv = 1;
+  cp.group = p.h_q;
+  cp.m_total = static_cast<int>(m_total);
+  cp.acc_rows = p.acc_rows;
+  fc::launch_combine(cp, /*is_bf16=*/true, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
+  m.def(
+      "sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, Tensor? topk_length, Tensor? attn_sink, "
+      "Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int head_dim_v, "
+      "float softmax_scale, Tensor tile_scheduler_metadata, Tensor num_splits) -> (Tensor out, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) { m.impl("sparse_mla_decode", &sparse_mla_decode_cuda); }

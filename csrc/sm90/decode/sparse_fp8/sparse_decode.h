@@ -1,0 +1,50 @@
+// Token-sparse MLA decode over the FP8 KV cache on SM90: parameters and launcher (kernel in
+// sparse_decode_kernel.cu).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace flashmla {
+namespace sm90 {
+
+constexpr int kFp8RecordBytes = 656;  // 512 e4m3 latent values | 4 fp32 scales | 64 bf16 RoPE values
+constexpr int kFp8ScaleOffset = 512;
+constexpr int kFp8RopeOffset = 528;
+
+// One FP8 cache and the token indices of every (request, query token) into it.
+struct SparseKVSource {
+  const uint8_t* records;      // record of slot i: records + (i / page_size) * block_stride + (i % page_size) * token_stride
+  int64_t block_stride;        // bytes
+  int64_t token_stride;        // bytes
+  int page_size;
+  int64_t num_slots;           // num_blocks * page_size; indices outside [0, num_slots) are skipped
+  const int* indices;          // [b, s_q, topk] int32, last dim contiguous; -1 = skip
+  int64_t indices_batch_stride, indices_seq_stride;  // elements
+  int topk;                    // 0: no such cache
+  const int* topk_length;      // [b] or nullptr: only the first topk_length[i] indices count
+};
+
+struct SparseDecodeParams {
+  // q [b, s_q, h_q, 576] bf16; element strides (last dim contiguous)
+  const void* q;
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  SparseKVSource main, extra;  // extra.topk == 0 when there is no extra cache
+  const float* attn_sink;      // [h_q] or nullptr
+  // out [b, s_q, h_q, 512] bf16 contiguous; lse [b, h_q, s_q] fp32 contiguous
+  void* out;
+  float* lse;
+  // split partials: oacc [acc_rows, s_q * h_q, 512] fp32, lseacc [acc_rows, s_q * h_q] (row m = t * h_q + head)
+  float* oacc;
+  float* lseacc;
+  int acc_rows;
+  const int* metadata;     // [num_sm_parts, 8], planned from the attended token counts per request
+  const int* num_splits;   // [b + 1]
+  int b, s_q, h_q, num_sm_parts, num_m_tiles;
+  float scale_log2;        // softmax_scale * log2(e)
+};
+
+// Grid (num_sm_parts, s_q, ceil(h_q / 64)), 384 threads, on `stream`.
+void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
+
+}  // namespace sm90
+}  // namespace flashmla

@@ -1,0 +1,538 @@
+// Token-sparse MLA decode over the FP8 KV cache for SM90 (sm_90a).
+//
+// One CTA = (SM partition of the plan, query token t, 64-head tile). Every request of the
+// partition is walked in 64-token chunks of its index list: first the main cache's indices
+// (topk_length of them, padded up to a chunk), then the extra cache's, in one softmax.
+//
+// Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
+//   WG2 (producer): per chunk, reads the 64 indices, gathers the 656-byte records with 16-byte
+//       loads (issued before it waits for a free stage), dequantizes e4m3 * scale to bf16 and
+//       writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that wgmma
+//       reads (rows of skipped indices are zero, so masked probabilities never meet NaN), with one
+//       valid flag per row. Two stages, on full/empty mbarriers.
+//   WG0: S = Q K^T (m64n64k16 x 36), masked online softmax, P (bf16) -> shared memory, then its half
+//       of O += P V (columns 0..255).
+//   WG1: the other half of O += P V (columns 256..511), rescaled by WG0's factors.
+// P is handed from WG0 to WG1 through one shared-memory tile on the p_full / p_empty mbarriers,
+// so WG0 computes S of chunk g+1 while WG1 still multiplies chunk g. Requests attending to at most
+// kPreciseMaxLen tokens add a second PV term with P's rounding residue (as the dense kernel does).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <math.h>
+
+#include "common/decode_common.h"
+#include "sm90/common/sm90_ptx.h"
+#include "sm90/decode/sparse_fp8/sparse_decode.h"
+
+namespace flashmla {
+namespace sm90 {
+namespace sparse {
+
+namespace {
+
+using T = __nv_bfloat16;
+constexpr int kDQK = 576;
+constexpr int kDV = 512;
+constexpr int kBlockM = 64;  // heads per CTA
+constexpr int kBlockN = 64;  // tokens per chunk
+constexpr int kThreads = 384;
+constexpr int kPreciseMaxLen = 1024;
+constexpr int kTileBytes = 64 * 128;  // 64 rows x 64 bf16
+constexpr int kNumColTiles = kDQK / 64;
+constexpr int kStageBytes = kNumColTiles * kTileBytes;
+constexpr int kOffQ = 0;
+constexpr int kOffKV = kOffQ + kStageBytes;
+constexpr int kOffP = kOffKV + 2 * kStageBytes;
+constexpr int kOffValid = kOffP + kTileBytes;      // uint8 [2][64]
+constexpr int kOffAlpha = kOffValid + 2 * 64;      // float [64]: WG0's rescale factors of the chunk
+constexpr int kOffOutScale = kOffAlpha + 64 * 4;   // float [64]: 1 / row sum (x sink factor) of the request
+constexpr int kOffBar = kOffOutScale + 64 * 4;     // uint64: full[2], empty[2], p_full, p_empty
+constexpr int kSmemBytes = kOffBar + 6 * 8 + 1024;  // + slack for 1024-byte alignment
+
+// Named barriers (0 is __syncthreads).
+constexpr uint32_t kBarQ = 1;         // WG0 only (128): Q tile reload
+constexpr uint32_t kBarEpilogue = 2;  // WG0 + WG1 (256): per-row output scales
+
+// Register split: setmaxnreg only moves registers inside the CTA's launch allotment (3 x 168 per
+// thread slot), so the three budgets must sum to 504. WG0 holds O (128) and S (32).
+constexpr int kRegsWG0 = 224, kRegsWG1 = 168, kRegsWG2 = 112;
+static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+
+__device__ __forceinline__ uint4 ld_nc_v4(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// 4 e4m3 values (one 32-bit word) * scale -> 4 bf16 (two 32-bit words). The product is rounded
+// once, in fp32, exactly like torch_flashmla.kv_cache.dequantize_kv_fp8.
+__device__ __forceinline__ uint2 dequant4(uint32_t fp8x4, float scale) {
+  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(fp8x4 & 0xFFFFu), __NV_E4M3);
+  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(fp8x4 >> 16), __NV_E4M3);
+  const float2 a = __half22float2(__half2(lo));
+  const float2 b = __half22float2(__half2(hi));
+  uint2 r;
+  r.x = TypeOps<T>::pack(a.x * scale, a.y * scale);
+  r.y = TypeOps<T>::pack(b.x * scale, b.y * scale);
+  return r;
+}
+
+// The attended token ranges of one request: main indices [0, n_main), padded to a chunk, then the
+// extra indices [0, n_extra). total = virtual length walked in chunks.
+struct RequestWork {
+  int n_main, main_pad, n_extra, total;
+};
+
+__device__ __forceinline__ RequestWork request_work(const SparseDecodeParams& p, int r) {
+  RequestWork w;
+  w.n_main = p.main.topk_length != nullptr ? min(max(p.main.topk_length[r], 0), p.main.topk) : p.main.topk;
+  w.main_pad = (w.n_main + kBlockN - 1) / kBlockN * kBlockN;
+  w.n_extra = 0;
+  if (p.extra.topk > 0) {
+    w.n_extra = p.extra.topk_length != nullptr ? min(max(p.extra.topk_length[r], 0), p.extra.topk) : p.extra.topk;
+  }
+  w.total = w.main_pad + w.n_extra;
+  return w;
+}
+
+// This partition's piece [start, end) of request r. The last piece of a request runs to the
+// request's real end, so a plan made from other lengths still covers every token (it only
+// balances worse).
+struct Piece {
+  int start, end, split_idx, n_splits;
+};
+
+__device__ __forceinline__ Piece request_piece(const SparseDecodeParams& p, int r, int begin_req, int begin_tok,
+                                               int end_req, int end_tok, int begin_split, int total) {
+  Piece pc;
+  pc.n_splits = p.num_splits[r + 1] - p.num_splits[r];
+  pc.split_idx = r == begin_req ? begin_split : 0;
+  const bool last = pc.split_idx >= pc.n_splits - 1;
+  pc.start = r == begin_req ? max(begin_tok, 0) : 0;
+  pc.end = (r == end_req && !last) ? min(end_tok, total) : total;
+  pc.start = min(pc.start, pc.end);
+  return pc;
+}
+
+// The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
+// Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
+template <int kWG>
+__device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint8_t* smem, int tid, int t, int mtile,
+                                               int begin_req, int begin_tok, int end_req, int end_tok,
+                                               int begin_split) {
+  constexpr int wg = kWG;
+  const uint32_t sbase = smem_addr(smem);
+  uint8_t* s_valid = smem + kOffValid;
+  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
+  float* s_out_scale = reinterpret_cast<float*>(smem + kOffOutScale);
+  const uint32_t bar_full = sbase + kOffBar;
+  const uint32_t bar_empty = sbase + kOffBar + 16;
+  const uint32_t bar_p_full = sbase + kOffBar + 32;
+  const uint32_t bar_p_empty = sbase + kOffBar + 40;
+  const int wtid = tid % 128;
+  const int warp = wtid / 32;
+  const int lane = tid % 32;
+  const int row0 = warp * 16 + lane / 4;
+  const int row1 = row0 + 8;
+  const int head0 = mtile * kBlockM + row0;
+  const int head1 = mtile * kBlockM + row1;
+  const bool ok0 = head0 < p.h_q, ok1 = head1 < p.h_q;
+  const int quad_col = (lane % 4) * 2;
+  uint8_t* sp = smem + kOffP;
+  const T* qbase = reinterpret_cast<const T*>(p.q);
+
+  uint32_t g = 0;   // chunks consumed
+  uint32_t pi = 0;  // P tiles handed over (one or two per chunk)
+
+  for (int r = begin_req; r <= end_req; ++r) {
+    const RequestWork w = request_work(p, r);
+    const Piece pc = request_piece(p, r, begin_req, begin_tok, end_req, end_tok, begin_split, w.total);
+    const bool precise = w.n_main + w.n_extra <= kPreciseMaxLen;
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float run_max0 = -INFINITY, run_max1 = -INFINITY;
+    float run_sum0 = 0.f, run_sum1 = 0.f;
+
+    if (wg == 0 && pc.start < pc.end) {
+      // Q tile of (request r, token t) -> shared memory; heads past h_q are zero rows.
+      named_bar_sync(kBarQ, 128);  // every WG0 wgmma reading the previous Q tile is complete
+#pragma unroll 1
+      for (int it = 0; it < kBlockM * (kDQK / 8) / 128; ++it) {
+        const int idx = wtid + it * 128;
+        const int row = idx / (kDQK / 8);
+        const int ch = idx % (kDQK / 8);
+        const int head = mtile * kBlockM + row;
+        const bool in = head < p.h_q;
+        const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
+                       (int64_t)(in ? head : 0) * p.q_head_stride + ch * 8;
+        const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+                     : "memory");
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      fence_proxy_async();
+      named_bar_sync(kBarQ, 128);
+    }
+
+    for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
+      const int stage = g & 1;
+      const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+      mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+      if constexpr (wg == 0) {
+        // ---- S = Q K^T over the 64 tokens of the chunk ----
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kDQK / 16; ++kk) {
+          const uint32_t off = (kk / 4) * kTileBytes + (kk % 4) * 32;
+          TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + off, 16, 1024), desc_sw128(kv + off, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 32; ++i) fence_operand(s[i]);
+        // ---- masked online softmax (log2 domain) ----
+        const uint8_t* valid = s_valid + stage * 64;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const uint16_t v2 = *reinterpret_cast<const uint16_t*>(valid + j * 8 + quad_col);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const bool v = (v2 >> (8 * e)) & 1;
+            s[j * 4 + e] = v ? s[j * 4 + e] * p.scale_log2 : -INFINITY;
+            s[j * 4 + 2 + e] = v ? s[j * 4 + 2 + e] * p.scale_log2 : -INFINITY;
+            mx0 = fmaxf(mx0, s[j * 4 + e]);
+            mx1 = fmaxf(mx1, s[j * 4 + 2 + e]);
+          }
+        }
+#pragma unroll
+        for (int o_ = 1; o_ <= 2; o_ *= 2) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+        }
+        const float new_max0 = fmaxf(run_max0, mx0);
+        const float new_max1 = fmaxf(run_max1, mx1);
+        const float base0 = new_max0 == -INFINITY ? 0.f : new_max0;
+        const float base1 = new_max1 == -INFINITY ? 0.f : new_max1;
+        const float alpha0 = exp2f(run_max0 - base0);
+        const float alpha1 = exp2f(run_max1 - base1);
+        run_max0 = new_max0;
+        run_max1 = new_max1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const bool top = (i % 4) < 2;
+          s[i] = exp2f(s[i] - (top ? base0 : base1));
+          if (top) sum0 += s[i]; else sum1 += s[i];
+        }
+        run_sum0 = run_sum0 * alpha0 + sum0;
+        run_sum1 = run_sum1 * alpha1 + sum1;
+        if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            o[j * 4 + 0] *= alpha0;
+            o[j * 4 + 1] *= alpha0;
+            o[j * 4 + 2] *= alpha1;
+            o[j * 4 + 3] *= alpha1;
+          }
+        }
+        // ---- hand P (and the rescale factors) to WG1, then O[:, 0:256] += P V ----
+        for (int term = 0; term < (precise ? 2 : 1); ++term) {
+          mbar_wait(bar_p_empty, (pi & 1) ^ 1);  // WG1 is done with the previous P tile
+          if (term == 0 && lane % 4 == 0) {
+            s_alpha[row0] = alpha0;
+            s_alpha[row1] = alpha1;
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const uint32_t top = term == 0 ? TypeOps<T>::pack(s[j * 4], s[j * 4 + 1])
+                                           : TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1]);
+            const uint32_t bot = term == 0 ? TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3])
+                                           : TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
+            *reinterpret_cast<uint32_t*>(sp + swz(row0, j) + quad_col * 2) = top;
+            *reinterpret_cast<uint32_t*>(sp + swz(row1, j) + quad_col * 2) = bot;
+          }
+          fence_proxy_async();
+          mbar_arrive(bar_p_full);
+          mbar_wait(bar_p_full, pi & 1);  // every WG0 thread's part of P is in place
+#pragma unroll
+          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
+                           desc_sw128(kv + kk * 16 * 128, kTileBytes, 1024), 1);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+          ++pi;
+        }
+      } else {
+        // ---- WG1: O[:, 256:512] += P V with WG0's P ----
+        for (int term = 0; term < (precise ? 2 : 1); ++term) {
+          mbar_wait(bar_p_full, pi & 1);
+          if (term == 0) {
+            const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row1];
+            if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
+#pragma unroll
+              for (int j = 0; j < 32; ++j) {
+                o[j * 4 + 0] *= alpha0;
+                o[j * 4 + 1] *= alpha0;
+                o[j * 4 + 2] *= alpha1;
+                o[j * 4 + 3] *= alpha1;
+              }
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
+                           desc_sw128(kv + 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+          mbar_arrive(bar_p_empty);
+          ++pi;
+        }
+      }
+      mbar_arrive(bar_empty + stage * 8);  // this warpgroup no longer reads the stage
+    }
+
+    // ---- epilogue: WG0 owns the row statistics and publishes the output scale ----
+    constexpr float kLn2 = 0.6931471805599453f;
+    const bool split = pc.n_splits > 1;
+    float lse0 = 0.f, lse1 = 0.f;
+    if (wg == 0) {
+#pragma unroll
+      for (int o_ = 1; o_ <= 2; o_ *= 2) {
+        run_sum0 += __shfl_xor_sync(0xffffffffu, run_sum0, o_);
+        run_sum1 += __shfl_xor_sync(0xffffffffu, run_sum1, o_);
+      }
+      // A row with nothing attended: out 0; lse +inf when final, -inf as a partial (weight 0).
+      const float empty_lse = split ? -INFINITY : INFINITY;
+      lse0 = run_sum0 > 0.f ? (run_max0 + log2f(run_sum0)) * kLn2 : empty_lse;
+      lse1 = run_sum1 > 0.f ? (run_max1 + log2f(run_sum1)) * kLn2 : empty_lse;
+      float scale0 = run_sum0 > 0.f ? 1.f / run_sum0 : 0.f;
+      float scale1 = run_sum1 > 0.f ? 1.f / run_sum1 : 0.f;
+      if (!split && p.attn_sink != nullptr) {  // split requests get the sink in the combine
+        if (run_sum0 > 0.f && ok0) scale0 /= 1.f + __expf(p.attn_sink[head0] - lse0);
+        if (run_sum1 > 0.f && ok1) scale1 /= 1.f + __expf(p.attn_sink[head1] - lse1);
+      }
+      if (lane % 4 == 0) {
+        s_out_scale[row0] = scale0;
+        s_out_scale[row1] = scale1;
+      }
+    }
+    named_bar_sync(kBarEpilogue, 256);
+    const float scale0 = s_out_scale[row0], scale1 = s_out_scale[row1];
+    named_bar_sync(kBarEpilogue, 256);  // s_out_scale may be rewritten for the next request after this
+    const int col0 = wg * 256 + quad_col;
+    if (!split) {
+      T* out = reinterpret_cast<T*>(p.out);
+      T* dst0 = out + (((int64_t)r * p.s_q + t) * p.h_q + head0) * kDV + col0;
+      T* dst1 = out + (((int64_t)r * p.s_q + t) * p.h_q + head1) * kDV + col0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
+        if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
+      }
+      if (wg == 0 && lane % 4 == 0) {
+        if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t] = lse0;
+        if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t] = lse1;
+      }
+    } else {
+      // Scratch row of this piece: see mla_decode_cuda (rows never overlap between requests).
+      int row = 2 * (p.num_splits[r] - r) + pc.split_idx;
+      row = max(0, min(row, p.acc_rows - 1));
+      const int64_t m_total = (int64_t)p.s_q * p.h_q;
+      const int64_t m0 = (int64_t)t * p.h_q + head0, m1 = (int64_t)t * p.h_q + head1;
+      float* acc0 = p.oacc + ((int64_t)row * m_total + m0) * kDV + col0;
+      float* acc1 = p.oacc + ((int64_t)row * m_total + m1) * kDV + col0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        if (ok0) *reinterpret_cast<float2*>(acc0 + j * 8) = make_float2(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
+        if (ok1) *reinterpret_cast<float2*>(acc1 + j * 8) = make_float2(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
+      }
+      if (wg == 0 && lane % 4 == 0) {
+        if (ok0) p.lseacc[(int64_t)row * m_total + m0] = lse0;
+        if (ok1) p.lseacc[(int64_t)row * m_total + m1] = lse1;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t sbase = smem_addr(smem);
+  uint8_t* s_valid = smem + kOffValid;
+  const uint32_t bar_full = sbase + kOffBar;        // [2]
+  const uint32_t bar_empty = sbase + kOffBar + 16;  // [2]
+  const uint32_t bar_p_full = sbase + kOffBar + 32;
+  const uint32_t bar_p_empty = sbase + kOffBar + 40;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int part = blockIdx.x;
+  const int t = blockIdx.y;       // query token
+  const int mtile = blockIdx.z;   // heads [64 * mtile, 64 * mtile + 64)
+
+  const int* meta = p.metadata + part * 8;
+  const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
+  const int begin_split = meta[4];
+  if (begin_req > end_req || begin_req < 0) return;
+
+  if (tid == 0) {
+    mbar_init(bar_full, 128);
+    mbar_init(bar_full + 8, 128);
+    mbar_init(bar_empty, 256);
+    mbar_init(bar_empty + 8, 256);
+    mbar_init(bar_p_full, 128);
+    mbar_init(bar_p_empty, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 2) {
+    // ================================ producer ================================
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG2));
+    const int ptid = tid - 256;
+    const int lane = ptid % 32;
+    const int piece = lane / 8;                       // 16-byte piece of every 64-byte column group
+    const int row_base = (ptid / 32) * 8 + lane % 8;  // rows row_base and row_base + 32 of the chunk
+
+    // Cursor over the chunks of the partition, one chunk ahead of the one being written.
+    int cr = begin_req, cc = 0;
+    RequestWork cw{};
+    Piece cpc{};
+    auto enter = [&](int r) {
+      cw = request_work(p, r);
+      cpc = request_piece(p, r, begin_req, begin_tok, end_req, end_tok, begin_split, cw.total);
+      cc = cpc.start;
+    };
+    auto seek = [&]() {  // move to a chunk inside a non-empty piece, or past end_req
+      while (cr <= end_req && cc >= cpc.end) {
+        ++cr;
+        if (cr > end_req) break;
+        enter(cr);
+      }
+    };
+    // Slot index of row `row` of the cursor's chunk, or -1 when it is not attended.
+    auto slot_of = [&](int row, const uint8_t*& base, int64_t& bstride, int64_t& tstride, int& page) -> int {
+      const bool in_extra = cc >= cw.main_pad;
+      const SparseKVSource& src = in_extra ? p.extra : p.main;
+      const int j = (in_extra ? cc - cw.main_pad : cc) + row;
+      const int n = in_extra ? cw.n_extra : cw.n_main;
+      base = src.records;
+      bstride = src.block_stride;
+      tstride = src.token_stride;
+      page = src.page_size;
+      if (j >= n) return -1;
+      const int idx = src.indices[(int64_t)cr * src.indices_batch_stride + (int64_t)t * src.indices_seq_stride + j];
+      return (idx >= 0 && idx < src.num_slots) ? idx : -1;
+    };
+    struct RowSrc {
+      const uint8_t* rec;  // nullptr: skipped row
+    };
+    auto fetch_rows = [&](RowSrc (&rows)[2]) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint8_t* base;
+        int64_t bstride, tstride;
+        int page;
+        const int idx = slot_of(row_base + 32 * k, base, bstride, tstride, page);
+        rows[k].rec = idx < 0 ? nullptr : base + (int64_t)(idx / page) * bstride + (int64_t)(idx % page) * tstride;
+      }
+    };
+
+    enter(cr);
+    seek();
+    RowSrc next[2] = {{nullptr}, {nullptr}};
+    if (cr <= end_req) fetch_rows(next);
+    uint32_t g = 0;
+    while (cr <= end_req) {
+      RowSrc cur[2] = {next[0], next[1]};
+      // Issue every load of this chunk before waiting for a free stage.
+      uint4 lat[2][8];
+      uint4 scl[2];
+      uint4 rope[2][2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        if (cur[k].rec != nullptr) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) lat[k][i] = ld_nc_v4(cur[k].rec + i * 64 + piece * 16);
+          scl[k] = ld_nc_v4(cur[k].rec + kFp8ScaleOffset);
+          rope[k][0] = ld_nc_v4(cur[k].rec + kFp8RopeOffset + piece * 32);
+          rope[k][1] = ld_nc_v4(cur[k].rec + kFp8RopeOffset + piece * 32 + 16);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) lat[k][i] = make_uint4(0, 0, 0, 0);
+          scl[k] = make_uint4(0, 0, 0, 0);
+          rope[k][0] = rope[k][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      // Advance the cursor and read the next chunk's indices while the loads are in flight.
+      cc += kBlockN;
+      seek();
+      if (cr <= end_req) fetch_rows(next);
+
+      const int stage = g & 1;
+      mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
+      uint8_t* kv = smem + kOffKV + stage * kStageBytes;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int row = row_base + 32 * k;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float scale = __uint_as_float(i < 2 ? scl[k].x : i < 4 ? scl[k].y : i < 6 ? scl[k].z : scl[k].w);
+          const uint2 a = dequant4(lat[k][i].x, scale), b = dequant4(lat[k][i].y, scale);
+          const uint2 c = dequant4(lat[k][i].z, scale), d = dequant4(lat[k][i].w, scale);
+          *reinterpret_cast<uint4*>(kv + i * kTileBytes + swz(row, 2 * piece)) = make_uint4(a.x, a.y, b.x, b.y);
+          *reinterpret_cast<uint4*>(kv + i * kTileBytes + swz(row, 2 * piece + 1)) = make_uint4(c.x, c.y, d.x, d.y);
+        }
+        *reinterpret_cast<uint4*>(kv + 8 * kTileBytes + swz(row, 2 * piece)) = rope[k][0];
+        *reinterpret_cast<uint4*>(kv + 8 * kTileBytes + swz(row, 2 * piece + 1)) = rope[k][1];
+        if (piece == 0) s_valid[stage * 64 + row] = cur[k].rec != nullptr ? 1 : 0;
+      }
+      fence_proxy_async();
+      mbar_arrive(bar_full + stage * 8);
+      ++g;
+    }
+    return;
+  }
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
+    math_warpgroup<0>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+  } else {
+    math_warpgroup<1>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+  }
+}
+
+}  // namespace
+
+}  // namespace sparse
+
+void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
+  cudaFuncSetAttribute(sparse::sparse_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sparse::kSmemBytes);
+  dim3 grid(p.num_sm_parts, p.s_q, p.num_m_tiles);
+  sparse::sparse_decode_kernel<<<grid, sparse::kThreads, sparse::kSmemBytes, stream>>>(p);
+}
+
+}  // namespace sm90
+}  // namespace flashmla
