@@ -56,7 +56,7 @@ constexpr uint32_t kBarEpilogue = 2;  // WG0 + WG1 (256): per-row output scales
 
 // Register split: setmaxnreg only moves registers inside the CTA's launch allotment (3 x 168 per
 // thread slot), so the three budgets must sum to 504. WG0 holds O (128) and S (32).
-constexpr int kRegsWG0 = 224, kRegsWG1 = 168, kRegsWG2 = 112;
+constexpr int kRegsWG0 = 216, kRegsWG1 = 160, kRegsWG2 = 128;
 static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 
 __device__ __forceinline__ uint4 ld_nc_v4(const void* ptr) {
@@ -67,16 +67,24 @@ __device__ __forceinline__ uint4 ld_nc_v4(const void* ptr) {
   return v;
 }
 
-// 4 e4m3 values (one 32-bit word) * scale -> 4 bf16 (two 32-bit words). The product is rounded
-// once, in fp32, exactly like torch_flashmla.kv_cache.dequantize_kv_fp8.
-__device__ __forceinline__ uint2 dequant4(uint32_t fp8x4, float scale) {
-  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(fp8x4 & 0xFFFFu), __NV_E4M3);
-  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(fp8x4 >> 16), __NV_E4M3);
-  const float2 a = __half22float2(__half2(lo));
-  const float2 b = __half22float2(__half2(hi));
+// 4 e4m3 values (one 32-bit word) * scale -> 4 bf16 (two 32-bit words), without conversion
+// instructions (they issue at a quarter rate and would bound the producer): the e4m3 bits
+// s.eeee.mmm are moved into a bf16's fields (sign bit 15, exponent bits 7-10, mantissa bits 4-6),
+// which reads as value * 2^-120 (subnormals included); two exact bf16 multiplies by 2^120 and by the
+// scale follow. The product is exact for the power-of-two scales of the V3.2 format (then equal to
+// torch_flashmla.kv_cache.dequantize_kv_fp8); another scale is rounded to bf16 first. e4m3 NaN
+// (0x7F) reads as 480; a NaN tile still gives NaN through its NaN scale.
+__device__ __forceinline__ uint2 dequant4(uint32_t fp8x4, __nv_bfloat162 scale2) {
+  const __nv_bfloat162 two120 = __floats2bfloat162_rn(0x1p120f, 0x1p120f);
   uint2 r;
-  r.x = TypeOps<T>::pack(a.x * scale, a.y * scale);
-  r.y = TypeOps<T>::pack(b.x * scale, b.y * scale);
+  const uint32_t lo = __byte_perm(fp8x4, 0, 0x1404);  // byte 0 -> bits 8-15, byte 1 -> bits 24-31
+  const uint32_t hi = __byte_perm(fp8x4, 0, 0x3424);  // bytes 2, 3 likewise
+  const uint32_t blo = (lo & 0x80008000u) | ((lo >> 4) & 0x07F007F0u);
+  const uint32_t bhi = (hi & 0x80008000u) | ((hi >> 4) & 0x07F007F0u);
+  __nv_bfloat162 vlo = __hmul2(__hmul2(*reinterpret_cast<const __nv_bfloat162*>(&blo), two120), scale2);
+  __nv_bfloat162 vhi = __hmul2(__hmul2(*reinterpret_cast<const __nv_bfloat162*>(&bhi), two120), scale2);
+  r.x = *reinterpret_cast<uint32_t*>(&vlo);
+  r.y = *reinterpret_cast<uint32_t*>(&vhi);
   return r;
 }
 
@@ -119,7 +127,7 @@ __device__ __forceinline__ Piece request_piece(const SparseDecodeParams& p, int 
 
 // The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
 // Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
-template <int kWG>
+template <int kWG, int kDiag, int kCluster>
 __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint8_t* smem, int tid, int t, int mtile,
                                                int begin_req, int begin_tok, int end_req, int end_tok,
                                                int begin_split) {
@@ -132,6 +140,15 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   const uint32_t bar_empty = sbase + kOffBar + 16;
   const uint32_t bar_p_full = sbase + kOffBar + 32;
   const uint32_t bar_p_empty = sbase + kOffBar + 40;
+  // One arrival per warp (its wgmma reads are complete) on the stage's empty barrier of every CTA
+  // of the cluster: a producer refills a stage in both CTAs.
+  auto release_stage = [&](int stage) {
+    __syncwarp();
+    if (tid % 32 == 0) {
+      mbar_arrive(bar_empty + stage * 8);
+      if constexpr (kCluster == 2) mbar_arrive_cluster(mapa_shared(bar_empty + stage * 8, cluster_ctarank() ^ 1));
+    }
+  };
   const int wtid = tid % 128;
   const int warp = wtid / 32;
   const int lane = tid % 32;
@@ -183,7 +200,15 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
       const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
-      mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+      if constexpr (kCluster == 2) {
+        mbar_wait_cluster(bar_full + stage * 8, (g >> 1) & 1);
+      } else {
+        mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+      }
+      if constexpr (kDiag >= 2) {  // diagnostic: no math, only the producer's pace
+        release_stage(stage);
+        continue;
+      }
       if constexpr (wg == 0) {
         // ---- S = Q K^T over the 64 tokens of the chunk ----
         float s[32];
@@ -310,7 +335,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
           ++pi;
         }
       }
-      mbar_arrive(bar_empty + stage * 8);  // this warpgroup no longer reads the stage
+      release_stage(stage);  // this warpgroup no longer reads the stage
     }
 
     // ---- epilogue: WG0 owns the row statistics and publishes the output scale ----
@@ -376,11 +401,16 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   }
 }
 
+// kDiag (benchmark diagnostics only, wrong results): 2 = no math (the consumers only release the
+// stages), 3 = no math and no record loads (rows read as zeros).
+// kCluster = 2 (h_q > 64): the two head tiles of one query token form a cluster; each CTA's
+// producer gathers half of every chunk (32 rows) and writes it into both CTAs' shared memory, so
+// every record is loaded and converted once.
+template <int kDiag, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_addr(smem);
-  uint8_t* s_valid = smem + kOffValid;
   const uint32_t bar_full = sbase + kOffBar;        // [2]
   const uint32_t bar_empty = sbase + kOffBar + 16;  // [2]
   const uint32_t bar_p_full = sbase + kOffBar + 32;
@@ -395,28 +425,37 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   const int* meta = p.metadata + part * 8;
   const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
   const int begin_split = meta[4];
-  if (begin_req > end_req || begin_req < 0) return;
+  if (begin_req > end_req || begin_req < 0) return;  // the same for both CTAs of a cluster
 
   if (tid == 0) {
-    mbar_init(bar_full, 128);
-    mbar_init(bar_full + 8, 128);
-    mbar_init(bar_empty, 256);
-    mbar_init(bar_empty + 8, 256);
+    mbar_init(bar_full, 128 * kCluster);   // every producer thread of the cluster
+    mbar_init(bar_full + 8, 128 * kCluster);
+    mbar_init(bar_empty, 8 * kCluster);    // every math warp of the cluster
+    mbar_init(bar_empty + 8, 8 * kCluster);
     mbar_init(bar_p_full, 128);
     mbar_init(bar_p_empty, 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (kCluster == 2) {
+    cluster_sync();  // the peer's barriers are initialised before anyone arrives on them
+  } else {
+    __syncthreads();
+  }
 
   if (wg == 2) {
     // ================================ producer ================================
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG2));
+    constexpr int kRows = 2 / kCluster;  // rows of each chunk per thread
     const int ptid = tid - 256;
     const int lane = ptid % 32;
-    const int piece = lane / 8;                       // 16-byte piece of every 64-byte column group
-    const int row_base = (ptid / 32) * 8 + lane % 8;  // rows row_base and row_base + 32 of the chunk
+    const int piece = lane / 8;          // 16-byte piece of every 64-byte column group
+    const uint32_t rank = kCluster == 2 ? cluster_ctarank() : 0;
+    // Rows of this thread: row_base + 32 k (one CTA), or row_base + 32 * rank (cluster).
+    const int row_base = (ptid / 32) * 8 + lane % 8 + (kCluster == 2 ? 32 * static_cast<int>(rank) : 0);
 
-    // Cursor over the chunks of the partition, one chunk ahead of the one being written.
+    // Cursor over the chunks of the partition. The producer works three chunks deep: the indices
+    // of chunk g+2 are loaded, the records of chunk g+1 are prefetched into L2 (one bulk prefetch
+    // per record), and the records of chunk g are loaded into registers, converted and stored.
     int cr = begin_req, cc = 0;
     RequestWork cw{};
     Piece cpc{};
@@ -432,53 +471,79 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
         enter(cr);
       }
     };
-    // Slot index of row `row` of the cursor's chunk, or -1 when it is not attended.
-    auto slot_of = [&](int row, const uint8_t*& base, int64_t& bstride, int64_t& tstride, int& page) -> int {
-      const bool in_extra = cc >= cw.main_pad;
-      const SparseKVSource& src = in_extra ? p.extra : p.main;
-      const int j = (in_extra ? cc - cw.main_pad : cc) + row;
-      const int n = in_extra ? cw.n_extra : cw.n_main;
-      base = src.records;
-      bstride = src.block_stride;
-      tstride = src.token_stride;
-      page = src.page_size;
-      if (j >= n) return -1;
-      const int idx = src.indices[(int64_t)cr * src.indices_batch_stride + (int64_t)t * src.indices_seq_stride + j];
-      return (idx >= 0 && idx < src.num_slots) ? idx : -1;
+    // The raw indices of this thread's rows of the cursor's chunk (loads left in flight: the
+    // values are first used a chunk later); then the cursor moves on.
+    struct ChunkSlots {
+      int raw[kRows];  // -1 past topk_length (the index there is not read)
+      bool extra;
     };
-    struct RowSrc {
-      const uint8_t* rec;  // nullptr: skipped row
-    };
-    auto fetch_rows = [&](RowSrc (&rows)[2]) {
+    auto take_slots = [&]() {
+      ChunkSlots cs;
+      cs.extra = cc >= cw.main_pad;
+      const SparseKVSource& src = cs.extra ? p.extra : p.main;
+      const int j0 = (cs.extra ? cc - cw.main_pad : cc) + row_base;
+      const int n = cs.extra ? cw.n_extra : cw.n_main;
+      const int* ind = src.indices + (int64_t)cr * src.indices_batch_stride + (int64_t)t * src.indices_seq_stride;
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const uint8_t* base;
-        int64_t bstride, tstride;
-        int page;
-        const int idx = slot_of(row_base + 32 * k, base, bstride, tstride, page);
-        rows[k].rec = idx < 0 ? nullptr : base + (int64_t)(idx / page) * bstride + (int64_t)(idx % page) * tstride;
+      for (int k = 0; k < kRows; ++k) cs.raw[k] = j0 + 32 * k < n ? __ldg(ind + j0 + 32 * k) : -1;
+      cc += kBlockN;
+      seek();
+      return cs;
+    };
+    // Record addresses of the rows (nullptr: skipped row).
+    auto records_of = [&](const ChunkSlots& cs, const uint8_t* (&rec)[kRows]) {
+      const SparseKVSource& src = cs.extra ? p.extra : p.main;
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        const int idx = cs.raw[k];
+        const bool ok = idx >= 0 && idx < src.num_slots;
+        rec[k] = ok ? src.records + (int64_t)(idx / src.page_size) * src.block_stride +
+                          (int64_t)(idx % src.page_size) * src.token_stride
+                    : nullptr;
       }
+    };
+    auto prefetch_l2 = [&](const ChunkSlots& cs) {
+      const uint8_t* rec[kRows];
+      records_of(cs, rec);
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        if (piece == 0 && rec[k] != nullptr) {
+          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(rec[k]), "n"(kFp8RecordBytes) : "memory");
+        }
+      }
+    };
+    // A 16-byte store into this CTA's stage and, in a cluster, the peer's.
+    const uint32_t peer_offset = kCluster == 2 ? mapa_shared(sbase, rank ^ 1) - sbase : 0;
+    auto store16 = [&](uint32_t addr, const uint4& v) {
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                   : "memory");
+      if constexpr (kCluster == 2) st_cluster_v4(addr + peer_offset, v);
     };
 
     enter(cr);
     seek();
-    RowSrc next[2] = {{nullptr}, {nullptr}};
-    if (cr <= end_req) fetch_rows(next);
+    ChunkSlots s0{}, s1{};
+    bool has0 = cr <= end_req;
+    if (has0) s0 = take_slots();
+    bool has1 = cr <= end_req;
+    if (has1) s1 = take_slots();
+    if (has0) prefetch_l2(s0);
     uint32_t g = 0;
-    while (cr <= end_req) {
-      RowSrc cur[2] = {next[0], next[1]};
+    while (has0) {
+      const uint8_t* rec[kRows];
+      records_of(s0, rec);
       // Issue every load of this chunk before waiting for a free stage.
-      uint4 lat[2][8];
-      uint4 scl[2];
-      uint4 rope[2][2];
+      uint4 lat[kRows][8];
+      uint4 scl[kRows];
+      uint4 rope[kRows][2];
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        if (cur[k].rec != nullptr) {
+      for (int k = 0; k < kRows; ++k) {
+        if (kDiag != 3 && rec[k] != nullptr) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) lat[k][i] = ld_nc_v4(cur[k].rec + i * 64 + piece * 16);
-          scl[k] = ld_nc_v4(cur[k].rec + kFp8ScaleOffset);
-          rope[k][0] = ld_nc_v4(cur[k].rec + kFp8RopeOffset + piece * 32);
-          rope[k][1] = ld_nc_v4(cur[k].rec + kFp8RopeOffset + piece * 32 + 16);
+          for (int i = 0; i < 8; ++i) lat[k][i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
+          scl[k] = ld_nc_v4(rec[k] + kFp8ScaleOffset);
+          rope[k][0] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32);
+          rope[k][1] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32 + 16);
         } else {
 #pragma unroll
           for (int i = 0; i < 8; ++i) lat[k][i] = make_uint4(0, 0, 0, 0);
@@ -486,52 +551,105 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
           rope[k][0] = rope[k][1] = make_uint4(0, 0, 0, 0);
         }
       }
-      // Advance the cursor and read the next chunk's indices while the loads are in flight.
-      cc += kBlockN;
-      seek();
-      if (cr <= end_req) fetch_rows(next);
+      if (has1) prefetch_l2(s1);
+      ChunkSlots s2{};
+      const bool has2 = cr <= end_req;
+      if (has2) s2 = take_slots();
 
       const int stage = g & 1;
-      mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
-      uint8_t* kv = smem + kOffKV + stage * kStageBytes;
+      if constexpr (kCluster == 2) {
+        mbar_wait_cluster(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
+      } else {
+        mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
+      }
+      const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
+      for (int k = 0; k < kRows; ++k) {
         const int row = row_base + 32 * k;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const float scale = __uint_as_float(i < 2 ? scl[k].x : i < 4 ? scl[k].y : i < 6 ? scl[k].z : scl[k].w);
+          const float scale_f = __uint_as_float(i < 2 ? scl[k].x : i < 4 ? scl[k].y : i < 6 ? scl[k].z : scl[k].w);
+          const __nv_bfloat162 scale = __floats2bfloat162_rn(scale_f, scale_f);
           const uint2 a = dequant4(lat[k][i].x, scale), b = dequant4(lat[k][i].y, scale);
           const uint2 c = dequant4(lat[k][i].z, scale), d = dequant4(lat[k][i].w, scale);
-          *reinterpret_cast<uint4*>(kv + i * kTileBytes + swz(row, 2 * piece)) = make_uint4(a.x, a.y, b.x, b.y);
-          *reinterpret_cast<uint4*>(kv + i * kTileBytes + swz(row, 2 * piece + 1)) = make_uint4(c.x, c.y, d.x, d.y);
+          store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
+          store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
         }
-        *reinterpret_cast<uint4*>(kv + 8 * kTileBytes + swz(row, 2 * piece)) = rope[k][0];
-        *reinterpret_cast<uint4*>(kv + 8 * kTileBytes + swz(row, 2 * piece + 1)) = rope[k][1];
-        if (piece == 0) s_valid[stage * 64 + row] = cur[k].rec != nullptr ? 1 : 0;
+        store16(kv + 8 * kTileBytes + swz(row, 2 * piece), rope[k][0]);
+        store16(kv + 8 * kTileBytes + swz(row, 2 * piece + 1), rope[k][1]);
+        if (piece == 0) {
+          const uint32_t flag = rec[k] != nullptr ? 1 : 0;
+          const uint32_t vaddr = sbase + kOffValid + stage * 64 + row;
+          asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
+          if constexpr (kCluster == 2) st_cluster_u8(vaddr + peer_offset, flag);
+        }
       }
-      fence_proxy_async();
-      mbar_arrive(bar_full + stage * 8);
+      if constexpr (kCluster == 2) {
+        fence_proxy_async_all();
+        mbar_arrive(bar_full + stage * 8);
+        mbar_arrive_cluster(bar_full + stage * 8 + peer_offset);
+      } else {
+        fence_proxy_async();
+        mbar_arrive(bar_full + stage * 8);
+      }
       ++g;
+      s0 = s1;
+      has0 = has1;
+      s1 = s2;
+      has1 = has2;
     }
-    return;
-  }
-
-  if (wg == 0) {
+  } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
-    math_warpgroup<0>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<0, kDiag, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   } else {
-    math_warpgroup<1>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
+    math_warpgroup<1, kDiag, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   }
+  // The peer may still store into this CTA's shared memory or arrive on its barriers until it is done.
+  if constexpr (kCluster == 2) cluster_sync();
 }
 
 }  // namespace
 
 }  // namespace sparse
 
-void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
-  cudaFuncSetAttribute(sparse::sparse_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sparse::kSmemBytes);
-  dim3 grid(p.num_sm_parts, p.s_q, p.num_m_tiles);
-  sparse::sparse_decode_kernel<<<grid, sparse::kThreads, sparse::kSmemBytes, stream>>>(p);
+namespace {
+template <int kDiag, int kCluster>
+void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
+  auto kernel = sparse::sparse_decode_kernel<kDiag, kCluster>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sparse::kSmemBytes);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.num_sm_parts, p.s_q, p.num_m_tiles);
+  config.blockDim = dim3(sparse::kThreads, 1, 1);
+  config.dynamicSmemBytes = sparse::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = kCluster;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, p);
+}
+template <int kDiag>
+void launch_diag(const SparseDecodeParams& p, cudaStream_t stream) {
+  if (p.num_m_tiles == 2) {
+    launch_kernel<kDiag, 2>(p, stream);
+  } else {
+    launch_kernel<kDiag, 1>(p, stream);
+  }
+}
+}  // namespace
+
+void launch_sparse_decode(const SparseDecodeParams& p, int diag, cudaStream_t stream) {
+  if (diag == 2) {
+    launch_diag<2>(p, stream);
+  } else if (diag == 3) {
+    launch_diag<3>(p, stream);
+  } else {
+    launch_diag<0>(p, stream);
+  }
 }
 
 }  // namespace sm90
