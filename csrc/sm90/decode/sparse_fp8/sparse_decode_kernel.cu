@@ -41,11 +41,12 @@ constexpr int kPreciseMaxLen = 1024;
 constexpr int kTileBytes = 64 * 128;  // 64 rows x 64 bf16
 constexpr int kNumColTiles = kDQK / 64;
 constexpr int kStageBytes = kNumColTiles * kTileBytes;
+constexpr int kStageRowBytes = kDQK * 2 + 4;  // bytes written per row of a stage: bf16 values + flag
 constexpr int kOffQ = 0;
 constexpr int kOffKV = kOffQ + kStageBytes;
 constexpr int kOffP = kOffKV + 2 * kStageBytes;
-constexpr int kOffValid = kOffP + kTileBytes;      // uint8 [2][64]
-constexpr int kOffAlpha = kOffValid + 2 * 64;      // float [64]: WG0's rescale factors of the chunk
+constexpr int kOffValid = kOffP + kTileBytes;      // uint32 [2][64]: row flags of each stage
+constexpr int kOffAlpha = kOffValid + 2 * 64 * 4;      // float [64]: WG0's rescale factors of the chunk
 constexpr int kOffOutScale = kOffAlpha + 64 * 4;   // float [64]: 1 / row sum (x sink factor) of the request
 constexpr int kOffBar = kOffOutScale + 64 * 4;     // uint64: full[2], empty[2], p_full, p_empty
 constexpr int kSmemBytes = kOffBar + 6 * 8 + 1024;  // + slack for 1024-byte alignment
@@ -133,7 +134,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
                                                int begin_split) {
   constexpr int wg = kWG;
   const uint32_t sbase = smem_addr(smem);
-  uint8_t* s_valid = smem + kOffValid;
+  const uint32_t* s_valid = reinterpret_cast<const uint32_t*>(smem + kOffValid);
   float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
   float* s_out_scale = reinterpret_cast<float*>(smem + kOffOutScale);
   const uint32_t bar_full = sbase + kOffBar;
@@ -146,7 +147,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
     __syncwarp();
     if (tid % 32 == 0) {
       mbar_arrive(bar_empty + stage * 8);
-      if constexpr (kCluster == 2) mbar_arrive_cluster(mapa_shared(bar_empty + stage * 8, cluster_ctarank() ^ 1));
+      if constexpr (kCluster == 2) mbar_arrive_cluster_relaxed(mapa_shared(bar_empty + stage * 8, cluster_ctarank() ^ 1));
     }
   };
   const int wtid = tid % 128;
@@ -200,11 +201,8 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
       const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
-      if constexpr (kCluster == 2) {
-        mbar_wait_cluster(bar_full + stage * 8, (g >> 1) & 1);
-      } else {
-        mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
-      }
+      mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+      fence_proxy_async();  // the producer's st.async data -> this warpgroup's wgmma reads
       if constexpr (kDiag >= 2) {  // diagnostic: no math, only the producer's pace
         release_stage(stage);
         continue;
@@ -225,14 +223,14 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
 #pragma unroll
         for (int i = 0; i < 32; ++i) fence_operand(s[i]);
         // ---- masked online softmax (log2 domain) ----
-        const uint8_t* valid = s_valid + stage * 64;
+        const uint32_t* valid = s_valid + stage * 64;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const uint16_t v2 = *reinterpret_cast<const uint16_t*>(valid + j * 8 + quad_col);
+          const uint2 v2 = *reinterpret_cast<const uint2*>(valid + j * 8 + quad_col);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const bool v = (v2 >> (8 * e)) & 1;
+            const bool v = (e == 0 ? v2.x : v2.y) != 0;
             s[j * 4 + e] = v ? s[j * 4 + e] * p.scale_log2 : -INFINITY;
             s[j * 4 + 2 + e] = v ? s[j * 4 + 2 + e] * p.scale_log2 : -INFINITY;
             mx0 = fmaxf(mx0, s[j * 4 + e]);
@@ -428,8 +426,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   if (begin_req > end_req || begin_req < 0) return;  // the same for both CTAs of a cluster
 
   if (tid == 0) {
-    mbar_init(bar_full, 128 * kCluster);   // every producer thread of the cluster
-    mbar_init(bar_full + 8, 128 * kCluster);
+    mbar_init(bar_full, 128);   // this CTA's producer threads (+ the peer's rows as st.async bytes)
+    mbar_init(bar_full + 8, 128);
     mbar_init(bar_empty, 8 * kCluster);    // every math warp of the cluster
     mbar_init(bar_empty + 8, 8 * kCluster);
     mbar_init(bar_p_full, 128);
@@ -453,9 +451,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     // Rows of this thread: row_base + 32 k (one CTA), or row_base + 32 * rank (cluster).
     const int row_base = (ptid / 32) * 8 + lane % 8 + (kCluster == 2 ? 32 * static_cast<int>(rank) : 0);
 
-    // Cursor over the chunks of the partition. The producer works three chunks deep: the indices
-    // of chunk g+2 are loaded, the records of chunk g+1 are prefetched into L2 (one bulk prefetch
-    // per record), and the records of chunk g are loaded into registers, converted and stored.
+    // Cursor over the chunks of the partition (see the pipeline below).
     int cr = begin_req, cc = 0;
     RequestWork cw{};
     Piece cpc{};
@@ -512,91 +508,124 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
         }
       }
     };
-    // A 16-byte store into this CTA's stage and, in a cluster, the peer's.
+    // A 16-byte store into this CTA's stage and, in a cluster, an st.async into the peer's (it
+    // lands as transaction bytes on the peer's full barrier).
     const uint32_t peer_offset = kCluster == 2 ? mapa_shared(sbase, rank ^ 1) - sbase : 0;
+    uint32_t full_bar = 0;  // full barrier of the stage being written (this CTA's shared address)
     auto store16 = [&](uint32_t addr, const uint4& v) {
       asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                    : "memory");
-      if constexpr (kCluster == 2) st_cluster_v4(addr + peer_offset, v);
+      if constexpr (kCluster == 2) st_async_v4(addr + peer_offset, v, full_bar + peer_offset);
     };
 
-    enter(cr);
-    seek();
-    ChunkSlots s0{}, s1{};
-    bool has0 = cr <= end_req;
-    if (has0) s0 = take_slots();
-    bool has1 = cr <= end_req;
-    if (has1) s1 = take_slots();
-    if (has0) prefetch_l2(s0);
-    uint32_t g = 0;
-    while (has0) {
-      const uint8_t* rec[kRows];
-      records_of(s0, rec);
-      // Issue every load of this chunk before waiting for a free stage.
+    // Registers of one chunk's records for this thread's rows.
+    struct ChunkLoads {
       uint4 lat[kRows][8];
       uint4 scl[kRows];
       uint4 rope[kRows][2];
+      bool valid[kRows];
+    };
+    auto issue_loads = [&](const ChunkSlots& cs, ChunkLoads& L) {
+      const uint8_t* rec[kRows];
+      records_of(cs, rec);
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
+        L.valid[k] = rec[k] != nullptr;
         if (kDiag != 3 && rec[k] != nullptr) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) lat[k][i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
-          scl[k] = ld_nc_v4(rec[k] + kFp8ScaleOffset);
-          rope[k][0] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32);
-          rope[k][1] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32 + 16);
+          for (int i = 0; i < 8; ++i) L.lat[k][i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
+          L.scl[k] = ld_nc_v4(rec[k] + kFp8ScaleOffset);
+          L.rope[k][0] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32);
+          L.rope[k][1] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32 + 16);
         } else {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) lat[k][i] = make_uint4(0, 0, 0, 0);
-          scl[k] = make_uint4(0, 0, 0, 0);
-          rope[k][0] = rope[k][1] = make_uint4(0, 0, 0, 0);
+          for (int i = 0; i < 8; ++i) L.lat[k][i] = make_uint4(0, 0, 0, 0);
+          L.scl[k] = make_uint4(0, 0, 0, 0);
+          L.rope[k][0] = L.rope[k][1] = make_uint4(0, 0, 0, 0);
         }
       }
-      if (has1) prefetch_l2(s1);
-      ChunkSlots s2{};
-      const bool has2 = cr <= end_req;
-      if (has2) s2 = take_slots();
-
+    };
+    // Wait for a free stage, dequantize chunk g into it (and the peer's), signal it full.
+    auto write_chunk = [&](uint32_t g, const ChunkLoads& L) {
       const int stage = g & 1;
-      if constexpr (kCluster == 2) {
-        mbar_wait_cluster(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
-      } else {
-        mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
-      }
+      mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
+      full_bar = bar_full + stage * 8;
       const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
         const int row = row_base + 32 * k;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const float scale_f = __uint_as_float(i < 2 ? scl[k].x : i < 4 ? scl[k].y : i < 6 ? scl[k].z : scl[k].w);
+          const float scale_f = __uint_as_float(i < 2 ? L.scl[k].x : i < 4 ? L.scl[k].y : i < 6 ? L.scl[k].z : L.scl[k].w);
           const __nv_bfloat162 scale = __floats2bfloat162_rn(scale_f, scale_f);
-          const uint2 a = dequant4(lat[k][i].x, scale), b = dequant4(lat[k][i].y, scale);
-          const uint2 c = dequant4(lat[k][i].z, scale), d = dequant4(lat[k][i].w, scale);
+          const uint2 a = dequant4(L.lat[k][i].x, scale), b = dequant4(L.lat[k][i].y, scale);
+          const uint2 c = dequant4(L.lat[k][i].z, scale), d = dequant4(L.lat[k][i].w, scale);
           store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
           store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
         }
-        store16(kv + 8 * kTileBytes + swz(row, 2 * piece), rope[k][0]);
-        store16(kv + 8 * kTileBytes + swz(row, 2 * piece + 1), rope[k][1]);
+        store16(kv + 8 * kTileBytes + swz(row, 2 * piece), L.rope[k][0]);
+        store16(kv + 8 * kTileBytes + swz(row, 2 * piece + 1), L.rope[k][1]);
         if (piece == 0) {
-          const uint32_t flag = rec[k] != nullptr ? 1 : 0;
-          const uint32_t vaddr = sbase + kOffValid + stage * 64 + row;
-          asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
-          if constexpr (kCluster == 2) st_cluster_u8(vaddr + peer_offset, flag);
+          const uint32_t flag = L.valid[k] ? 1 : 0;
+          const uint32_t vaddr = sbase + kOffValid + (stage * 64 + row) * 4;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
+          if constexpr (kCluster == 2) st_async_b32(vaddr + peer_offset, flag, full_bar + peer_offset);
         }
       }
-      if constexpr (kCluster == 2) {
-        fence_proxy_async_all();
-        mbar_arrive(bar_full + stage * 8);
-        mbar_arrive_cluster(bar_full + stage * 8 + peer_offset);
+      // Local rows: generic stores, made visible to wgmma by the proxy fence and the release of
+      // the arrival. The peer's rows land as st.async transaction bytes, announced by thread 0.
+      fence_proxy_async();
+      if (kCluster == 2 && ptid == 0) {
+        mbar_expect_tx(full_bar, (kBlockN / 2) * kStageRowBytes);
       } else {
-        fence_proxy_async();
-        mbar_arrive(bar_full + stage * 8);
+        mbar_arrive(full_bar);
       }
-      ++g;
-      s0 = s1;
-      has0 = has1;
-      s1 = s2;
-      has1 = has2;
+    };
+
+    // Indices are read two chunks ahead of the register loads; records are prefetched into L2 one
+    // chunk ahead of them. With one row per thread (cluster) the registers hold two chunks, so
+    // the loads of chunk g+1 are in flight while chunk g is converted.
+    enter(cr);
+    seek();
+    ChunkSlots q0{}, q1{}, q2{};
+    bool has0 = cr <= end_req;
+    if (has0) q0 = take_slots();
+    bool has1 = cr <= end_req;
+    if (has1) q1 = take_slots();
+    bool has2 = cr <= end_req;
+    if (has2) q2 = take_slots();
+    if (has0) prefetch_l2(q0);
+    uint32_t g = 0;
+    if constexpr (kCluster == 2) {
+      ChunkLoads cur;
+      if (has0) issue_loads(q0, cur);
+      if (has1) prefetch_l2(q1);
+      while (has0) {
+        ChunkLoads nxt;
+        if (has1) issue_loads(q1, nxt);
+        if (has2) prefetch_l2(q2);
+        ChunkSlots q3{};
+        const bool has3 = cr <= end_req;
+        if (has3) q3 = take_slots();
+        write_chunk(g, cur);
+        ++g;
+        cur = nxt;
+        q0 = q1, q1 = q2, q2 = q3;
+        has0 = has1, has1 = has2, has2 = has3;
+      }
+    } else {
+      while (has0) {
+        ChunkLoads cur;
+        issue_loads(q0, cur);
+        if (has1) prefetch_l2(q1);
+        ChunkSlots q3{};
+        const bool has3 = cr <= end_req;
+        if (has3) q3 = take_slots();
+        write_chunk(g, cur);
+        ++g;
+        q0 = q1, q1 = q2, q2 = q3;
+        has0 = has1, has1 = has2, has2 = has3;
+      }
     }
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
