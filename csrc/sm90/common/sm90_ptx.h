@@ -121,30 +121,6 @@ __device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
   return r;
 }
-__device__ __forceinline__ void st_cluster_v4(uint32_t addr, const uint4& v) {
-  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
-}
-__device__ __forceinline__ void st_cluster_u8(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared::cluster.u8 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-// Arrive on an mbarrier of any CTA of the cluster (shared::cluster address), releasing at cluster scope.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar_cluster_addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar_cluster_addr) : "memory");
-}
-// Wait for a phase whose arrivals may come from other CTAs of the cluster.
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
 // Asynchronous stores into shared memory of any CTA of the cluster (shared::cluster addresses),
 // counted as transaction bytes on that CTA's mbarrier: no fence or release on the writer's side.
 __device__ __forceinline__ void st_async_v4(uint32_t addr, const uint4& v, uint32_t bar) {
@@ -156,16 +132,11 @@ __device__ __forceinline__ void st_async_b32(uint32_t addr, uint32_t v, uint32_t
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(addr), "r"(v), "r"(bar)
                : "memory");
 }
-// Arrive (and announce `bytes` of transactions) without ordering this thread's earlier memory
-// operations: a release here would wait for the thread's in-flight global loads.
-__device__ __forceinline__ void mbar_arrive_expect_tx_relaxed(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.relaxed.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
+// Arrive on a peer CTA's mbarrier without ordering this thread's memory operations (a release at
+// cluster scope costs a GPU-wide memory barrier; the arrivals that use this publish no data).
 __device__ __forceinline__ void mbar_arrive_cluster_relaxed(uint32_t bar_cluster_addr) {
   asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar_cluster_addr) : "memory");
 }
-// Generic-proxy writes (local or remote shared memory) -> later async-proxy reads (wgmma).
-__device__ __forceinline__ void fence_proxy_async_all() { asm volatile("fence.proxy.async;\n" ::: "memory"); }
 
 }  // namespace sm90
 }  // namespace flashmla

@@ -3,19 +3,25 @@
 // One CTA = (SM partition of the plan, query token t, 64-head tile). Every request of the
 // partition is walked in 64-token chunks of its index list: first the main cache's indices
 // (topk_length of them, padded up to a chunk), then the extra cache's, in one softmax.
+// With h_q > 64 the two head tiles of a token form a cluster of two CTAs that share the gather:
+// each CTA's producer handles 32 rows of every chunk and writes them into both CTAs.
 //
 // Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
-//   WG2 (producer): per chunk, reads the 64 indices, gathers the 656-byte records with 16-byte
-//       loads (issued before it waits for a free stage), dequantizes e4m3 * scale to bf16 and
-//       writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that wgmma
-//       reads (rows of skipped indices are zero, so masked probabilities never meet NaN), with one
-//       valid flag per row. Two stages, on full/empty mbarriers.
+//   WG2 (producer): per chunk, gathers the 656-byte records with 16-byte loads (indices read two
+//       chunks ahead, records prefetched into L2 one chunk ahead, and in clusters the loads of
+//       the next chunk in flight while this one is converted), dequantizes e4m3 * scale to bf16
+//       and writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that
+//       wgmma reads (rows of skipped indices are zero, so masked probabilities never meet NaN),
+//       with one valid flag per row. Local rows: st.shared + proxy fence + arrive; the peer's
+//       rows: st.async, counted as transaction bytes on the peer's full barrier. Two stages, on
+//       full/empty mbarriers (a stage is empty when the math warps of both CTAs are done with it).
 //   WG0: S = Q K^T (m64n64k16 x 36), masked online softmax, P (bf16) -> shared memory, then its half
 //       of O += P V (columns 0..255).
 //   WG1: the other half of O += P V (columns 256..511), rescaled by WG0's factors.
 // P is handed from WG0 to WG1 through one shared-memory tile on the p_full / p_empty mbarriers,
 // so WG0 computes S of chunk g+1 while WG1 still multiplies chunk g. Requests attending to at most
 // kPreciseMaxLen tokens add a second PV term with P's rounding residue (as the dense kernel does).
+// Measured history and the open bottleneck: benchmarks/NOTES_sparse_decode.md.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
