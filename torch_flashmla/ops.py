@@ -38,7 +38,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
 
     Args:
         cache_seqlens: [b] int32, tokens per request (for sparse decode: ``topk_length``, or a
-            tensor filled with ``topk``).
+            tensor filled with ``topk``, plus ``extra_topk_length`` with an extra cache). The
+            sparse kernel attends to every token whatever lengths were planned (the last piece of
+            a request runs to its end); other lengths only balance the work worse.
         num_q_tokens_per_head_k: ``s_q * h_q // h_kv``.
         num_heads_k: h_kv. num_heads_q: h_q (default ``num_q_tokens_per_head_k * h_kv``, i.e. s_q = 1).
         is_fp8_kvcache, topk: the cache format and top-k of sparse decode (``topk=None``: dense).
