@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 import torch_flashmla
+from bench_timing import graph_time_us
 
 D_QK, D_V = 576, 512
 DEV = torch.device("cuda")
@@ -48,28 +48,6 @@ def inputs(b, s_q, s_k, h_q, h_kv=1, page_size=64, dtype=torch.bfloat16, l2_page
     return q, cache, table, lens
 
 
-def graph_time_us(fn, iters=30, reps=5):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / iters)
-    return statistics.median(times), min(times), max(times)
 
 
 def naive_decode(q, cache, table, lens, scale):

@@ -45,6 +45,7 @@ import torch
 import torch_flashmla
 from torch_flashmla import kv_cache as kvc
 from torch_flashmla import reference
+from bench_timing import graph_time_us
 
 D_QK, D_V, RECORD = kvc.D_QK, kvc.D_V, kvc.FP8_RECORD_BYTES   # 576, 512, 656
 PAGE = 64
@@ -154,31 +155,6 @@ def graph_iters(fn, budget_us: float = 30000.0, lo: int = 3, hi: int = 30) -> in
     return int(max(lo, min(hi, budget_us // max(est, 1.0))))
 
 
-def graph_time_us(fn, iters: int = 30, reps: int = 5):
-    """``iters`` calls captured in one CUDA graph; (median, min, max) per-call microseconds over
-    ``reps`` replays (as in bench_decode.py)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / iters)
-    del graph
-    return statistics.median(times), min(times), max(times)
 
 
 def time_us(fn, use_graph: bool, eager_iters: int = 3):

@@ -21,12 +21,9 @@ from torch_flashmla import reference  # noqa: E402
 from torch_flashmla import _registration  # noqa: E402
 from torch_flashmla.testing import capture_cuda_graph  # noqa: E402
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-if torch.cuda.get_device_capability() != (9, 0):
-    pytest.skip("the kernels are built for sm_90a", allow_module_level=True)
-if _registration.sm90_kernel("mla_decode") is None:
-    pytest.skip("torch_flashmla was built without the SM90 kernels (FLASHMLA_BUILD_CUDA=1)", allow_module_level=True)
+from sm90 import require_sm90_kernel  # noqa: E402
+
+require_sm90_kernel("mla_decode")
 
 DEV = torch.device("cuda")
 D_QK, D_V = 576, 512

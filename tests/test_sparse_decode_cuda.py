@@ -28,12 +28,9 @@ from torch_flashmla import _registration  # noqa: E402
 from torch_flashmla import kv_cache as kvc  # noqa: E402
 from torch_flashmla.testing import SparseDecodeCase, capture_cuda_graph, sparse_decode_inputs  # noqa: E402
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-if torch.cuda.get_device_capability() != (9, 0):
-    pytest.skip("the kernels are built for sm_90a", allow_module_level=True)
-if _registration.sm90_kernel("sparse_mla_decode") is None:
-    pytest.skip("torch_flashmla was built without the SM90 sparse decode kernel", allow_module_level=True)
+from sm90 import require_sm90_kernel  # noqa: E402
+
+require_sm90_kernel("sparse_mla_decode")
 
 DEV = torch.device("cuda")
 D_QK, D_V = 576, 512

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "api/decode_api.h"
 #include "common/decode_common.h"
 #include "sm90/decode/dense/dense_decode.h"
 
@@ -124,20 +125,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
               "mla_decode: block_table must be int32 [b, max_blocks]");
   TORCH_CHECK(cache_seqlens_in.scalar_type() == at::kInt && cache_seqlens_in.numel() == b,
               "mla_decode: cache_seqlens must be int32 [b]");
-  TORCH_CHECK(tile_scheduler_metadata_in.scalar_type() == at::kInt && tile_scheduler_metadata_in.dim() == 2 &&
-                  tile_scheduler_metadata_in.size(1) == fc::kMetadataWidth,
-              "mla_decode: tile_scheduler_metadata must be int32 [num_sm_parts, 8]");
-  TORCH_CHECK(num_splits_in.scalar_type() == at::kInt && num_splits_in.numel() == b + 1,
-              "mla_decode: num_splits must be int32 [b + 1]");
+  flashmla::api::check_plan("mla_decode", tile_scheduler_metadata_in, num_splits_in, b);
 
   c10::cuda::CUDAGuard guard(q_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor q = q_in;
-  if (q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
-      reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
-    q = q.contiguous();
-  }
+  const at::Tensor q = flashmla::api::q_for_kernel(q_in);
   at::Tensor block_table = block_table_in.stride(1) == 1 ? block_table_in : block_table_in.contiguous();
   at::Tensor seqlens = cache_seqlens_in.contiguous().view({b});
   at::Tensor metadata = tile_scheduler_metadata_in.contiguous();
@@ -197,22 +190,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  fc::CombineParams cp{};
-  cp.oacc = p.oacc;
-  cp.lseacc = p.lseacc;
-  cp.num_splits = p.num_splits;
-  cp.out = p.out;
-  cp.lse = p.lse;
-  cp.attn_sink = nullptr;
-  cp.b = p.b;
-  cp.s_q = p.s_q;
-  cp.h_q = p.h_q;
-  cp.h_kv = p.h_kv;
-  cp.group = p.group;
-  cp.m_total = p.m_total;
-  cp.acc_rows = p.acc_rows;
-  fc::launch_combine(cp, bf16, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  flashmla::api::combine_splits(oacc, lseacc, num_splits, out, lse, /*attn_sink=*/nullptr, h_kv, stream);
   return {out, lse};
 }
 

@@ -13,13 +13,13 @@
 #include <cstdlib>
 #include <vector>
 
+#include "api/decode_api.h"
 #include "common/decode_common.h"
 #include "sm90/decode/sparse_fp8/sparse_decode.h"
 
 namespace {
 
 namespace fs = flashmla::sm90;
-namespace fc = flashmla::common;
 
 constexpr int64_t kDQK = 576, kDV = 512, kBlockM = 64;
 
@@ -88,22 +88,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
               "sparse_mla_decode: q must be a bf16 CUDA tensor [b, s_q, h_q, 576]");
   TORCH_CHECK(head_dim_v == kDV, "sparse_mla_decode: head_dim_v must be 512");
   const int64_t b = q_in.size(0), s_q = q_in.size(1), h_q = q_in.size(2);
-  TORCH_CHECK(tile_scheduler_metadata_in.scalar_type() == at::kInt && tile_scheduler_metadata_in.dim() == 2 &&
-                  tile_scheduler_metadata_in.size(1) == fc::kMetadataWidth,
-              "sparse_mla_decode: tile_scheduler_metadata must be int32 [num_sm_parts, 8]");
-  TORCH_CHECK(num_splits_in.scalar_type() == at::kInt && num_splits_in.numel() == b + 1,
-              "sparse_mla_decode: num_splits must be int32 [b + 1]");
+  flashmla::api::check_plan("sparse_mla_decode", tile_scheduler_metadata_in, num_splits_in, b);
   TORCH_CHECK(extra_kv_cache.has_value() == extra_indices.has_value(),
               "sparse_mla_decode: extra_kv_cache and extra_indices come together");
 
   c10::cuda::CUDAGuard guard(q_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor q = q_in;
-  if (q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
-      reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
-    q = q.contiguous();
-  }
+  const at::Tensor q = flashmla::api::q_for_kernel(q_in);
   std::vector<at::Tensor> keep;
   fs::SparseDecodeParams p{};
   p.main = make_source("kv_cache", kv_cache, indices, topk_length, b, s_q, keep);
@@ -154,22 +146,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   fs::launch_sparse_decode(p, diagnostic_mode(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  fc::CombineParams cp{};
-  cp.oacc = p.oacc;
-  cp.lseacc = p.lseacc;
-  cp.num_splits = p.num_splits;
-  cp.out = p.out;
-  cp.lse = p.lse;
-  cp.attn_sink = p.attn_sink;
-  cp.b = p.b;
-  cp.s_q = p.s_q;
-  cp.h_q = p.h_q;
-  cp.h_kv = 1;
-  cp.group = p.h_q;
-  cp.m_total = static_cast<int>(m_total);
-  cp.acc_rows = p.acc_rows;
-  fc::launch_combine(cp, /*is_bf16=*/true, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  flashmla::api::combine_splits(oacc, lseacc, num_splits, out, lse, p.attn_sink, /*h_kv=*/1, stream);
   return {out, lse};
 }
 

@@ -1,0 +1,56 @@
+// Host-side pieces shared by the decode entry points (dense_decode_cuda.cpp, sparse_decode_cuda.cpp).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+
+#include "common/decode_common.h"
+
+namespace flashmla {
+namespace api {
+
+// The plan of a decode call: tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1].
+inline void check_plan(const char* op, const at::Tensor& metadata, const at::Tensor& num_splits, int64_t b) {
+  TORCH_CHECK(metadata.scalar_type() == at::kInt && metadata.dim() == 2 && metadata.size(1) == common::kMetadataWidth,
+              op, ": tile_scheduler_metadata must be int32 [num_sm_parts, 8]");
+  TORCH_CHECK(num_splits.scalar_type() == at::kInt && num_splits.numel() == b + 1, op,
+              ": num_splits must be int32 [b + 1]");
+}
+
+// q [b, s_q, h_q, 576] as the kernels load it with 16-byte cp.async: contiguous last dim, every
+// row 16-byte aligned (a copy otherwise).
+inline at::Tensor q_for_kernel(const at::Tensor& q) {
+  if (q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
+    return q.contiguous();
+  }
+  return q;
+}
+
+// Merges the split partials oacc [acc_rows, h_kv, m_total, 512] / lseacc [acc_rows, h_kv, m_total]
+// into out [b, s_q, h_q, 512] and lse [b, h_q, s_q] (requests with one piece were written by the
+// attention kernel). attn_sink [h_q] or nullptr.
+inline void combine_splits(const at::Tensor& oacc, const at::Tensor& lseacc, const at::Tensor& num_splits,
+                           at::Tensor& out, at::Tensor& lse, const float* attn_sink, int64_t h_kv,
+                           cudaStream_t stream) {
+  common::CombineParams cp{};
+  cp.oacc = oacc.data_ptr<float>();
+  cp.lseacc = lseacc.data_ptr<float>();
+  cp.num_splits = num_splits.data_ptr<int>();
+  cp.out = out.data_ptr();
+  cp.lse = lse.data_ptr<float>();
+  cp.attn_sink = attn_sink;
+  cp.b = static_cast<int>(out.size(0));
+  cp.s_q = static_cast<int>(out.size(1));
+  cp.h_q = static_cast<int>(out.size(2));
+  cp.h_kv = static_cast<int>(h_kv);
+  cp.group = static_cast<int>(out.size(2) / h_kv);
+  cp.m_total = static_cast<int>(out.size(1) * cp.group);
+  cp.acc_rows = static_cast<int>(oacc.size(0));
+  common::launch_combine(cp, out.scalar_type() == at::kBFloat16, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace api
+}  // namespace flashmla
