@@ -11,11 +11,22 @@ namespace flashmla {
 namespace api {
 
 // The plan of a decode call: tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1].
-inline void check_plan(const char* op, const at::Tensor& metadata, const at::Tensor& num_splits, int64_t b) {
-  TORCH_CHECK(metadata.scalar_type() == at::kInt && metadata.dim() == 2 && metadata.size(1) == common::kMetadataWidth,
-              op, ": tile_scheduler_metadata must be int32 [num_sm_parts, 8]");
-  TORCH_CHECK(num_splits.scalar_type() == at::kInt && num_splits.numel() == b + 1, op,
-              ": num_splits must be int32 [b + 1]");
+inline void check_plan(const char* op, const at::Tensor& metadata, const at::Tensor& num_splits, int64_t b,
+                       const at::Device& device) {
+  TORCH_CHECK(metadata.device() == device && metadata.scalar_type() == at::kInt && metadata.dim() == 2 &&
+                  metadata.size(0) >= 1 && metadata.size(1) == common::kMetadataWidth,
+              op, ": tile_scheduler_metadata must be int32 [num_sm_parts >= 1, 8] on q's device");
+  TORCH_CHECK(num_splits.device() == device && num_splits.scalar_type() == at::kInt && num_splits.numel() == b + 1, op,
+              ": num_splits must be int32 [b + 1] on q's device");
+}
+
+// A copy of t that is contiguous and 16-byte aligned (the caching allocator's blocks are);
+// .contiguous() alone returns a contiguous but misaligned view unchanged.
+inline at::Tensor aligned_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
+
+// The combine kernel puts 4 query rows per CTA on grid.z.
+inline void check_combine_rows(const char* op, int64_t m_total) {
+  TORCH_CHECK((m_total + 3) / 4 <= 65535, op, ": s_q * h_q / h_kv must be at most 262140 (got ", m_total, ")");
 }
 
 // q [b, s_q, h_q, 576] as the kernels load it with 16-byte cp.async: contiguous last dim, every
@@ -23,7 +34,7 @@ inline void check_plan(const char* op, const at::Tensor& metadata, const at::Ten
 inline at::Tensor q_for_kernel(const at::Tensor& q) {
   if (q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
       reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
-    return q.contiguous();
+    return aligned_copy(q);
   }
   return q;
 }

@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
               "mla_decode: block_table must be int32 [b, max_blocks]");
   TORCH_CHECK(cache_seqlens_in.scalar_type() == at::kInt && cache_seqlens_in.numel() == b,
               "mla_decode: cache_seqlens must be int32 [b]");
-  flashmla::api::check_plan("mla_decode", tile_scheduler_metadata_in, num_splits_in, b);
+  flashmla::api::check_plan("mla_decode", tile_scheduler_metadata_in, num_splits_in, b, q_in.device());
 
   c10::cuda::CUDAGuard guard(q_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -145,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   const int64_t m_total = s_q * group;
   const int64_t num_m_tiles = (m_total + fs::kBlockM - 1) / fs::kBlockM;
   TORCH_CHECK(num_sm_parts <= 65535 * 16 && h_kv <= 65535 && num_m_tiles <= 65535, "mla_decode: problem too large");
+  flashmla::api::check_combine_rows("mla_decode", m_total);
   // Scratch rows of split requests: request r's split i goes to row 2 * E_r + i, E_r = num_splits[r] - r
   // = the extra pieces of the requests before r. A split request has n >= 2 pieces, n <= 2 (n - 1), so
   // the rows of different requests never overlap, and E <= num_sm_parts (one extra piece per

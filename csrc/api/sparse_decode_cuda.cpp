@@ -49,7 +49,7 @@ fs::SparseKVSource make_source(const char* name, const at::Tensor& cache_in, con
   auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
   if (cache.stride(3) != 1 || !aligned(cache.stride(0)) || !aligned(cache.stride(1)) ||
       reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 != 0) {
-    cache = cache.contiguous();  // 16-byte record loads need 16-byte aligned records
+    cache = flashmla::api::aligned_copy(cache);  // 16-byte record loads need 16-byte aligned records
     keep.push_back(cache);
   }
   TORCH_CHECK(indices_in.is_cuda() && indices_in.scalar_type() == at::kInt && indices_in.dim() == 3 &&
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
               "sparse_mla_decode: q must be a bf16 CUDA tensor [b, s_q, h_q, 576]");
   TORCH_CHECK(head_dim_v == kDV, "sparse_mla_decode: head_dim_v must be 512");
   const int64_t b = q_in.size(0), s_q = q_in.size(1), h_q = q_in.size(2);
-  flashmla::api::check_plan("sparse_mla_decode", tile_scheduler_metadata_in, num_splits_in, b);
+  flashmla::api::check_plan("sparse_mla_decode", tile_scheduler_metadata_in, num_splits_in, b, q_in.device());
   TORCH_CHECK(extra_kv_cache.has_value() == extra_indices.has_value(),
               "sparse_mla_decode: extra_kv_cache and extra_indices come together");
 
@@ -122,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   // Scratch rows of split requests, as in mla_decode_cuda: at most 2 * num_sm_parts + 1.
   const int64_t acc_rows = 2 * num_sm_parts + 1;
   const int64_t m_total = s_q * h_q;
+  flashmla::api::check_combine_rows("sparse_mla_decode", m_total);
   at::Tensor oacc = at::empty({acc_rows, m_total, kDV}, q.options().dtype(at::kFloat));
   at::Tensor lseacc = at::empty({acc_rows, m_total}, q.options().dtype(at::kFloat));
 

@@ -276,7 +276,9 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         }
         // ---- hand P (and the rescale factors) to WG1, then O[:, 0:256] += P V ----
         for (int term = 0; term < (precise ? 2 : 1); ++term) {
-          mbar_wait(bar_p_empty, (pi & 1) ^ 1);  // WG1 is done with the previous P tile
+          // WG1 is done with the previous P tile. Other WG0 warps may still run their PV on it:
+          // safe only because each warp rewrites exactly the 16 rows it reads as the A operand.
+          mbar_wait(bar_p_empty, (pi & 1) ^ 1);
           if (term == 0 && lane % 4 == 0) {
             s_alpha[row0] = alpha0;
             s_alpha[row1] = alpha1;
