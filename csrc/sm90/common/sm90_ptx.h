@@ -75,6 +75,22 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
+// O *= alpha per row, O in the wgmma m64nN accumulator layout of one thread (o[4j], o[4j+1] in row
+// row0; o[4j+2], o[4j+3] in row0 + 8); skipped when no row of the warp changes (the common case
+// once the running maxima settle).
+template <int N>
+__device__ __forceinline__ void rescale_rows(float (&o)[N], float alpha0, float alpha1) {
+  if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+      o[j * 4 + 0] *= alpha0;
+      o[j * 4 + 1] *= alpha0;
+      o[j * 4 + 2] *= alpha1;
+      o[j * 4 + 3] *= alpha1;
+    }
+  }
+}
+
 template <typename T>
 struct TypeOps;
 template <>

@@ -252,15 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       run_sum0 = run_sum0 * alpha0 + sum0;
       run_sum1 = run_sum1 * alpha1 + sum1;
-      if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[j * 4 + 0] *= alpha0;
-        o[j * 4 + 1] *= alpha0;
-        o[j * 4 + 2] *= alpha1;
-        o[j * 4 + 3] *= alpha1;
-      }
-      }
+      rescale_rows(o, alpha0, alpha1);
       // P -> shared memory (A operand of PV, K-major over the 64 tokens)
       uint8_t* sp = smem + kOffP;
 #pragma unroll
@@ -378,15 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         alpha0 = s_max[row0];
         alpha1 = s_max[row1];
       }
-      if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[j * 4 + 0] *= alpha0;
-          o[j * 4 + 1] *= alpha0;
-          o[j * 4 + 2] *= alpha1;
-          o[j * 4 + 3] *= alpha1;
-        }
-      }
+      rescale_rows(o, alpha0, alpha1);
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_operand(o[i]);
       wgmma_fence();

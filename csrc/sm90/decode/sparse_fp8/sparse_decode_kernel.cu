@@ -265,15 +265,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         }
         run_sum0 = run_sum0 * alpha0 + sum0;
         run_sum1 = run_sum1 * alpha1 + sum1;
-        if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
-#pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[j * 4 + 0] *= alpha0;
-            o[j * 4 + 1] *= alpha0;
-            o[j * 4 + 2] *= alpha1;
-            o[j * 4 + 3] *= alpha1;
-          }
-        }
+        rescale_rows(o, alpha0, alpha1);
         // ---- hand P (and the rescale factors) to WG1, then O[:, 0:256] += P V ----
         for (int term = 0; term < (precise ? 2 : 1); ++term) {
           // WG1 is done with the previous P tile. Other WG0 warps may still run their PV on it:
@@ -315,15 +307,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
           mbar_wait(bar_p_full, pi & 1);
           if (term == 0) {
             const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row1];
-            if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
-#pragma unroll
-              for (int j = 0; j < 32; ++j) {
-                o[j * 4 + 0] *= alpha0;
-                o[j * 4 + 1] *= alpha0;
-                o[j * 4 + 2] *= alpha1;
-                o[j * 4 + 3] *= alpha1;
-              }
-            }
+            rescale_rows(o, alpha0, alpha1);
           }
 #pragma unroll
           for (int i = 0; i < 128; ++i) fence_operand(o[i]);
