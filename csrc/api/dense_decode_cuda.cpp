@@ -26,7 +26,7 @@ namespace {
 namespace fs = flashmla::sm90;
 namespace fc = flashmla::common;
 
-constexpr int kDefaultVariant = 1;
+constexpr int kDefaultVariant = 2;
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqlens, int64_t num_q_tokens_per_head_k,
                                                          int64_t num_heads_k, int64_t num_heads_q, bool is_fp8_kvcache,

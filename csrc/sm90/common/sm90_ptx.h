@@ -45,6 +45,17 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "memory");
   } while (!done);
 }
+// The same wait with the retry loop inside the asm: no branch in the compiled program between the
+// wgmma instructions around it, so the compiler needs no warpgroup re-synchronisation there.
+__device__ __forceinline__ void mbar_wait_loop(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
                                             int c3) {
   asm volatile(
@@ -105,6 +116,12 @@ struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
+  static __device__ __forceinline__ void qk64_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
+    wgmma_m64n64k16_bf16_rk(d, a, b, s);
+  }
+  static __device__ __forceinline__ void pv_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
+    wgmma_m64n256k16_bf16_rmn(d, a, b, s);
+  }
 };
 template <>
 struct TypeOps<__half> {
@@ -118,6 +135,12 @@ struct TypeOps<__half> {
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_f16_kmn(d, a, b, s); }
+  static __device__ __forceinline__ void qk64_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
+    wgmma_m64n64k16_f16_rk(d, a, b, s);
+  }
+  static __device__ __forceinline__ void pv_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
+    wgmma_m64n256k16_f16_rmn(d, a, b, s);
+  }
 };
 
 

@@ -52,6 +52,54 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r,
   start = max(start, 0);
 }
 
+// Epilogue of one request: O / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
+// l0 / l1: full row sums of this thread's rows; max0 / max1: their final maxima (log2 domain).
+template <typename T>
+__device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const float (&o)[128], int r, int kvh, int wg,
+                                              int m0, int m1, int t0, int t1, int quad_col, float l0, float l1,
+                                              float max0, float max1, int n_splits, int split_idx) {
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  constexpr float kLn2 = 0.6931471805599453f;
+  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
+  const float lse0 = l0 > 0.f ? (max0 + log2f(l0)) * kLn2 : empty_lse;
+  const float lse1 = l1 > 0.f ? (max1 + log2f(l1)) * kLn2 : empty_lse;
+
+  const bool ok0 = m0 < p.m_total, ok1 = m1 < p.m_total;
+  const int head0 = kvh * p.group + min(m0, p.m_total - 1) % p.group;
+  const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
+  const int lane4 = threadIdx.x % 4;
+  if (n_splits == 1) {
+    T* out = reinterpret_cast<T*>(p.out);
+    T* dst0 = out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV + wg * 256 + quad_col;
+    T* dst1 = out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV + wg * 256 + quad_col;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * inv0, o[j * 4 + 1] * inv0);
+      if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * inv1, o[j * 4 + 3] * inv1);
+    }
+    if (wg == 0 && lane4 == 0) {
+      if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
+      if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
+    }
+  } else {
+    int row = 2 * (p.num_splits[r] - r) + split_idx;
+    row = max(0, min(row, p.acc_rows - 1));
+    const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
+    float* acc0 = p.oacc + (base + m0) * kDV + wg * 256 + quad_col;
+    float* acc1 = p.oacc + (base + m1) * kDV + wg * 256 + quad_col;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (ok0) *reinterpret_cast<float2*>(acc0 + j * 8) = make_float2(o[j * 4] * inv0, o[j * 4 + 1] * inv0);
+      if (ok1) *reinterpret_cast<float2*>(acc1 + j * 8) = make_float2(o[j * 4 + 2] * inv1, o[j * 4 + 3] * inv1);
+    }
+    if (wg == 0 && lane4 == 0) {
+      if (ok0) p.lseacc[base + m0] = lse0;
+      if (ok1) p.lseacc[base + m1] = lse1;
+    }
+  }
+}
+
 // kSolo = false: each warpgroup computes S for 32 of the 64 tokens (m64n32), the row max is
 //                exchanged through shared memory.
 // kSolo = true:  warpgroup 0 computes S for all 64 tokens (m64n64: a third less shared-memory
@@ -421,52 +469,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_sum[wg * 64 + row1] = run_sum1;
     }
     named_bar_sync(1, 256);
-    const float l0 = s_sum[row0] + s_sum[64 + row0];
-    const float l1 = s_sum[row1] + s_sum[64 + row1];
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    constexpr float kLn2 = 0.6931471805599453f;
-    const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
-    const float lse0 = l0 > 0.f ? (run_max0 + log2f(l0)) * kLn2 : empty_lse;
-    const float lse1 = l1 > 0.f ? (run_max1 + log2f(l1)) * kLn2 : empty_lse;
-
-    const bool ok0 = m0 < p.m_total, ok1 = m1 < p.m_total;
-    const int head0 = kvh * p.group + min(m0, p.m_total - 1) % p.group;
-    const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
-    if (n_splits == 1) {
-      T* out = reinterpret_cast<T*>(p.out);
-      T* dst0 = out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV + wg * 256 + quad_col;
-      T* dst1 = out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV + wg * 256 + quad_col;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * inv0, o[j * 4 + 1] * inv0);
-        if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * inv1, o[j * 4 + 3] * inv1);
-      }
-      if (wg == 0 && lane % 4 == 0) {
-        if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
-        if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
-      }
-    } else {
-      int row = 2 * (p.num_splits[r] - r) + split_idx;
-      row = max(0, min(row, p.acc_rows - 1));
-      const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
-      float* acc0 = p.oacc + (base + m0) * kDV + wg * 256 + quad_col;
-      float* acc1 = p.oacc + (base + m1) * kDV + wg * 256 + quad_col;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (ok0) *reinterpret_cast<float2*>(acc0 + j * 8) = make_float2(o[j * 4] * inv0, o[j * 4 + 1] * inv0);
-        if (ok1) *reinterpret_cast<float2*>(acc1 + j * 8) = make_float2(o[j * 4 + 2] * inv1, o[j * 4 + 3] * inv1);
-      }
-      if (wg == 0 && lane % 4 == 0) {
-        if (ok0) p.lseacc[base + m0] = lse0;
-        if (ok1) p.lseacc[base + m1] = lse1;
-      }
-    }
+    store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, quad_col, s_sum[row0] + s_sum[64 + row0],
+                     s_sum[row1] + s_sum[64 + row1], run_max0, run_max1, n_splits, split_idx);
   }
 }
 
+}  // namespace dense
+}  // namespace sm90
+}  // namespace flashmla
+
+#include "sm90/decode/dense/dense_decode_seesaw.cuh"
+
+namespace flashmla {
+namespace sm90 {
+namespace dense {
+
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
+  if (p.variant == 2) return seesaw::launch<T>(p, tmap, stream);
   auto kernel = p.variant == 1 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);

@@ -1,0 +1,515 @@
+// Dense MLA decode kernel for SM90, "seesaw" schedule: the two warpgroups take alternate 64-token
+// chunks, so that one warpgroup's softmax runs while the other's matmuls keep the tensor cores busy.
+//
+// One CTA = (SM partition of the plan, kv head, 64-row query tile), 256 threads = 2 warpgroups.
+// Warpgroup 0 keeps O[:, 0:256] in registers, warpgroup 1 keeps O[:, 256:512]. Chunks of a request
+// go in pairs (a, b) = (2k, 2k+1); stage of chunk g (counted over the CTA) is g & 1.
+//
+//   WG0: softmax of S_a (running max from shared memory) -> publishes scale_a
+//        O0 += P_a V_a[:, :256]                (P_a from registers)
+//        waits for scale_b; writes P_a * scale_b to shared memory for WG1
+//        O0 = O0 * scale_b + P_b V_b[:, :256]  (P_b from shared memory)
+//        S_{a+2} = Q K_{a+2}^T
+//   WG1: softmax of S_b against max_a -> publishes scale_b
+//        writes P_b to shared memory for WG0
+//        O1 = O1 * scale_a * scale_b + P_b V_b[:, 256:]  (P_b from registers)
+//        O1 += (P_a * scale_b) V_a[:, 256:]    (from shared memory)
+//        S_{b+2} = Q K_{b+2}^T
+//
+// Every 64-column tile of a KV stage has its own mbarrier, and a tile is refilled for chunk g+2 as soon
+// as its last reader is done (V[:, :256] after WG0's two PV products, the rest after WG1's), so the
+// next chunk streams in while the current pair is still multiplied. The 9th tile of Q (rope columns)
+// lives in registers (A operand of the last four QK steps), which frees its shared memory for P_b.
+//
+// Short requests (len <= kPreciseMaxLen) take a second path: each warpgroup computes S of every chunk
+// itself and multiplies P = hi + lo (two bf16/fp16 terms) with its half of V, so that P's rounding
+// does not show in outputs that average only a few tokens.
+#pragma once
+
+namespace flashmla {
+namespace sm90 {
+namespace dense {
+namespace seesaw {
+
+constexpr int kOffQ = 0;                                // Q tiles 0-7
+constexpr int kOffPb = 8 * kTileBytes;                  // Q tile 8 while Q loads, then P_b
+constexpr int kOffKV = 9 * kTileBytes;                  // 2 stages x 9 tiles
+constexpr int kOffPa = kOffKV + 2 * kStageBytes;        // P_a
+constexpr int kOffMax = kOffPa + kTileBytes;            // float[64]: running row max
+constexpr int kOffScaleA = kOffMax + 64 * 4;            // float[64]
+constexpr int kOffScaleB = kOffScaleA + 64 * 4;         // float[64]
+constexpr int kOffSum = kOffScaleB + 64 * 4;            // float[2][64]
+constexpr int kOffBar = kOffSum + 2 * 64 * 4;           // uint64[2][9]: one mbarrier per tile and stage
+constexpr int kSmemUsed = kOffBar + 2 * kNumColTiles * 8;
+constexpr int kSmemBytes = kSmemUsed + 1024;            // slack for 1024-byte alignment
+static_assert(kSmemBytes <= 232448, "shared memory per block");
+
+// Named barriers (0 is __syncthreads).
+constexpr uint32_t kBarAll = 1;      // all 256 threads
+constexpr uint32_t kBarScaleA = 2;   // WG0 -> WG1: scale_a, the running max and P_a are written
+constexpr uint32_t kBarScaleB = 3;   // WG1 -> WG0: scale_b, the running max and P_b are written
+constexpr uint32_t kBarPaFree = 4;   // WG1 -> WG0: WG1's product with P_a is done
+constexpr uint32_t kBarWg0 = 6;      // one warpgroup (6 + wg)
+
+__device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
+  return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
+}
+__device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
+
+// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`.
+__device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
+                                           int tok, int kvh, int stage, int t_begin, int t_end) {
+  const int page = p.block_table[(int64_t)r * p.block_table_stride + tok / p.page_size];
+  const int in_page = tok % p.page_size;
+  for (int t = t_begin; t < t_end; ++t) {
+    const uint32_t bar = tile_bar(sbase, stage, t);
+    mbar_expect_tx(bar, kTileBytes);
+    tma_load_4d(stage_addr(sbase, stage) + t * kTileBytes, tmap, bar, t * 64, kvh, in_page, page);
+  }
+}
+
+// Byte offset, inside a swizzled 64x64 tile, of the 4 bytes that register `reg` of k-step kk holds in
+// the m64k16 A-fragment layout (also the layout of two adjacent accumulator columns): registers 0/2
+// hold row0, 1/3 hold row0 + 8; registers 2/3 are 8 columns to the right of 0/1.
+__device__ __forceinline__ uint32_t frag_offset(int row0, int quad, int kk, int reg) {
+  return swz(row0 + (reg & 1) * 8, 2 * kk + (reg >> 1)) + quad * 4;
+}
+
+// S (m64n64 accumulators) -> bf16/fp16 A fragments of the PV product, rows scaled by f0 / f1.
+template <typename T, bool kResidue>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32], float f0, float f1) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const float f = reg & 1 ? f1 : f0;
+      const float x = s[8 * kk + 2 * reg] * f, y = s[8 * kk + 2 * reg + 1] * f;
+      pa[kk][reg] = kResidue ? TypeOps<T>::pack_residue(x, y) : TypeOps<T>::pack(x, y);
+    }
+  }
+}
+
+__device__ __forceinline__ void store_p(uint8_t* tile, const uint32_t (&pa)[4][4], int row0, int quad) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) *reinterpret_cast<uint32_t*>(tile + frag_offset(row0, quad, kk, reg)) = pa[kk][reg];
+}
+
+// S = Q K^T for the chunk in `stage`, tiles in the order kFirst, kFirst+1, ... (mod 9), each after its
+// mbarrier. Tile 8 of Q comes from registers. Committed as one wgmma group, not waited for.
+template <typename T, int kFirst>
+__device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
+                                         const uint32_t (&q8)[4][4]) {
+  const uint32_t kv = stage_addr(sbase, stage);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) fence_operand(s[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < kNumColTiles; ++j) {
+    const int t = (j + kFirst) % kNumColTiles;
+    mbar_wait_loop(tile_bar(sbase, stage, t), phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int accumulate = j > 0 || kk > 0;
+      const uint64_t desc_k = desc_sw128(kv + t * kTileBytes + kk * 32, 16, 1024);
+      if (t < 8) {
+        TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + t * kTileBytes + kk * 32, 16, 1024), desc_k, accumulate);
+      } else {
+        TypeOps<T>::qk64_r(s, q8[kk], desc_k, accumulate);
+      }
+    }
+  }
+  wgmma_commit();
+}
+
+// O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
+template <typename T>
+__device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t v_half) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) TypeOps<T>::pv_r(o, pa[kk], desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
+  wgmma_commit();
+}
+
+// O += P V[:, half] with P from a swizzled shared-memory tile. Committed, not waited for.
+template <typename T>
+__device__ __forceinline__ void pv_smem(float (&o)[128], uint32_t p_tile, uint32_t v_half) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    TypeOps<T>::pv(o, desc_sw128(p_tile + kk * 32, 16, 1024), desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
+  }
+  wgmma_commit();
+}
+
+template <int N>
+__device__ __forceinline__ void fence_all(float (&x)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) fence_operand(x[i]);
+}
+// Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
+// retires the products reading them (the compiler does not know wgmma reads them asynchronously).
+__device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) asm volatile("" : "+r"(a[kk][reg])::"memory");
+}
+
+// Scale S into the log2 domain and mask tokens at or past each row's limit; row maxima over the quad.
+__device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int lim0, int lim1, float scale_log2,
+                                            int quad_col, float& mx0, float& mx1) {
+  mx0 = -INFINITY;
+  mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = chunk_tok + j * 8 + quad_col + e;
+      s[j * 4 + e] = tok < lim0 ? s[j * 4 + e] * scale_log2 : -INFINITY;
+      s[j * 4 + 2 + e] = tok < lim1 ? s[j * 4 + 2 + e] * scale_log2 : -INFINITY;
+      mx0 = fmaxf(mx0, s[j * 4 + e]);
+      mx1 = fmaxf(mx1, s[j * 4 + 2 + e]);
+    }
+  }
+#pragma unroll
+  for (int o_ = 1; o_ <= 2; o_ *= 2) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+  }
+}
+
+// P = exp2(S - base) in place (base 0 for rows with no token yet); returns the row sums of this thread.
+__device__ __forceinline__ void exp_rows(float (&s)[32], float base0, float base1, float& sum0, float& sum1) {
+  sum0 = 0.f;
+  sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const bool top = (i % 4) < 2;
+    s[i] = exp2f(s[i] - (top ? base0 : base1));
+    if (top) sum0 += s[i]; else sum1 += s[i];
+  }
+}
+
+// Rows [valid, 64) of tiles [t_begin, t_begin + 4) of a stage -> 0 (the cache there may hold NaN, and
+// P = 0 must not meet it in the PV product); one warpgroup, then visible to its wgmma.
+__device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int t_begin, int valid, int tid_wg, int wg) {
+  for (int idx = tid_wg; idx < (kBlockN - valid) * 4 * 8; idx += 128) {
+    const int row = valid + idx / 32;
+    const int tile = t_begin + (idx / 8) % 4;
+    *reinterpret_cast<uint4*>(stage + tile * kTileBytes + swz(row, idx % 8)) = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async();
+  named_bar_sync(kBarWg0 + wg, 128);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_decode_seesaw_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t sbase = smem_addr(smem);
+  float* s_max = reinterpret_cast<float*>(smem + kOffMax);
+  float* s_scale_a = reinterpret_cast<float*>(smem + kOffScaleA);
+  float* s_scale_b = reinterpret_cast<float*>(smem + kOffScaleB);
+  float* s_sum = reinterpret_cast<float*>(smem + kOffSum);
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int tid_wg = tid % 128;
+  const int warp = tid_wg / 32;
+  const int lane = tid % 32;
+  const int quad = lane % 4;
+  const int quad_col = quad * 2;
+  const int kvh = blockIdx.y;
+  const int mtile = blockIdx.z;
+
+  const int* meta = p.metadata + blockIdx.x * 8;
+  const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
+  const int begin_split = meta[4];
+  if (begin_req > end_req || begin_req < 0) return;
+
+  if (tid == 0) {
+    for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
+  }
+  __syncthreads();
+
+  // Rows owned by this thread in the wgmma accumulator layout.
+  const int row0 = warp * 16 + lane / 4;
+  const int row1 = row0 + 8;
+  const int m0 = mtile * kBlockM + row0;
+  const int m1 = mtile * kBlockM + row1;
+  const int t0 = min(m0, p.m_total - 1) / p.group;
+  const int t1 = min(m1, p.m_total - 1) / p.group;
+  const T* qbase = reinterpret_cast<const T*>(p.q);
+  uint32_t g = 0;  // chunks consumed so far: chunk g sits in stage g & 1, loaded in phase (g >> 1) & 1
+
+  for (int r = begin_req; r <= end_req; ++r) {
+    int start, end;
+    request_range(p, r, begin_req, begin_tok, end_req, end_tok, start, end);
+    const int len = max(p.seqlens[r], 0);
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
+    const int split_idx = r == begin_req ? begin_split : 0;
+    const int n = start < end ? (end - start + kBlockN - 1) / kBlockN : 0;
+    const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
+    const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float l0 = 0.f, l1 = 0.f;  // row sums of this thread's columns, relative to s_max
+
+    named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
+    if (n > 0) {
+      if (tid == 0) {
+        load_tiles(&tmap, p, sbase, r, start, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles(&tmap, p, sbase, r, start + kBlockN, kvh, (g + 1) & 1, 0, kNumColTiles);
+      }
+      // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
+#pragma unroll 1
+      for (int it = 0; it < kBlockM * (kDQK / 8) / kThreads; ++it) {
+        const int idx = tid + it * kThreads;
+        const int row = idx / (kDQK / 8);
+        const int ch = idx % (kDQK / 8);
+        const int m = mtile * kBlockM + row;
+        const bool in = m < p.m_total;
+        const int mm = in ? m : 0;
+        const int t = mm / p.group;
+        const int head = kvh * p.group + mm % p.group;
+        const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
+                       (int64_t)head * p.q_head_stride + ch * 8;
+        const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+                     : "memory");
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      if (tid < kBlockM) s_max[tid] = -INFINITY;
+      fence_proxy_async();
+      named_bar_sync(kBarAll, 256);
+    }
+    // Q tile 8 -> registers (both warpgroups), then its shared memory is free for P_b.
+    uint32_t q8[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg)
+        q8[kk][reg] = *reinterpret_cast<const uint32_t*>(smem + kOffPb + frag_offset(row0, quad, kk, reg));
+    named_bar_sync(kBarAll, 256);
+
+    float s[32];
+    uint32_t pa[4][4];
+    if (n > 0 && len <= kPreciseMaxLen) {
+      // ---- short request: every warpgroup computes S of every chunk; P = hi + lo ----
+      float run_max0 = -INFINITY, run_max1 = -INFINITY;
+      uint32_t pa_lo[4][4];
+      for (int i = 0; i < n; ++i) {
+        const uint32_t gi = g + i;
+        const int stage = gi & 1;
+        const int c = start + i * kBlockN;
+        qk_chunk<T, 0>(s, sbase, stage, (gi >> 1) & 1, q8);
+        wgmma_wait<0>();
+        fence_all(s);
+        fence_frags(q8);
+        float mx0, mx1;
+        mask_rowmax(s, c, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+        const float new_max0 = fmaxf(run_max0, mx0), new_max1 = fmaxf(run_max1, mx1);
+        const float base0 = new_max0 == -INFINITY ? 0.f : new_max0;
+        const float base1 = new_max1 == -INFINITY ? 0.f : new_max1;
+        const float alpha0 = exp2f(run_max0 - base0), alpha1 = exp2f(run_max1 - base1);
+        run_max0 = new_max0;
+        run_max1 = new_max1;
+        float sum0, sum1;
+        exp_rows(s, base0, base1, sum0, sum1);
+        l0 = l0 * alpha0 + sum0;
+        l1 = l1 * alpha1 + sum1;
+        rescale_rows(o, alpha0, alpha1);
+        pack_p<T, false>(pa, s, 1.f, 1.f);
+        pack_p<T, true>(pa_lo, s, 1.f, 1.f);
+        const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
+        if (end - c < kBlockN) zero_tail_rows(smem + kOffKV + stage * kStageBytes, wg * 4, end - c, tid_wg, wg);
+        pv_regs<T>(o, pa, v_half);
+        pv_regs<T>(o, pa_lo, v_half);
+        wgmma_wait<0>();
+        fence_all(o);
+        fence_frags(pa);
+        fence_frags(pa_lo);
+        named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
+        if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, c + 2 * kBlockN, kvh, stage, 0, kNumColTiles);
+      }
+      // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
+      // path keeps them.
+      if (wg == 1) l0 = l1 = 0.f;
+      if (wg == 0 && quad == 0) {
+        s_max[row0] = run_max0;
+        s_max[row1] = run_max1;
+      }
+    } else if (n > 0) {
+      // ---- seesaw: WG0 takes the even chunks a, WG1 the odd chunks b ----
+      if (wg == 0) {
+        qk_chunk<T, 0>(s, sbase, g & 1, (g >> 1) & 1, q8);
+      } else if (n > 1) {
+        qk_chunk<T, 4>(s, sbase, (g + 1) & 1, ((g + 1) >> 1) & 1, q8);
+      }
+      wgmma_wait<0>();
+      fence_all(s);
+      fence_frags(q8);
+      for (int i = 0; i < n; i += 2) {
+        const uint32_t ga = g + i, gb = ga + 1;
+        const int stage_a = ga & 1, stage_b = gb & 1;
+        const int ca = start + i * kBlockN, cb = ca + kBlockN;
+        const bool has_b = i + 1 < n;
+        if (wg == 0) {
+          // softmax of chunk a against the running max; P_a (relative to max_a) to shared memory
+          float mx0, mx1;
+          mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          const float old0 = s_max[row0], old1 = s_max[row1];
+          const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
+          const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
+          const float scale0 = exp2f(old0 - base0), scale1 = exp2f(old1 - base1);
+          __syncwarp();  // the quad's reads of s_max are done
+          if (quad == 0) {
+            s_max[row0] = new0;
+            s_max[row1] = new1;
+            s_scale_a[row0] = scale0;
+            s_scale_a[row1] = scale1;
+          }
+          float sum0, sum1;
+          exp_rows(s, base0, base1, sum0, sum1);
+          l0 = l0 * scale0 + sum0;
+          l1 = l1 * scale1 + sum1;
+          rescale_rows(o, scale0, scale1);
+          pack_p<T, false>(pa, s, 1.f, 1.f);
+          if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
+          store_p(smem + kOffPa, pa, row0, quad);
+          fence_proxy_async();
+          named_bar_arrive(kBarScaleA, 256);
+          if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
+          pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_frags(pa);
+          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
+          if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
+          named_bar_sync(kBarScaleB, 256);
+          const float f0 = s_scale_b[row0], f1 = s_scale_b[row1];
+          rescale_rows(o, f0, f1);
+          l0 *= f0;
+          l1 *= f1;
+          if (has_b) {
+            if (end - cb < kBlockN) {
+              for (int t = 0; t < 4; ++t) mbar_wait(tile_bar(sbase, stage_b, t), (gb >> 1) & 1);
+              zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 0, end - cb, tid_wg, 0);
+            }
+            pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
+          }
+          const bool next_a = i + 2 < n;
+          if (next_a) qk_chunk<T, 0>(s, sbase, stage_a, ((ga + 2) >> 1) & 1, q8);
+          if (has_b) {
+            if (next_a) wgmma_wait<1>(); else wgmma_wait<0>();
+            // V_b[:, :256] has no reader left: refill it with chunk b + 2.
+            if (tid == 0 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
+          }
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_all(s);
+          fence_frags(q8);
+        } else {
+          named_bar_sync(kBarScaleA, 256);
+          // O1 to max_a, then O1 += P_a V_a[:, 256:], which runs during the softmax of chunk b.
+          const float fa0 = s_scale_a[row0], fa1 = s_scale_a[row1];
+          rescale_rows(o, fa0, fa1);
+          l0 *= fa0;
+          l1 *= fa1;
+          if (end - ca < kBlockN) {
+            for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
+            zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
+          }
+          pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
+          // softmax of chunk b against max_a (all masked when there is no chunk b)
+          float mx0, mx1;
+          mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          const float old0 = s_max[row0], old1 = s_max[row1];
+          const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
+          const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
+          const float scale0 = exp2f(old0 - base0), scale1 = exp2f(old1 - base1);
+          __syncwarp();
+          if (quad == 0) {
+            s_max[row0] = new0;
+            s_max[row1] = new1;
+            s_scale_b[row0] = scale0;
+            s_scale_b[row1] = scale1;
+          }
+          float sum0, sum1;
+          exp_rows(s, base0, base1, sum0, sum1);
+          if (has_b) {
+            pack_p<T, false>(pa, s, 1.f, 1.f);
+            store_p(smem + kOffPb, pa, row0, quad);
+            fence_proxy_async();
+          }
+          named_bar_arrive(kBarScaleB, 256);
+          wgmma_wait<0>();
+          fence_all(o);
+          // P_a and K/V_a tiles 4-8 have no reader left.
+          if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
+          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
+          rescale_rows(o, scale0, scale1);
+          l0 = l0 * scale0 + sum0;
+          l1 = l1 * scale1 + sum1;
+          if (has_b) {
+            if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
+            pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
+            wgmma_wait<0>();
+            fence_all(o);
+            fence_frags(pa);
+            // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
+            if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
+          }
+          if (i + 3 < n) {
+            qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
+            wgmma_wait<0>();
+            fence_all(s);
+            fence_frags(q8);
+          }
+        }
+      }
+    }
+    g += n;
+
+    // ---- epilogue: row sums over the quad and both warpgroups; the final max is in s_max ----
+#pragma unroll
+    for (int o_ = 1; o_ <= 2; o_ *= 2) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
+    }
+    if (quad == 0) {
+      s_sum[wg * 64 + row0] = l0;
+      s_sum[wg * 64 + row1] = l1;
+    }
+    named_bar_sync(kBarAll, 256);
+    const float max0 = n > 0 ? s_max[row0] : -INFINITY;
+    const float max1 = n > 0 ? s_max[row1] : -INFINITY;
+    store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, quad_col, s_sum[row0] + s_sum[64 + row0],
+                     s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
+  }
+}
+
+template <typename T>
+void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
+  cudaFuncSetAttribute(dense_decode_seesaw_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);
+  dense_decode_seesaw_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+}
+
+}  // namespace seesaw
+}  // namespace dense
+}  // namespace sm90
+}  // namespace flashmla
