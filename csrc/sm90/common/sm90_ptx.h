@@ -63,6 +63,13 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
 }
+// L2 prefetch of one TMA box (no shared memory, no barrier).
+__device__ __forceinline__ void tma_prefetch_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -113,6 +120,9 @@ struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
     return pack(a - __bfloat162float(__float2bfloat16_rn(a)), b - __bfloat162float(__float2bfloat16_rn(b)));
   }
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
@@ -131,6 +141,9 @@ struct TypeOps<__half> {
   }
   static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
     return pack(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
   }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_f16_kk(d, a, b, s); }

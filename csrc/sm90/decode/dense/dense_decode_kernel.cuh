@@ -486,7 +486,7 @@ namespace dense {
 
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  if (p.variant == 2) return seesaw::launch<T>(p, tmap, stream);
+  if (p.variant >= 2) return seesaw::launch<T>(p, tmap, stream);
   auto kernel = p.variant == 1 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);

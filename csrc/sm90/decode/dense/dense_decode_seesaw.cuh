@@ -46,9 +46,10 @@ static_assert(kSmemBytes <= 232448, "shared memory per block");
 
 // Named barriers (0 is __syncthreads).
 constexpr uint32_t kBarAll = 1;      // all 256 threads
-constexpr uint32_t kBarScaleA = 2;   // WG0 -> WG1: scale_a, the running max and P_a are written
-constexpr uint32_t kBarScaleB = 3;   // WG1 -> WG0: scale_b, the running max and P_b are written
-constexpr uint32_t kBarPaFree = 4;   // WG1 -> WG0: WG1's product with P_a is done
+constexpr uint32_t kBarScaleA = 2;   // WG0 -> WG1: scale_a and the running max are written
+constexpr uint32_t kBarScaleB = 3;   // WG1 -> WG0: scale_b and the running max are written
+constexpr uint32_t kBarPa = 4;       // WG0 -> WG1: P_a (relative to max_b) is in shared memory
+constexpr uint32_t kBarPb = 5;       // WG1 -> WG0: P_b is in shared memory
 constexpr uint32_t kBarWg0 = 6;      // one warpgroup (6 + wg)
 
 __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
@@ -56,15 +57,26 @@ __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile
 }
 __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
 
-// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`.
+// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`. With
+// kPrefetch, the same tiles of the chunk two further on (if before `end`) are prefetched into L2, so
+// that their load, issued one pair later, waits for L2 instead of DRAM.
+template <bool kPrefetch>
 __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
-                                           int tok, int kvh, int stage, int t_begin, int t_end) {
-  const int page = p.block_table[(int64_t)r * p.block_table_stride + tok / p.page_size];
+                                           int tok, int end, int kvh, int stage, int t_begin, int t_end) {
+  const int* table = p.block_table + (int64_t)r * p.block_table_stride;
+  const int page = table[tok / p.page_size];
   const int in_page = tok % p.page_size;
   for (int t = t_begin; t < t_end; ++t) {
     const uint32_t bar = tile_bar(sbase, stage, t);
     mbar_expect_tx(bar, kTileBytes);
     tma_load_4d(stage_addr(sbase, stage) + t * kTileBytes, tmap, bar, t * 64, kvh, in_page, page);
+  }
+  if constexpr (kPrefetch) {
+    const int next = tok + 2 * kBlockN;
+    if (next < end) {
+      const int next_page = table[next / p.page_size];
+      for (int t = t_begin; t < t_end; ++t) tma_prefetch_4d(tmap, t * 64, kvh, next % p.page_size, next_page);
+    }
   }
 }
 
@@ -89,11 +101,40 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32
   }
 }
 
-__device__ __forceinline__ void store_p(uint8_t* tile, const uint32_t (&pa)[4][4], int row0, int quad) {
+// Rows of packed P fragments *= f0 / f1; skipped (no second rounding) when no row of the warp changes.
+template <typename T>
+__device__ __forceinline__ void rescale_frags(uint32_t (&pa)[4][4], float f0, float f1) {
+  if (__any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f)) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const float f = reg & 1 ? f1 : f0;
+        const float2 v = TypeOps<T>::unpack(pa[kk][reg]);
+        pa[kk][reg] = TypeOps<T>::pack(v.x * f, v.y * f);
+      }
+  }
+}
+
+// Returns x, hidden from the optimizer, so that addresses derived from it are recomputed at each use
+// instead of being hoisted out of the chunk loop into 16 live registers.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+__device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4], int row0, int quad) {
+  // frag_offset(row0, quad, kk, reg) = row part + (16-byte chunk ^ (row0 & 7)) * 16; row0 + 8 has the same
+  // swizzle phase.
+  const uint32_t row_part = opaque(tile + row0 * 128 + quad * 4);
+  const uint32_t phase = (row0 & 7) << 4;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-    for (int reg = 0; reg < 4; ++reg) *reinterpret_cast<uint32_t*>(tile + frag_offset(row0, quad, kk, reg)) = pa[kk][reg];
+    for (int reg = 0; reg < 4; ++reg) {
+      const uint32_t addr = row_part + (reg & 1) * 1024 + ((((2 * kk + (reg >> 1)) << 4)) ^ phase);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pa[kk][reg]) : "memory");
+    }
 }
 
 // S = Q K^T for the chunk in `stage`, tiles in the order kFirst, kFirst+1, ... (mod 9), each after its
@@ -209,7 +250,17 @@ __device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int t_begin, int 
   named_bar_sync(kBarWg0 + wg, 128);
 }
 
-template <typename T>
+// Timeline probes for development builds (-DFLASHMLA_DENSE_PROFILE): thread 0 of each warpgroup of
+// CTA (0, 0, 0) records clock64() at 8 points of pair 20 and writes them as int64 to the start of
+// `out` (warpgroup w at [8w, 8w + 8)); that CTA then skips its output stores.
+#ifdef FLASHMLA_DENSE_PROFILE
+#define SEESAW_PROBE(k) \
+  if (probe_on) probe[k] = clock64();
+#else
+#define SEESAW_PROBE(k)
+#endif
+
+template <typename T, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_seesaw_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -270,8 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
     if (n > 0) {
       if (tid == 0) {
-        load_tiles(&tmap, p, sbase, r, start, kvh, g & 1, 0, kNumColTiles);
-        if (n > 1) load_tiles(&tmap, p, sbase, r, start + kBlockN, kvh, (g + 1) & 1, 0, kNumColTiles);
+        load_tiles<kPrefetch>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles<kPrefetch>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
       }
       // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
@@ -343,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_frags(pa);
         fence_frags(pa_lo);
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
-        if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, c + 2 * kBlockN, kvh, stage, 0, kNumColTiles);
+        if (tid == 0 && i + 2 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, c + 2 * kBlockN, end, kvh, stage, 0, kNumColTiles);
       }
       // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
       // path keeps them.
@@ -363,12 +414,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_all(s);
       fence_frags(q8);
       for (int i = 0; i < n; i += 2) {
+#ifdef FLASHMLA_DENSE_PROFILE
+        const bool probe_on = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tid_wg == 0 && i == 20;
+        long long probe[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#endif
+        SEESAW_PROBE(0);
         const uint32_t ga = g + i, gb = ga + 1;
         const int stage_a = ga & 1, stage_b = gb & 1;
         const int ca = start + i * kBlockN, cb = ca + kBlockN;
         const bool has_b = i + 1 < n;
         if (wg == 0) {
-          // softmax of chunk a against the running max; P_a (relative to max_a) to shared memory
+          // softmax of chunk a against the running max
           float mx0, mx1;
           mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
           const float old0 = s_max[row0], old1 = s_max[row1];
@@ -382,58 +438,61 @@ __global__ void __launch_bounds__(kThreads, 1)
             s_scale_a[row0] = scale0;
             s_scale_a[row1] = scale1;
           }
+          named_bar_arrive(kBarScaleA, 256);
+          SEESAW_PROBE(1);
           float sum0, sum1;
           exp_rows(s, base0, base1, sum0, sum1);
           l0 = l0 * scale0 + sum0;
           l1 = l1 * scale1 + sum1;
           rescale_rows(o, scale0, scale1);
           pack_p<T, false>(pa, s, 1.f, 1.f);
-          if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
-          store_p(smem + kOffPa, pa, row0, quad);
-          fence_proxy_async();
-          named_bar_arrive(kBarScaleA, 256);
           if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
           pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
-          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
-          if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
+          SEESAW_PROBE(2);
           named_bar_sync(kBarScaleB, 256);
+          SEESAW_PROBE(3);
+          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
+          if (tid == 0 && i + 2 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
+          // P_a relative to max_b, for WG1
           const float f0 = s_scale_b[row0], f1 = s_scale_b[row1];
+          if (has_b) {
+            rescale_frags<T>(pa, f0, f1);
+            store_p(sbase + kOffPa, pa, row0, quad);
+            fence_proxy_async();
+          }
+          named_bar_arrive(kBarPa, 256);
           rescale_rows(o, f0, f1);
           l0 *= f0;
           l1 *= f1;
           if (has_b) {
+            named_bar_sync(kBarPb, 256);
             if (end - cb < kBlockN) {
               for (int t = 0; t < 4; ++t) mbar_wait(tile_bar(sbase, stage_b, t), (gb >> 1) & 1);
               zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 0, end - cb, tid_wg, 0);
             }
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
+          SEESAW_PROBE(4);
           const bool next_a = i + 2 < n;
           if (next_a) qk_chunk<T, 0>(s, sbase, stage_a, ((ga + 2) >> 1) & 1, q8);
+          SEESAW_PROBE(5);
           if (has_b) {
             if (next_a) wgmma_wait<1>(); else wgmma_wait<0>();
+            SEESAW_PROBE(6);
             // V_b[:, :256] has no reader left: refill it with chunk b + 2.
-            if (tid == 0 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
+            if (tid == 0 && i + 3 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 0, 4);
           }
           wgmma_wait<0>();
           fence_all(o);
           fence_all(s);
           fence_frags(q8);
+          SEESAW_PROBE(7);
         } else {
           named_bar_sync(kBarScaleA, 256);
-          // O1 to max_a, then O1 += P_a V_a[:, 256:], which runs during the softmax of chunk b.
-          const float fa0 = s_scale_a[row0], fa1 = s_scale_a[row1];
-          rescale_rows(o, fa0, fa1);
-          l0 *= fa0;
-          l1 *= fa1;
-          if (end - ca < kBlockN) {
-            for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
-            zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
-          }
-          pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
+          SEESAW_PROBE(1);
           // softmax of chunk b against max_a (all masked when there is no chunk b)
           float mx0, mx1;
           mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
@@ -448,38 +507,57 @@ __global__ void __launch_bounds__(kThreads, 1)
             s_scale_b[row0] = scale0;
             s_scale_b[row1] = scale1;
           }
+          named_bar_arrive(kBarScaleB, 256);
+          SEESAW_PROBE(2);
+          // O1 was relative to the max before chunk a: bring it to max_b.
+          const float f0 = scale0 * s_scale_a[row0], f1 = scale1 * s_scale_a[row1];
           float sum0, sum1;
           exp_rows(s, base0, base1, sum0, sum1);
+          l0 = l0 * f0 + sum0;
+          l1 = l1 * f1 + sum1;
+          rescale_rows(o, f0, f1);
           if (has_b) {
             pack_p<T, false>(pa, s, 1.f, 1.f);
-            store_p(smem + kOffPb, pa, row0, quad);
+            store_p(sbase + kOffPb, pa, row0, quad);
             fence_proxy_async();
-          }
-          named_bar_arrive(kBarScaleB, 256);
-          wgmma_wait<0>();
-          fence_all(o);
-          // P_a and K/V_a tiles 4-8 have no reader left.
-          if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
-          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
-          rescale_rows(o, scale0, scale1);
-          l0 = l0 * scale0 + sum0;
-          l1 = l1 * scale1 + sum1;
-          if (has_b) {
+            named_bar_arrive(kBarPb, 256);
             if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
             pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
-            wgmma_wait<0>();
-            fence_all(o);
+          }
+          SEESAW_PROBE(3);
+          named_bar_sync(kBarPa, 256);
+          if (end - ca < kBlockN) {
+            for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
+            zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
+          }
+          pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
+          SEESAW_PROBE(4);
+          if (has_b) {
+            wgmma_wait<1>();
             fence_frags(pa);
             // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-            if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
+            if (tid == 128 && i + 3 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 4, kNumColTiles);
           }
+          SEESAW_PROBE(5);
+          wgmma_wait<0>();
+          fence_all(o);
+          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
+          if (tid == 128 && i + 2 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
           if (i + 3 < n) {
             qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
+            SEESAW_PROBE(6);
             wgmma_wait<0>();
             fence_all(s);
             fence_frags(q8);
+            SEESAW_PROBE(7);
           }
         }
+#ifdef FLASHMLA_DENSE_PROFILE
+        if (probe_on) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) reinterpret_cast<long long*>(p.out)[wg * 8 + k] = probe[k];
+        }
+#endif
       }
     }
     g += n;
@@ -497,6 +575,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_bar_sync(kBarAll, 256);
     const float max0 = n > 0 ? s_max[row0] : -INFINITY;
     const float max1 = n > 0 ? s_max[row1] : -INFINITY;
+#ifdef FLASHMLA_DENSE_PROFILE
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
+#endif
     store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, quad_col, s_sum[row0] + s_sum[64 + row0],
                      s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }
@@ -504,9 +585,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  cudaFuncSetAttribute(dense_decode_seesaw_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  auto kernel = p.variant == 3 ? dense_decode_seesaw_kernel<T, true> : dense_decode_seesaw_kernel<T, false>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);
-  dense_decode_seesaw_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
 }
 
 }  // namespace seesaw

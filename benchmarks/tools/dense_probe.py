@@ -1,0 +1,37 @@
+"""Timeline of one steady-state chunk pair of the seesaw dense-decode kernel (development tool).
+
+Needs an extension built with -DFLASHMLA_DENSE_PROFILE (e.g. add `#define FLASHMLA_DENSE_PROFILE 1`
+at the top of csrc/sm90/decode/dense/dense_decode_kernel.cuh): thread 0 of each warpgroup of CTA
+(0, 0, 0) stores clock64() at 8 points of pair 20 into the first 128 bytes of `out`.
+Usage: python3 benchmarks/tools/dense_probe.py [b s_q s_k h_q]
+"""
+import sys
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+import torch_flashmla  # noqa: E402
+from bench_decode import D_QK, D_V, inputs  # noqa: E402
+
+WG0 = ["softmax a", "P_a stored, arrive A", "local PV_a done", "scale_b arrived", "remote PV_b issued",
+       "QK(a+2) issued (tiles waited)", "remote PV_b done", "QK(a+2) done"]
+WG1 = ["pair start", "scale_a arrived", "remote PV_a issued", "softmax b done, arrive B", "PV_a done",
+       "local PV_b done", "QK(b+2) issued (tiles waited)", "QK(b+2) done"]
+
+
+def main():
+    b, s_q, s_k, h_q = (int(x) for x in sys.argv[1:5]) if len(sys.argv) >= 5 else (128, 1, 4096, 128)
+    q, cache, table, lens = inputs(b, s_q, s_k, h_q)
+    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+    for _ in range(5):
+        out, _ = torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
+    torch.cuda.synchronize()
+    t = out.flatten().view(torch.int64)[:16].cpu().tolist()
+    base = t[0]
+    for wg, names, vals in ((0, WG0, t[:8]), (1, WG1, t[8:])):
+        for name, v in zip(names, vals):
+            print(f"wg{wg} {v - base:8d} clk  {name}")
+
+
+if __name__ == "__main__":
+    main()
