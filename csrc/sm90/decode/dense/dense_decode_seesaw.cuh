@@ -57,26 +57,15 @@ __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile
 }
 __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
 
-// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`. With
-// kPrefetch, the same tiles of the chunk two further on (if before `end`) are prefetched into L2, so
-// that their load, issued one pair later, waits for L2 instead of DRAM.
-template <bool kPrefetch>
+// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`.
 __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
-                                           int tok, int end, int kvh, int stage, int t_begin, int t_end) {
-  const int* table = p.block_table + (int64_t)r * p.block_table_stride;
-  const int page = table[tok / p.page_size];
+                                           int tok, int kvh, int stage, int t_begin, int t_end) {
+  const int page = p.block_table[(int64_t)r * p.block_table_stride + tok / p.page_size];
   const int in_page = tok % p.page_size;
   for (int t = t_begin; t < t_end; ++t) {
     const uint32_t bar = tile_bar(sbase, stage, t);
     mbar_expect_tx(bar, kTileBytes);
     tma_load_4d(stage_addr(sbase, stage) + t * kTileBytes, tmap, bar, t * 64, kvh, in_page, page);
-  }
-  if constexpr (kPrefetch) {
-    const int next = tok + 2 * kBlockN;
-    if (next < end) {
-      const int next_page = table[next / p.page_size];
-      for (int t = t_begin; t < t_end; ++t) tma_prefetch_4d(tmap, t * 64, kvh, next % p.page_size, next_page);
-    }
   }
 }
 
@@ -137,23 +126,26 @@ __device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4
     }
 }
 
-// S = Q K^T for the chunk in `stage`, tiles in the order kFirst, kFirst+1, ... (mod 9), each after its
-// mbarrier. Tile 8 of Q comes from registers. Committed as one wgmma group, not waited for.
-template <typename T, int kFirst>
-__device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
+// S (+)= Q K^T over tiles kFirst, kFirst+1, ... (kCount tiles, mod 9) of the chunk in `stage`, each
+// after its mbarrier; the first tile overwrites S when kZero. Tile 8 of Q comes from registers.
+// Committed as one wgmma group, not waited for. A call that continues a pending group (kZero false)
+// must not touch S in between, so it does not fence S.
+template <typename T, int kFirst, int kCount, bool kZero>
+__device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
                                          const uint32_t (&q8)[4][4]) {
   const uint32_t kv = stage_addr(sbase, stage);
+  if constexpr (kZero) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) fence_operand(s[i]);
-  wgmma_fence();
+    for (int i = 0; i < 32; ++i) fence_operand(s[i]);
+  }
 #pragma unroll
-  for (int j = 0; j < kNumColTiles; ++j) {
+  for (int j = 0; j < kCount; ++j) {
     const int t = (j + kFirst) % kNumColTiles;
     mbar_wait_loop(tile_bar(sbase, stage, t), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const int accumulate = j > 0 || kk > 0;
+      const int accumulate = !kZero || j > 0 || kk > 0;
       const uint64_t desc_k = desc_sw128(kv + t * kTileBytes + kk * 32, 16, 1024);
       if (t < 8) {
         TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + t * kTileBytes + kk * 32, 16, 1024), desc_k, accumulate);
@@ -163,6 +155,13 @@ __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int sta
     }
   }
   wgmma_commit();
+}
+
+// S = Q K^T over all 9 tiles, starting at tile kFirst.
+template <typename T, int kFirst>
+__device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
+                                         const uint32_t (&q8)[4][4]) {
+  qk_tiles<T, kFirst, kNumColTiles, true>(s, sbase, stage, phase, q8);
 }
 
 // O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
@@ -260,7 +259,7 @@ __device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int t_begin, int 
 #define SEESAW_PROBE(k)
 #endif
 
-template <typename T, bool kPrefetch>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_seesaw_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -321,8 +320,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
     if (n > 0) {
       if (tid == 0) {
-        load_tiles<kPrefetch>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
-        if (n > 1) load_tiles<kPrefetch>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
+        load_tiles(&tmap, p, sbase, r, start, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles(&tmap, p, sbase, r, start + kBlockN, kvh, (g + 1) & 1, 0, kNumColTiles);
       }
       // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
@@ -394,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_frags(pa);
         fence_frags(pa_lo);
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
-        if (tid == 0 && i + 2 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, c + 2 * kBlockN, end, kvh, stage, 0, kNumColTiles);
+        if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, c + 2 * kBlockN, kvh, stage, 0, kNumColTiles);
       }
       // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
       // path keeps them.
@@ -455,14 +454,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           named_bar_sync(kBarScaleB, 256);
           SEESAW_PROBE(3);
           // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
-          if (tid == 0 && i + 2 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
+          if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
           // P_a relative to max_b, for WG1
           const float f0 = s_scale_b[row0], f1 = s_scale_b[row1];
-          if (has_b) {
-            rescale_frags<T>(pa, f0, f1);
-            store_p(sbase + kOffPa, pa, row0, quad);
-            fence_proxy_async();
-          }
+          // (also without a chunk b: WG1 always multiplies P_a with its half of V_a)
+          rescale_frags<T>(pa, f0, f1);
+          store_p(sbase + kOffPa, pa, row0, quad);
+          fence_proxy_async();
           named_bar_arrive(kBarPa, 256);
           rescale_rows(o, f0, f1);
           l0 *= f0;
@@ -476,15 +474,19 @@ __global__ void __launch_bounds__(kThreads, 1)
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
           SEESAW_PROBE(4);
+          // S_{a+2} over tiles 0-3 (loaded first), then, once the product with V_b[:, :256] is done and
+          // its refill is issued, over tiles 4-8 (loaded by WG1 later).
           const bool next_a = i + 2 < n;
-          if (next_a) qk_chunk<T, 0>(s, sbase, stage_a, ((ga + 2) >> 1) & 1, q8);
+          const uint32_t phase_next_a = ((ga + 2) >> 1) & 1;
+          if (next_a) qk_tiles<T, 0, 4, true>(s, sbase, stage_a, phase_next_a, q8);
           SEESAW_PROBE(5);
           if (has_b) {
             if (next_a) wgmma_wait<1>(); else wgmma_wait<0>();
             SEESAW_PROBE(6);
             // V_b[:, :256] has no reader left: refill it with chunk b + 2.
-            if (tid == 0 && i + 3 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 0, 4);
+            if (tid == 0 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
           }
+          if (next_a) qk_tiles<T, 4, 5, false>(s, sbase, stage_a, phase_next_a, q8);
           wgmma_wait<0>();
           fence_all(o);
           fence_all(s);
@@ -536,13 +538,13 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_wait<1>();
             fence_frags(pa);
             // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-            if (tid == 128 && i + 3 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 4, kNumColTiles);
+            if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
           }
           SEESAW_PROBE(5);
           wgmma_wait<0>();
           fence_all(o);
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
-          if (tid == 128 && i + 2 < n) load_tiles<kPrefetch>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
+          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
           if (i + 3 < n) {
             qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
             SEESAW_PROBE(6);
@@ -585,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  auto kernel = p.variant == 3 ? dense_decode_seesaw_kernel<T, true> : dense_decode_seesaw_kernel<T, false>;
+  auto kernel = dense_decode_seesaw_kernel<T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
