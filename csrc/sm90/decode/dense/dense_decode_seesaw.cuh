@@ -523,28 +523,30 @@ __global__ void __launch_bounds__(kThreads, 1)
             store_p(sbase + kOffPb, pa, row0, quad);
             fence_proxy_async();
             named_bar_arrive(kBarPb, 256);
-            if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
-            pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
           }
           SEESAW_PROBE(3);
+          // O1 += P_a V_a[:, 256:] first: it is the last reader of stage a, which then refills with
+          // chunk a + 2 while the other products run. Then O1 += P_b V_b[:, 256:].
           named_bar_sync(kBarPa, 256);
           if (end - ca < kBlockN) {
             for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
             zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
           }
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
-          SEESAW_PROBE(4);
           if (has_b) {
-            wgmma_wait<1>();
-            fence_frags(pa);
-            // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-            if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
+            if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
+            pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
           }
+          SEESAW_PROBE(4);
+          if (has_b) wgmma_wait<1>(); else wgmma_wait<0>();
+          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
+          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
           SEESAW_PROBE(5);
           wgmma_wait<0>();
           fence_all(o);
-          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
-          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
+          fence_frags(pa);
+          // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
+          if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
           if (i + 3 < n) {
             qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
             SEESAW_PROBE(6);
