@@ -13,10 +13,10 @@ sys.path.insert(0, "benchmarks")
 import torch_flashmla  # noqa: E402
 from bench_decode import D_QK, D_V, inputs  # noqa: E402
 
-WG0 = ["softmax a", "P_a stored, arrive A", "local PV_a done", "scale_b arrived", "remote PV_b issued",
-       "QK(a+2) issued (tiles waited)", "remote PV_b done", "QK(a+2) done"]
-WG1 = ["pair start", "scale_a arrived", "remote PV_a issued", "softmax b done, arrive B", "PV_a done",
-       "local PV_b done", "QK(b+2) issued (tiles waited)", "QK(b+2) done"]
+WG0 = ["pair start (S_a ready)", "row max of S_a", "scale_a published", "P_a V_a issued", "P_a V_a done",
+       "scale_b arrived", "P_b V_b issued", "S_{a+2} done"]
+WG1 = ["pair start", "scale_a arrived", "row max of S_b", "scale_b published", "P_b stored",
+       "both products issued", "P_a V_a done", "S_{b+2} done"]
 
 
 def main():

@@ -114,6 +114,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == fs::kDQK, "mla_decode: q must be [b, s_q, h_q, 576]");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == fs::kDQK, "mla_decode: kv_cache must be [blocks, page, h_kv, 576]");
   TORCH_CHECK(head_dim_v == fs::kDV, "mla_decode: head_dim_v must be 512");
+  // The kernel takes row maxima of the raw scores (valid for a positive scale only).
+  TORCH_CHECK(softmax_scale > 0, "mla_decode: softmax_scale must be positive, got ", softmax_scale);
   TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 || q_in.scalar_type() == at::kHalf, "mla_decode: q must be bf16 or fp16");
   TORCH_CHECK(kv_cache.scalar_type() == q_in.scalar_type(), "mla_decode: kv_cache must have q's dtype");
   TORCH_CHECK(kv_cache.stride(3) == 1, "mla_decode: kv_cache must have a contiguous last dim");

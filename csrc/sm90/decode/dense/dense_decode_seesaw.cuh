@@ -202,37 +202,47 @@ __device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
     for (int reg = 0; reg < 4; ++reg) asm volatile("" : "+r"(a[kk][reg])::"memory");
 }
 
-// Scale S into the log2 domain and mask tokens at or past each row's limit; row maxima over the quad.
+// Masks the raw scores of tokens at or past each row's limit (-inf; only chunks that reach a limit pay
+// for the compares) and returns the row maxima over the quad in the log2 domain (scale_log2 > 0).
 __device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int lim0, int lim1, float scale_log2,
                                             int quad_col, float& mx0, float& mx1) {
+  if (chunk_tok + kBlockN > min(lim0, lim1)) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = chunk_tok + j * 8 + quad_col + e;
+        if (tok >= lim0) s[j * 4 + e] = -INFINITY;
+        if (tok >= lim1) s[j * 4 + 2 + e] = -INFINITY;
+      }
+    }
+  }
   mx0 = -INFINITY;
   mx1 = -INFINITY;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int tok = chunk_tok + j * 8 + quad_col + e;
-      s[j * 4 + e] = tok < lim0 ? s[j * 4 + e] * scale_log2 : -INFINITY;
-      s[j * 4 + 2 + e] = tok < lim1 ? s[j * 4 + 2 + e] * scale_log2 : -INFINITY;
-      mx0 = fmaxf(mx0, s[j * 4 + e]);
-      mx1 = fmaxf(mx1, s[j * 4 + 2 + e]);
-    }
+    mx0 = fmaxf(mx0, fmaxf(s[j * 4], s[j * 4 + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[j * 4 + 2], s[j * 4 + 3]));
   }
 #pragma unroll
   for (int o_ = 1; o_ <= 2; o_ *= 2) {
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
   }
+  mx0 *= scale_log2;
+  mx1 *= scale_log2;
 }
 
-// P = exp2(S - base) in place (base 0 for rows with no token yet); returns the row sums of this thread.
-__device__ __forceinline__ void exp_rows(float (&s)[32], float base0, float base1, float& sum0, float& sum1) {
+// P = exp2(S * scale_log2 - base) in place (base 0 for rows with no token yet); returns the row sums
+// of this thread.
+__device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float base0, float base1, float& sum0,
+                                         float& sum1) {
   sum0 = 0.f;
   sum1 = 0.f;
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
     const bool top = (i % 4) < 2;
-    s[i] = exp2f(s[i] - (top ? base0 : base1));
+    s[i] = exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1)));
     if (top) sum0 += s[i]; else sum1 += s[i];
   }
 }
@@ -378,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         run_max0 = new_max0;
         run_max1 = new_max1;
         float sum0, sum1;
-        exp_rows(s, base0, base1, sum0, sum1);
+        exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
         l0 = l0 * alpha0 + sum0;
         l1 = l1 * alpha1 + sum1;
         rescale_rows(o, alpha0, alpha1);
@@ -426,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // softmax of chunk a against the running max
           float mx0, mx1;
           mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          SEESAW_PROBE(1);
           const float old0 = s_max[row0], old1 = s_max[row1];
           const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
           const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
@@ -438,21 +449,22 @@ __global__ void __launch_bounds__(kThreads, 1)
             s_scale_a[row1] = scale1;
           }
           named_bar_arrive(kBarScaleA, 256);
-          SEESAW_PROBE(1);
+          SEESAW_PROBE(2);
           float sum0, sum1;
-          exp_rows(s, base0, base1, sum0, sum1);
+          exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
           l0 = l0 * scale0 + sum0;
           l1 = l1 * scale1 + sum1;
           rescale_rows(o, scale0, scale1);
           pack_p<T, false>(pa, s, 1.f, 1.f);
           if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
           pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
+          SEESAW_PROBE(3);
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
-          SEESAW_PROBE(2);
+          SEESAW_PROBE(4);
           named_bar_sync(kBarScaleB, 256);
-          SEESAW_PROBE(3);
+          SEESAW_PROBE(5);
           // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
           if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
           // P_a relative to max_b, for WG1
@@ -473,16 +485,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
-          SEESAW_PROBE(4);
+          SEESAW_PROBE(6);
           // S_{a+2} over tiles 0-3 (loaded first), then, once the product with V_b[:, :256] is done and
           // its refill is issued, over tiles 4-8 (loaded by WG1 later).
           const bool next_a = i + 2 < n;
           const uint32_t phase_next_a = ((ga + 2) >> 1) & 1;
           if (next_a) qk_tiles<T, 0, 4, true>(s, sbase, stage_a, phase_next_a, q8);
-          SEESAW_PROBE(5);
           if (has_b) {
             if (next_a) wgmma_wait<1>(); else wgmma_wait<0>();
-            SEESAW_PROBE(6);
             // V_b[:, :256] has no reader left: refill it with chunk b + 2.
             if (tid == 0 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
           }
@@ -498,6 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // softmax of chunk b against max_a (all masked when there is no chunk b)
           float mx0, mx1;
           mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          SEESAW_PROBE(2);
           const float old0 = s_max[row0], old1 = s_max[row1];
           const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
           const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
@@ -510,11 +521,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             s_scale_b[row1] = scale1;
           }
           named_bar_arrive(kBarScaleB, 256);
-          SEESAW_PROBE(2);
+          SEESAW_PROBE(3);
           // O1 was relative to the max before chunk a: bring it to max_b.
           const float f0 = scale0 * s_scale_a[row0], f1 = scale1 * s_scale_a[row1];
           float sum0, sum1;
-          exp_rows(s, base0, base1, sum0, sum1);
+          exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
           l0 = l0 * f0 + sum0;
           l1 = l1 * f1 + sum1;
           rescale_rows(o, f0, f1);
@@ -524,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             fence_proxy_async();
             named_bar_arrive(kBarPb, 256);
           }
-          SEESAW_PROBE(3);
+          SEESAW_PROBE(4);
           // O1 += P_a V_a[:, 256:] first: it is the last reader of stage a, which then refills with
           // chunk a + 2 while the other products run. Then O1 += P_b V_b[:, 256:].
           named_bar_sync(kBarPa, 256);
@@ -537,11 +548,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
             pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
           }
-          SEESAW_PROBE(4);
+          SEESAW_PROBE(5);
           if (has_b) wgmma_wait<1>(); else wgmma_wait<0>();
+          SEESAW_PROBE(6);
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
           if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
-          SEESAW_PROBE(5);
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
@@ -549,12 +560,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
           if (i + 3 < n) {
             qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
-            SEESAW_PROBE(6);
             wgmma_wait<0>();
             fence_all(s);
             fence_frags(q8);
-            SEESAW_PROBE(7);
           }
+          SEESAW_PROBE(7);
         }
 #ifdef FLASHMLA_DENSE_PROFILE
         if (probe_on) {
