@@ -2,7 +2,6 @@
 # On the H200 machine: build with the SM90 kernels, run every GPU test, the benchmarks, the demo and
 # the example, and print the short tables last. Logs and JSON/PNG results go to $OUT (or ./gpu_logs).
 # Usage: benchmarks/gpu_check.sh [pytest -k expression]
-#   FLASHMLA_DENSE_VARIANT=0|1 picks the dense-decode schedule (default 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-gpu_logs}"; mkdir -p "$OUT"

@@ -14,7 +14,6 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <mutex>
 
 #include "api/decode_api.h"
@@ -25,8 +24,6 @@ namespace {
 
 namespace fs = flashmla::sm90;
 namespace fc = flashmla::common;
-
-constexpr int kDefaultVariant = 2;
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqlens, int64_t num_q_tokens_per_head_k,
                                                          int64_t num_heads_k, int64_t num_heads_q, bool is_fp8_kvcache,
@@ -49,16 +46,6 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqle
                      metadata.data_ptr<int>(), num_splits.data_ptr<int>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
-}
-
-// Kernel schedule (see dense_decode_kernel.cuh); FLASHMLA_DENSE_VARIANT=0|1 overrides the default
-// (read once, on the host: it is a launch-time choice, fixed for a process).
-int kernel_variant() {
-  static const int variant = [] {
-    const char* env = std::getenv("FLASHMLA_DENSE_VARIANT");
-    return env != nullptr && env[0] != 0 ? std::atoi(env) : kDefaultVariant;
-  }();
-  return variant;
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -182,7 +169,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal ? 1 : 0;
-  p.variant = kernel_variant();
 
   const CUtensorMap tmap = make_cache_map(kv_cache);
   const bool bf16 = q.scalar_type() == at::kBFloat16;

@@ -1,4 +1,4 @@
-// Dense MLA decode on SM90: parameters and launchers (kernels in dense_decode_kernel.cuh, instantiated
+// Dense MLA decode on SM90: parameters and launchers (kernel in dense_decode_kernel.cuh, instantiated
 // per dtype in dense_decode_{bf16,fp16}.cu).
 #pragma once
 #include <cstdint>
@@ -32,8 +32,6 @@ struct DenseDecodeParams {
   int b, s_q, h_q, h_kv, group, m_total, page_size, num_sm_parts, num_m_tiles;
   float scale_log2;        // softmax_scale * log2(e)
   int causal;
-  int variant;             // 0: both warpgroups compute S (m64n32 each); 1: warpgroup 0 computes S (m64n64);
-                           // 2: seesaw (the warpgroups take alternate chunks)
 };
 
 // Launches the attention kernel (grid num_sm_parts x h_kv x m tiles) on `stream`.

@@ -1,20 +1,31 @@
-// Dense MLA decode kernel for SM90 (sm_90a): wgmma from shared memory, TMA page loads on mbarriers.
+// Dense MLA decode kernel for SM90 (sm_90a), "seesaw" schedule: the two warpgroups take alternate 64-token
+// chunks, so that one warpgroup's softmax runs while the other's matmuls keep the tensor cores busy.
 //
-// Two schedules (template flag kSolo, runtime switch FLASHMLA_DENSE_VARIANT, default 1 = kSolo):
-// see the comment above dense_decode_kernel.
+// One CTA = (SM partition of the plan, kv head, 64-row query tile), 256 threads = 2 warpgroups.
+// Warpgroup 0 keeps O[:, 0:256] in registers, warpgroup 1 keeps O[:, 256:512]. Chunks of a request
+// go in pairs (a, b) = (2k, 2k+1); stage of chunk g (counted over the CTA) is g & 1.
 //
-// One CTA = (SM partition of the plan, kv head, 64-row query tile). Query rows are the
-// s_q * h_q / h_kv (token, head) pairs sharing one kv head (row m -> token m / group, head
-// kvh * group + m % group); tiles are padded with zero rows. 256 threads = two warpgroups.
+//   WG0: softmax of S_a against the running max (shared memory) -> publishes scale_a
+//        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers)
+//        waits for scale_b; refills V_a[:, :256]; writes P_a * scale_b to shared memory for WG1
+//        O0 = O0 * scale_b + P_b V_b[:, :256]            (P_b from shared memory)
+//        S_{a+2} over tiles 0-3; refills V_b[:, :256]; S_{a+2} over tiles 4-8
+//   WG1: waits for scale_a; softmax of S_b against max_a -> publishes scale_b
+//        writes P_b to shared memory for WG0; O1 *= scale_a * scale_b
+//        O1 += (P_a * scale_b) V_a[:, 256:]              (from shared memory)
+//        O1 += P_b V_b[:, 256:]                          (P_b from registers)
+//        refills tiles 4-8 of stage a, then of stage b; S_{b+2} (tiles 4-8 first)
+// A warpgroup does its softmax before it issues any product of the pair: issuing a wgmma stalls while
+// the other warpgroup's products occupy the tensor cores, and the softmax would wait with it.
 //
-// Per 64-token chunk of the KV cache (one TMA box per 64 columns, 9 boxes, 128B-swizzled):
-//   S_w = Q K[32w : 32w+32]^T       warpgroup w, m64n32k16 x 36 (K = 576)
-//   online softmax; the row max is exchanged through shared memory, so both halves share it
-//   P (64x64, bf16/fp16) -> shared memory (K-major, 128B swizzle)
-//   O_w += P V[:, 256w : 256w+256]  warpgroup w, m64n256k16 x 4 (V read MN-major from the same tile)
-// Two KV stages: thread 0 issues the TMA loads of chunk g+1 (possibly the next request's first
-// chunk) while chunk g is computed. Rows of a partial last chunk past the sequence end are zeroed
-// in shared memory before the PV product (the cache there may hold NaN), and masked in S.
+// Every 64-column tile of a KV stage has its own mbarrier, and a tile is refilled for chunk g+2 as soon
+// as its last reader is done (V[:, :256] after WG0's two PV products, the rest after WG1's), so the
+// next chunk streams in while the current pair is still multiplied. The 9th tile of Q (rope columns)
+// lives in registers (A operand of the last four QK steps), which frees its shared memory for P_b.
+//
+// Short requests (len <= kPreciseMaxLen) take a second path: each warpgroup computes S of every chunk
+// itself and multiplies P = hi + lo (two bf16/fp16 terms) with its half of V, so that P's rounding
+// does not show in outputs that average only a few tokens.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,14 +44,6 @@ static_assert(kBlockM * (kDQK / 8) % kThreads == 0, "Q tile load");
 constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 bytes
 constexpr int kNumColTiles = kDQK / 64;          // 9
 constexpr int kStageBytes = kNumColTiles * kTileBytes;  // 73728
-constexpr int kOffQ = 0;
-constexpr int kOffKV = kOffQ + kStageBytes;
-constexpr int kOffP = kOffKV + 2 * kStageBytes;
-constexpr int kOffMax = kOffP + kTileBytes;      // float [2][64]
-constexpr int kOffSum = kOffMax + 2 * 64 * 4;    // float [2][64]
-constexpr int kOffBar = kOffSum + 2 * 64 * 4;    // uint64 [2]
-constexpr int kSmemUsed = kOffBar + 2 * 8;
-constexpr int kSmemBytes = kSmemUsed + 1024;     // slack for 1024-byte alignment
 
 // Token range [start, end) of request r inside partition (begin_req..end_req).
 __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r, int begin_req, int begin_tok,
@@ -100,68 +103,277 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
   }
 }
 
-// kSolo = false: each warpgroup computes S for 32 of the 64 tokens (m64n32), the row max is
-//                exchanged through shared memory.
-// kSolo = true:  warpgroup 0 computes S for all 64 tokens (m64n64: a third less shared-memory
-//                traffic for the QK product) and the softmax; it publishes P and the rescale
-//                factors; warpgroup 1 only runs its half of the PV product.
-template <typename T, bool kSolo>
+
+constexpr int kOffQ = 0;                                // Q tiles 0-7
+constexpr int kOffPb = 8 * kTileBytes;                  // Q tile 8 while Q loads, then P_b
+constexpr int kOffKV = 9 * kTileBytes;                  // 2 stages x 9 tiles
+constexpr int kOffPa = kOffKV + 2 * kStageBytes;        // P_a
+constexpr int kOffMax = kOffPa + kTileBytes;            // float[64]: running row max
+constexpr int kOffScaleA = kOffMax + 64 * 4;            // float[64]
+constexpr int kOffScaleB = kOffScaleA + 64 * 4;         // float[64]
+constexpr int kOffSum = kOffScaleB + 64 * 4;            // float[2][64]
+constexpr int kOffBar = kOffSum + 2 * 64 * 4;           // uint64[2][9]: one mbarrier per tile and stage
+constexpr int kSmemUsed = kOffBar + 2 * kNumColTiles * 8;
+constexpr int kSmemBytes = kSmemUsed + 1024;            // slack for 1024-byte alignment
+static_assert(kSmemBytes <= 232448, "shared memory per block");
+
+// Named barriers (0 is __syncthreads).
+constexpr uint32_t kBarAll = 1;      // all 256 threads
+constexpr uint32_t kBarScaleA = 2;   // WG0 -> WG1: scale_a and the running max are written
+constexpr uint32_t kBarScaleB = 3;   // WG1 -> WG0: scale_b and the running max are written
+constexpr uint32_t kBarPa = 4;       // WG0 -> WG1: P_a (relative to max_b) is in shared memory
+constexpr uint32_t kBarPb = 5;       // WG1 -> WG0: P_b is in shared memory
+constexpr uint32_t kBarWg0 = 6;      // one warpgroup (6 + wg)
+
+__device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
+  return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
+}
+__device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
+
+// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`.
+__device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
+                                           int tok, int kvh, int stage, int t_begin, int t_end) {
+  const int page = p.block_table[(int64_t)r * p.block_table_stride + tok / p.page_size];
+  const int in_page = tok % p.page_size;
+  for (int t = t_begin; t < t_end; ++t) {
+    const uint32_t bar = tile_bar(sbase, stage, t);
+    mbar_expect_tx(bar, kTileBytes);
+    tma_load_4d(stage_addr(sbase, stage) + t * kTileBytes, tmap, bar, t * 64, kvh, in_page, page);
+  }
+}
+
+// Byte offset, inside a swizzled 64x64 tile, of the 4 bytes that register `reg` of k-step kk holds in
+// the m64k16 A-fragment layout (also the layout of two adjacent accumulator columns): registers 0/2
+// hold row0, 1/3 hold row0 + 8; registers 2/3 are 8 columns to the right of 0/1.
+__device__ __forceinline__ uint32_t frag_offset(int row0, int quad, int kk, int reg) {
+  return swz(row0 + (reg & 1) * 8, 2 * kk + (reg >> 1)) + quad * 4;
+}
+
+// S (m64n64 accumulators) -> bf16/fp16 A fragments of the PV product, rows scaled by f0 / f1.
+template <typename T, bool kResidue>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32], float f0, float f1) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const float f = reg & 1 ? f1 : f0;
+      const float x = s[8 * kk + 2 * reg] * f, y = s[8 * kk + 2 * reg + 1] * f;
+      pa[kk][reg] = kResidue ? TypeOps<T>::pack_residue(x, y) : TypeOps<T>::pack(x, y);
+    }
+  }
+}
+
+// Rows of packed P fragments *= f0 / f1; skipped (no second rounding) when no row of the warp changes.
+template <typename T>
+__device__ __forceinline__ void rescale_frags(uint32_t (&pa)[4][4], float f0, float f1) {
+  if (__any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f)) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const float f = reg & 1 ? f1 : f0;
+        const float2 v = TypeOps<T>::unpack(pa[kk][reg]);
+        pa[kk][reg] = TypeOps<T>::pack(v.x * f, v.y * f);
+      }
+  }
+}
+
+// Returns x, hidden from the optimizer, so that addresses derived from it are recomputed at each use
+// instead of being hoisted out of the chunk loop into 16 live registers.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+__device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4], int row0, int quad) {
+  // frag_offset(row0, quad, kk, reg) = row part + (16-byte chunk ^ (row0 & 7)) * 16; row0 + 8 has the same
+  // swizzle phase.
+  const uint32_t row_part = opaque(tile + row0 * 128 + quad * 4);
+  const uint32_t phase = (row0 & 7) << 4;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const uint32_t addr = row_part + (reg & 1) * 1024 + ((((2 * kk + (reg >> 1)) << 4)) ^ phase);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pa[kk][reg]) : "memory");
+    }
+}
+
+// S (+)= Q K^T over tiles kFirst, kFirst+1, ... (kCount tiles, mod 9) of the chunk in `stage`, each
+// after its mbarrier; the first tile overwrites S when kZero. Tile 8 of Q comes from registers.
+// Committed as one wgmma group, not waited for. A call that continues a pending group (kZero false)
+// must not touch S in between, so it does not fence S.
+template <typename T, int kFirst, int kCount, bool kZero>
+__device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
+                                         const uint32_t (&q8)[4][4]) {
+  const uint32_t kv = stage_addr(sbase, stage);
+  if constexpr (kZero) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) fence_operand(s[i]);
+  }
+#pragma unroll
+  for (int j = 0; j < kCount; ++j) {
+    const int t = (j + kFirst) % kNumColTiles;
+    mbar_wait_loop(tile_bar(sbase, stage, t), phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int accumulate = !kZero || j > 0 || kk > 0;
+      const uint64_t desc_k = desc_sw128(kv + t * kTileBytes + kk * 32, 16, 1024);
+      if (t < 8) {
+        TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + t * kTileBytes + kk * 32, 16, 1024), desc_k, accumulate);
+      } else {
+        TypeOps<T>::qk64_r(s, q8[kk], desc_k, accumulate);
+      }
+    }
+  }
+  wgmma_commit();
+}
+
+// S = Q K^T over all 9 tiles, starting at tile kFirst.
+template <typename T, int kFirst>
+__device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
+                                         const uint32_t (&q8)[4][4]) {
+  qk_tiles<T, kFirst, kNumColTiles, true>(s, sbase, stage, phase, q8);
+}
+
+// O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
+template <typename T>
+__device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t v_half) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) TypeOps<T>::pv_r(o, pa[kk], desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
+  wgmma_commit();
+}
+
+// O += P V[:, half] with P from a swizzled shared-memory tile. Committed, not waited for.
+template <typename T>
+__device__ __forceinline__ void pv_smem(float (&o)[128], uint32_t p_tile, uint32_t v_half) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    TypeOps<T>::pv(o, desc_sw128(p_tile + kk * 32, 16, 1024), desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
+  }
+  wgmma_commit();
+}
+
+template <int N>
+__device__ __forceinline__ void fence_all(float (&x)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) fence_operand(x[i]);
+}
+// Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
+// retires the products reading them (the compiler does not know wgmma reads them asynchronously).
+__device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) asm volatile("" : "+r"(a[kk][reg])::"memory");
+}
+
+// Masks the raw scores of tokens at or past each row's limit (-inf; only chunks that reach a limit pay
+// for the compares) and returns the row maxima over the quad in the log2 domain (scale_log2 > 0).
+__device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int lim0, int lim1, float scale_log2,
+                                            int quad_col, float& mx0, float& mx1) {
+  if (chunk_tok + kBlockN > min(lim0, lim1)) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = chunk_tok + j * 8 + quad_col + e;
+        if (tok >= lim0) s[j * 4 + e] = -INFINITY;
+        if (tok >= lim1) s[j * 4 + 2 + e] = -INFINITY;
+      }
+    }
+  }
+  mx0 = -INFINITY;
+  mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    mx0 = fmaxf(mx0, fmaxf(s[j * 4], s[j * 4 + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[j * 4 + 2], s[j * 4 + 3]));
+  }
+#pragma unroll
+  for (int o_ = 1; o_ <= 2; o_ *= 2) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+  }
+  mx0 *= scale_log2;
+  mx1 *= scale_log2;
+}
+
+// P = exp2(S * scale_log2 - base) in place (base 0 for rows with no token yet); returns the row sums
+// of this thread.
+__device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float base0, float base1, float& sum0,
+                                         float& sum1) {
+  sum0 = 0.f;
+  sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const bool top = (i % 4) < 2;
+    s[i] = exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1)));
+    if (top) sum0 += s[i]; else sum1 += s[i];
+  }
+}
+
+// Rows [valid, 64) of tiles [t_begin, t_begin + 4) of a stage -> 0 (the cache there may hold NaN, and
+// P = 0 must not meet it in the PV product); one warpgroup, then visible to its wgmma.
+__device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int t_begin, int valid, int tid_wg, int wg) {
+  for (int idx = tid_wg; idx < (kBlockN - valid) * 4 * 8; idx += 128) {
+    const int row = valid + idx / 32;
+    const int tile = t_begin + (idx / 8) % 4;
+    *reinterpret_cast<uint4*>(stage + tile * kTileBytes + swz(row, idx % 8)) = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async();
+  named_bar_sync(kBarWg0 + wg, 128);
+}
+
+// Timeline probes for development builds (-DFLASHMLA_DENSE_PROFILE): thread 0 of each warpgroup of
+// CTA (0, 0, 0) records clock64() at 8 points of pair 20 and writes them as int64 to the start of
+// `out` (warpgroup w at [8w, 8w + 8)); that CTA then skips its output stores.
+#ifdef FLASHMLA_DENSE_PROFILE
+#define SEESAW_PROBE(k) \
+  if (probe_on) probe[k] = clock64();
+#else
+#define SEESAW_PROBE(k)
+#endif
+
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_addr(smem);
   float* s_max = reinterpret_cast<float*>(smem + kOffMax);
+  float* s_scale_a = reinterpret_cast<float*>(smem + kOffScaleA);
+  float* s_scale_b = reinterpret_cast<float*>(smem + kOffScaleB);
   float* s_sum = reinterpret_cast<float*>(smem + kOffSum);
-  const uint32_t bar_full0 = sbase + kOffBar;
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
-  const int warp = (tid % 128) / 32;
+  const int tid_wg = tid % 128;
+  const int warp = tid_wg / 32;
   const int lane = tid % 32;
-  const int part = blockIdx.x;
+  const int quad = lane % 4;
+  const int quad_col = quad * 2;
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.z;
 
-  const int* meta = p.metadata + part * 8;
+  const int* meta = p.metadata + blockIdx.x * 8;
   const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
   const int begin_split = meta[4];
   if (begin_req > end_req || begin_req < 0) return;
 
   if (tid == 0) {
-    mbar_init(bar_full0, 1);
-    mbar_init(bar_full0 + 8, 1);
+    for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
   }
   __syncthreads();
-
-  // Issuer state (thread 0 only): the next chunk to load.
-  int ld_r = begin_req, ld_c = 0, ld_end = 0;
-  auto ld_seek = [&]() {  // advance (ld_r, ld_c) to a chunk inside a non-empty range, or past end_req
-    while (ld_r <= end_req && ld_c >= ld_end) {
-      ++ld_r;
-      if (ld_r > end_req) break;
-      request_range(p, ld_r, begin_req, begin_tok, end_req, end_tok, ld_c, ld_end);
-    }
-  };
-  auto ld_issue = [&](int stage) {
-    if (ld_r > end_req) return;
-    const int page = p.block_table[(int64_t)ld_r * p.block_table_stride + ld_c / p.page_size];
-    const int tok = ld_c % p.page_size;
-    const uint32_t bar = bar_full0 + stage * 8;
-    mbar_expect_tx(bar, kStageBytes);
-    const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
-#pragma unroll
-    for (int i = 0; i < kNumColTiles; ++i) tma_load_4d(dst + i * kTileBytes, &tmap, bar, i * 64, kvh, tok, page);
-    ld_c += kBlockN;
-    ld_seek();
-  };
-  if (tid == 0) {
-    request_range(p, ld_r, begin_req, begin_tok, end_req, end_tok, ld_c, ld_end);
-    ld_seek();
-    ld_issue(0);
-  }
 
   // Rows owned by this thread in the wgmma accumulator layout.
   const int row0 = warp * 16 + lane / 4;
@@ -170,10 +382,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m1 = mtile * kBlockM + row1;
   const int t0 = min(m0, p.m_total - 1) / p.group;
   const int t1 = min(m1, p.m_total - 1) / p.group;
-  const int quad_col = (lane % 4) * 2;
-
   const T* qbase = reinterpret_cast<const T*>(p.q);
-  uint32_t g = 0;  // chunks consumed so far (stage = g & 1, phase = (g >> 1) & 1)
+  uint32_t g = 0;  // chunks consumed so far: chunk g sits in stage g & 1, loaded in phase (g >> 1) & 1
 
   for (int r = begin_req; r <= end_req; ++r) {
     int start, end;
@@ -181,21 +391,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int len = max(p.seqlens[r], 0);
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     const int split_idx = r == begin_req ? begin_split : 0;
-    // Short requests: P = hi + lo (two bf16/fp16 terms) so that P's rounding does not show in
-    // outputs that average only a few tokens. Long requests use one term (errors average out).
-    const bool precise = len <= kPreciseMaxLen;
+    const int n = start < end ? (end - start + kBlockN - 1) / kBlockN : 0;
+    const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
+    const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
 
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    float run_max0 = -INFINITY, run_max1 = -INFINITY;
-    float run_sum0 = 0.f, run_sum1 = 0.f;
+    float l0 = 0.f, l1 = 0.f;  // row sums of this thread's columns, relative to s_max
 
-    if (start < end) {
-      // Q tile of request r -> shared memory (zero rows past m_total).
-      named_bar_sync(1, 256);
-      // 16-byte cp.async (asynchronous: all 18 per thread in flight at once, no register staging);
-      // rows past m_total are zero-filled.
+    named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
+    if (n > 0) {
+      if (tid == 0) {
+        load_tiles(&tmap, p, sbase, r, start, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles(&tmap, p, sbase, r, start + kBlockN, kvh, (g + 1) & 1, 0, kNumColTiles);
+      }
+      // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
       for (int it = 0; it < kBlockM * (kDQK / 8) / kThreads; ++it) {
         const int idx = tid + it * kThreads;
@@ -214,280 +425,254 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       asm volatile("cp.async.commit_group;\n" ::: "memory");
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      if (tid < kBlockM) s_max[tid] = -INFINITY;
       fence_proxy_async();
-      named_bar_sync(1, 256);
+      named_bar_sync(kBarAll, 256);
     }
-    const int lim_causal0 = p.causal ? len - p.s_q + t0 + 1 : len;
-    const int lim_causal1 = p.causal ? len - p.s_q + t1 + 1 : len;
+    // Q tile 8 -> registers (both warpgroups), then its shared memory is free for P_b.
+    uint32_t q8[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg)
+        q8[kk][reg] = *reinterpret_cast<const uint32_t*>(smem + kOffPb + frag_offset(row0, quad, kk, reg));
+    named_bar_sync(kBarAll, 256);
 
-    for (int c = start; c < end; c += kBlockN, ++g) {
-      const int stage = g & 1;
-      // Everyone finished chunk g-1 (its PV read the other stage): refill that stage.
-      named_bar_sync(1, 256);
-      if (tid == 0) ld_issue(stage ^ 1);
-      mbar_wait(bar_full0 + stage * 8, (g >> 1) & 1);
-      const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
-      const int valid = min(end - c, kBlockN);
-      if (valid < kBlockN) {  // rows past the sequence end: zero (they may hold NaN)
-        uint8_t* kvp = smem + kOffKV + stage * kStageBytes;
-        for (int idx = tid; idx < (kBlockN - valid) * (kDQK / 8); idx += kThreads) {
-          const int row = valid + idx / (kDQK / 8);
-          const int ch = idx % (kDQK / 8);
-          *reinterpret_cast<uint4*>(kvp + (ch / 8) * kTileBytes + swz(row, ch % 8)) = make_uint4(0, 0, 0, 0);
-        }
-        fence_proxy_async();
-        named_bar_sync(1, 256);
-      }
-
-      if constexpr (!kSolo) {
-      // ---- S = Q K^T (this warpgroup's 32 tokens) ----
-      float s[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) s[i] = 0.f;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kDQK / 16; ++kk) {
-        const uint32_t off = (kk / 4) * kTileBytes + (kk % 4) * 32;
-        TypeOps<T>::qk(s, desc_sw128(sbase + kOffQ + off, 16, 1024), desc_sw128(kv + off + wg * 32 * 128, 16, 1024),
-                       kk > 0 ? 1 : 0);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 16; ++i) fence_operand(s[i]);
-
-      // ---- online softmax (log2 domain) ----
-      const int lim0 = min(end, lim_causal0);
-      const int lim1 = min(end, lim_causal1);
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int tok = c + wg * 32 + j * 8 + quad_col + e;
-          s[j * 4 + e] = tok < lim0 ? s[j * 4 + e] * p.scale_log2 : -INFINITY;
-          s[j * 4 + 2 + e] = tok < lim1 ? s[j * 4 + 2 + e] * p.scale_log2 : -INFINITY;
-          mx0 = fmaxf(mx0, s[j * 4 + e]);
-          mx1 = fmaxf(mx1, s[j * 4 + 2 + e]);
-        }
-      }
-#pragma unroll
-      for (int o_ = 1; o_ <= 2; o_ *= 2) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
-      }
-      if (lane % 4 == 0) {
-        s_max[wg * 64 + row0] = mx0;
-        s_max[wg * 64 + row1] = mx1;
-      }
-      named_bar_sync(1, 256);
-      mx0 = fmaxf(mx0, s_max[(wg ^ 1) * 64 + row0]);
-      mx1 = fmaxf(mx1, s_max[(wg ^ 1) * 64 + row1]);
-      const float new_max0 = fmaxf(run_max0, mx0);
-      const float new_max1 = fmaxf(run_max1, mx1);
-      const float base0 = new_max0 == -INFINITY ? 0.f : new_max0;
-      const float base1 = new_max1 == -INFINITY ? 0.f : new_max1;
-      const float alpha0 = exp2f(run_max0 - base0);
-      const float alpha1 = exp2f(run_max1 - base1);
-      run_max0 = new_max0;
-      run_max1 = new_max1;
-      float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const bool top = (i % 4) < 2;
-        s[i] = exp2f(s[i] - (top ? base0 : base1));
-        if (top) sum0 += s[i]; else sum1 += s[i];
-      }
-      run_sum0 = run_sum0 * alpha0 + sum0;
-      run_sum1 = run_sum1 * alpha1 + sum1;
-      rescale_rows(o, alpha0, alpha1);
-      // P -> shared memory (A operand of PV, K-major over the 64 tokens)
-      uint8_t* sp = smem + kOffP;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int chunk = wg * 4 + j;
-        *reinterpret_cast<uint32_t*>(sp + swz(row0, chunk) + quad_col * 2) = TypeOps<T>::pack(s[j * 4], s[j * 4 + 1]);
-        *reinterpret_cast<uint32_t*>(sp + swz(row1, chunk) + quad_col * 2) = TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
-      }
-      fence_proxy_async();
-      named_bar_sync(1, 256);
-
-      // ---- O += P V (this warpgroup's 256 columns) ----
-#pragma unroll
-      for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
-                       desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-      if (precise) {  // second term: the rounding residue of P
-        named_bar_sync(1, 256);  // both warpgroups are done reading the first term
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int chunk = wg * 4 + j;
-          *reinterpret_cast<uint32_t*>(sp + swz(row0, chunk) + quad_col * 2) =
-              TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1]);
-          *reinterpret_cast<uint32_t*>(sp + swz(row1, chunk) + quad_col * 2) =
-              TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
-        }
-        fence_proxy_async();
-        named_bar_sync(1, 256);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
-                         desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
-        }
-        wgmma_commit();
+    float s[32];
+    uint32_t pa[4][4];
+    if (n > 0 && len <= kPreciseMaxLen) {
+      // ---- short request: every warpgroup computes S of every chunk; P = hi + lo ----
+      float run_max0 = -INFINITY, run_max1 = -INFINITY;
+      uint32_t pa_lo[4][4];
+      for (int i = 0; i < n; ++i) {
+        const uint32_t gi = g + i;
+        const int stage = gi & 1;
+        const int c = start + i * kBlockN;
+        qk_chunk<T, 0>(s, sbase, stage, (gi >> 1) & 1, q8);
         wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-      }
-      } else {
-      // ---- S = Q K^T over all 64 tokens (warpgroup 0) ----
-      float s[32];
-      float alpha0 = 1.f, alpha1 = 1.f;
-      uint8_t* sp = smem + kOffP;
-      if (wg == 0) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] = 0.f;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kDQK / 16; ++kk) {
-          const uint32_t off = (kk / 4) * kTileBytes + (kk % 4) * 32;
-          TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + off, 16, 1024), desc_sw128(kv + off, 16, 1024), kk > 0 ? 1 : 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 32; ++i) fence_operand(s[i]);
-        const int lim0 = min(end, lim_causal0);
-        const int lim1 = min(end, lim_causal1);
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = c + j * 8 + quad_col + e;
-            s[j * 4 + e] = tok < lim0 ? s[j * 4 + e] * p.scale_log2 : -INFINITY;
-            s[j * 4 + 2 + e] = tok < lim1 ? s[j * 4 + 2 + e] * p.scale_log2 : -INFINITY;
-            mx0 = fmaxf(mx0, s[j * 4 + e]);
-            mx1 = fmaxf(mx1, s[j * 4 + 2 + e]);
-          }
-        }
-#pragma unroll
-        for (int o_ = 1; o_ <= 2; o_ *= 2) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
-        }
-        const float new_max0 = fmaxf(run_max0, mx0);
-        const float new_max1 = fmaxf(run_max1, mx1);
+        fence_all(s);
+        fence_frags(q8);
+        float mx0, mx1;
+        mask_rowmax(s, c, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+        const float new_max0 = fmaxf(run_max0, mx0), new_max1 = fmaxf(run_max1, mx1);
         const float base0 = new_max0 == -INFINITY ? 0.f : new_max0;
         const float base1 = new_max1 == -INFINITY ? 0.f : new_max1;
-        alpha0 = exp2f(run_max0 - base0);
-        alpha1 = exp2f(run_max1 - base1);
+        const float alpha0 = exp2f(run_max0 - base0), alpha1 = exp2f(run_max1 - base1);
         run_max0 = new_max0;
         run_max1 = new_max1;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const bool top = (i % 4) < 2;
-          s[i] = exp2f(s[i] - (top ? base0 : base1));
-          if (top) sum0 += s[i]; else sum1 += s[i];
-        }
-        run_sum0 = run_sum0 * alpha0 + sum0;
-        run_sum1 = run_sum1 * alpha1 + sum1;
-        if (lane % 4 == 0) {
-          s_max[row0] = alpha0;
-          s_max[row1] = alpha1;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          *reinterpret_cast<uint32_t*>(sp + swz(row0, j) + quad_col * 2) = TypeOps<T>::pack(s[j * 4], s[j * 4 + 1]);
-          *reinterpret_cast<uint32_t*>(sp + swz(row1, j) + quad_col * 2) = TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
-        }
-        fence_proxy_async();
-      }
-      named_bar_sync(1, 256);  // P and the rescale factors are ready
-      if (wg == 1) {
-        alpha0 = s_max[row0];
-        alpha1 = s_max[row1];
-      }
-      rescale_rows(o, alpha0, alpha1);
-#pragma unroll
-      for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
-                       desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-      if (precise) {  // second term: the rounding residue of P
-        named_bar_sync(1, 256);  // both warpgroups are done reading the first term
-        if (wg == 0) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            *reinterpret_cast<uint32_t*>(sp + swz(row0, j) + quad_col * 2) = TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1]);
-            *reinterpret_cast<uint32_t*>(sp + swz(row1, j) + quad_col * 2) =
-                TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
-          }
-          fence_proxy_async();
-        }
-        named_bar_sync(1, 256);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
-                         desc_sw128(kv + wg * 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
-        }
-        wgmma_commit();
+        float sum0, sum1;
+        exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
+        l0 = l0 * alpha0 + sum0;
+        l1 = l1 * alpha1 + sum1;
+        rescale_rows(o, alpha0, alpha1);
+        pack_p<T, false>(pa, s, 1.f, 1.f);
+        pack_p<T, true>(pa_lo, s, 1.f, 1.f);
+        const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
+        if (end - c < kBlockN) zero_tail_rows(smem + kOffKV + stage * kStageBytes, wg * 4, end - c, tid_wg, wg);
+        pv_regs<T>(o, pa, v_half);
+        pv_regs<T>(o, pa_lo, v_half);
         wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+        fence_all(o);
+        fence_frags(pa);
+        fence_frags(pa_lo);
+        named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
+        if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, c + 2 * kBlockN, kvh, stage, 0, kNumColTiles);
       }
+      // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
+      // path keeps them.
+      if (wg == 1) l0 = l1 = 0.f;
+      if (wg == 0 && quad == 0) {
+        s_max[row0] = run_max0;
+        s_max[row1] = run_max1;
+      }
+    } else if (n > 0) {
+      // ---- seesaw: WG0 takes the even chunks a, WG1 the odd chunks b ----
+      if (wg == 0) {
+        qk_chunk<T, 0>(s, sbase, g & 1, (g >> 1) & 1, q8);
+      } else if (n > 1) {
+        qk_chunk<T, 4>(s, sbase, (g + 1) & 1, ((g + 1) >> 1) & 1, q8);
+      }
+      wgmma_wait<0>();
+      fence_all(s);
+      fence_frags(q8);
+      for (int i = 0; i < n; i += 2) {
+#ifdef FLASHMLA_DENSE_PROFILE
+        const bool probe_on = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tid_wg == 0 && i == 20;
+        long long probe[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#endif
+        SEESAW_PROBE(0);
+        const uint32_t ga = g + i, gb = ga + 1;
+        const int stage_a = ga & 1, stage_b = gb & 1;
+        const int ca = start + i * kBlockN, cb = ca + kBlockN;
+        const bool has_b = i + 1 < n;
+        if (wg == 0) {
+          // softmax of chunk a against the running max
+          float mx0, mx1;
+          mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          SEESAW_PROBE(1);
+          const float old0 = s_max[row0], old1 = s_max[row1];
+          const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
+          const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
+          const float scale0 = exp2f(old0 - base0), scale1 = exp2f(old1 - base1);
+          __syncwarp();  // the quad's reads of s_max are done
+          if (quad == 0) {
+            s_max[row0] = new0;
+            s_max[row1] = new1;
+            s_scale_a[row0] = scale0;
+            s_scale_a[row1] = scale1;
+          }
+          named_bar_arrive(kBarScaleA, 256);
+          SEESAW_PROBE(2);
+          float sum0, sum1;
+          exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
+          l0 = l0 * scale0 + sum0;
+          l1 = l1 * scale1 + sum1;
+          rescale_rows(o, scale0, scale1);
+          pack_p<T, false>(pa, s, 1.f, 1.f);
+          if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
+          pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
+          SEESAW_PROBE(3);
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_frags(pa);
+          SEESAW_PROBE(4);
+          named_bar_sync(kBarScaleB, 256);
+          SEESAW_PROBE(5);
+          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
+          if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
+          // P_a relative to max_b, for WG1
+          const float f0 = s_scale_b[row0], f1 = s_scale_b[row1];
+          // (also without a chunk b: WG1 always multiplies P_a with its half of V_a)
+          rescale_frags<T>(pa, f0, f1);
+          store_p(sbase + kOffPa, pa, row0, quad);
+          fence_proxy_async();
+          named_bar_arrive(kBarPa, 256);
+          rescale_rows(o, f0, f1);
+          l0 *= f0;
+          l1 *= f1;
+          if (has_b) {
+            named_bar_sync(kBarPb, 256);
+            if (end - cb < kBlockN) {
+              for (int t = 0; t < 4; ++t) mbar_wait(tile_bar(sbase, stage_b, t), (gb >> 1) & 1);
+              zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 0, end - cb, tid_wg, 0);
+            }
+            pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
+          }
+          SEESAW_PROBE(6);
+          // S_{a+2} over tiles 0-3 (loaded first), then, once the product with V_b[:, :256] is done and
+          // its refill is issued, over tiles 4-8 (loaded by WG1 later).
+          const bool next_a = i + 2 < n;
+          const uint32_t phase_next_a = ((ga + 2) >> 1) & 1;
+          if (next_a) qk_tiles<T, 0, 4, true>(s, sbase, stage_a, phase_next_a, q8);
+          if (has_b) {
+            if (next_a) wgmma_wait<1>(); else wgmma_wait<0>();
+            // V_b[:, :256] has no reader left: refill it with chunk b + 2.
+            if (tid == 0 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
+          }
+          if (next_a) qk_tiles<T, 4, 5, false>(s, sbase, stage_a, phase_next_a, q8);
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_all(s);
+          fence_frags(q8);
+          SEESAW_PROBE(7);
+        } else {
+          named_bar_sync(kBarScaleA, 256);
+          SEESAW_PROBE(1);
+          // softmax of chunk b against max_a (all masked when there is no chunk b)
+          float mx0, mx1;
+          mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          SEESAW_PROBE(2);
+          const float old0 = s_max[row0], old1 = s_max[row1];
+          const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
+          const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
+          const float scale0 = exp2f(old0 - base0), scale1 = exp2f(old1 - base1);
+          __syncwarp();
+          if (quad == 0) {
+            s_max[row0] = new0;
+            s_max[row1] = new1;
+            s_scale_b[row0] = scale0;
+            s_scale_b[row1] = scale1;
+          }
+          named_bar_arrive(kBarScaleB, 256);
+          SEESAW_PROBE(3);
+          // O1 was relative to the max before chunk a: bring it to max_b.
+          const float f0 = scale0 * s_scale_a[row0], f1 = scale1 * s_scale_a[row1];
+          float sum0, sum1;
+          exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
+          l0 = l0 * f0 + sum0;
+          l1 = l1 * f1 + sum1;
+          rescale_rows(o, f0, f1);
+          if (has_b) {
+            pack_p<T, false>(pa, s, 1.f, 1.f);
+            store_p(sbase + kOffPb, pa, row0, quad);
+            fence_proxy_async();
+            named_bar_arrive(kBarPb, 256);
+          }
+          SEESAW_PROBE(4);
+          // O1 += P_a V_a[:, 256:] first: it is the last reader of stage a, which then refills with
+          // chunk a + 2 while the other products run. Then O1 += P_b V_b[:, 256:].
+          named_bar_sync(kBarPa, 256);
+          if (end - ca < kBlockN) {
+            for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
+            zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
+          }
+          pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
+          if (has_b) {
+            if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
+            pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
+          }
+          SEESAW_PROBE(5);
+          if (has_b) wgmma_wait<1>(); else wgmma_wait<0>();
+          SEESAW_PROBE(6);
+          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
+          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_frags(pa);
+          // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
+          if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
+          if (i + 3 < n) {
+            qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
+            wgmma_wait<0>();
+            fence_all(s);
+            fence_frags(q8);
+          }
+          SEESAW_PROBE(7);
+        }
+#ifdef FLASHMLA_DENSE_PROFILE
+        if (probe_on) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) reinterpret_cast<long long*>(p.out)[wg * 8 + k] = probe[k];
+        }
+#endif
       }
     }
+    g += n;
 
-    // ---- epilogue: finish the row sums across the quad and both warpgroups ----
+    // ---- epilogue: row sums over the quad and both warpgroups; the final max is in s_max ----
 #pragma unroll
     for (int o_ = 1; o_ <= 2; o_ *= 2) {
-      run_sum0 += __shfl_xor_sync(0xffffffffu, run_sum0, o_);
-      run_sum1 += __shfl_xor_sync(0xffffffffu, run_sum1, o_);
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
     }
-    named_bar_sync(1, 256);  // s_sum free (previous request's readers are done)
-    if (lane % 4 == 0) {
-      s_sum[wg * 64 + row0] = run_sum0;
-      s_sum[wg * 64 + row1] = run_sum1;
+    if (quad == 0) {
+      s_sum[wg * 64 + row0] = l0;
+      s_sum[wg * 64 + row1] = l1;
     }
-    named_bar_sync(1, 256);
+    named_bar_sync(kBarAll, 256);
+    const float max0 = n > 0 ? s_max[row0] : -INFINITY;
+    const float max1 = n > 0 ? s_max[row1] : -INFINITY;
+#ifdef FLASHMLA_DENSE_PROFILE
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
+#endif
     store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, quad_col, s_sum[row0] + s_sum[64 + row0],
-                     s_sum[row1] + s_sum[64 + row1], run_max0, run_max1, n_splits, split_idx);
+                     s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }
 }
 
-}  // namespace dense
-}  // namespace sm90
-}  // namespace flashmla
-
-#include "sm90/decode/dense/dense_decode_seesaw.cuh"
-
-namespace flashmla {
-namespace sm90 {
-namespace dense {
-
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  if (p.variant >= 2) return seesaw::launch<T>(p, tmap, stream);
-  auto kernel = p.variant == 1 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
+  auto kernel = dense_decode_kernel<T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
