@@ -306,6 +306,38 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int l
   mx1 *= scale_log2;
 }
 
+// Running max of this thread's two rows after a chunk with row maxima mx0 / mx1 (log2 domain): the
+// new max, the exp2 base (0 for rows with no token yet, so that -inf - -inf never occurs) and the
+// factor that brings sums and O from the old max to the new one.
+struct MaxUpdate {
+  float max0, max1, base0, base1, scale0, scale1;
+};
+__device__ __forceinline__ MaxUpdate update_max(float old0, float old1, float mx0, float mx1) {
+  MaxUpdate u;
+  u.max0 = fmaxf(old0, mx0);
+  u.max1 = fmaxf(old1, mx1);
+  u.base0 = u.max0 == -INFINITY ? 0.f : u.max0;
+  u.base1 = u.max1 == -INFINITY ? 0.f : u.max1;
+  u.scale0 = exp2f(old0 - u.base0);
+  u.scale1 = exp2f(old1 - u.base1);
+  return u;
+}
+
+// The seesaw warpgroups share the running max through shared memory: each quad reads its two rows,
+// then lane 0 of the quad writes the new max and the factor for the other warpgroup.
+__device__ __forceinline__ MaxUpdate update_shared_max(float* s_max, float* s_scale, int row0, int row1, int quad,
+                                                       float mx0, float mx1) {
+  const MaxUpdate u = update_max(s_max[row0], s_max[row1], mx0, mx1);
+  __syncwarp();  // the quad's reads of s_max are done
+  if (quad == 0) {
+    s_max[row0] = u.max0;
+    s_max[row1] = u.max1;
+    s_scale[row0] = u.scale0;
+    s_scale[row1] = u.scale1;
+  }
+  return u;
+}
+
 // P = exp2(S * scale_log2 - base) in place (base 0 for rows with no token yet); returns the row sums
 // of this thread.
 __device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float base0, float base1, float& sum0,
@@ -318,6 +350,17 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float
     s[i] = exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1)));
     if (top) sum0 += s[i]; else sum1 += s[i];
   }
+}
+
+// The softmax step of a warpgroup that owns its chunk: P = exp2(S - base), row sums and O brought to
+// the new max.
+__device__ __forceinline__ void exp_rescale(float (&s)[32], float (&o)[128], float& l0, float& l1, float scale_log2,
+                                            const MaxUpdate& u) {
+  float sum0, sum1;
+  exp_rows(s, scale_log2, u.base0, u.base1, sum0, sum1);
+  l0 = l0 * u.scale0 + sum0;
+  l1 = l1 * u.scale1 + sum1;
+  rescale_rows(o, u.scale0, u.scale1);
 }
 
 // Rows [valid, 64) of tiles [t_begin, t_begin + 4) of a stage -> 0 (the cache there may hold NaN, and
@@ -454,17 +497,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_frags(q8);
         float mx0, mx1;
         mask_rowmax(s, c, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
-        const float new_max0 = fmaxf(run_max0, mx0), new_max1 = fmaxf(run_max1, mx1);
-        const float base0 = new_max0 == -INFINITY ? 0.f : new_max0;
-        const float base1 = new_max1 == -INFINITY ? 0.f : new_max1;
-        const float alpha0 = exp2f(run_max0 - base0), alpha1 = exp2f(run_max1 - base1);
-        run_max0 = new_max0;
-        run_max1 = new_max1;
-        float sum0, sum1;
-        exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
-        l0 = l0 * alpha0 + sum0;
-        l1 = l1 * alpha1 + sum1;
-        rescale_rows(o, alpha0, alpha1);
+        const MaxUpdate u = update_max(run_max0, run_max1, mx0, mx1);
+        run_max0 = u.max0;
+        run_max1 = u.max1;
+        exp_rescale(s, o, l0, l1, p.scale_log2, u);
         pack_p<T, false>(pa, s, 1.f, 1.f);
         pack_p<T, true>(pa_lo, s, 1.f, 1.f);
         const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
@@ -510,24 +546,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           float mx0, mx1;
           mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
           SEESAW_PROBE(1);
-          const float old0 = s_max[row0], old1 = s_max[row1];
-          const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
-          const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
-          const float scale0 = exp2f(old0 - base0), scale1 = exp2f(old1 - base1);
-          __syncwarp();  // the quad's reads of s_max are done
-          if (quad == 0) {
-            s_max[row0] = new0;
-            s_max[row1] = new1;
-            s_scale_a[row0] = scale0;
-            s_scale_a[row1] = scale1;
-          }
+          const MaxUpdate u = update_shared_max(s_max, s_scale_a, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleA, 256);
           SEESAW_PROBE(2);
-          float sum0, sum1;
-          exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
-          l0 = l0 * scale0 + sum0;
-          l1 = l1 * scale1 + sum1;
-          rescale_rows(o, scale0, scale1);
+          exp_rescale(s, o, l0, l1, p.scale_log2, u);
           pack_p<T, false>(pa, s, 1.f, 1.f);
           if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
           pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
@@ -582,23 +604,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           float mx0, mx1;
           mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
           SEESAW_PROBE(2);
-          const float old0 = s_max[row0], old1 = s_max[row1];
-          const float new0 = fmaxf(old0, mx0), new1 = fmaxf(old1, mx1);
-          const float base0 = new0 == -INFINITY ? 0.f : new0, base1 = new1 == -INFINITY ? 0.f : new1;
-          const float scale0 = exp2f(old0 - base0), scale1 = exp2f(old1 - base1);
-          __syncwarp();
-          if (quad == 0) {
-            s_max[row0] = new0;
-            s_max[row1] = new1;
-            s_scale_b[row0] = scale0;
-            s_scale_b[row1] = scale1;
-          }
+          const MaxUpdate u = update_shared_max(s_max, s_scale_b, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleB, 256);
           SEESAW_PROBE(3);
           // O1 was relative to the max before chunk a: bring it to max_b.
-          const float f0 = scale0 * s_scale_a[row0], f1 = scale1 * s_scale_a[row1];
+          const float f0 = u.scale0 * s_scale_a[row0], f1 = u.scale1 * s_scale_a[row1];
           float sum0, sum1;
-          exp_rows(s, p.scale_log2, base0, base1, sum0, sum1);
+          exp_rows(s, p.scale_log2, u.base0, u.base1, sum0, sum1);
           l0 = l0 * f0 + sum0;
           l1 = l1 * f1 + sum1;
           rescale_rows(o, f0, f1);
