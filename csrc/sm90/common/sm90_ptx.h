@@ -113,9 +113,6 @@ struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
     return pack(a - __bfloat162float(__float2bfloat16_rn(a)), b - __bfloat162float(__float2bfloat16_rn(b)));
   }
-  static __device__ __forceinline__ float2 unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
@@ -134,9 +131,6 @@ struct TypeOps<__half> {
   }
   static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
     return pack(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t v) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
   }
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_f16_kk(d, a, b, s); }

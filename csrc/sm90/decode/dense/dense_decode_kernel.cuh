@@ -6,15 +6,15 @@
 // go in pairs (a, b) = (2k, 2k+1); stage of chunk g (counted over the CTA) is g & 1.
 //
 //   WG0: softmax of S_a against the running max (shared memory) -> publishes scale_a
-//        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers)
-//        waits for scale_b; refills V_a[:, :256]; writes P_a * scale_b to shared memory for WG1
-//        O0 = O0 * scale_b + P_b V_b[:, :256]            (P_b from shared memory)
+//        writes P_a (relative to max_a) to shared memory for WG1
+//        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers); refills V_a[:, :256]
+//        waits for scale_b: O0 = O0 * scale_b + P_b V_b[:, :256]   (P_b from shared memory)
 //        S_{a+2} over tiles 0-3; refills V_b[:, :256]; S_{a+2} over tiles 4-8
 //   WG1: waits for scale_a; softmax of S_b against max_a -> publishes scale_b
-//        writes P_b to shared memory for WG0; O1 *= scale_a * scale_b
-//        O1 += (P_a * scale_b) V_a[:, 256:]              (from shared memory)
-//        O1 += P_b V_b[:, 256:]                          (P_b from registers)
-//        refills tiles 4-8 of stage a, then of stage b; S_{b+2} (tiles 4-8 first)
+//        writes P_b to shared memory for WG0
+//        O1 = O1 * scale_a + P_a V_a[:, 256:]            (from shared memory); refills tiles 4-8 of stage a
+//        O1 = O1 * scale_b + P_b V_b[:, 256:]            (P_b from registers); refills tiles 4-8 of stage b
+//        S_{b+2} (tiles 4-8 first)
 // A warpgroup does its softmax before it issues any product of the pair: issuing a wgmma stalls while
 // the other warpgroup's products occupy the tensor cores, and the softmax would wait with it.
 //
@@ -121,9 +121,10 @@ static_assert(kSmemBytes <= 232448, "shared memory per block");
 constexpr uint32_t kBarAll = 1;      // all 256 threads
 constexpr uint32_t kBarScaleA = 2;   // WG0 -> WG1: scale_a and the running max are written
 constexpr uint32_t kBarScaleB = 3;   // WG1 -> WG0: scale_b and the running max are written
-constexpr uint32_t kBarPa = 4;       // WG0 -> WG1: P_a (relative to max_b) is in shared memory
+constexpr uint32_t kBarPa = 4;       // WG0 -> WG1: P_a (relative to max_a) is in shared memory
 constexpr uint32_t kBarPb = 5;       // WG1 -> WG0: P_b is in shared memory
-constexpr uint32_t kBarWg0 = 6;      // one warpgroup (6 + wg)
+constexpr uint32_t kBarPaFree = 6;   // WG1 -> WG0: WG1's product with P_a is done
+constexpr uint32_t kBarWg0 = 7;      // one warpgroup (7 + wg)
 
 __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
   return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
@@ -160,21 +161,6 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32
       const float x = s[8 * kk + 2 * reg] * f, y = s[8 * kk + 2 * reg + 1] * f;
       pa[kk][reg] = kResidue ? TypeOps<T>::pack_residue(x, y) : TypeOps<T>::pack(x, y);
     }
-  }
-}
-
-// Rows of packed P fragments *= f0 / f1; skipped (no second rounding) when no row of the warp changes.
-template <typename T>
-__device__ __forceinline__ void rescale_frags(uint32_t (&pa)[4][4], float f0, float f1) {
-  if (__any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f)) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const float f = reg & 1 ? f1 : f0;
-        const float2 v = TypeOps<T>::unpack(pa[kk][reg]);
-        pa[kk][reg] = TypeOps<T>::pack(v.x * f, v.y * f);
-      }
   }
 }
 
@@ -542,7 +528,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int ca = start + i * kBlockN, cb = ca + kBlockN;
         const bool has_b = i + 1 < n;
         if (wg == 0) {
-          // softmax of chunk a against the running max
+          // softmax of chunk a against the running max; P_a (relative to max_a) to shared memory
           float mx0, mx1;
           mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
           SEESAW_PROBE(1);
@@ -551,24 +537,22 @@ __global__ void __launch_bounds__(kThreads, 1)
           SEESAW_PROBE(2);
           exp_rescale(s, o, l0, l1, p.scale_log2, u);
           pack_p<T, false>(pa, s, 1.f, 1.f);
+          if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
+          store_p(sbase + kOffPa, pa, row0, quad);
+          fence_proxy_async();
+          named_bar_arrive(kBarPa, 256);
           if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
           pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
           SEESAW_PROBE(3);
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
+          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
+          if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
           SEESAW_PROBE(4);
           named_bar_sync(kBarScaleB, 256);
           SEESAW_PROBE(5);
-          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
-          if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
-          // P_a relative to max_b, for WG1
           const float f0 = s_scale_b[row0], f1 = s_scale_b[row1];
-          // (also without a chunk b: WG1 always multiplies P_a with its half of V_a)
-          rescale_frags<T>(pa, f0, f1);
-          store_p(sbase + kOffPa, pa, row0, quad);
-          fence_proxy_async();
-          named_bar_arrive(kBarPa, 256);
           rescale_rows(o, f0, f1);
           l0 *= f0;
           l1 *= f1;
@@ -600,6 +584,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
           named_bar_sync(kBarScaleA, 256);
           SEESAW_PROBE(1);
+          // Read now: WG0 rewrites s_scale_a for the next pair once it has passed kBarPb.
+          const float fa0 = s_scale_a[row0], fa1 = s_scale_a[row1];
           // softmax of chunk b against max_a (all masked when there is no chunk b)
           float mx0, mx1;
           mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
@@ -607,13 +593,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const MaxUpdate u = update_shared_max(s_max, s_scale_b, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleB, 256);
           SEESAW_PROBE(3);
-          // O1 was relative to the max before chunk a: bring it to max_b.
-          const float f0 = u.scale0 * s_scale_a[row0], f1 = u.scale1 * s_scale_a[row1];
           float sum0, sum1;
           exp_rows(s, p.scale_log2, u.base0, u.base1, sum0, sum1);
-          l0 = l0 * f0 + sum0;
-          l1 = l1 * f1 + sum1;
-          rescale_rows(o, f0, f1);
           if (has_b) {
             pack_p<T, false>(pa, s, 1.f, 1.f);
             store_p(sbase + kOffPb, pa, row0, quad);
@@ -621,28 +602,37 @@ __global__ void __launch_bounds__(kThreads, 1)
             named_bar_arrive(kBarPb, 256);
           }
           SEESAW_PROBE(4);
-          // O1 += P_a V_a[:, 256:] first: it is the last reader of stage a, which then refills with
-          // chunk a + 2 while the other products run. Then O1 += P_b V_b[:, 256:].
+          // O1 to max_a, then O1 += P_a V_a[:, 256:]: the last reader of stage a, which then refills
+          // with chunk a + 2 while the remaining products run.
+          rescale_rows(o, fa0, fa1);
+          l0 *= fa0;
+          l1 *= fa1;
           named_bar_sync(kBarPa, 256);
           if (end - ca < kBlockN) {
             for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
             zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
           }
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
+          SEESAW_PROBE(5);
+          wgmma_wait<0>();
+          fence_all(o);
+          SEESAW_PROBE(6);
+          if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
+          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
+          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
+          // O1 to max_b, then O1 += P_b V_b[:, 256:]
+          rescale_rows(o, u.scale0, u.scale1);
+          l0 = l0 * u.scale0 + sum0;
+          l1 = l1 * u.scale1 + sum1;
           if (has_b) {
             if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
             pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
+            wgmma_wait<0>();
+            fence_all(o);
+            fence_frags(pa);
+            // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
+            if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
           }
-          SEESAW_PROBE(5);
-          if (has_b) wgmma_wait<1>(); else wgmma_wait<0>();
-          SEESAW_PROBE(6);
-          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
-          if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
-          wgmma_wait<0>();
-          fence_all(o);
-          fence_frags(pa);
-          // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-          if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
           if (i + 3 < n) {
             qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
             wgmma_wait<0>();
