@@ -39,8 +39,7 @@ out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 
        "// descriptor, or (*_r*) from four registers in the m64k16 A-fragment layout.",
        "#pragma once", "#include <cstdint>", "", "namespace flashmla {", "namespace sm90 {", ""]
 for dt in ("bf16", "f16"):
-    out += [gen(32, dt, f"wgmma_m64n32k16_{dt}_kk", 0, False), "",
-            gen(64, dt, f"wgmma_m64n64k16_{dt}_kk", 0, False), "",
+    out += [gen(64, dt, f"wgmma_m64n64k16_{dt}_kk", 0, False), "",
             gen(256, dt, f"wgmma_m64n256k16_{dt}_kmn", 1, False), "",
             gen(64, dt, f"wgmma_m64n64k16_{dt}_rk", 0, True), "",
             gen(256, dt, f"wgmma_m64n256k16_{dt}_rmn", 1, True), ""]

@@ -113,7 +113,6 @@ struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
     return pack(a - __bfloat162float(__float2bfloat16_rn(a)), b - __bfloat162float(__float2bfloat16_rn(b)));
   }
-  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_bf16_kmn(d, a, b, s); }
   static __device__ __forceinline__ void qk64_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
@@ -132,7 +131,6 @@ struct TypeOps<__half> {
   static __device__ __forceinline__ uint32_t pack_residue(float a, float b) {
     return pack(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
   }
-  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void qk64(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n64k16_f16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n256k16_f16_kmn(d, a, b, s); }
   static __device__ __forceinline__ void qk64_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
@@ -143,6 +141,29 @@ struct TypeOps<__half> {
   }
 };
 
+
+// ---- products of the decode kernels (64 query rows, 64-token chunks, 128B-swizzled 64x64 tiles) ----
+// Every element of x is treated as read and written here: keeps the compiler from moving accesses of
+// wgmma accumulators across an issue or a wait.
+template <int N>
+__device__ __forceinline__ void fence_all(float (&x)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) fence_operand(x[i]);
+}
+
+// O (64 x 256, fp32 accumulators) += P V_half, P a 64x64 tile in shared memory (K-major), V_half four
+// consecutive 64x64 tiles (64 tokens x 256 columns, read MN-major). Committed, not waited for.
+template <typename T>
+__device__ __forceinline__ void pv_smem(float (&o)[128], uint32_t p_tile, uint32_t v_half) {
+  constexpr uint32_t kTile = 64 * 128;
+  fence_all(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    TypeOps<T>::pv(o, desc_sw128(p_tile + kk * 32, 16, 1024), desc_sw128(v_half + kk * 16 * 128, kTile, 1024), 1);
+  }
+  wgmma_commit();
+}
 
 // ---- thread-block clusters (distributed shared memory) ----
 __device__ __forceinline__ uint32_t cluster_ctarank() {

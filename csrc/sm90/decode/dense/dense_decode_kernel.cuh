@@ -171,9 +171,10 @@ __device__ __forceinline__ uint32_t opaque(uint32_t x) {
   return x;
 }
 
+// P fragments -> a swizzled 64x64 tile: frag_offset(row0, quad, kk, reg) split into a per-thread row part
+// and a column part (row0 + 8 has the swizzle phase of row0), with the row part hidden from the
+// optimizer so that the 16 addresses are not hoisted into live registers.
 __device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4], int row0, int quad) {
-  // frag_offset(row0, quad, kk, reg) = row part + (16-byte chunk ^ (row0 & 7)) * 16; row0 + 8 has the same
-  // swizzle phase.
   const uint32_t row_part = opaque(tile + row0 * 128 + quad * 4);
   const uint32_t phase = (row0 & 7) << 4;
 #pragma unroll
@@ -193,10 +194,7 @@ template <typename T, int kFirst, int kCount, bool kZero>
 __device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
                                          const uint32_t (&q8)[4][4]) {
   const uint32_t kv = stage_addr(sbase, stage);
-  if constexpr (kZero) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) fence_operand(s[i]);
-  }
+  if constexpr (kZero) fence_all(s);
 #pragma unroll
   for (int j = 0; j < kCount; ++j) {
     const int t = (j + kFirst) % kNumColTiles;
@@ -226,32 +224,13 @@ __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int sta
 // O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
 template <typename T>
 __device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t v_half) {
-#pragma unroll
-  for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+  fence_all(o);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) TypeOps<T>::pv_r(o, pa[kk], desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
   wgmma_commit();
 }
 
-// O += P V[:, half] with P from a swizzled shared-memory tile. Committed, not waited for.
-template <typename T>
-__device__ __forceinline__ void pv_smem(float (&o)[128], uint32_t p_tile, uint32_t v_half) {
-#pragma unroll
-  for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    TypeOps<T>::pv(o, desc_sw128(p_tile + kk * 32, 16, 1024), desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
-  }
-  wgmma_commit();
-}
-
-template <int N>
-__device__ __forceinline__ void fence_all(float (&x)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) fence_operand(x[i]);
-}
 // Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
 // retires the products reading them (the compiler does not know wgmma reads them asynchronously).
 __device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {

@@ -226,8 +226,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         }
         wgmma_commit();
         wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 32; ++i) fence_operand(s[i]);
+        fence_all(s);
         // ---- masked online softmax (log2 domain) ----
         const uint32_t* valid = s_valid + stage * 64;
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -287,18 +286,9 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
           fence_proxy_async();
           mbar_arrive(bar_p_full);
           mbar_wait(bar_p_full, pi & 1);  // every WG0 thread's part of P is in place
-#pragma unroll
-          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
-                           desc_sw128(kv + kk * 16 * 128, kTileBytes, 1024), 1);
-          }
-          wgmma_commit();
+          pv_smem<T>(o, sbase + kOffP, kv);
           wgmma_wait<0>();
-#pragma unroll
-          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+          fence_all(o);
           ++pi;
         }
       } else {
@@ -309,18 +299,9 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
             const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row1];
             rescale_rows(o, alpha0, alpha1);
           }
-#pragma unroll
-          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            TypeOps<T>::pv(o, desc_sw128(sbase + kOffP + kk * 32, 16, 1024),
-                           desc_sw128(kv + 4 * kTileBytes + kk * 16 * 128, kTileBytes, 1024), 1);
-          }
-          wgmma_commit();
+          pv_smem<T>(o, sbase + kOffP, kv + 4 * kTileBytes);
           wgmma_wait<0>();
-#pragma unroll
-          for (int i = 0; i < 128; ++i) fence_operand(o[i]);
+          fence_all(o);
           mbar_arrive(bar_p_empty);
           ++pi;
         }
