@@ -13,10 +13,10 @@ sys.path.insert(0, "benchmarks")
 import torch_flashmla  # noqa: E402
 from bench_decode import D_QK, D_V, inputs  # noqa: E402
 
-WG0 = ["pair start (S_a ready)", "row max of S_a", "scale_a published", "P_a V_a issued", "P_a V_a done",
-       "scale_b arrived", "P_b V_b issued", "S_{a+2} done"]
-WG1 = ["pair start", "scale_a arrived", "row max of S_b", "scale_b published", "P_b stored",
-       "both products issued", "P_a V_a done", "S_{b+2} done"]
+WG0 = ["pair start (S_a ready)", "row max of S_a", "scale_a published", "P_a V_a issued",
+       "P_a V_a done, V_a[:, :256] refill issued", "scale_b arrived", "P_b V_b issued", "S_{a+2} done"]
+WG1 = ["pair start (S_b ready)", "scale_a arrived", "P_a V_a issued", "scale_b published", "P_b stored",
+       "P_a V_a done", "P_b V_b issued", "S_{b+2} done"]
 
 
 def main():

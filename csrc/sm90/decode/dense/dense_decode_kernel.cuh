@@ -10,13 +10,17 @@
 //        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers); refills V_a[:, :256]
 //        waits for scale_b: O0 = O0 * scale_b + P_b V_b[:, :256]   (P_b from shared memory)
 //        S_{a+2} over tiles 0-3; refills V_b[:, :256]; S_{a+2} over tiles 4-8
-//   WG1: waits for scale_a; softmax of S_b against max_a -> publishes scale_b
-//        writes P_b to shared memory for WG0
-//        O1 = O1 * scale_a + P_a V_a[:, 256:]            (from shared memory); refills tiles 4-8 of stage a
+//   WG1: waits for scale_a and P_a; issues O1 = O1 * scale_a + P_a V_a[:, 256:] (P_a from shared memory)
+//        first, as the last reader of stage a; softmax of S_b against max_a while it runs -> publishes
+//        scale_b, writes P_b to shared memory for WG0; refills tiles 4-8 of stage a
 //        O1 = O1 * scale_b + P_b V_b[:, 256:]            (P_b from registers); refills tiles 4-8 of stage b
 //        S_{b+2} (tiles 4-8 first)
-// A warpgroup does its softmax before it issues any product of the pair: issuing a wgmma stalls while
-// the other warpgroup's products occupy the tensor cores, and the softmax would wait with it.
+// WG0 does its softmax before it issues any product of the pair: issuing a wgmma stalls while the other
+// warpgroup's products occupy the tensor cores, and the softmax would wait with it. WG1 takes that
+// stall for P_a V_a (it issues while WG0's P_a V_a runs): stage a then refills about a product earlier,
+// and the QK of chunk a + 2 no longer waits for its tiles 4-8 (+5-8% over softmax-first, NOTES.md).
+// While a product into O is in flight, S is only read (ptxas serializes every wgmma of the kernel when
+// an accumulator register is written inside a wgmma pipeline stage).
 //
 // Every 64-column tile of a KV stage has its own mbarrier, and a tile is refilled for chunk g+2 as soon
 // as its last reader is done (V[:, :256] after WG0's two PV products, the rest after WG1's), so the
@@ -241,9 +245,8 @@ __device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
 }
 
 // Masks the raw scores of tokens at or past each row's limit (-inf; only chunks that reach a limit pay
-// for the compares) and returns the row maxima over the quad in the log2 domain (scale_log2 > 0).
-__device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int lim0, int lim1, float scale_log2,
-                                            int quad_col, float& mx0, float& mx1) {
+// for the compares).
+__device__ __forceinline__ void mask_tail(float (&s)[32], int chunk_tok, int lim0, int lim1, int quad_col) {
   if (chunk_tok + kBlockN > min(lim0, lim1)) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -255,6 +258,10 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int l
       }
     }
   }
+}
+
+// Row maxima over the quad of this thread's two rows, in the log2 domain (scale_log2 > 0); S is only read.
+__device__ __forceinline__ void row_max(const float (&s)[32], float scale_log2, float& mx0, float& mx1) {
   mx0 = -INFINITY;
   mx1 = -INFINITY;
 #pragma unroll
@@ -271,16 +278,30 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int l
   mx1 *= scale_log2;
 }
 
+// Both, in place.
+__device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int lim0, int lim1, float scale_log2,
+                                            int quad_col, float& mx0, float& mx1) {
+  mask_tail(s, chunk_tok, lim0, lim1, quad_col);
+  row_max(s, scale_log2, mx0, mx1);
+}
+
 // Running max of this thread's two rows after a chunk with row maxima mx0 / mx1 (log2 domain): the
 // new max, the exp2 base (0 for rows with no token yet, so that -inf - -inf never occurs) and the
 // factor that brings sums and O from the old max to the new one.
+//
+// The running max only moves when a chunk exceeds it by more than kMaxSlack (log2 units): P then stays
+// <= 2^kMaxSlack = 256 (exact in bf16/fp16, with the same relative rounding as P <= 1), sums and O stay
+// far from fp32 overflow, and the factor is exactly 1 in almost every chunk after the first, so that
+// rescale_rows skips its 128 multiplies per thread (a warp-uniform test) and the warpgroups reach their
+// next product sooner. Outputs and lse are normalised by the same max, so they do not change.
+constexpr float kMaxSlack = 8.f;
 struct MaxUpdate {
   float max0, max1, base0, base1, scale0, scale1;
 };
 __device__ __forceinline__ MaxUpdate update_max(float old0, float old1, float mx0, float mx1) {
   MaxUpdate u;
-  u.max0 = fmaxf(old0, mx0);
-  u.max1 = fmaxf(old1, mx1);
+  u.max0 = mx0 > old0 + kMaxSlack ? mx0 : old0;  // old = -inf: any finite mx moves it
+  u.max1 = mx1 > old1 + kMaxSlack ? mx1 : old1;
   u.base0 = u.max0 == -INFINITY ? 0.f : u.max0;
   u.base1 = u.max1 == -INFINITY ? 0.f : u.max1;
   u.scale0 = exp2f(old0 - u.base0);
@@ -314,6 +335,27 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float
     const bool top = (i % 4) < 2;
     s[i] = exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1)));
     if (top) sum0 += s[i]; else sum1 += s[i];
+  }
+}
+
+// P = exp2(S * scale_log2 - base) straight into the A fragments of the PV product, with this thread's
+// row sums; S is only read. Used while a product into O is in flight: writing S (an accumulator of the
+// QK products) there would make ptxas serialize every wgmma of the kernel.
+template <typename T>
+__device__ __forceinline__ void exp_pack(uint32_t (&pa)[4][4], const float (&s)[32], float scale_log2, float base0,
+                                         float base1, float& sum0, float& sum1) {
+  sum0 = 0.f;
+  sum1 = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const float base = reg & 1 ? base1 : base0;
+      const float x = exp2f(fmaf(s[8 * kk + 2 * reg], scale_log2, -base));
+      const float y = exp2f(fmaf(s[8 * kk + 2 * reg + 1], scale_log2, -base));
+      if (reg & 1) sum1 += x + y; else sum0 += x + y;
+      pa[kk][reg] = TypeOps<T>::pack(x, y);
+    }
   }
 }
 
@@ -565,37 +607,36 @@ __global__ void __launch_bounds__(kThreads, 1)
           SEESAW_PROBE(1);
           // Read now: WG0 rewrites s_scale_a for the next pair once it has passed kBarPb.
           const float fa0 = s_scale_a[row0], fa1 = s_scale_a[row1];
-          // softmax of chunk b against max_a (all masked when there is no chunk b)
-          float mx0, mx1;
-          mask_rowmax(s, cb, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
-          SEESAW_PROBE(2);
-          const MaxUpdate u = update_shared_max(s_max, s_scale_b, row0, row1, quad, mx0, mx1);
-          named_bar_arrive(kBarScaleB, 256);
-          SEESAW_PROBE(3);
-          float sum0, sum1;
-          exp_rows(s, p.scale_log2, u.base0, u.base1, sum0, sum1);
-          if (has_b) {
-            pack_p<T, false>(pa, s, 1.f, 1.f);
-            store_p(sbase + kOffPb, pa, row0, quad);
-            fence_proxy_async();
-            named_bar_arrive(kBarPb, 256);
-          }
-          SEESAW_PROBE(4);
-          // O1 to max_a, then O1 += P_a V_a[:, 256:]: the last reader of stage a, which then refills
-          // with chunk a + 2 while the remaining products run.
+          // O1 to max_a, then O1 += P_a V_a[:, 256:] first: the last reader of stage a, so that its
+          // tiles 4-8 refill with chunk a + 2 while this warpgroup's softmax and products run.
           rescale_rows(o, fa0, fa1);
           l0 *= fa0;
           l1 *= fa1;
+          mask_tail(s, cb, lim0, lim1, quad_col);  // S of chunk b is only read once the product is issued
           named_bar_sync(kBarPa, 256);
           if (end - ca < kBlockN) {
             for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
             zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
           }
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
-          SEESAW_PROBE(5);
+          SEESAW_PROBE(2);
+          // softmax of chunk b against max_a (all masked when there is no chunk b) while it runs
+          float mx0, mx1;
+          row_max(s, p.scale_log2, mx0, mx1);
+          const MaxUpdate u = update_shared_max(s_max, s_scale_b, row0, row1, quad, mx0, mx1);
+          named_bar_arrive(kBarScaleB, 256);
+          SEESAW_PROBE(3);
+          float sum0 = 0.f, sum1 = 0.f;
+          if (has_b) {
+            exp_pack<T>(pa, s, p.scale_log2, u.base0, u.base1, sum0, sum1);
+            store_p(sbase + kOffPb, pa, row0, quad);
+            fence_proxy_async();
+            named_bar_arrive(kBarPb, 256);
+          }
+          SEESAW_PROBE(4);
           wgmma_wait<0>();
           fence_all(o);
-          SEESAW_PROBE(6);
+          SEESAW_PROBE(5);
           if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
           if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
@@ -606,6 +647,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (has_b) {
             if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
             pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
+            SEESAW_PROBE(6);
             wgmma_wait<0>();
             fence_all(o);
             fence_frags(pa);

@@ -1,0 +1,51 @@
+"""Device time of each kernel of one dense decode call (development tool): the attention kernel, the
+combine and the planner, averaged over eager calls under torch.profiler, for the shapes given.
+Usage: python3 benchmarks/tools/decode_kernels.py [b s_q s_k h_q ...]   (groups of four numbers)
+"""
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "benchmarks")
+import torch_flashmla  # noqa: E402
+from bench_decode import D_QK, D_V, inputs  # noqa: E402
+
+CALLS = 20
+
+
+def kernel_times(b, s_q, s_k, h_q):
+    q, cache, table, lens = inputs(b, s_q, s_k, h_q)
+    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+
+    def step():
+        torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+        torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            step()
+        torch.cuda.synchronize()
+    total = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time
+    return {name: us / CALLS for name, us in total.items()}, int(splits[-1].item()) - b
+
+
+def main():
+    args = [int(x) for x in sys.argv[1:]] or [128, 1, 4096, 128, 128, 1, 32768, 128, 64, 1, 8192, 16]
+    for i in range(0, len(args), 4):
+        shape = tuple(args[i:i + 4])
+        times, extra = kernel_times(*shape)
+        print(f"b={shape[0]} s_q={shape[1]} s_k={shape[2]} h_q={shape[3]}: {extra} extra split pieces")
+        for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
+            print(f"  {us:9.1f} us  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
