@@ -359,15 +359,28 @@ __device__ __forceinline__ void exp_pack(uint32_t (&pa)[4][4], const float (&s)[
   }
 }
 
+// O and this thread's row sums brought to a new max by the factors f0 / f1.
+__device__ __forceinline__ void rescale_acc(float (&o)[128], float& l0, float& l1, float f0, float f1) {
+  rescale_rows(o, f0, f1);
+  l0 *= f0;
+  l1 *= f1;
+}
+
+// The same after a chunk of this warpgroup's own, whose row sums (relative to the new max) are added.
+__device__ __forceinline__ void rescale_add(float (&o)[128], float& l0, float& l1, const MaxUpdate& u, float sum0,
+                                            float sum1) {
+  l0 = l0 * u.scale0 + sum0;
+  l1 = l1 * u.scale1 + sum1;
+  rescale_rows(o, u.scale0, u.scale1);
+}
+
 // The softmax step of a warpgroup that owns its chunk: P = exp2(S - base), row sums and O brought to
 // the new max.
 __device__ __forceinline__ void exp_rescale(float (&s)[32], float (&o)[128], float& l0, float& l1, float scale_log2,
                                             const MaxUpdate& u) {
   float sum0, sum1;
   exp_rows(s, scale_log2, u.base0, u.base1, sum0, sum1);
-  l0 = l0 * u.scale0 + sum0;
-  l1 = l1 * u.scale1 + sum1;
-  rescale_rows(o, u.scale0, u.scale1);
+  rescale_add(o, l0, l1, u, sum0, sum1);
 }
 
 // Rows [valid, 64) of tiles [t_begin, t_begin + 4) of a stage -> 0 (the cache there may hold NaN, and
@@ -380,6 +393,13 @@ __device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int t_begin, int 
   }
   fence_proxy_async();
   named_bar_sync(kBarWg0 + wg, 128);
+}
+
+// The same for tiles the other warpgroup's QK waits for: they may still be landing, so wait first.
+__device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sbase, int stage, uint32_t phase,
+                                                      int t_begin, int valid, int tid_wg, int wg) {
+  for (int t = t_begin; t < t_begin + 4; ++t) mbar_wait(tile_bar(sbase, stage, t), phase);
+  zero_tail_rows(smem + kOffKV + stage * kStageBytes, t_begin, valid, tid_wg, wg);
 }
 
 // Timeline probes for development builds (-DFLASHMLA_DENSE_PROFILE): thread 0 of each warpgroup of
@@ -573,16 +593,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           SEESAW_PROBE(4);
           named_bar_sync(kBarScaleB, 256);
           SEESAW_PROBE(5);
-          const float f0 = s_scale_b[row0], f1 = s_scale_b[row1];
-          rescale_rows(o, f0, f1);
-          l0 *= f0;
-          l1 *= f1;
+          rescale_acc(o, l0, l1, s_scale_b[row0], s_scale_b[row1]);
           if (has_b) {
             named_bar_sync(kBarPb, 256);
-            if (end - cb < kBlockN) {
-              for (int t = 0; t < 4; ++t) mbar_wait(tile_bar(sbase, stage_b, t), (gb >> 1) & 1);
-              zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 0, end - cb, tid_wg, 0);
-            }
+            if (end - cb < kBlockN) zero_tail_rows_landed(smem, sbase, stage_b, (gb >> 1) & 1, 0, end - cb, tid_wg, 0);
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
           SEESAW_PROBE(6);
@@ -609,15 +623,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float fa0 = s_scale_a[row0], fa1 = s_scale_a[row1];
           // O1 to max_a, then O1 += P_a V_a[:, 256:] first: the last reader of stage a, so that its
           // tiles 4-8 refill with chunk a + 2 while this warpgroup's softmax and products run.
-          rescale_rows(o, fa0, fa1);
-          l0 *= fa0;
-          l1 *= fa1;
+          rescale_acc(o, l0, l1, fa0, fa1);
           mask_tail(s, cb, lim0, lim1, quad_col);  // S of chunk b is only read once the product is issued
           named_bar_sync(kBarPa, 256);
-          if (end - ca < kBlockN) {
-            for (int t = 4; t < 8; ++t) mbar_wait(tile_bar(sbase, stage_a, t), (ga >> 1) & 1);
-            zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 4, end - ca, tid_wg, 1);
-          }
+          if (end - ca < kBlockN) zero_tail_rows_landed(smem, sbase, stage_a, (ga >> 1) & 1, 4, end - ca, tid_wg, 1);
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
           SEESAW_PROBE(2);
           // softmax of chunk b against max_a (all masked when there is no chunk b) while it runs
@@ -641,9 +650,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
           if (tid == 128 && i + 2 < n) load_tiles(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
           // O1 to max_b, then O1 += P_b V_b[:, 256:]
-          rescale_rows(o, u.scale0, u.scale1);
-          l0 = l0 * u.scale0 + sum0;
-          l1 = l1 * u.scale1 + sum1;
+          rescale_add(o, l0, l1, u, sum0, sum1);
           if (has_b) {
             if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
             pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
