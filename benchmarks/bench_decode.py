@@ -9,7 +9,9 @@ Floors (DESIGN §6 / the issue): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases 
 Ceilings measured on the H200 (DESIGN §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS.
 Writes a table to stdout, JSON and a PNG plot to $OUT (or benchmarks/results/).
 
-Usage: python benchmarks/bench_decode.py [--quick] [--no-naive]
+Usage: python benchmarks/bench_decode.py [--quick] [--no-naive] [--sequential-tables]
+Block tables are a random permutation of the cache's pages unless --sequential-tables (in order, as in
+FlashMLA's benchmark); results then go to bench_decode_seq.{json,png}.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ COMPUTE = [(128, s_q, s_k, 128) for s_q in (1, 2) for s_k in (4096, 8192, 16384,
 MEMORY = [(b, 1, s_k, h_q) for b in (64, 128) for s_k in (8192, 32768) for h_q in (16, 32, 64)]
 
 
-def inputs(b, s_q, s_k, h_q, h_kv=1, page_size=64, dtype=torch.bfloat16, l2_pages=0):
-    """l2_pages > 0: every block-table entry points into a cache of that many pages (L2-resident),
-    which times the kernel without the DRAM traffic (a diagnostic, not a real workload)."""
+def inputs(b, s_q, s_k, h_q, h_kv=1, page_size=64, dtype=torch.bfloat16, l2_pages=0, sequential=False):
+    """Block tables are a random permutation of the cache's pages (a fragmented cache), or with
+    ``sequential`` request i's pages in order after request i-1's (a fresh cache; FlashMLA's benchmark
+    uses this layout). l2_pages > 0: every block-table entry points into a cache of that many pages
+    (L2-resident), which times the kernel without the DRAM traffic (a diagnostic, not a real workload)."""
     g = torch.Generator(device=DEV)
     g.manual_seed(b + s_q + s_k + h_q)
     pages = -(-s_k // page_size)
@@ -42,7 +46,11 @@ def inputs(b, s_q, s_k, h_q, h_kv=1, page_size=64, dtype=torch.bfloat16, l2_page
         table = torch.randint(0, l2_pages, (b, pages), generator=g, device=DEV).to(torch.int32)
     else:
         cache = torch.randn(b * pages, page_size, h_kv, D_QK, generator=g, device=DEV).to(dtype)
-        table = torch.randperm(b * pages, generator=g, device=DEV).to(torch.int32).view(b, pages)
+        if sequential:
+            table = torch.arange(b * pages, device=DEV)
+        else:
+            table = torch.randperm(b * pages, generator=g, device=DEV)
+        table = table.to(torch.int32).view(b, pages)
     lens = torch.full((b,), s_k, dtype=torch.int32, device=DEV)
     q = torch.randn(b, s_q, h_q, D_QK, generator=g, device=DEV).to(dtype)
     return q, cache, table, lens
@@ -102,14 +110,16 @@ def plot(rows, path):
 def main():
     quick = "--quick" in sys.argv
     with_naive = "--no-naive" not in sys.argv
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    sequential = "--sequential-tables" in sys.argv
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"block tables: {'sequential' if sequential else 'random permutation'}")
     rows = []
     cases = [("compute", c) for c in COMPUTE] + [("memory", c) for c in MEMORY]
     if quick:
         cases = cases[::3]
     cases += [("l2diag", (128, 1, 4096, 128)), ("l2diag", (64, 1, 8192, 64)), ("l2diag", (64, 1, 8192, 16))]
     for kind, (b, s_q, s_k, h_q) in cases:
-        q, cache, table, lens = inputs(b, s_q, s_k, h_q, l2_pages=16 if kind == "l2diag" else 0)
+        q, cache, table, lens = inputs(b, s_q, s_k, h_q, l2_pages=16 if kind == "l2diag" else 0, sequential=sequential)
         meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
         scale = D_QK ** -0.5
         fn = lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, meta, splits)  # noqa: E731
@@ -140,10 +150,11 @@ def main():
         del q, cache, table, lens
         torch.cuda.empty_cache()
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "bench_decode.json"), "w") as f:
+    name = "bench_decode_seq" if sequential else "bench_decode"
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbs=COPY_GBS,
-                       matmul_tflops=MATMUL_TFLOPS, rows=rows), f, indent=1)
-    plot(rows, os.path.join(RESULTS, "bench_decode.png"))
+                       matmul_tflops=MATMUL_TFLOPS, sequential_tables=sequential, rows=rows), f, indent=1)
+    plot(rows, os.path.join(RESULTS, name + ".png"))
     print()
     print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'op us':>8} {'step us':>8} {'TFLOPS':>7} "
           f"{'%mm':>4} {'GB/s':>6} {'%cp':>4} {'naive us':>9} {'naive TF':>8} {'FlashMLA us':>11} floor")

@@ -14,7 +14,8 @@
 //        first, as the last reader of stage a; softmax of S_b against max_a while it runs -> publishes
 //        scale_b, writes P_b to shared memory for WG0; refills tiles 4-8 of stage a
 //        O1 = O1 * scale_b + P_b V_b[:, 256:]            (P_b from registers); refills tiles 4-8 of stage b
-//        S_{b+2} (tiles 4-8 first)
+//        S_{b+2}, tiles 0-3 first: WG0 refills them after its P_b V_b[:, :256], which runs before this
+//        warpgroup's product, so they land first
 // WG0 does its softmax before it issues any product of the pair: issuing a wgmma stalls while the other
 // warpgroup's products occupy the tensor cores, and the softmax would wait with it. WG1 takes that
 // stall for P_a V_a (it issues while WG0's P_a V_a runs): stage a then refills about a product earlier,
@@ -661,8 +662,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
             if (tid == 128 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
           }
+          // S_{b+2} from tile 0: tiles 0-3 were refilled after WG0's product with P_b, which ran before
+          // this warpgroup's (+1-5% over starting at tile 4, NOTES.md).
           if (i + 3 < n) {
-            qk_chunk<T, 4>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
+            qk_chunk<T, 0>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
             wgmma_wait<0>();
             fence_all(s);
             fence_frags(q8);
