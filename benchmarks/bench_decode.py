@@ -58,6 +58,14 @@ def inputs(b, s_q, s_k, h_q, h_kv=1, page_size=64, dtype=torch.bfloat16, l2_page
 
 
 
+def decode_flops(b, s_q, s_k, h_q):
+    return b * s_q * h_q * s_k * 2 * (D_QK + D_V)
+
+
+def decode_bytes(b, s_q, s_k, h_q, h_kv=1):
+    return b * (s_q * h_q * D_QK * 2 + s_k * h_kv * D_QK * 2 + s_q * h_q * D_V * 2)
+
+
 def naive_decode(q, cache, table, lens, scale):
     """Gather every page, einsum, softmax in fp32 (what a model without a kernel does)."""
     b, s_q, h_q, _ = q.shape
@@ -131,8 +139,8 @@ def main():
         med, lo, hi = graph_time_us(fn)
         step_us, _, _ = graph_time_us(step)
         plan_us, _, _ = graph_time_us(lambda: torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q))
-        flops = b * s_q * h_q * s_k * 2 * (D_QK + D_V)
-        nbytes = b * (s_q * h_q * D_QK * 2 + s_k * D_QK * 2 + s_q * h_q * D_V * 2)
+        flops = decode_flops(b, s_q, s_k, h_q)
+        nbytes = decode_bytes(b, s_q, s_k, h_q)
         row = dict(kind=kind, b=b, s_q=s_q, s_k=s_k, h_q=h_q, ours_us=med, ours_min_us=lo, ours_max_us=hi,
                    step_us=step_us, plan_us=plan_us, ours_tflops=flops / med / 1e6, ours_gbs=nbytes / med / 1e3)
         if with_naive and kind != "l2diag":

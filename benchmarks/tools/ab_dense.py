@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 import torch_flashmla  # noqa: E402
-from bench_decode import COMPUTE, D_QK, D_V, inputs  # noqa: E402
+from bench_decode import COMPUTE, D_QK, D_V, decode_bytes, decode_flops, inputs  # noqa: E402
 from bench_timing import graph_time_us  # noqa: E402
 
 SHAPES = COMPUTE + [(64, 1, 8192, 16), (128, 1, 32768, 64)]
@@ -33,9 +33,9 @@ def main():
         fn = lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)  # noqa: E731
         us, _, _ = graph_time_us(fn)
         if h_q == 128:
-            cells.append(f"{b * s_q * h_q * s_k * 2 * (D_QK + D_V) / us / 1e6:6.1f}")
+            cells.append(f"{decode_flops(b, s_q, s_k, h_q) / us / 1e6:6.1f}")
         else:
-            cells.append(f"{b * (s_q * h_q * D_QK * 2 + s_k * D_QK * 2 + s_q * h_q * D_V * 2) / us / 1e3:6.0f}")
+            cells.append(f"{decode_bytes(b, s_q, s_k, h_q) / us / 1e3:6.0f}")
         del q, cache, table, lens
         torch.cuda.empty_cache()
     tf = [float(c) for c in cells[:8]]
