@@ -1,6 +1,6 @@
 """Times the dense decode op on the compute-bound shapes (and two memory-bound ones) under CUDA-graph
 replay and prints one line: `label us... TFLOPS...`. Used to compare kernel variants built one after
-another in the same device session (benchmarks/tools/ab_dense.sh), where the run-to-run spread is
+another in the same device session (benchmarks/tools/ab.sh dense ...), where the run-to-run spread is
 smaller than across sessions.
 
 Usage: python benchmarks/tools/ab_dense.py LABEL [--sequential]   (--sequential: in-order block tables)
