@@ -23,7 +23,7 @@ time_variant() {
     [ -n "${AB_SEQUENTIAL:-}" ] && python3 benchmarks/tools/ab_dense.py "$1" --sequential
   else
     quick=""; [ -n "${AB_QUICK:-}" ] && quick="--quick"
-    python3 benchmarks/tools/ab_sparse.py "$1" $quick
+    timeout 150 python3 benchmarks/tools/ab_sparse.py "$1" $quick || echo "$1: timing rc=$?"
     for d in ${AB_DIAG:-}; do FLASHMLA_SPARSE_DIAG=$d python3 benchmarks/tools/ab_sparse.py "$1" $quick; done
   fi
 }
@@ -36,7 +36,7 @@ for arg in "$@"; do
   if python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_$label.log" 2>&1; then
     echo "$label: build $(( $(date +%s) - start )) s"
     if [ $run_tests = 1 ]; then
-      python3 -m pytest -q -x -p no:cacheprovider $tests > "$OUT/test_$label.log" 2>&1
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider $tests > "$OUT/test_$label.log" 2>&1
       echo "$label: tests rc=$? $(tail -1 "$OUT/test_$label.log")"
     fi
     time_variant "$label" 2>&1 | tee -a "$OUT/ab.txt"

@@ -194,6 +194,13 @@ __device__ __forceinline__ void st_async_b32(uint32_t addr, uint32_t v, uint32_t
 }
 // Arrive on a peer CTA's mbarrier without ordering this thread's memory operations (a release at
 // cluster scope costs a GPU-wide memory barrier; the arrivals that use this publish no data).
+// Bulk copy of `bytes` (a multiple of 16) from this CTA's shared memory to the same-or-other place
+// in a cluster peer's; completes as transaction bytes on the peer's mbarrier (dst, bar: mapa addresses).
+__device__ __forceinline__ void bulk_copy_to_peer(uint32_t dst, uint32_t src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "r"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
 __device__ __forceinline__ void mbar_arrive_cluster_relaxed(uint32_t bar_cluster_addr) {
   asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar_cluster_addr) : "memory");
 }

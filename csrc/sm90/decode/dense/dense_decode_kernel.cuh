@@ -432,9 +432,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int quad = lane % 4;
   const int quad_col = quad * 2;
   const int kvh = blockIdx.y;
-  const int mtile = blockIdx.z;
+  const int mtile = blockIdx.x;  // m-tile first: the CTAs reading the same pages launch together
 
-  const int* meta = p.metadata + blockIdx.x * 8;
+  const int* meta = p.metadata + blockIdx.z * 8;
   const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
   const int begin_split = meta[4];
   if (begin_req > end_req || begin_req < 0) return;
@@ -707,7 +707,7 @@ template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
   auto kernel = dense_decode_kernel<T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  dim3 grid(p.num_sm_parts, p.h_kv, p.num_m_tiles);
+  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
 }
 

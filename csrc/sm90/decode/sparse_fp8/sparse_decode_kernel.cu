@@ -60,6 +60,10 @@ constexpr int kSmemBytes = kOffBar + 6 * 8 + 1024;  // + slack for 1024-byte ali
 // Named barriers (0 is __syncthreads).
 constexpr uint32_t kBarQ = 1;         // WG0 only (128): Q tile reload
 constexpr uint32_t kBarEpilogue = 2;  // WG0 + WG1 (256): per-row output scales
+// Producer (128), one per stage: its rows are in shared memory before the copy to the peer. One
+// barrier per stage, because warps 1-3 only arrive and may reach the next chunk before warp 0 syncs;
+// they cannot reach the next chunk of the same stage before warp 0 (its full-barrier arrival comes first).
+constexpr uint32_t kBarProducer = 3;  // + stage
 
 // Register split: setmaxnreg only moves registers inside the CTA's launch allotment (3 x 168 per
 // thread slot), so the three budgets must sum to 504. WG0 holds O (128) and S (32).
@@ -491,7 +495,6 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     auto store16 = [&](uint32_t addr, const uint4& v) {
       asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                    : "memory");
-      if constexpr (kCluster == 2) st_async_v4(addr + peer_offset, v, full_bar + peer_offset);
     };
 
     // Registers of one chunk's records for this thread's rows.
@@ -545,12 +548,32 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
           const uint32_t flag = L.valid[k] ? 1 : 0;
           const uint32_t vaddr = sbase + kOffValid + (stage * 64 + row) * 4;
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
-          if constexpr (kCluster == 2) st_async_b32(vaddr + peer_offset, flag, full_bar + peer_offset);
         }
       }
       // Local rows: generic stores, made visible to wgmma by the proxy fence and the release of
       // the arrival. The peer's rows land as st.async transaction bytes, announced by thread 0.
       fence_proxy_async();
+      if constexpr (kCluster == 2) {
+        // This CTA's 32 rows (4 KB of every column tile, and their flags) go to the same place in the
+        // peer's stage as bulk copies, counted as transaction bytes on the peer's full barrier. The
+        // source is free again when this stage's empty barrier completes: the peer's math warps
+        // arrive on it only after their full barrier, i.e. after the copy.
+        if (ptid < 32) {
+          named_bar_sync(kBarProducer + stage, 128);
+        } else {
+          named_bar_arrive(kBarProducer + stage, 128);
+        }
+        if (ptid == 0) {
+          const uint32_t rows = 32 * rank * 128;
+#pragma unroll 1
+          for (int i = 0; i < kNumColTiles; ++i) {
+            const uint32_t src = kv + i * kTileBytes + rows;
+            bulk_copy_to_peer(src + peer_offset, src, 32 * 128, full_bar + peer_offset);
+          }
+          const uint32_t flags = sbase + kOffValid + (stage * 64 + 32 * rank) * 4;
+          bulk_copy_to_peer(flags + peer_offset, flags, 32 * 4, full_bar + peer_offset);
+        }
+      }
       if (kCluster == 2 && ptid == 0) {
         mbar_expect_tx(full_bar, (kBlockN / 2) * kStageRowBytes);
       } else {
