@@ -133,7 +133,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   const int64_t group = h_q / h_kv;
   const int64_t m_total = s_q * group;
   const int64_t num_m_tiles = (m_total + fs::kBlockM - 1) / fs::kBlockM;
-  TORCH_CHECK(num_sm_parts <= 65535 * 16 && h_kv <= 65535 && num_m_tiles <= 65535, "mla_decode: problem too large");
+  // Grid (num_m_tiles, h_kv, num_sm_parts): y and z are limited to 65535.
+  TORCH_CHECK(num_sm_parts <= 65535, "mla_decode: tile_scheduler_metadata must have at most 65535 rows (num_sm_parts), got ",
+              num_sm_parts);
+  TORCH_CHECK(h_kv <= 65535 && num_m_tiles <= 65535, "mla_decode: problem too large");
   flashmla::api::check_combine_rows("mla_decode", m_total);
   // Scratch rows of split requests: request r's split i goes to row 2 * E_r + i, E_r = num_splits[r] - r
   // = the extra pieces of the requests before r. A split request has n >= 2 pieces, n <= 2 (n - 1), so

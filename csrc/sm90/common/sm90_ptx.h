@@ -181,26 +181,15 @@ __device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
   return r;
 }
-// Asynchronous stores into shared memory of any CTA of the cluster (shared::cluster addresses),
-// counted as transaction bytes on that CTA's mbarrier: no fence or release on the writer's side.
-__device__ __forceinline__ void st_async_v4(uint32_t addr, const uint4& v, uint32_t bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(addr),
-               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar)
-               : "memory");
-}
-__device__ __forceinline__ void st_async_b32(uint32_t addr, uint32_t v, uint32_t bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(addr), "r"(v), "r"(bar)
-               : "memory");
-}
-// Arrive on a peer CTA's mbarrier without ordering this thread's memory operations (a release at
-// cluster scope costs a GPU-wide memory barrier; the arrivals that use this publish no data).
-// Bulk copy of `bytes` (a multiple of 16) from this CTA's shared memory to the same-or-other place
-// in a cluster peer's; completes as transaction bytes on the peer's mbarrier (dst, bar: mapa addresses).
+// Bulk copy of `bytes` (a multiple of 16, 16-byte aligned) from this CTA's shared memory to a cluster
+// peer's; completes as transaction bytes on the peer's mbarrier (dst, bar: mapa addresses).
 __device__ __forceinline__ void bulk_copy_to_peer(uint32_t dst, uint32_t src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                ::"r"(dst), "r"(src), "r"(bytes), "r"(bar)
                : "memory");
 }
+// Arrive on a peer CTA's mbarrier without ordering this thread's memory operations (a release at
+// cluster scope costs a GPU-wide memory barrier; the arrivals that use this publish no data).
 __device__ __forceinline__ void mbar_arrive_cluster_relaxed(uint32_t bar_cluster_addr) {
   asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar_cluster_addr) : "memory");
 }

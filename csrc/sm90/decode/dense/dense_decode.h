@@ -34,7 +34,7 @@ struct DenseDecodeParams {
   int causal;
 };
 
-// Launches the attention kernel (grid num_sm_parts x h_kv x m tiles) on `stream`.
+// Launches the attention kernel (grid m tiles x h_kv x num_sm_parts: the m-tile CTAs of a partition, which read the same pages, launch together) on `stream`.
 // tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, 64, 1}, 128B swizzle.
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);

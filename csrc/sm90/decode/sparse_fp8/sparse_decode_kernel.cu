@@ -12,8 +12,10 @@
 //       the next chunk in flight while this one is converted), dequantizes e4m3 * scale to bf16
 //       and writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that
 //       wgmma reads (rows of skipped indices are zero, so masked probabilities never meet NaN),
-//       with one valid flag per row. Local rows: st.shared + proxy fence + arrive; the peer's
-//       rows: st.async, counted as transaction bytes on the peer's full barrier. Two stages, on
+//       with one valid flag per row: st.shared + proxy fence + arrive. In a cluster, one thread then
+//       copies the CTA's 32 finished rows into the peer's stage with bulk shared::cluster copies,
+//       counted as transaction bytes on the peer's full barrier (per-thread st.async of the same
+//       rows took 15% longer overall: benchmarks/NOTES_sparse_decode.md). Two stages, on
 //       full/empty mbarriers (a stage is empty when the math warps of both CTAs are done with it).
 //   WG0: S = Q K^T (m64n64k16 x 36), masked online softmax, P (bf16) -> shared memory, then its half
 //       of O += P V (columns 0..255).
@@ -215,7 +217,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
       const int stage = g & 1;
       const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
       mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
-      fence_proxy_async();  // the producer's st.async data -> this warpgroup's wgmma reads
+      fence_proxy_async();  // generic stores of the producer -> this warpgroup's wgmma reads
       if constexpr (kDiag >= 2) {  // diagnostic: no math, only the producer's pace
         release_stage(stage);
         continue;
@@ -406,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   if (begin_req > end_req || begin_req < 0) return;  // the same for both CTAs of a cluster
 
   if (tid == 0) {
-    mbar_init(bar_full, 128);   // this CTA's producer threads (+ the peer's rows as st.async bytes)
+    mbar_init(bar_full, 128);   // this CTA's producer threads (+ the peer's rows as bulk-copy bytes)
     mbar_init(bar_full + 8, 128);
     mbar_init(bar_empty, 8 * kCluster);    // every math warp of the cluster
     mbar_init(bar_empty + 8, 8 * kCluster);
@@ -488,8 +490,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
         }
       }
     };
-    // A 16-byte store into this CTA's stage and, in a cluster, an st.async into the peer's (it
-    // lands as transaction bytes on the peer's full barrier).
+    // A 16-byte store into this CTA's stage (the peer gets the finished rows by bulk copy).
     const uint32_t peer_offset = kCluster == 2 ? mapa_shared(sbase, rank ^ 1) - sbase : 0;
     uint32_t full_bar = 0;  // full barrier of the stage being written (this CTA's shared address)
     auto store16 = [&](uint32_t addr, const uint4& v) {
@@ -550,8 +551,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
         }
       }
-      // Local rows: generic stores, made visible to wgmma by the proxy fence and the release of
-      // the arrival. The peer's rows land as st.async transaction bytes, announced by thread 0.
+      // Local rows: generic stores, made visible to wgmma and to the bulk copy by the proxy fence.
+      // The peer's rows land as transaction bytes of its bulk copies, announced by thread 0.
       fence_proxy_async();
       if constexpr (kCluster == 2) {
         // This CTA's 32 rows (4 KB of every column tile, and their flags) go to the same place in the
