@@ -348,6 +348,20 @@ def test_plan_split_invariance(case, num_sm_parts):
     check_inputs(inp, f"{case_id(case)} num_sm_parts={num_sm_parts}")
 
 
+# Long partitions: one or a few CTA pairs walk hundreds of chunks, as in the benchmarks (124 to
+# 1000+ chunks per CTA). The producer's per-chunk synchronisation (stage barriers, the named
+# barrier before the bulk copy to the peer) only meets its rare interleavings over long walks.
+LONG_CASES = [SparseDecodeCase(b=16, h_q=128, s_q=2, topk=2048, num_blocks=512),
+              SparseDecodeCase(b=16, h_q=64, s_q=1, topk=2048, num_blocks=512, with_topk_length=True)]
+
+
+@pytest.mark.parametrize("num_sm_parts", [1, 4])
+@pytest.mark.parametrize("case", LONG_CASES, ids=[case_id(c) for c in LONG_CASES])
+def test_long_partitions(case, num_sm_parts):
+    inp = make_inputs(case, seed=11, num_sm_parts=num_sm_parts)
+    check_inputs(inp, f"{case_id(case)} num_sm_parts={num_sm_parts}")
+
+
 # --------------------------------------------------------------------------------------------
 # 6. CUDA graph: planner + decode captured once, replayed with new indices and lengths
 # --------------------------------------------------------------------------------------------
