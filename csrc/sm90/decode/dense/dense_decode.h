@@ -34,7 +34,8 @@ struct DenseDecodeParams {
   int causal;
 };
 
-// Launches the attention kernel (grid m tiles x h_kv x num_sm_parts: the m-tile CTAs of a partition, which read the same pages, launch together) on `stream`.
+// Launches the attention kernel on `stream`. Grid m tiles x h_kv x num_sm_parts: the m-tile CTAs of a
+// partition read the same pages, so they launch together.
 // tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, 64, 1}, 128B swizzle.
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
