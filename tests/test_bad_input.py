@@ -38,6 +38,14 @@ def test_mla_decode_bad_input(over, arg):
         F.mla_decode(**dense_args(**over))
 
 
+def test_mla_decode_plan_over_grid_limit():
+    """A dense plan with more partitions than the kernel's grid can hold (65535) is refused."""
+    a = dense_args()
+    meta, splits = F.get_mla_metadata(a["cache_seqlens"], 4, 1, 4, num_sm_parts=65536)
+    with pytest.raises(ValueError, match="argument 'tile_scheduler_metadata'.*65535"):
+        F.mla_decode(**{**a, "tile_scheduler_metadata": meta, "num_splits": splits})
+
+
 def test_mla_decode_too_many_heads():
     q = torch.zeros(1, 1, 130, 576, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="argument 'q'"):

@@ -17,6 +17,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 FP8_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 DENSE_PAGE_ALIGN = 64       # dense decode pages hold whole 64-token tiles
 MAX_HEADS_Q = 128
+DENSE_MAX_SM_PARTS = 65535  # mla_decode's partitions are the z dimension of its CUDA grid
 METADATA_WIDTH = 8          # int32 fields per SM partition in tile_scheduler_metadata
 KV_CACHE_DTYPES = ("auto", "fp8_ds_mla")
 
@@ -99,6 +100,10 @@ def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softma
     c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
     c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
     _check_plan(c, tile_scheduler_metadata, num_splits, b, dev)
+    # The SM90 kernel puts the partitions on grid.z (CUDA limit 65535); checked on every device so that
+    # a plan behaves alike everywhere.
+    c.value("tile_scheduler_metadata", tile_scheduler_metadata.shape[0] <= DENSE_MAX_SM_PARTS,
+            f"at most {DENSE_MAX_SM_PARTS} rows (num_sm_parts)", f"{tile_scheduler_metadata.shape[0]} rows")
 
 
 def _check_fp8_cache(c: _Checker, arg: str, cache, device) -> None:
