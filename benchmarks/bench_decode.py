@@ -1,7 +1,10 @@
 """Dense MLA decode on the GPU, side by side: our op, the naive PyTorch decode (gather pages +
 einsum) and FlashMLA when ``flash_mla`` is importable, all timed under CUDA-graph replay.
-Columns: "op us" = the decode op (attention kernel + combine, plan computed beforehand); "step us" =
-planner + decode op (the whole call of a decode step). FLOPs and bytes use FlashMLA's formulas:
+Columns: "op us" = the decode op (attention kernel + combine, plan computed beforehand), 30 calls
+back to back per replay (sustained load; the floors are checked on it); "step us" = planner + decode op
+(the whole call of a decode step); "MHz" = SM clock right after the sustained replays (the H200 holds
+its 700 W power cap there on the compute-bound shapes); "1call us" = the op alone in a graph, replayed
+after the GPU idled (full clock), and "1call" its TFLOPS (compute rows) or GB/s (memory rows). FLOPs and bytes use FlashMLA's formulas:
   FLOPs = b*s_q*h_q*s_k*2*(576+512)
   bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576*2 + s_q*h_q*512*2)
 Floors (DESIGN §6 / the issue): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases >= 3.4 TB/s.
@@ -22,7 +25,7 @@ import sys
 import torch
 
 import torch_flashmla
-from bench_timing import graph_time_us
+from bench_timing import graph_time_us, single_call_us, sm_clock_mhz
 
 D_QK, D_V = 576, 512
 DEV = torch.device("cuda")
@@ -136,13 +139,17 @@ def main():
             m, n = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
             return torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, m, n)
 
+        one_us = single_call_us(fn)
         med, lo, hi = graph_time_us(fn)
+        clock = sm_clock_mhz()  # right after the sustained replays
         step_us, _, _ = graph_time_us(step)
         plan_us, _, _ = graph_time_us(lambda: torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q))
         flops = decode_flops(b, s_q, s_k, h_q)
         nbytes = decode_bytes(b, s_q, s_k, h_q)
         row = dict(kind=kind, b=b, s_q=s_q, s_k=s_k, h_q=h_q, ours_us=med, ours_min_us=lo, ours_max_us=hi,
-                   step_us=step_us, plan_us=plan_us, ours_tflops=flops / med / 1e6, ours_gbs=nbytes / med / 1e3)
+                   step_us=step_us, plan_us=plan_us, ours_tflops=flops / med / 1e6, ours_gbs=nbytes / med / 1e3,
+                   sustained_sm_mhz=clock, single_us=one_us, single_tflops=flops / one_us / 1e6,
+                   single_gbs=nbytes / one_us / 1e3)
         if with_naive and kind != "l2diag":
             naive_us, _, _ = graph_time_us(lambda: naive_decode(q, cache, table, lens, scale), iters=2, reps=3)
             row.update(naive_us=naive_us, naive_tflops=flops / naive_us / 1e6, naive_gbs=nbytes / naive_us / 1e3)
@@ -165,12 +172,14 @@ def main():
     plot(rows, os.path.join(RESULTS, name + ".png"))
     print()
     print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'op us':>8} {'step us':>8} {'TFLOPS':>7} "
-          f"{'%mm':>4} {'GB/s':>6} {'%cp':>4} {'naive us':>9} {'naive TF':>8} {'FlashMLA us':>11} floor")
+          f"{'%mm':>4} {'GB/s':>6} {'%cp':>4} {'MHz':>5} {'1call us':>8} {'1call':>6} {'naive us':>9} {'naive TF':>8} "
+          f"{'FlashMLA us':>11} floor")
     for r in rows:
         floor = r.get("floor_met")
         print(f"{r['kind']:8} {r['b']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['h_q']:4d} {r['ours_us']:8.1f} "
               f"{r['step_us']:8.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} "
-              f"{r['ours_gbs']:6.0f} {100 * r['ours_gbs'] / COPY_GBS:4.0f} "
+              f"{r['ours_gbs']:6.0f} {100 * r['ours_gbs'] / COPY_GBS:4.0f} {r['sustained_sm_mhz'] or 0:5d} "
+              f"{r['single_us']:8.1f} {r['single_tflops' if r['kind'] != 'memory' else 'single_gbs']:6.0f} "
               f"{r.get('naive_us', float('nan')):9.1f} {r.get('naive_tflops', float('nan')):8.1f} "
               f"{r.get('flashmla_us', float('nan')):11.1f} {'-' if floor is None else 'ok' if floor else 'MISS'}")
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import time
 
 import torch
 
@@ -31,3 +33,21 @@ def graph_time_us(fn, iters: int = 30, reps: int = 5):
         times.append(start.elapsed_time(end) * 1000 / iters)
     del graph
     return statistics.median(times), min(times), max(times)
+
+
+def single_call_us(fn, reps: int = 10, idle_s: float = 0.5):
+    """One call per CUDA-graph replay, after ``idle_s`` of idle GPU: the time at the GPU's full clock.
+    (Back-to-back replay, as in graph_time_us, holds the H200 at its power cap, where the SM clock
+    drops from 1980 to ~1650-1710 MHz on the compute-bound shapes.) Returns the median."""
+    time.sleep(idle_s)
+    return graph_time_us(fn, iters=1, reps=reps)[0]
+
+
+def sm_clock_mhz():
+    """Current SM clock from nvidia-smi (None where it is not available)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i",
+                              str(torch.cuda.current_device())], capture_output=True, text=True, timeout=10)
+        return int(out.stdout.strip().splitlines()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,71 @@
+"""Sustained vs single-call timing of the dense decode op, with the SM clock, power, temperature and
+throttle reasons from nvidia-smi after each phase (development tool). Shows the H200 reaching its power
+cap (throttle reason 0x4) under back-to-back calls, which is the load the floor method puts on it.
+Usage: python3 benchmarks/tools/power_cap.py
+"""
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch_flashmla  # noqa: E402
+from bench_decode import D_QK, D_V, decode_flops, inputs  # noqa: E402
+from bench_timing import graph_time_us  # noqa: E402
+
+SHAPES = [(128, 1, 32768, 128), (128, 1, 8192, 128), (64, 1, 8192, 16)]
+
+
+def eager_us(fn, calls):
+    """Microseconds per call of `calls` eager calls issued back to back (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / calls
+
+
+def gpu_state():
+    query = "--query-gpu=clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    return subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+
+
+def probe(b, s_q, s_k, h_q):
+    q, cache, table, lens = inputs(b, s_q, s_k, h_q)
+    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+
+    def fn():
+        return torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
+
+    flops = decode_flops(b, s_q, s_k, h_q)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    singles = []
+    for _ in range(8):
+        time.sleep(0.2)
+        singles.append(eager_us(fn, 1))
+    print(f"shape b={b} s_q={s_q} s_k={s_k} h_q={h_q}")
+    print("  eager single after 200 ms idle us:", [round(x, 1) for x in singles], gpu_state())
+    for calls in (30, 300):
+        us = eager_us(fn, calls)
+        print(f"  eager {calls} back-to-back: {us:.1f} us  {flops / us / 1e6:.1f} TF", gpu_state())
+    med, lo, hi = graph_time_us(fn)
+    print(f"  graph 30x5: {med:.1f} ({lo:.1f}-{hi:.1f}) us  {flops / med / 1e6:.1f} TF", gpu_state())
+    time.sleep(1.0)
+    med, lo, hi = graph_time_us(fn, iters=1, reps=10)
+    print(f"  graph 1x10: {med:.1f} ({lo:.1f}-{hi:.1f}) us  {flops / med / 1e6:.1f} TF", gpu_state())
+
+
+def main():
+    for shape in SHAPES:
+        probe(*shape)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
