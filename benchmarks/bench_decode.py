@@ -4,7 +4,8 @@ Columns: "op us" = the decode op (attention kernel + combine, plan computed befo
 back to back per replay (sustained load; the floors are checked on it); "step us" = planner + decode op
 (the whole call of a decode step); "MHz" = SM clock right after the sustained replays (the H200 holds
 its 700 W power cap there on the compute-bound shapes); "1call us" = the op alone in a graph, replayed
-after the GPU idled (full clock), and "1call" its TFLOPS (compute rows) or GB/s (memory rows). FLOPs and bytes use FlashMLA's formulas:
+after the GPU idled (full clock), and "1call" its TFLOPS (compute rows) or GB/s (memory rows).
+FLOPs and bytes use FlashMLA's formulas:
   FLOPs = b*s_q*h_q*s_k*2*(576+512)
   bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576*2 + s_q*h_q*512*2)
 Floors (DESIGN §6 / the issue): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases >= 3.4 TB/s.

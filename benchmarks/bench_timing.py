@@ -38,7 +38,7 @@ def graph_time_us(fn, iters: int = 30, reps: int = 5):
 def single_call_us(fn, reps: int = 10, idle_s: float = 0.5):
     """One call per CUDA-graph replay, after ``idle_s`` of idle GPU: the time at the GPU's full clock.
     (Back-to-back replay, as in graph_time_us, holds the H200 at its power cap, where the SM clock
-    drops from 1980 to ~1650-1710 MHz on the compute-bound shapes.) Returns the median."""
+    drops from 1980 to ~1575-1770 MHz on the compute-bound shapes.) Returns the median."""
     time.sleep(idle_s)
     return graph_time_us(fn, iters=1, reps=reps)[0]
 
