@@ -155,15 +155,14 @@ __device__ __forceinline__ uint32_t frag_offset(int row0, int quad, int kk, int 
   return swz(row0 + (reg & 1) * 8, 2 * kk + (reg >> 1)) + quad * 4;
 }
 
-// S (m64n64 accumulators) -> bf16/fp16 A fragments of the PV product, rows scaled by f0 / f1.
+// S (m64n64 accumulators) -> bf16/fp16 A fragments of the PV product.
 template <typename T, bool kResidue>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32], float f0, float f1) {
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32]) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {
-      const float f = reg & 1 ? f1 : f0;
-      const float x = s[8 * kk + 2 * reg] * f, y = s[8 * kk + 2 * reg + 1] * f;
+      const float x = s[8 * kk + 2 * reg], y = s[8 * kk + 2 * reg + 1];
       pa[kk][reg] = kResidue ? TypeOps<T>::pack_residue(x, y) : TypeOps<T>::pack(x, y);
     }
   }
@@ -529,8 +528,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         run_max0 = u.max0;
         run_max1 = u.max1;
         exp_rescale(s, o, l0, l1, p.scale_log2, u);
-        pack_p<T, false>(pa, s, 1.f, 1.f);
-        pack_p<T, true>(pa_lo, s, 1.f, 1.f);
+        pack_p<T, false>(pa, s);
+        pack_p<T, true>(pa_lo, s);
         const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
         if (end - c < kBlockN) zero_tail_rows(smem + kOffKV + stage * kStageBytes, wg * 4, end - c, tid_wg, wg);
         pv_regs<T>(o, pa, v_half);
@@ -578,7 +577,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           named_bar_arrive(kBarScaleA, 256);
           SEESAW_PROBE(2);
           exp_rescale(s, o, l0, l1, p.scale_log2, u);
-          pack_p<T, false>(pa, s, 1.f, 1.f);
+          pack_p<T, false>(pa, s);
           if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
           store_p(sbase + kOffPa, pa, row0, quad);
           fence_proxy_async();
