@@ -81,6 +81,11 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo_bytes
   return d;
 }
 
+// The descriptor of addr + offset_bytes from the descriptor of addr: one add to the low word instead
+// of rebuilding it (the 14-bit address field does not carry: shared-memory addresses are below 2^18).
+// wgmma loops over k-steps and tiles issue one such add per operand and instruction.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t offset_bytes) { return desc + (offset_bytes >> 4); }
+
 // Byte offset of (row, 16-byte chunk) inside a 64-row x 128-byte tile with the 128B swizzle.
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
@@ -156,11 +161,12 @@ __device__ __forceinline__ void fence_all(float (&x)[N]) {
 template <typename T>
 __device__ __forceinline__ void pv_smem(float (&o)[128], uint32_t p_tile, uint32_t v_half) {
   constexpr uint32_t kTile = 64 * 128;
+  const uint64_t desc_p = desc_sw128(p_tile, 16, 1024), desc_v = desc_sw128(v_half, kTile, 1024);
   fence_all(o);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    TypeOps<T>::pv(o, desc_sw128(p_tile + kk * 32, 16, 1024), desc_sw128(v_half + kk * 16 * 128, kTile, 1024), 1);
+    TypeOps<T>::pv(o, desc_add(desc_p, kk * 32), desc_add(desc_v, kk * 16 * 128), 1);
   }
   wgmma_commit();
 }

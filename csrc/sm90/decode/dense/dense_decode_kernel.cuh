@@ -197,7 +197,8 @@ __device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4
 template <typename T, int kFirst, int kCount, bool kZero>
 __device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
                                          const uint32_t (&q8)[4][4]) {
-  const uint32_t kv = stage_addr(sbase, stage);
+  const uint64_t desc_kv = desc_sw128(stage_addr(sbase, stage), 16, 1024);
+  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
   if constexpr (kZero) fence_all(s);
 #pragma unroll
   for (int j = 0; j < kCount; ++j) {
@@ -207,9 +208,9 @@ __device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int sta
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const int accumulate = !kZero || j > 0 || kk > 0;
-      const uint64_t desc_k = desc_sw128(kv + t * kTileBytes + kk * 32, 16, 1024);
+      const uint64_t desc_k = desc_add(desc_kv, t * kTileBytes + kk * 32);
       if (t < 8) {
-        TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + t * kTileBytes + kk * 32, 16, 1024), desc_k, accumulate);
+        TypeOps<T>::qk64(s, desc_add(desc_q, t * kTileBytes + kk * 32), desc_k, accumulate);
       } else {
         TypeOps<T>::qk64_r(s, q8[kk], desc_k, accumulate);
       }
@@ -228,10 +229,11 @@ __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int sta
 // O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
 template <typename T>
 __device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t v_half) {
+  const uint64_t desc_v = desc_sw128(v_half, kTileBytes, 1024);
   fence_all(o);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) TypeOps<T>::pv_r(o, pa[kk], desc_sw128(v_half + kk * 16 * 128, kTileBytes, 1024), 1);
+  for (int kk = 0; kk < 4; ++kk) TypeOps<T>::pv_r(o, pa[kk], desc_add(desc_v, kk * 16 * 128), 1);
   wgmma_commit();
 }
 
