@@ -5,6 +5,7 @@ back to back per replay (sustained load; the floors are checked on it); "step us
 (the whole call of a decode step); "MHz" = SM clock right after the sustained replays (the H200 holds
 its 700 W power cap there on the compute-bound shapes); "1call us" = the op alone in a graph, replayed
 after the GPU idled (full clock), and "1call" its TFLOPS (compute rows) or GB/s (memory rows).
+"FM us", "FM" (TFLOPS or GB/s), "FM MHz", "FM 1call": FlashMLA's call timed the same ways, when importable.
 FLOPs and bytes use FlashMLA's formulas:
   FLOPs = b*s_q*h_q*s_k*2*(576+512)
   bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576*2 + s_q*h_q*512*2)
@@ -155,9 +156,12 @@ def main():
             naive_us, _, _ = graph_time_us(lambda: naive_decode(q, cache, table, lens, scale), iters=2, reps=3)
             row.update(naive_us=naive_us, naive_tflops=flops / naive_us / 1e6, naive_gbs=nbytes / naive_us / 1e3)
         ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
-        if ref is not None:
+        if ref is not None:  # timed the same two ways as ours
+            fm_one_us = single_call_us(ref)
             fm_us, _, _ = graph_time_us(ref)
-            row.update(flashmla_us=fm_us, flashmla_tflops=flops / fm_us / 1e6, flashmla_gbs=nbytes / fm_us / 1e3)
+            row.update(flashmla_us=fm_us, flashmla_tflops=flops / fm_us / 1e6, flashmla_gbs=nbytes / fm_us / 1e3,
+                       flashmla_mhz=sm_clock_mhz(), flashmla_single_us=fm_one_us,
+                       flashmla_single_tflops=flops / fm_one_us / 1e6, flashmla_single_gbs=nbytes / fm_one_us / 1e3)
         if kind == "compute":
             row["floor_met"] = row["ours_tflops"] >= 500
         elif kind == "memory":
@@ -174,15 +178,18 @@ def main():
     print()
     print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'op us':>8} {'step us':>8} {'TFLOPS':>7} "
           f"{'%mm':>4} {'GB/s':>6} {'%cp':>4} {'MHz':>5} {'1call us':>8} {'1call':>6} {'naive us':>9} {'naive TF':>8} "
-          f"{'FlashMLA us':>11} floor")
+          f"{'FM us':>8} {'FM':>6} {'FM MHz':>6} {'FM 1call':>8} floor")
     for r in rows:
         floor = r.get("floor_met")
+        unit = "gbs" if r["kind"] == "memory" else "tflops"
         print(f"{r['kind']:8} {r['b']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['h_q']:4d} {r['ours_us']:8.1f} "
               f"{r['step_us']:8.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} "
               f"{r['ours_gbs']:6.0f} {100 * r['ours_gbs'] / COPY_GBS:4.0f} {r['sustained_sm_mhz'] or 0:5d} "
               f"{r['single_us']:8.1f} {r['single_tflops' if r['kind'] != 'memory' else 'single_gbs']:6.0f} "
               f"{r.get('naive_us', float('nan')):9.1f} {r.get('naive_tflops', float('nan')):8.1f} "
-              f"{r.get('flashmla_us', float('nan')):11.1f} {'-' if floor is None else 'ok' if floor else 'MISS'}")
+              f"{r.get('flashmla_us', float('nan')):8.1f} {r.get('flashmla_' + unit, float('nan')):6.0f} "
+              f"{r.get('flashmla_mhz') or 0:6d} {r.get('flashmla_single_' + unit, float('nan')):8.0f} "
+              f"{'-' if floor is None else 'ok' if floor else 'MISS'}")
 
 
 if __name__ == "__main__":
