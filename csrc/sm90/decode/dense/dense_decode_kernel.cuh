@@ -9,7 +9,7 @@
 //        writes P_a (relative to max_a) to shared memory for WG1
 //        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers); refills V_a[:, :256]
 //        waits for scale_b: O0 = O0 * scale_b + P_b V_b[:, :256]   (P_b from shared memory)
-//        S_{a+2} over tiles 0-3; refills V_b[:, :256]; S_{a+2} over tiles 4-8
+//        waits for that product, refills V_b[:, :256], then S_{a+2}
 //   WG1: waits for scale_a and P_a; issues O1 = O1 * scale_a + P_a V_a[:, 256:] (P_a from shared memory)
 //        first, as the last reader of stage a; softmax of S_b against max_a while it runs -> publishes
 //        scale_b, writes P_b to shared memory for WG0; refills tiles 4-8 of stage a
@@ -190,24 +190,22 @@ __device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4
     }
 }
 
-// S (+)= Q K^T over tiles kFirst, kFirst+1, ... (kCount tiles, mod 9) of the chunk in `stage`, each
-// after its mbarrier; the first tile overwrites S when kZero. Tile 8 of Q comes from registers.
-// Committed as one wgmma group, not waited for. A call that continues a pending group (kZero false)
-// must not touch S in between, so it does not fence S.
-template <typename T, int kFirst, int kCount, bool kZero>
-__device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
+// S = Q K^T over the 9 tiles of the chunk in `stage`, starting at tile kFirst, each after its mbarrier.
+// Tile 8 of Q comes from registers. Committed as one wgmma group, not waited for.
+template <typename T, int kFirst>
+__device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
                                          const uint32_t (&q8)[4][4]) {
   const uint64_t desc_kv = desc_sw128(stage_addr(sbase, stage), 16, 1024);
   const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
-  if constexpr (kZero) fence_all(s);
+  fence_all(s);
 #pragma unroll
-  for (int j = 0; j < kCount; ++j) {
+  for (int j = 0; j < kNumColTiles; ++j) {
     const int t = (j + kFirst) % kNumColTiles;
     mbar_wait_loop(tile_bar(sbase, stage, t), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const int accumulate = !kZero || j > 0 || kk > 0;
+      const int accumulate = j > 0 || kk > 0;
       const uint64_t desc_k = desc_add(desc_kv, t * kTileBytes + kk * 32);
       if (t < 8) {
         TypeOps<T>::qk64(s, desc_add(desc_q, t * kTileBytes + kk * 32), desc_k, accumulate);
@@ -217,13 +215,6 @@ __device__ __forceinline__ void qk_tiles(float (&s)[32], uint32_t sbase, int sta
     }
   }
   wgmma_commit();
-}
-
-// S = Q K^T over all 9 tiles, starting at tile kFirst.
-template <typename T, int kFirst>
-__device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
-                                         const uint32_t (&q8)[4][4]) {
-  qk_tiles<T, kFirst, kNumColTiles, true>(s, sbase, stage, phase, q8);
 }
 
 // O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
@@ -418,7 +409,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // 1024-byte alignment by an offset into the __shared__ array (not by integer casts), so that the compiler
+  // still knows the pointers below are shared memory and emits LDS/STS with 32-bit addresses.
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_addr(smem);
   float* s_max = reinterpret_cast<float*>(smem + kOffMax);
   float* s_scale_a = reinterpret_cast<float*>(smem + kOffScaleA);
@@ -602,17 +595,17 @@ __global__ void __launch_bounds__(kThreads, 1)
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
           SEESAW_PROBE(6);
-          // S_{a+2} over tiles 0-3 (loaded first), then, once the product with V_b[:, :256] is done and
-          // its refill is issued, over tiles 4-8 (loaded by WG1 later).
+          // V_b[:, :256] is refilled as soon as its product is done, before S_{a+2} is issued: issuing S_{a+2}
+          // first waits for its tiles, which delayed this refill, and with it WG1's S_{b+2} (NOTES.md).
+          // S_{a+2} would run after the product anyway (one warpgroup's wgmma groups run in order).
           const bool next_a = i + 2 < n;
           const uint32_t phase_next_a = ((ga + 2) >> 1) & 1;
-          if (next_a) qk_tiles<T, 0, 4, true>(s, sbase, stage_a, phase_next_a, q8);
           if (has_b) {
-            if (next_a) wgmma_wait<1>(); else wgmma_wait<0>();
+            wgmma_wait<0>();
             // V_b[:, :256] has no reader left: refill it with chunk b + 2.
             if (tid == 0 && i + 3 < n) load_tiles(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
           }
-          if (next_a) qk_tiles<T, 4, 5, false>(s, sbase, stage_a, phase_next_a, q8);
+          if (next_a) qk_chunk<T, 0>(s, sbase, stage_a, phase_next_a, q8);
           wgmma_wait<0>();
           fence_all(o);
           fence_all(s);
