@@ -227,11 +227,12 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         float s[32];
 #pragma unroll
         for (int i = 0; i < 32; ++i) s[i] = 0.f;
+        const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024), desc_kv = desc_sw128(kv, 16, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kDQK / 16; ++kk) {
           const uint32_t off = (kk / 4) * kTileBytes + (kk % 4) * 32;
-          TypeOps<T>::qk64(s, desc_sw128(sbase + kOffQ + off, 16, 1024), desc_sw128(kv + off, 16, 1024), kk > 0 ? 1 : 0);
+          TypeOps<T>::qk64(s, desc_add(desc_q, off), desc_add(desc_kv, off), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
