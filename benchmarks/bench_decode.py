@@ -188,7 +188,7 @@ def main():
               f"{r['single_us']:8.1f} {r['single_tflops' if r['kind'] != 'memory' else 'single_gbs']:6.0f} "
               f"{r.get('naive_us', float('nan')):9.1f} {r.get('naive_tflops', float('nan')):8.1f} "
               f"{r.get('flashmla_us', float('nan')):8.1f} {r.get('flashmla_' + unit, float('nan')):6.0f} "
-              f"{r.get('flashmla_mhz') or 0:6d} {r.get('flashmla_single_' + unit, float('nan')):8.0f} "
+              f"{r.get('flashmla_mhz') or float('nan'):6.0f} {r.get('flashmla_single_' + unit, float('nan')):8.0f} "
               f"{'-' if floor is None else 'ok' if floor else 'MISS'}")
 
 
