@@ -184,7 +184,7 @@ def main():
         unit = "gbs" if r["kind"] == "memory" else "tflops"
         print(f"{r['kind']:8} {r['b']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['h_q']:4d} {r['ours_us']:8.1f} "
               f"{r['step_us']:8.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} "
-              f"{r['ours_gbs']:6.0f} {100 * r['ours_gbs'] / COPY_GBS:4.0f} {r['sustained_sm_mhz'] or 0:5d} "
+              f"{r['ours_gbs']:6.0f} {100 * r['ours_gbs'] / COPY_GBS:4.0f} {r['sustained_sm_mhz'] or float('nan'):5.0f} "
               f"{r['single_us']:8.1f} {r['single_tflops' if r['kind'] != 'memory' else 'single_gbs']:6.0f} "
               f"{r.get('naive_us', float('nan')):9.1f} {r.get('naive_tflops', float('nan')):8.1f} "
               f"{r.get('flashmla_us', float('nan')):8.1f} {r.get('flashmla_' + unit, float('nan')):6.0f} "

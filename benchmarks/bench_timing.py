@@ -38,16 +38,25 @@ def graph_time_us(fn, iters: int = 30, reps: int = 5):
 def single_call_us(fn, reps: int = 10, idle_s: float = 0.5):
     """One call per CUDA-graph replay, after ``idle_s`` of idle GPU: the time at the GPU's full clock.
     (Back-to-back replay, as in graph_time_us, holds the H200 at its power cap, where the SM clock
-    drops from 1980 to ~1575-1770 MHz on the compute-bound shapes.) Returns the median."""
+    drops from 1980 to ~1500-1830 MHz on the compute-bound shapes.) Returns the median."""
     time.sleep(idle_s)
     return graph_time_us(fn, iters=1, reps=reps)[0]
 
 
-def sm_clock_mhz():
-    """Current SM clock from nvidia-smi (None where it is not available)."""
+def gpu_query(fields: str):
+    """nvidia-smi's CSV values of `fields` (e.g. "clocks.sm,power.draw") for the current device, or None
+    where nvidia-smi is not available."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i",
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i",
                               str(torch.cuda.current_device())], capture_output=True, text=True, timeout=10)
-        return int(out.stdout.strip().splitlines()[0])
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, RuntimeError, AssertionError, subprocess.SubprocessError):  # no GPU / no nvidia-smi
+        return None
+
+
+def sm_clock_mhz():
+    """Current SM clock in MHz (None where it is not available)."""
+    try:
+        return int(gpu_query("clocks.sm"))
+    except (TypeError, ValueError):
         return None

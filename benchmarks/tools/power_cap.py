@@ -4,7 +4,6 @@ cap (throttle reason 0x4) under back-to-back calls, which is the load the floor 
 Usage: python3 benchmarks/tools/power_cap.py
 """
 import os
-import subprocess
 import sys
 import time
 
@@ -13,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch_flashmla  # noqa: E402
 from bench_decode import D_QK, D_V, decode_flops, inputs  # noqa: E402
-from bench_timing import graph_time_us  # noqa: E402
+from bench_timing import gpu_query, graph_time_us, single_call_us  # noqa: E402
 
 SHAPES = [(128, 1, 32768, 128), (128, 1, 8192, 128), (64, 1, 8192, 16)]
 
@@ -30,8 +29,8 @@ def eager_us(fn, calls):
 
 
 def gpu_state():
-    query = "--query-gpu=clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
-    return subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    """SM clock (MHz), power (W), temperature (C) and active throttle reasons, as nvidia-smi reports them."""
+    return gpu_query("clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active")
 
 
 def probe(b, s_q, s_k, h_q):
@@ -56,9 +55,8 @@ def probe(b, s_q, s_k, h_q):
         print(f"  eager {calls} back-to-back: {us:.1f} us  {flops / us / 1e6:.1f} TF", gpu_state())
     med, lo, hi = graph_time_us(fn)
     print(f"  graph 30x5: {med:.1f} ({lo:.1f}-{hi:.1f}) us  {flops / med / 1e6:.1f} TF", gpu_state())
-    time.sleep(1.0)
-    med, lo, hi = graph_time_us(fn, iters=1, reps=10)
-    print(f"  graph 1x10: {med:.1f} ({lo:.1f}-{hi:.1f}) us  {flops / med / 1e6:.1f} TF", gpu_state())
+    one = single_call_us(fn, idle_s=1.0)
+    print(f"  graph 1x10 after 1 s idle: {one:.1f} us  {flops / one / 1e6:.1f} TF", gpu_state())
 
 
 def main():
