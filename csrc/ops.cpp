@@ -36,7 +36,7 @@ TORCH_LIBRARY(flashmla, m) {
   m.set_python_module("torch_flashmla.meta");
 
   m.def(
-      "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_heads_q, "
+      "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int? num_heads_q, "
       "bool is_fp8_kvcache, int? topk, int num_sm_parts) -> (Tensor tile_scheduler_metadata, Tensor num_splits)");
   m.def(
       "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "

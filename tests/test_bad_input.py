@@ -39,11 +39,14 @@ def test_mla_decode_bad_input(over, arg):
 
 
 def test_mla_decode_plan_over_grid_limit():
-    """A dense plan with more partitions than the kernel's grid can hold (65535) is refused."""
+    """A dense plan with more partitions than the kernel's grid can hold (65535) is refused: the planner
+    never makes one, and a hand-made one is refused by mla_decode."""
     a = dense_args()
-    meta, splits = F.get_mla_metadata(a["cache_seqlens"], 4, 1, 4, num_sm_parts=65536)
+    with pytest.raises(ValueError, match="argument 'num_sm_parts'.*65535"):
+        F.get_mla_metadata(a["cache_seqlens"], 4, 1, 4, num_sm_parts=65536)
+    meta = torch.zeros(65536, 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="argument 'tile_scheduler_metadata'.*65535"):
-        F.mla_decode(**{**a, "tile_scheduler_metadata": meta, "num_splits": splits})
+        F.mla_decode(**{**a, "tile_scheduler_metadata": meta})
 
 
 def test_mla_decode_too_many_heads():

@@ -7,6 +7,7 @@ Errors are ``ValueError`` naming the op, the argument and what was expected.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -18,16 +19,34 @@ FP8_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 DENSE_PAGE_ALIGN = 64       # dense decode pages hold whole 64-token tiles
 MAX_HEADS_Q = 128
 DENSE_MAX_SM_PARTS = 65535  # mla_decode's partitions are the z dimension of its CUDA grid
+MAX_SM_PARTS = DENSE_MAX_SM_PARTS  # the planner's limit, so that every plan fits every decode kernel
 METADATA_WIDTH = 8          # int32 fields per SM partition in tile_scheduler_metadata
 KV_CACHE_DTYPES = ("auto", "fp8_ds_mla")
 
 
+def _all(*conds):
+    """Conjunction of (possibly symbolic) bools without evaluating them on the host: ``a and b`` would
+    call ``bool()`` on a SymBool and add a shape guard under torch.compile."""
+    out = True
+    for cond in conds:
+        out = out & cond
+    return out
+
+
 class _Checker:
+    """Argument checks of one op. Conditions on sizes go through ``torch._check_with``, so that under
+    torch.compile they become runtime asserts on symbolic sizes instead of guards that specialise a
+    dynamic batch (or fail on an unbacked one). Messages are built only when a check fails."""
+
     def __init__(self, op: str):
         self.op = op
 
     def fail(self, arg: str, expected: str, got) -> None:
-        raise ValueError(f"flashmla.{self.op}: argument '{arg}' must be {expected}, got {got}")
+        raise ValueError(self._message(arg, expected, got))
+
+    def _message(self, arg: str, expected: str, got) -> str:
+        got = got() if callable(got) else got
+        return f"flashmla.{self.op}: argument '{arg}' must be {expected}, got {got}"
 
     def tensor(self, arg: str, t, *, dtypes: Sequence[torch.dtype], dim: int, device=None,
                last_dim_contiguous: bool = True, contiguous: bool = False) -> None:
@@ -39,71 +58,117 @@ class _Checker:
             self.fail(arg, f"a {dim}-D tensor", f"shape {tuple(t.shape)}")
         if device is not None and t.device != device:
             self.fail(arg, f"on device {device} (the device of the first argument)", t.device)
-        if contiguous and not t.is_contiguous():
-            self.fail(arg, "contiguous", f"strides {tuple(t.stride())}")
-        if last_dim_contiguous and t.shape[-1] != 1 and t.stride(-1) != 1:
-            self.fail(arg, "contiguous in its last dimension", f"strides {tuple(t.stride())}")
+        if contiguous:
+            self.value(arg, t.is_contiguous(), "contiguous", lambda: f"strides {tuple(t.stride())}")
+        if last_dim_contiguous and dim > 0:
+            # The stride is a plain 1 for contiguous inputs, so the size is only looked at otherwise.
+            stride_ok = t.stride(-1) == 1
+            if not (isinstance(stride_ok, bool) and stride_ok):
+                self.value(arg, stride_ok | (t.shape[-1] <= 1), "contiguous in its last dimension",
+                           lambda: f"strides {tuple(t.stride())}")
 
     def size(self, arg: str, t: torch.Tensor, dim: int, expected, what: str) -> None:
-        if t.shape[dim] != expected:
-            self.fail(arg, f"of size {expected} in dimension {dim} ({what})", f"shape {tuple(t.shape)}")
+        self.value(arg, t.shape[dim] == expected, f"of size {expected} in dimension {dim} ({what})",
+                   lambda: f"shape {tuple(t.shape)}")
 
-    def value(self, arg: str, ok: bool, expected: str, got) -> None:
-        if not ok:
-            self.fail(arg, expected, got)
+    def value(self, arg: str, ok, expected: str, got) -> None:
+        """``ok`` a bool or SymBool; ``got`` a value or a callable giving it (evaluated on failure)."""
+        if isinstance(ok, bool):
+            if not ok:
+                self.fail(arg, expected, got)
+            return
+        torch._check_with(ValueError, ok, lambda: self._message(arg, expected, got))
+
+    def positive_int(self, arg: str, x, upper: Optional[int] = None) -> None:
+        """A Python int in 1..upper (ints only: bools and floats are refused before any arithmetic)."""
+        expected = "a positive int" if upper is None else f"an int in 1..{upper}"
+        if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
+            self.fail(arg, expected, repr(x))
+        self.value(arg, x >= 1 if upper is None else _all(x >= 1, x <= upper), expected, x)
+
+    def scale(self, arg: str, x) -> None:
+        """A finite positive float (inf or NaN would turn every output into NaN)."""
+        if isinstance(x, torch.SymFloat):  # traced: the value is not known here
+            self.value(arg, x > 0, "a finite positive float", x)
+            return
+        ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+        self.value(arg, ok, "a finite positive float", x)
 
 
 def check_get_mla_metadata(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
                            is_fp8_kvcache, topk, num_sm_parts) -> None:
+    """``num_heads_q`` may be None: FlashMLA's old call form (``get_mla_metadata(seqlens, s_q * h_q //
+    h_kv, h_kv)``) does not say how ``num_q_tokens_per_head_k`` splits into s_q and h_q, and the plan
+    does not depend on it. Given, it must be consistent with the other two. Negative ``seqlens`` count
+    as 0 (values are never checked: no host sync)."""
     c = _Checker("get_mla_metadata")
     c.tensor("seqlens", seqlens, dtypes=(torch.int32,), dim=1)
-    c.value("num_q_tokens_per_head_k", num_q_tokens_per_head_k >= 1, "a positive int", num_q_tokens_per_head_k)
-    c.value("num_heads_k", num_heads_k >= 1, "a positive int", num_heads_k)
-    c.value("num_heads_q", 1 <= num_heads_q <= MAX_HEADS_Q and num_heads_q % num_heads_k == 0,
-            f"in 1..{MAX_HEADS_Q} and a multiple of num_heads_k={num_heads_k}", num_heads_q)
-    c.value("topk", topk is None or topk >= 0, "None (dense) or a non-negative int", topk)
-    c.value("num_sm_parts", num_sm_parts >= 1, "a positive int", num_sm_parts)
+    check_plan_sizes(c, num_q_tokens_per_head_k, num_heads_k)
+    if num_heads_q is not None:
+        c.positive_int("num_heads_q", num_heads_q, MAX_HEADS_Q)
+        c.value("num_heads_q", num_heads_q % num_heads_k == 0,
+                f"in 1..{MAX_HEADS_Q} and a multiple of num_heads_k={num_heads_k}", num_heads_q)
+        c.value("num_heads_q", (num_q_tokens_per_head_k * num_heads_k) % num_heads_q == 0,
+                f"a divisor of num_q_tokens_per_head_k * num_heads_k = {num_q_tokens_per_head_k * num_heads_k} "
+                "(= s_q * h_q)", num_heads_q)
+    if topk is not None:
+        c.value("topk", isinstance(topk, (int, torch.SymInt)) and not isinstance(topk, bool),
+                "None (dense) or a non-negative int", repr(topk))
+        c.value("topk", topk >= 0, "None (dense) or a non-negative int", topk)
+    c.positive_int("num_sm_parts", num_sm_parts, MAX_SM_PARTS)
+
+
+def check_plan_sizes(c: "_Checker", num_q_tokens_per_head_k, num_heads_k) -> None:
+    """The sizes a plan is made for (also checked before the default ``num_sm_parts`` divides by them)."""
+    c.positive_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
+    c.positive_int("num_heads_k", num_heads_k)
 
 
 def _check_plan(c: _Checker, tile_scheduler_metadata, num_splits, batch, device) -> None:
     c.tensor("tile_scheduler_metadata", tile_scheduler_metadata, dtypes=(torch.int32,), dim=2, device=device,
              contiguous=True)
     c.size("tile_scheduler_metadata", tile_scheduler_metadata, 1, METADATA_WIDTH, "fields per SM partition")
+    c.value("tile_scheduler_metadata", tile_scheduler_metadata.shape[0] >= 1,
+            "[num_sm_parts >= 1, 8]", lambda: f"shape {tuple(tile_scheduler_metadata.shape)}")
     c.tensor("num_splits", num_splits, dtypes=(torch.int32,), dim=1, device=device, contiguous=True)
     c.size("num_splits", num_splits, 0, batch + 1, "batch size + 1, from get_mla_metadata")
 
 
-def _check_q(c: _Checker, q, dtypes) -> None:
+def _check_q(c: _Checker, q, dtypes, d_qk=(D_QK,)) -> None:
     c.tensor("q", q, dtypes=dtypes, dim=4)
-    c.size("q", q, 3, D_QK, "d_qk = 512 latent + 64 rope")
-    c.value("q", 1 <= q.shape[2] <= MAX_HEADS_Q, f"[b, s_q, h_q, {D_QK}] with h_q in 1..{MAX_HEADS_Q}",
-            f"shape {tuple(q.shape)}")
+    c.value("q", q.shape[3] in d_qk if len(d_qk) > 1 else q.shape[3] == d_qk[0],
+            f"of size {' or '.join(map(str, d_qk))} in dimension 3 (d_qk)", lambda: f"shape {tuple(q.shape)}")
+    c.value("q", _all(q.shape[2] >= 1, q.shape[2] <= MAX_HEADS_Q),
+            f"[b, s_q, h_q, d_qk] with h_q in 1..{MAX_HEADS_Q}", lambda: f"shape {tuple(q.shape)}")
 
 
 def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                      tile_scheduler_metadata, num_splits) -> None:
+    """Values are not checked (no host sync): ``cache_seqlens`` below 0 count as 0 and above the block
+    table's capacity (``max_blocks * page_size``) as that capacity; tokens of pages whose id is outside
+    ``[0, num_blocks)`` are skipped (never read). See the reference ``mla_decode``."""
     c = _Checker("mla_decode")
     _check_q(c, q, HALF_DTYPES)
     dev = q.device
     c.tensor("kv_cache", kv_cache, dtypes=(q.dtype,), dim=4, device=dev)
     c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, h_kv, 576]")
     page_size, h_kv = kv_cache.shape[1], kv_cache.shape[2]
-    c.value("kv_cache", page_size % DENSE_PAGE_ALIGN == 0 and page_size > 0,
-            f"paged with page_size a positive multiple of {DENSE_PAGE_ALIGN}", f"page_size {page_size}")
-    c.value("kv_cache", h_kv >= 1 and q.shape[2] % h_kv == 0,
-            f"of h_kv dividing h_q={q.shape[2]}", f"h_kv {h_kv}")
+    c.value("kv_cache", _all(page_size % DENSE_PAGE_ALIGN == 0, page_size > 0),
+            f"paged with page_size a positive multiple of {DENSE_PAGE_ALIGN}", lambda: f"page_size {page_size}")
+    c.value("kv_cache", h_kv >= 1, f"of h_kv dividing h_q={q.shape[2]}", lambda: f"h_kv {h_kv}")
+    c.value("kv_cache", q.shape[2] % h_kv == 0, f"of h_kv dividing h_q={q.shape[2]}", lambda: f"h_kv {h_kv}")
     b = q.shape[0]
     c.tensor("block_table", block_table, dtypes=(torch.int32,), dim=2, device=dev)
     c.size("block_table", block_table, 0, b, "batch size of q")
     c.tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
     c.size("cache_seqlens", cache_seqlens, 0, b, "batch size of q")
     c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
-    c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
+    c.scale("softmax_scale", softmax_scale)
     _check_plan(c, tile_scheduler_metadata, num_splits, b, dev)
     # The SM90 kernel puts the partitions on grid.z (CUDA limit 65535); checked on every device so that
     # a plan behaves alike everywhere.
     c.value("tile_scheduler_metadata", tile_scheduler_metadata.shape[0] <= DENSE_MAX_SM_PARTS,
-            f"at most {DENSE_MAX_SM_PARTS} rows (num_sm_parts)", f"{tile_scheduler_metadata.shape[0]} rows")
+            f"at most {DENSE_MAX_SM_PARTS} rows (num_sm_parts)", lambda: f"{tile_scheduler_metadata.shape[0]} rows")
 
 
 def _check_fp8_cache(c: _Checker, arg: str, cache, device) -> None:
@@ -121,8 +186,8 @@ def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_
     b, s_q, h_q = q.shape[0], q.shape[1], q.shape[2]
     _check_fp8_cache(c, "kv_cache", kv_cache, dev)
     c.tensor("indices", indices, dtypes=(torch.int32,), dim=3, device=dev)
-    c.value("indices", indices.shape[0] == b and indices.shape[1] == s_q,
-            f"[b={b}, s_q={s_q}, topk]", f"shape {tuple(indices.shape)}")
+    c.value("indices", _all(indices.shape[0] == b, indices.shape[1] == s_q),
+            f"[b={b}, s_q={s_q}, topk]", lambda: f"shape {tuple(indices.shape)}")
     if topk_length is not None:
         c.tensor("topk_length", topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
         c.size("topk_length", topk_length, 0, b, "batch size of q")
@@ -137,13 +202,13 @@ def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_
         c.value("extra_topk_length", extra_topk_length is None, "None when extra_kv_cache is None", "a tensor")
     if extra_indices is not None:
         c.tensor("extra_indices", extra_indices, dtypes=(torch.int32,), dim=3, device=dev)
-        c.value("extra_indices", extra_indices.shape[0] == b and extra_indices.shape[1] == s_q,
-                f"[b={b}, s_q={s_q}, extra_topk]", f"shape {tuple(extra_indices.shape)}")
+        c.value("extra_indices", _all(extra_indices.shape[0] == b, extra_indices.shape[1] == s_q),
+                f"[b={b}, s_q={s_q}, extra_topk]", lambda: f"shape {tuple(extra_indices.shape)}")
     if extra_topk_length is not None:
         c.tensor("extra_topk_length", extra_topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
         c.size("extra_topk_length", extra_topk_length, 0, b, "batch size of q")
     c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
-    c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
+    c.scale("softmax_scale", softmax_scale)
     _check_plan(c, tile_scheduler_metadata, num_splits, b, dev)
 
 
@@ -152,15 +217,15 @@ def check_sparse_mla_prefill(q, kv, indices, softmax_scale, head_dim_v, attn_sin
     c.tensor("q", q, dtypes=(torch.bfloat16,), dim=3)
     dev = q.device
     s_q, h_q, d_qk = q.shape
-    c.value("q", d_qk in (D_QK, D_V) and 1 <= h_q <= MAX_HEADS_Q,
-            f"[s_q, h_q, d_qk] with d_qk 576 or 512 and h_q in 1..{MAX_HEADS_Q}", f"shape {tuple(q.shape)}")
+    c.value("q", _all(d_qk in (D_QK, D_V), h_q >= 1, h_q <= MAX_HEADS_Q),
+            f"[s_q, h_q, d_qk] with d_qk 576 or 512 and h_q in 1..{MAX_HEADS_Q}", lambda: f"shape {tuple(q.shape)}")
     c.tensor("kv", kv, dtypes=(torch.bfloat16,), dim=3, device=dev)
-    c.value("kv", kv.shape[1] == 1 and kv.shape[2] == d_qk, f"[s_kv, 1, {d_qk}]", f"shape {tuple(kv.shape)}")
+    c.value("kv", _all(kv.shape[1] == 1, kv.shape[2] == d_qk), f"[s_kv, 1, {d_qk}]", lambda: f"shape {tuple(kv.shape)}")
     c.tensor("indices", indices, dtypes=(torch.int32,), dim=3, device=dev)
-    c.value("indices", indices.shape[0] == s_q and indices.shape[1] == 1, f"[s_q={s_q}, 1, topk]",
-            f"shape {tuple(indices.shape)}")
+    c.value("indices", _all(indices.shape[0] == s_q, indices.shape[1] == 1), f"[s_q={s_q}, 1, topk]",
+            lambda: f"shape {tuple(indices.shape)}")
     c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
-    c.value("softmax_scale", softmax_scale > 0, "positive", softmax_scale)
+    c.scale("softmax_scale", softmax_scale)
     if attn_sink is not None:
         c.tensor("attn_sink", attn_sink, dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
         c.size("attn_sink", attn_sink, 0, h_q, "h_q")

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import checks
 from .kv_cache import D_QK, D_V
 
 DEFAULT_SM_COUNT = 132          # H100/H200 SXM; used when planning for a CPU tensor
@@ -24,7 +25,8 @@ def sm_count(device_index: int) -> int:
 
 def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """How many SM partitions the decode kernels split the work into: one CTA per SM for each
-    (kv head, 64-row query tile) pair."""
+    (kv head, 64-row query tile) pair, at least 1."""
+    checks.check_plan_sizes(checks._Checker("get_mla_metadata"), num_q_tokens_per_head_k, num_heads_k)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else DEFAULT_SM_COUNT
     row_tiles = -(-num_q_tokens_per_head_k // DECODE_BLOCK_M)
@@ -38,18 +40,21 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
 
     Args:
         cache_seqlens: [b] int32, tokens per request (for sparse decode: ``topk_length``, or a
-            tensor filled with ``topk``, plus ``extra_topk_length`` with an extra cache). The
-            sparse kernel attends to every token whatever lengths were planned (the last piece of
-            a request runs to its end); other lengths only balance the work worse.
-        num_q_tokens_per_head_k: ``s_q * h_q // h_kv``.
-        num_heads_k: h_kv. num_heads_q: h_q (default ``num_q_tokens_per_head_k * h_kv``, i.e. s_q = 1).
+            tensor filled with ``topk``, plus ``extra_topk_length`` with an extra cache). Negative
+            lengths count as 0. The sparse kernel attends to every token whatever lengths were
+            planned (the last piece of a request runs to its end); other lengths only balance the
+            work worse.
+        num_q_tokens_per_head_k: ``s_q * h_q // h_kv`` (the query rows of one kv head).
+        num_heads_k: h_kv.
+        num_heads_q: h_q, or None (FlashMLA's old call form ``get_mla_metadata(seqlens,
+            s_q * h_q // h_kv, h_kv)``). The plan depends only on ``num_q_tokens_per_head_k``; when
+            given, ``num_heads_q`` is checked against it (``s_q * h_q`` must be a multiple of it).
         is_fp8_kvcache, topk: the cache format and top-k of sparse decode (``topk=None``: dense).
-        num_sm_parts: SM partitions; default from the device's SM count (132 for CPU tensors).
+        num_sm_parts: SM partitions (1..65535); default from the device's SM count (132 for CPU
+            tensors) and ``num_q_tokens_per_head_k``.
     Returns:
         tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1].
     """
-    if num_heads_q is None:
-        num_heads_q = num_q_tokens_per_head_k * num_heads_k
     if num_sm_parts is None:
         num_sm_parts = default_num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
     return torch.ops.flashmla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
@@ -64,8 +69,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Args:
         q: [b, s_q, h_q, 576] bf16/fp16.
         kv_cache: [num_blocks, page_size, h_kv, 576], q's dtype; page_size a multiple of 64.
-        block_table: [b, max_blocks_per_seq] int32; entries past the last used page are ignored.
-        cache_seqlens: [b] int32 (0 allowed: out = 0, lse = +inf).
+        block_table: [b, max_blocks_per_seq] int32; entries past the last used page are ignored;
+            tokens of a used page whose id is outside ``[0, num_blocks)`` are skipped (never read).
+        cache_seqlens: [b] int32 (0 allowed: out = 0, lse = +inf). Values are not checked (that
+            would need a host sync): below 0 counts as 0, above the table's capacity
+            (``max_blocks_per_seq * page_size``) as that capacity.
         tile_scheduler_metadata, num_splits: the plan from :func:`get_mla_metadata`.
         head_dim_v: 512. softmax_scale: default 576 ** -0.5.
         causal: with s_q > 1, query t sees keys ``< cache_seqlens - s_q + t + 1``.

@@ -31,7 +31,8 @@ _POS_INF = float("inf")
 # --------------------------------------------------------------------------------------------
 # planner
 # --------------------------------------------------------------------------------------------
-def get_mla_metadata(seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_heads_q: int,
+def get_mla_metadata(seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int,
+                     num_heads_q: Optional[int],
                      is_fp8_kvcache: bool, topk: Optional[int], num_sm_parts: int
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Split every request's KV range into 64-token blocks and deal them to ``num_sm_parts``
@@ -43,7 +44,7 @@ def get_mla_metadata(seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_he
     the running count of splits (request ``i`` has ``num_splits[i+1] - num_splits[i]`` pieces).
     Requests with one piece are written directly; the others are merged by a combine step.
     """
-    lengths = [int(x) for x in seqlens.tolist()]  # host loop: the CUDA planner does this on the GPU
+    lengths = [max(int(x), 0) for x in seqlens.tolist()]  # host loop (the CUDA planner runs on the GPU); < 0 is 0
     b = len(lengths)
     blocks = [(n + PLANNER_BLOCK_N - 1) // PLANNER_BLOCK_N for n in lengths]
     total = sum(blocks) + b * PLANNER_FIXED_OVERHEAD
@@ -105,26 +106,37 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     """Dense MLA decode over a paged cache. q [b, s_q, h_q, 576]; kv_cache [num_blocks, page_size,
     h_kv, 576]; block_table [b, max_blocks] int32; cache_seqlens [b] int32.
     Returns out [b, s_q, h_q, head_dim_v] (q's dtype) and lse [b, h_q, s_q] fp32.
-    The plan arguments only matter to the kernels; the reference reads every request whole."""
+    The plan arguments only matter to the kernels; the reference reads every request whole.
+
+    Values that cannot be refused without a host sync have a defined meaning (the SM90 kernel agrees):
+    a length below 0 counts as 0 and one above the table's capacity ``max_blocks * page_size`` as
+    that capacity (``causal`` aligns to the clamped length); the tokens of a used page whose id is
+    outside ``[0, num_blocks)`` are skipped, like masked keys, and that page is never read."""
     b, s_q, h_q, d_qk = q.shape
     num_blocks, page_size, h_kv, _ = kv_cache.shape
     group = h_q // h_kv
     max_blocks = block_table.shape[1]
     device = q.device
-    positions = torch.arange(max_blocks * page_size, device=device)              # [S]
+    capacity = max_blocks * page_size
+    positions = torch.arange(capacity, device=device)                            # [S]
     page_starts = torch.arange(max_blocks, device=device) * page_size            # [max_blocks]
     query_offsets = torch.arange(s_q, device=device)                             # [s_q]
     out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
     for i in range(b):
-        seqlen = cache_seqlens[i].long()
-        # Pages past the sequence end may hold garbage ids: never dereference them.
-        pages = torch.where(page_starts < seqlen, block_table[i].long(), 0).clamp(0, num_blocks - 1)
-        kv = kv_cache[pages].reshape(max_blocks * page_size, h_kv, d_qk).float()
-        in_sequence = positions < seqlen
-        kv = torch.where(in_sequence[:, None, None], kv, 0.0)                    # NaN past the end -> 0
+        seqlen = cache_seqlens[i].long().clamp(0, capacity)
+        # Pages past the sequence end may hold garbage ids, and ids out of range are skipped: neither is
+        # dereferenced (a zero-block cache reads nothing at all).
+        ids = block_table[i].long()
+        page_ok = (page_starts < seqlen) & (ids >= 0) & (ids < num_blocks)        # [max_blocks]
+        if num_blocks > 0:
+            kv = kv_cache[torch.where(page_ok, ids, 0)].reshape(capacity, h_kv, d_qk).float()
+        else:
+            kv = torch.zeros(capacity, h_kv, d_qk, device=device)
+        attended = (positions < seqlen) & page_ok.repeat_interleave(page_size)    # [S]
+        kv = torch.where(attended[:, None, None], kv, 0.0)                       # NaN never attended -> 0
         limit = seqlen - s_q + query_offsets + 1 if causal else seqlen.expand(s_q)
-        valid = positions[None, :] < limit[:, None]                              # [s_q, S]
+        valid = (positions[None, :] < limit[:, None]) & attended[None, :]        # [s_q, S]
         qi = q[i].float().view(s_q, h_kv, group, d_qk).transpose(0, 1)           # [h_kv, s_q, group, d]
         keys = kv.transpose(0, 1)                                                # [h_kv, S, d]
         scores = torch.einsum("ktgd,ksd->ktgs", qi, keys) * softmax_scale       # [h_kv, s_q, group, S]
@@ -148,6 +160,8 @@ def _gather_fp8_tokens(cache: torch.Tensor, indices: torch.Tensor, topk_length: 
     valid = (indices >= 0) & (indices < num_slots)
     if topk_length is not None:
         valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length
+    if num_slots == 0:  # nothing can be attended; nothing is read
+        return indices.new_zeros((*indices.shape, kvc.D_QK), dtype=torch.float32), valid
     safe = torch.where(valid, indices, 0).long()
     tokens = kvc.dequantize_kv_fp8(records[safe.flatten()]).float().view(*indices.shape, kvc.D_QK)
     return torch.where(valid[..., None], tokens, 0.0), valid
@@ -211,7 +225,8 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         valid = (idx >= 0) & (idx < s_kv)
         if topk_length is not None:
             valid &= slots[None, :] < topk_length[rows, None]
-        gathered = keys[torch.where(valid, idx, 0).long()].float()
+        gathered = (keys[torch.where(valid, idx, 0).long()].float() if s_kv > 0
+                    else keys.new_zeros((*idx.shape, d_qk), dtype=torch.float32))
         gathered = torch.where(valid[..., None], gathered, 0.0)                       # [r, topk, d]
         scores = torch.einsum("rhd,rnd->rhn", q[rows].float(), gathered) * softmax_scale
         mask = valid[:, None, :].expand_as(scores)
@@ -220,7 +235,8 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         if attn_sink is not None:
             o = o * _sink_scale(l, attn_sink)[..., None]
         out[rows] = o.to(q.dtype)
-        max_logits[rows] = scores.masked_fill(~mask, _NEG_INF).amax(dim=-1)
+        max_logits[rows] = (scores.masked_fill(~mask, _NEG_INF).amax(dim=-1) if topk > 0
+                            else torch.full(scores.shape[:-1], _NEG_INF, device=q.device))
         lse[rows] = l
     return out, max_logits, lse
 

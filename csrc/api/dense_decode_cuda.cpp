@@ -26,7 +26,8 @@ namespace fs = flashmla::sm90;
 namespace fc = flashmla::common;
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqlens, int64_t num_q_tokens_per_head_k,
-                                                         int64_t num_heads_k, int64_t num_heads_q, bool is_fp8_kvcache,
+                                                         int64_t num_heads_k, c10::optional<int64_t> num_heads_q,
+                                                         bool is_fp8_kvcache,
                                                          c10::optional<int64_t> topk, int64_t num_sm_parts) {
   (void)num_q_tokens_per_head_k;
   (void)num_heads_k;
@@ -190,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
   m.def(
-      "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_heads_q, "
+      "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int? num_heads_q, "
       "bool is_fp8_kvcache, int? topk, int num_sm_parts) -> (Tensor tile_scheduler_metadata, Tensor num_splits)");
   m.def(
       "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
