@@ -3,8 +3,7 @@
 # on top of the working tree, or "base"), build, optionally run the kernel's GPU tests, and time it
 # with ab_dense.py / ab_sparse.py. "test:" before a patch also runs the tests. Lines "LABEL ..." last.
 #   dense:  AB_SEQUENTIAL=1 also times with in-order block tables.
-#   sparse: AB_DIAG="2 3" also times the diagnostic kernels (no math / no math and no loads);
-#           AB_QUICK=1 times only the two h_q=128 shapes.
+#   sparse: AB_QUICK=1 times only the two h_q=128 shapes.
 # Usage: benchmarks/tools/ab.sh dense|sparse base test:benchmarks/variants/x.patch ... base
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,7 +23,6 @@ time_variant() {
   else
     quick=""; [ -n "${AB_QUICK:-}" ] && quick="--quick"
     timeout 150 python3 benchmarks/tools/ab_sparse.py "$1" $quick || echo "$1: timing rc=$?"
-    for d in ${AB_DIAG:-}; do FLASHMLA_SPARSE_DIAG=$d python3 benchmarks/tools/ab_sparse.py "$1" $quick; done
   fi
 }
 for arg in "$@"; do

@@ -1,7 +1,6 @@
-"""Times the sparse FP8 decode op on the issue's four shapes under CUDA-graph replay and prints one
-line: `label us... TFLOPS...`. Used to compare kernel variants built one after another in the same
-device session (benchmarks/tools/ab.sh sparse ...). FLASHMLA_SPARSE_DIAG=2|3 in the environment times
-the diagnostic kernels instead (wrong results; 2 = no math, 3 = no math and no record loads).
+"""Times the sparse FP8 decode op on the four shapes of bench_sparse_decode.CASES under CUDA-graph
+replay and prints one line: `label us... TFLOPS...`. Used to compare kernel variants built one after
+another in the same device session (benchmarks/tools/ab.sh sparse ...).
 
 Usage: python benchmarks/tools/ab_sparse.py LABEL [--quick]   (--quick: the two h_q=128 shapes)
 """
@@ -21,9 +20,6 @@ from bench_timing import graph_time_us  # noqa: E402
 
 def main():
     label = sys.argv[1] if len(sys.argv) > 1 else "?"
-    diag = os.environ.get("FLASHMLA_SPARSE_DIAG", "")
-    if diag not in ("", "0"):
-        label += f"/diag{diag}"
     cases = [c for c in CASES if c[1] == 128] if "--quick" in sys.argv else CASES
     cells = []
     cache_key, cache, table = None, None, None

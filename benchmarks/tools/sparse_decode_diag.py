@@ -1,11 +1,10 @@
 """Eager timing of sparse_mla_decode (CUDA events, 20 calls after 3 warm-ups) on uniform random
 indices, from DRAM (a cache of b * s_k slots) and L2-resident (4,096 slots), used for the kernel
-history in benchmarks/NOTES_sparse_decode.md. FLASHMLA_SPARSE_DIAG=2|3 times the diagnostic
-kernels (wrong results: 2 = no math, 3 = no math and no record loads).
+history in benchmarks/NOTES_sparse_decode.md. The L2-resident run times the kernel without most of
+its DRAM traffic (a diagnostic, not a real workload).
 
-Usage: [FLASHMLA_SPARSE_DIAG=2] python benchmarks/tools/sparse_decode_diag.py [all]
+Usage: python benchmarks/tools/sparse_decode_diag.py [all]
 """
-import os
 import sys
 
 import torch
@@ -32,7 +31,7 @@ def timeit(b, s_q, h_q, topk, slots):
     torch.cuda.synchronize()
     us = e0.elapsed_time(e1) / 20 * 1e3
     tflops = b * s_q * h_q * topk * 2 * 1088 / us / 1e6
-    print(f"diag {os.environ.get('FLASHMLA_SPARSE_DIAG', '0')} b{b} s_q{s_q} h{h_q} topk{topk} slots {slots}: "
+    print(f"b{b} s_q{s_q} h{h_q} topk{topk} slots {slots}: "
           f"{us:.1f} us  {tflops:.1f} TFLOPS", flush=True)
 
 

@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 #include "api/decode_api.h"
@@ -22,16 +21,6 @@ namespace {
 namespace fs = flashmla::sm90;
 
 constexpr int64_t kDQK = 576, kDV = 512, kBlockM = 64;
-
-// FLASHMLA_SPARSE_DIAG=2|3: benchmark diagnostics that give WRONG results (2: the kernel skips
-// the math, 3: the math and the record loads); read once per process.
-int diagnostic_mode() {
-  static const int mode = [] {
-    const char* env = std::getenv("FLASHMLA_SPARSE_DIAG");
-    return env != nullptr && env[0] != 0 ? std::atoi(env) : 0;
-  }();
-  return mode;
-}
 
 bool is_fp8_cache_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kByte || t.scalar_type() == at::ScalarType::Float8_e4m3fn;
@@ -144,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
-  fs::launch_sparse_decode(p, diagnostic_mode(), stream);
+  fs::launch_sparse_decode(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   flashmla::api::combine_splits(oacc, lseacc, num_splits, out, lse, p.attn_sink, /*h_kv=*/1, stream);

@@ -43,10 +43,9 @@ struct SparseDecodeParams {
   float scale_log2;        // softmax_scale * log2(e)
 };
 
-// Grid (num_sm_parts, s_q, ceil(h_q / 64)), 384 threads, on `stream`. diag != 0 runs a benchmark
-// diagnostic with wrong results (2: no math, 3: no math and no record loads); see FLASHMLA_SPARSE_DIAG.
+// Grid (num_sm_parts, s_q, ceil(h_q / 64)), 384 threads, on `stream`.
 // h_q > 64: clusters of the two 64-head tiles of a query token share the gathered chunks.
-void launch_sparse_decode(const SparseDecodeParams& p, int diag, cudaStream_t stream);
+void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
 
 }  // namespace sm90
 }  // namespace flashmla

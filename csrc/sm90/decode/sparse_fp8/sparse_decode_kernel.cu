@@ -143,7 +143,7 @@ __device__ __forceinline__ Piece request_piece(const SparseDecodeParams& p, int 
 
 // The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
 // Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
-template <int kWG, int kDiag, int kCluster>
+template <int kWG, int kCluster>
 __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint8_t* smem, int tid, int t, int mtile,
                                                int begin_req, int begin_tok, int end_req, int end_tok,
                                                int begin_split) {
@@ -218,10 +218,6 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
       const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
       mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
       fence_proxy_async();  // generic stores of the producer -> this warpgroup's wgmma reads
-      if constexpr (kDiag >= 2) {  // diagnostic: no math, only the producer's pace
-        release_stage(stage);
-        continue;
-      }
       if constexpr (wg == 0) {
         // ---- S = Q K^T over the 64 tokens of the chunk ----
         float s[32];
@@ -382,12 +378,10 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   }
 }
 
-// kDiag (benchmark diagnostics only, wrong results): 2 = no math (the consumers only release the
-// stages), 3 = no math and no record loads (rows read as zeros).
 // kCluster = 2 (h_q > 64): the two head tiles of one query token form a cluster; each CTA's
 // producer gathers half of every chunk (32 rows) and writes it into both CTAs' shared memory, so
 // every record is loaded and converted once.
-template <int kDiag, int kCluster>
+template <int kCluster>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -512,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
         L.valid[k] = rec[k] != nullptr;
-        if (kDiag != 3 && rec[k] != nullptr) {
+        if (rec[k] != nullptr) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) L.lat[k][i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
           L.scl[k] = ld_nc_v4(rec[k] + kFp8ScaleOffset);
@@ -630,10 +624,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     }
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
-    math_warpgroup<0, kDiag, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<0, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   } else {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
-    math_warpgroup<1, kDiag, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<1, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   }
   // The peer may still store into this CTA's shared memory or arrive on its barriers until it is done.
   if constexpr (kCluster == 2) cluster_sync();
@@ -644,9 +638,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
 }  // namespace sparse
 
 namespace {
-template <int kDiag, int kCluster>
+template <int kCluster>
 void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
-  auto kernel = sparse::sparse_decode_kernel<kDiag, kCluster>;
+  auto kernel = sparse::sparse_decode_kernel<kCluster>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sparse::kSmemBytes);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(p.num_sm_parts, p.s_q, p.num_m_tiles);
@@ -662,23 +656,13 @@ void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
   config.numAttrs = 1;
   cudaLaunchKernelEx(&config, kernel, p);
 }
-template <int kDiag>
-void launch_diag(const SparseDecodeParams& p, cudaStream_t stream) {
-  if (p.num_m_tiles == 2) {
-    launch_kernel<kDiag, 2>(p, stream);
-  } else {
-    launch_kernel<kDiag, 1>(p, stream);
-  }
-}
 }  // namespace
 
-void launch_sparse_decode(const SparseDecodeParams& p, int diag, cudaStream_t stream) {
-  if (diag == 2) {
-    launch_diag<2>(p, stream);
-  } else if (diag == 3) {
-    launch_diag<3>(p, stream);
+void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
+  if (p.num_m_tiles == 2) {
+    launch_kernel<2>(p, stream);
   } else {
-    launch_diag<0>(p, stream);
+    launch_kernel<1>(p, stream);
   }
 }
 
