@@ -9,9 +9,9 @@ after the GPU idled (full clock), and "1call" its TFLOPS (compute rows) or GB/s 
 FLOPs and bytes use FlashMLA's formulas:
   FLOPs = b*s_q*h_q*s_k*2*(576+512)
   bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576*2 + s_q*h_q*512*2)
-Floors (DESIGN §6 / the issue): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases >= 3.4 TB/s.
+Floors (docs/design.md §6): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases >= 3.4 TB/s.
 
-Ceilings measured on the H200 (DESIGN §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS.
+Ceilings measured on the H200 (docs/design.md §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS.
 Writes a table to stdout, JSON and a PNG plot to $OUT (or benchmarks/results/).
 
 Usage: python benchmarks/bench_decode.py [--quick] [--no-naive] [--sequential-tables]

@@ -11,9 +11,9 @@ Columns:
 FLOPs and bytes use FlashMLA's formulas (only the topk selected tokens are read, 656 B each):
   FLOPs = b*s_q*h_q*topk*2*(576+512)
   bytes = b*s_q*topk*656 + b*s_q*h_q*576*2 (q) + b*s_q*h_q*512*2 (out)
-Ceilings measured on the H200 (DESIGN §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS ("%mm").
-Floors (the issue): >= 330 TFLOPS at (b=128, h_q=128, s_q=2, topk=2048), >= 360 TFLOPS at
-(b=148, h_q=128, s_q=2, topk=16384). FlashMLA on the same H200 (DESIGN §6 / the issue, reference
+Ceilings measured on the H200 (docs/design.md §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS ("%mm").
+Floors (docs/design.md §6): >= 330 TFLOPS at (b=128, h_q=128, s_q=2, topk=2048), >= 360 TFLOPS at
+(b=148, h_q=128, s_q=2, topk=16384). FlashMLA on the same H200 (docs/design.md §6, reference
 constants, not measured here): 424 and 468 TFLOPS ("FM doc TF").
 Without the SM90 kernel (or with FLASHMLA_FORCE_REFERENCE=1) "ours" IS the reference path; it is
 then timed eagerly with CUDA events (the reference planner syncs with the host, no graph capture).
@@ -61,7 +61,7 @@ CASES = [
 ]
 # keyed by (b, h_q, s_q, topk)
 FLOOR_TFLOPS = {(128, 128, 2, 2048): 330.0, (148, 128, 2, 16384): 360.0}
-FLASHMLA_DOC_TFLOPS = {(128, 128, 2, 2048): 424.0, (148, 128, 2, 16384): 468.0}  # DESIGN §6, not measured here
+FLASHMLA_DOC_TFLOPS = {(128, 128, 2, 2048): 424.0, (148, 128, 2, 16384): 468.0}  # docs/design.md §6, not measured here
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def plot(rows, path) -> str:
     x = list(range(len(rows)))
     series = (("ours_tflops", "ours (op)", "tab:blue", None), ("step_tflops", "ours (planner + op)", "tab:cyan", None),
               ("flashmla_tflops", "FlashMLA (measured)", "tab:orange", None),
-              ("flashmla_doc_tflops", "FlashMLA (DESIGN §6 constant)", "none", "//"),
+              ("flashmla_doc_tflops", "FlashMLA (docs/design.md §6 constant)", "none", "//"),
               ("ref_tflops", "reference path", "tab:gray", None))
     shown = [s for s in series if any(r.get(s[0]) for r in rows)]
     width = 0.8 / max(1, len(shown))
@@ -412,8 +412,8 @@ def main(argv=None) -> int:
         print(f"note: {n}")
     print("op us = op with plan precomputed, step us = planner + op (CUDA-graph replay, median); ref us = "
           "reference path (CUDA events); diff = max|ours - ref|;")
-    print("%mm of 799 TFLOPS matmul ceiling; floor = TFLOPS floor of the issue; FM = FlashMLA measured here; "
-          "FM doc TF = FlashMLA on the H200 per DESIGN §6 (reference constants, not measured)")
+    print("%mm of 799 TFLOPS matmul ceiling; floor = TFLOPS floor (docs/design.md §6); FM = FlashMLA measured here; "
+          "FM doc TF = FlashMLA on the H200 per docs/design.md §6 (reference constants, not measured)")
     print(table(rows))
     return 0
 

@@ -4,7 +4,7 @@ mla_decode}, reached through torch.ops.flashmla.*) against the float32 reference
 
 Inputs are drawn on the GPU: NaN in every cache slot that is not part of a sequence (tails of
 last pages, unused pages), garbage in block-table tails (huge ids, -1, random ids), the output
-memory poisoned with NaN before the call. Tolerances (DESIGN §8): out abs 8e-4 / rel 2/128 and
+memory poisoned with NaN before the call. Tolerances (docs/design.md §7): out abs 8e-4 / rel 2/128 and
 cosine distance <= 5e-6; lse rel 8/65536.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ def to_cpu(x):
 
 
 def assert_attention_close(out, lse, ref_out, ref_lse):
-    """DESIGN §8 tolerances: out abs 8e-4 + rel 2/128 and cosine distance <= 5e-6; lse rel 8/65536."""
+    """docs/design.md §7 tolerances: out abs 8e-4 + rel 2/128 and cosine distance <= 5e-6; lse rel 8/65536."""
     out, lse, ref_out, ref_lse = (t.cpu().float() for t in (out, lse, ref_out, ref_lse))
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))

@@ -239,7 +239,7 @@ ODD = [SparseDecodeCase(b=3, h_q=h, s_q=s, topk=k, num_blocks=64, **flags_of(i +
 
 @pytest.mark.parametrize("case", ODD, ids=[case_id(c) for c in ODD])
 def test_sparse_decode_odd_heads(case):
-    """DESIGN §3: any h_q in 1..128."""
+    """docs/design.md §2: any h_q in 1..128."""
     check_case(case, seed=case_seed(case))
 
 
