@@ -1,6 +1,6 @@
 """KV-cache layouts of MLA and their float32 PyTorch references.
 
-Layouts (DESIGN §4):
+Layouts (docs/design.md §3):
 
 * BF16/FP16 paged cache: ``[num_blocks, page_size, h_kv, 576]``, each row = 512 latent ‖ 64 RoPE.
 * FP8 "V3.2" record, 656 bytes per token, stored as ``[num_blocks, page_size, 1, 656]`` (``uint8``,

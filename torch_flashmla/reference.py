@@ -4,7 +4,7 @@ They are the CPU kernels of the ops, the GPU fallback until an SM90 kernel exist
 of the kernel tests. Except for the planner (a sequential greedy loop, run on the host), they use
 only tensor operations: no host syncs, so they also run inside CUDA graphs.
 
-Semantics pinned here (DESIGN §3):
+Semantics pinned here (docs/design.md §2):
 * ``lse`` is the natural-log log-sum-exp of the scaled scores; a query with nothing to attend to
   gets ``out = 0`` and ``lse = +inf``.
 * Values in cache slots that are not attended (past ``cache_seqlens``, skipped indices, unused
