@@ -13,7 +13,10 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 
 #include "api/decode_api.h"
@@ -130,6 +133,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   at::Tensor out = at::empty({b, s_q, h_q, fs::kDV}, q.options());
   at::Tensor lse = at::empty({b, h_q, s_q}, q.options().dtype(at::kFloat));
   if (b == 0 || s_q == 0 || h_q == 0) return {out, lse};
+  if (kv_cache.size(0) == 0) {  // every page id is out of range: nothing is attended (no tensor map of 0 blocks)
+    out.zero_();
+    lse.fill_(INFINITY);
+    return {out, lse};
+  }
 
   const int64_t group = h_q / h_kv;
   const int64_t m_total = s_q * group;
@@ -169,6 +177,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   p.group = static_cast<int>(group);
   p.m_total = static_cast<int>(m_total);
   p.page_size = static_cast<int>(page_size);
+  p.num_blocks = static_cast<int>(std::min<int64_t>(kv_cache.size(0), INT32_MAX));
+  p.max_tokens = static_cast<int>(std::min<int64_t>(block_table.size(1) * page_size, INT32_MAX));
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);

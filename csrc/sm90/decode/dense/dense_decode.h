@@ -30,6 +30,8 @@ struct DenseDecodeParams {
   const int* metadata;     // [num_sm_parts, 8]
   const int* num_splits;   // [b + 1]
   int b, s_q, h_q, h_kv, group, m_total, page_size, num_sm_parts, num_m_tiles;
+  int num_blocks;          // pages of the cache: ids outside [0, num_blocks) are skipped
+  int max_tokens;          // block-table capacity (max_blocks * page_size): lengths are clamped to it
   float scale_log2;        // softmax_scale * log2(e)
   int causal;
 };

@@ -50,10 +50,16 @@ constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 byte
 constexpr int kNumColTiles = kDQK / 64;          // 9
 constexpr int kStageBytes = kNumColTiles * kTileBytes;  // 73728
 
+// Length of request r as attended: below 0 counts as 0, past the block table's capacity as the capacity
+// (so no block-table entry past the row is ever read); the reference mla_decode defines the same.
+__device__ __forceinline__ int request_len(const DenseDecodeParams& p, int r) {
+  return min(max(p.seqlens[r], 0), p.max_tokens);
+}
+
 // Token range [start, end) of request r inside partition (begin_req..end_req).
 __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r, int begin_req, int begin_tok,
                                               int end_req, int end_tok, int& start, int& end) {
-  const int len = max(p.seqlens[r], 0);
+  const int len = request_len(p, r);
   start = r == begin_req ? begin_tok : 0;
   end = r == end_req ? end_tok : len;
   end = min(end, len);
@@ -118,7 +124,8 @@ constexpr int kOffScaleA = kOffMax + 64 * 4;            // float[64]
 constexpr int kOffScaleB = kOffScaleA + 64 * 4;         // float[64]
 constexpr int kOffSum = kOffScaleB + 64 * 4;            // float[2][64]
 constexpr int kOffBar = kOffSum + 2 * 64 * 4;           // uint64[2][9]: one mbarrier per tile and stage
-constexpr int kSmemUsed = kOffBar + 2 * kNumColTiles * 8;
+constexpr int kOffPageOk = kOffBar + 2 * kNumColTiles * 8;  // int[2]: the chunk in each stage has its page in the cache
+constexpr int kSmemUsed = kOffPageOk + 2 * 4;
 constexpr int kSmemBytes = kSmemUsed + 1024;            // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
 
@@ -137,10 +144,20 @@ __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile
 __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
 
 // TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`.
+//
+// A page id outside [0, num_blocks) is skipped: its loads fall outside the tensor map and land as zeros
+// (nothing outside the cache is read, no NaN reaches the PV product), and the stage's page flag, written
+// with the first tiles of the chunk, tells the consumers to mask every score of the chunk. The flag is
+// stored before the tiles' mbarrier arrive (release) and read after their wait (acquire); it is
+// rewritten only by the refill of tiles 0-3, whose readers come after every reader of the flag.
 __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
                                            int tok, int kvh, int stage, int t_begin, int t_end) {
   const int page = p.block_table[(int64_t)r * p.block_table_stride + tok / p.page_size];
   const int in_page = tok % p.page_size;
+  if (t_begin == 0) {
+    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 1u : 0u;
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sbase + kOffPageOk + stage * 4), "r"(in_cache) : "memory");
+  }
   for (int t = t_begin; t < t_end; ++t) {
     const uint32_t bar = tile_bar(sbase, stage, t);
     mbar_expect_tx(bar, kTileBytes);
@@ -251,6 +268,12 @@ __device__ __forceinline__ void mask_tail(float (&s)[32], int chunk_tok, int lim
       }
     }
   }
+}
+
+// Masks every score of the chunk (its page is outside the cache).
+__device__ __forceinline__ void mask_all(float (&s)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = -INFINITY;
 }
 
 // Row maxima over the quad of this thread's two rows, in the log2 domain (scale_log2 > 0); S is only read.
@@ -417,6 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_scale_a = reinterpret_cast<float*>(smem + kOffScaleA);
   float* s_scale_b = reinterpret_cast<float*>(smem + kOffScaleB);
   float* s_sum = reinterpret_cast<float*>(smem + kOffSum);
+  const int* s_page_ok = reinterpret_cast<const int*>(smem + kOffPageOk);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -453,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = begin_req; r <= end_req; ++r) {
     int start, end;
     request_range(p, r, begin_req, begin_tok, end_req, end_tok, start, end);
-    const int len = max(p.seqlens[r], 0);
+    const int len = request_len(p, r);
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     const int split_idx = r == begin_req ? begin_split : 0;
     const int n = start < end ? (end - start + kBlockN - 1) / kBlockN : 0;
@@ -517,22 +541,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<0>();
         fence_all(s);
         fence_frags(q8);
-        float mx0, mx1;
-        mask_rowmax(s, c, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
-        const MaxUpdate u = update_max(run_max0, run_max1, mx0, mx1);
-        run_max0 = u.max0;
-        run_max1 = u.max1;
-        exp_rescale(s, o, l0, l1, p.scale_log2, u);
-        pack_p<T, false>(pa, s);
-        pack_p<T, true>(pa_lo, s);
-        const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
-        if (end - c < kBlockN) zero_tail_rows(smem + kOffKV + stage * kStageBytes, wg * 4, end - c, tid_wg, wg);
-        pv_regs<T>(o, pa, v_half);
-        pv_regs<T>(o, pa_lo, v_half);
-        wgmma_wait<0>();
-        fence_all(o);
-        fence_frags(pa);
-        fence_frags(pa_lo);
+        if (s_page_ok[stage]) {  // a chunk whose page is outside the cache is skipped whole
+          float mx0, mx1;
+          mask_tail(s, c, lim0, lim1, quad_col);
+          row_max(s, p.scale_log2, mx0, mx1);
+          const MaxUpdate u = update_max(run_max0, run_max1, mx0, mx1);
+          run_max0 = u.max0;
+          run_max1 = u.max1;
+          exp_rescale(s, o, l0, l1, p.scale_log2, u);
+          pack_p<T, false>(pa, s);
+          pack_p<T, true>(pa_lo, s);
+          const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
+          if (end - c < kBlockN) zero_tail_rows(smem + kOffKV + stage * kStageBytes, wg * 4, end - c, tid_wg, wg);
+          pv_regs<T>(o, pa, v_half);
+          pv_regs<T>(o, pa_lo, v_half);
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_frags(pa);
+          fence_frags(pa_lo);
+        }
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
         if (tid == 0 && i + 2 < n) load_tiles(&tmap, p, sbase, r, c + 2 * kBlockN, kvh, stage, 0, kNumColTiles);
       }
@@ -566,7 +593,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (wg == 0) {
           // softmax of chunk a against the running max; P_a (relative to max_a) to shared memory
           float mx0, mx1;
-          mask_rowmax(s, ca, lim0, lim1, p.scale_log2, quad_col, mx0, mx1);
+          mask_tail(s, ca, lim0, lim1, quad_col);
+          if (!s_page_ok[stage_a]) mask_all(s);
+          row_max(s, p.scale_log2, mx0, mx1);
           SEESAW_PROBE(1);
           const MaxUpdate u = update_shared_max(s_max, s_scale_a, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleA, 256);
@@ -619,7 +648,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           // O1 to max_a, then O1 += P_a V_a[:, 256:] first: the last reader of stage a, so that its
           // tiles 4-8 refill with chunk a + 2 while this warpgroup's softmax and products run.
           rescale_acc(o, l0, l1, fa0, fa1);
-          mask_tail(s, cb, lim0, lim1, quad_col);  // S of chunk b is only read once the product is issued
+          // S of chunk b is only read once the product is issued (without a chunk b everything is masked)
+          mask_tail(s, cb, lim0, lim1, quad_col);
+          if (has_b && !s_page_ok[stage_b]) mask_all(s);
           named_bar_sync(kBarPa, 256);
           if (end - ca < kBlockN) zero_tail_rows_landed(smem, sbase, stage_a, (ga >> 1) & 1, 4, end - ca, tid_wg, 1);
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
