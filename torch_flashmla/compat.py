@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import ops
+from . import checks, ops
 
 
 @dataclasses.dataclass
@@ -74,6 +74,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if not sparse and is_fp8_kvcache:
         raise ValueError("flash_mla_with_kvcache: the FP8 cache is supported with sparse attention only")
 
+    _check_call_shapes(q, k_cache, sparse, extra_k_cache, extra_indices_in_kvcache)
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         plan = tile_scheduler_metadata
         if num_splits is not None:
@@ -107,12 +108,40 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                           softmax_scale=softmax_scale, causal=causal)
 
 
+def _check_call_shapes(q, k_cache, sparse: bool, extra_k_cache, extra_indices) -> None:
+    """What flash_mla_with_kvcache reads before the op runs its own checks (ranks for the shape
+    arithmetic of the plan, and the extra cache's indices), refused with the op checks' messages."""
+    c = checks._Checker("flash_mla_with_kvcache")
+    c.tensor("q", q, dtypes=(torch.bfloat16, torch.float16), dim=4)
+    dtypes = checks.FP8_CACHE_DTYPES if sparse else (q.dtype,)
+    c.tensor("k_cache", k_cache, dtypes=dtypes, dim=4, device=q.device)
+    c.value("k_cache", k_cache.shape[2] >= 1, "[num_blocks, page_size, h_kv >= 1, d]",
+            lambda: f"shape {tuple(k_cache.shape)}")
+    if extra_k_cache is not None:
+        c.value("extra_indices_in_kvcache", extra_indices is not None, "given when extra_k_cache is given", None)
+        c.tensor("extra_indices_in_kvcache", extra_indices, dtypes=(torch.int32,), dim=3, device=q.device)
+    elif extra_indices is not None:
+        c.fail("extra_indices_in_kvcache", "None when extra_k_cache is None", "a tensor")
+
+
 def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
                          attn_sink: Optional[torch.Tensor] = None, topk_length: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashMLA's sparse prefill: q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk], indices [s_q, 1, topk].
     Returns (out [s_q, h_q, d_v] bf16, max_logits [s_q, h_q], lse [s_q, h_q])."""
     return ops.sparse_mla_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+def _check_cu_seqlens(c: "checks._Checker", arg: str, cu_seqlens: torch.Tensor, total: int, batch: int) -> list:
+    """cu_seqlens int32 [batch + 1], 0 first, non-decreasing, ``total`` last; returns it as a list (host
+    read: this function is not capturable)."""
+    c.tensor(arg, cu_seqlens, dtypes=(torch.int32,), dim=1)
+    c.value(arg, cu_seqlens.shape[0] == batch + 1, f"of size batch + 1 = {batch + 1}", tuple(cu_seqlens.shape))
+    bounds = cu_seqlens.tolist()
+    ok = bounds[0] == 0 and bounds[-1] == total and all(x <= y for x, y in zip(bounds, bounds[1:]))
+    c.value(arg, ok, f"non-decreasing from 0 to the token count {total}", bounds if len(bounds) <= 8 else
+            f"{bounds[:4]} ... {bounds[-2:]}")
+    return bounds
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_qo: torch.Tensor,
@@ -122,22 +151,38 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     """Dense varlen MHA prefill with FlashMLA's signature (forward only).
 
     q [total_q, h_q, d_qk], k [total_kv, h_kv, d_qk], v [total_kv, h_kv, d_v]; cu_seqlens_* int32
-    [batch + 1]. ``causal`` aligns the mask to the bottom right (query i of a sequence of n_q sees
-    keys < n_kv - n_q + i + 1). Returns (out [total_q, h_q, d_v] q's dtype, lse [total_q, h_q] fp32).
-    No SM90 kernel exists for this yet: it runs PyTorch's scaled_dot_product_attention per sequence
-    and reads ``cu_seqlens`` on the host, so it is not CUDA-graph capturable.
+    [batch + 1] (0 first, non-decreasing, the token count last). ``causal`` aligns the mask to the
+    bottom right (query i of a sequence of n_q sees keys < n_kv - n_q + i + 1). Returns (out
+    [total_q, h_q, d_v] q's dtype, lse [total_q, h_q] fp32; lse = +inf and out = 0 for a row with
+    nothing to attend to).
+
+    No SM90 kernel exists for this yet: it runs a float32 PyTorch computation per sequence and reads
+    ``cu_seqlens`` on the host, so it is NOT capturable in a CUDA graph (a call during capture is
+    refused with a RuntimeError) and graph-breaks under torch.compile.
     """
-    if dropout_p != 0.0:
-        raise ValueError("flash_attn_varlen_func: dropout_p must be 0 (inference only)")
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("flash_attn_varlen_func: not capturable in a CUDA graph (it reads cu_seqlens on the "
+                           "host; there is no SM90 dense prefill kernel yet): run it outside the captured region")
+    c = checks._Checker("flash_attn_varlen_func")
+    c.value("dropout_p", dropout_p == 0.0, "0 (inference only)", dropout_p)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        c.tensor(name, t, dtypes=(torch.bfloat16, torch.float16, torch.float32), dim=3, device=q.device)
+    c.value("k", k.dtype == q.dtype and v.dtype == q.dtype, "of q's dtype (v too)", k.dtype)
+    total_q, h_q, d_qk = q.shape
+    total_kv, h_kv, _ = k.shape
+    c.value("k", k.shape[2] == d_qk and h_kv >= 1 and h_q % h_kv == 0,
+            f"[total_kv, h_kv, {d_qk}] with h_kv dividing h_q={h_q}", tuple(k.shape))
+    c.value("v", v.shape[0] == total_kv and v.shape[1] == h_kv, f"[total_kv={total_kv}, h_kv={h_kv}, d_v]",
+            tuple(v.shape))
     if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
-    total_q, h_q, _ = q.shape
-    h_kv = k.shape[1]
-    if h_q % h_kv != 0:
-        raise ValueError(f"flash_attn_varlen_func: h_q={h_q} must be a multiple of h_kv={h_kv}")
+        softmax_scale = d_qk ** -0.5
+    c.scale("softmax_scale", softmax_scale)
+    batch = cu_seqlens_qo.shape[0] - 1 if cu_seqlens_qo.dim() == 1 else -1
+    c.value("cu_seqlens_qo", batch >= 0, "int32 [batch + 1]", tuple(cu_seqlens_qo.shape))
+    bounds_q = _check_cu_seqlens(c, "cu_seqlens_qo", cu_seqlens_qo, total_q, batch)
+    bounds_kv = _check_cu_seqlens(c, "cu_seqlens_kv", cu_seqlens_kv, total_kv, batch)
     out = q.new_empty(total_q, h_q, v.shape[-1])
     lse = torch.empty(total_q, h_q, dtype=torch.float32, device=q.device)
-    bounds_q, bounds_kv = cu_seqlens_qo.tolist(), cu_seqlens_kv.tolist()
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_kv, bounds_kv[1:])):
         qs = q[q0:q1].float().transpose(0, 1)                                       # [h_q, n_q, d]
         ks = k[k0:k1].float().transpose(0, 1).repeat_interleave(h_q // h_kv, 0)     # [h_q, n_kv, d]

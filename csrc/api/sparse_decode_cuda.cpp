@@ -105,6 +105,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   at::Tensor out = at::empty({b, s_q, h_q, kDV}, q.options());
   at::Tensor lse = at::empty({b, h_q, s_q}, q.options().dtype(at::kFloat));
   if (b == 0 || s_q == 0 || h_q == 0) return {out, lse};
+  auto attendable = [](const fs::SparseKVSource& src) { return src.num_slots > 0 && src.topk > 0; };
+  if (!attendable(p.main) && !(extra_kv_cache.has_value() && attendable(p.extra))) {
+    out.zero_();  // no index can select a token (topk 0 or no slots): every query attends to nothing
+    lse.fill_(INFINITY);
+    return {out, lse};
+  }
   const int64_t num_m_tiles = (h_q + kBlockM - 1) / kBlockM;
   TORCH_CHECK(num_sm_parts <= (int64_t(1) << 31) - 1 && s_q <= 65535 && num_m_tiles <= 65535,
               "sparse_mla_decode: problem too large");
