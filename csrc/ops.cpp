@@ -53,11 +53,16 @@ TORCH_LIBRARY(flashmla, m) {
       "str kv_cache_dtype) -> ()");
   m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
   m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
+  // DeepSeek V4 ("MODEL1") FP8 paged cache: [num_blocks, page_size, 1, 512] bf16 <-> [num_blocks,
+  // page_size, 1, 584] bytes with a padded page stride (torch_flashmla/kv_cache.py).
+  m.def("quantize_kv_fp8_v4(Tensor kv) -> Tensor");
+  m.def("dequantize_kv_fp8_v4(Tensor kv_fp8) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashmla, Autograd, m) {
   for (const char* name : {"get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill",
-                           "concat_and_cache_mla", "quantize_kv_fp8", "dequantize_kv_fp8"}) {
+                           "concat_and_cache_mla", "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4",
+                           "dequantize_kv_fp8_v4"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   }
 }

@@ -6,7 +6,7 @@ fake CUDA tensors without a GPU. Each fake runs the same input checks as the rea
 """
 import torch
 
-from torch_flashmla import checks
+from torch_flashmla import checks, kv_cache
 
 
 @torch.library.register_fake("flashmla::get_mla_metadata")
@@ -62,3 +62,17 @@ def _quantize_kv_fp8_fake(kv):
 def _dequantize_kv_fp8_fake(kv_fp8):
     checks.check_dequantize_kv_fp8(kv_fp8)
     return kv_fp8.new_empty((*kv_fp8.shape[:-1], checks.D_QK), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("flashmla::quantize_kv_fp8_v4")
+def _quantize_kv_fp8_v4_fake(kv):
+    checks.check_quantize_kv_fp8_v4(kv)
+    num_blocks, page_size = kv.shape[0], kv.shape[1]
+    return kv.new_empty_strided((num_blocks, page_size, 1, kv_cache.V4_TOKEN_BYTES),
+                                kv_cache.fp8_v4_cache_strides(page_size), dtype=torch.uint8)
+
+
+@torch.library.register_fake("flashmla::dequantize_kv_fp8_v4")
+def _dequantize_kv_fp8_v4_fake(kv_fp8):
+    checks.check_dequantize_kv_fp8_v4(kv_fp8)
+    return kv_fp8.new_empty((kv_fp8.shape[0], kv_fp8.shape[1], 1, kv_cache.V4_D_QK), dtype=torch.bfloat16)

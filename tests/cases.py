@@ -34,6 +34,7 @@ def op_cases(device="cpu"):
     ops = torch.ops.flashmla
     kv = torch.randn(3, 5, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(device)
     seqlens = torch.tensor([0, 70, 4000, 1], dtype=torch.int32, device=device)
+    kv_v4 = torch.randn(3, 5, 1, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(device)
     return [
         ("plan_dense", ops.get_mla_metadata, (seqlens, 128, 1, 128, False, None, 16)),
         ("plan_gqa", ops.get_mla_metadata, (seqlens, 32, 2, 32, False, None, 5)),
@@ -55,4 +56,10 @@ def op_cases(device="cpu"):
         ("write_fp8", ops.concat_and_cache_mla, _write(device, 9, kv_cache_dtype="fp8_ds_mla")),
         ("quantize", ops.quantize_kv_fp8, (kv,)),
         ("dequantize_uint8", ops.dequantize_kv_fp8, (torch.ops.flashmla.quantize_kv_fp8(kv),)),
+        ("write_fp8_v4", ops.concat_and_cache_mla, _write(device, 10, kv_cache_dtype="fp8_ds_mla_v4")),
+        ("write_fp8_v4_page3", ops.concat_and_cache_mla,
+         _write(device, 11, num_blocks=5, page_size=3, kv_cache_dtype="fp8_ds_mla_v4")),
+        ("quantize_v4", ops.quantize_kv_fp8_v4, (kv_v4,)),
+        ("quantize_v4_page1", ops.quantize_kv_fp8_v4, (kv_v4.reshape(15, 1, 1, 512),)),
+        ("dequantize_v4_uint8", ops.dequantize_kv_fp8_v4, (torch.ops.flashmla.quantize_kv_fp8_v4(kv_v4),)),
     ]

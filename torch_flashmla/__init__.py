@@ -9,6 +9,7 @@ from . import _registration  # noqa: F401  (CPU reference and CUDA kernels)
 from . import meta  # noqa: F401  (fakes)
 from .ops import (D_QK, D_V, concat_and_cache_mla, default_num_sm_parts, dequantize_kv_fp8, get_mla_metadata,
                   mla_decode, quantize_kv_fp8, sparse_mla_decode, sparse_mla_prefill)
+from .ops import dequantize_kv_fp8_v4, quantize_kv_fp8_v4
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ def has_sm90_kernels() -> bool:
 
 
 __all__ = ["get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill", "concat_and_cache_mla",
-           "quantize_kv_fp8", "dequantize_kv_fp8", "default_num_sm_parts", "has_sm90_kernels", "D_QK", "D_V"]
+           "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4", "dequantize_kv_fp8_v4",
+           "default_num_sm_parts", "has_sm90_kernels", "D_QK", "D_V"]

@@ -24,6 +24,8 @@ OP_CHECKS = {
     "concat_and_cache_mla": checks.check_concat_and_cache_mla,
     "quantize_kv_fp8": checks.check_quantize_kv_fp8,
     "dequantize_kv_fp8": checks.check_dequantize_kv_fp8,
+    "quantize_kv_fp8_v4": checks.check_quantize_kv_fp8_v4,
+    "dequantize_kv_fp8_v4": checks.check_dequantize_kv_fp8_v4,
 }
 
 _warned = set()

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kv_cache import D_QK, D_V, FP8_RECORD_BYTES
+from .kv_cache import V4_D_NOPE, V4_D_QK, V4_D_ROPE, V4_STRIDE_ALIGN, V4_TOKEN_BYTES
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 FP8_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
@@ -21,7 +22,7 @@ MAX_HEADS_Q = 128
 DENSE_MAX_SM_PARTS = 65535  # mla_decode's partitions are the z dimension of its CUDA grid
 MAX_SM_PARTS = DENSE_MAX_SM_PARTS  # the planner's limit, so that every plan fits every decode kernel
 METADATA_WIDTH = 8          # int32 fields per SM partition in tile_scheduler_metadata
-KV_CACHE_DTYPES = ("auto", "fp8_ds_mla")
+KV_CACHE_DTYPES = ("auto", "fp8_ds_mla", "fp8_ds_mla_v4")
 
 
 def _all(*conds):
@@ -173,7 +174,7 @@ def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softma
 
 def _check_fp8_cache(c: _Checker, arg: str, cache, device) -> None:
     c.tensor(arg, cache, dtypes=FP8_CACHE_DTYPES, dim=4, device=device)
-    c.size(arg, cache, 3, FP8_RECORD_BYTES, "bytes of the V3.2 FP8 record")
+    c.size(arg, cache, 3, FP8_RECORD_BYTES, V32_RECORD_WHAT)
     c.size(arg, cache, 2, 1, "h_kv = 1 for sparse attention")
 
 
@@ -238,9 +239,13 @@ def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtyp
     c = _Checker("concat_and_cache_mla")
     c.value("kv_cache_dtype", kv_cache_dtype in KV_CACHE_DTYPES, " or ".join(map(repr, KV_CACHE_DTYPES)),
             repr(kv_cache_dtype))
+    v4 = kv_cache_dtype == "fp8_ds_mla_v4"
     c.tensor("kv_c", kv_c, dtypes=HALF_DTYPES, dim=2)
     dev = kv_c.device
-    c.size("kv_c", kv_c, 1, D_V, "latent width")
+    if v4:
+        c.size("kv_c", kv_c, 1, V4_D_NOPE, "latent width of the fp8_ds_mla_v4 cache")
+    else:
+        c.size("kv_c", kv_c, 1, D_V, "latent width")
     c.tensor("k_pe", k_pe, dtypes=(kv_c.dtype,), dim=2, device=dev)
     c.size("k_pe", k_pe, 1, D_QK - D_V, "rope width")
     c.size("k_pe", k_pe, 0, kv_c.shape[0], "number of tokens of kv_c")
@@ -249,6 +254,9 @@ def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtyp
     if kv_cache_dtype == "auto":
         c.tensor("kv_cache", kv_cache, dtypes=(kv_c.dtype,), dim=4, device=dev, contiguous=True)
         c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, 1, 576]")
+    elif v4:
+        c.value("kv_c", kv_c.dtype == torch.bfloat16, "bfloat16 for the fp8_ds_mla_v4 cache", kv_c.dtype)
+        check_fp8_v4_cache(c, "kv_cache", kv_cache, dev)
     else:
         c.value("kv_c", kv_c.dtype == torch.bfloat16, "bfloat16 for the fp8_ds_mla cache", kv_c.dtype)
         _check_fp8_cache(c, "kv_cache", kv_cache, dev)
@@ -268,5 +276,42 @@ def check_dequantize_kv_fp8(kv_fp8) -> None:
     c.value("kv_fp8", isinstance(kv_fp8, torch.Tensor) and kv_fp8.dim() >= 1, "a tensor of shape [..., 656]",
             type(kv_fp8).__name__)
     c.tensor("kv_fp8", kv_fp8, dtypes=FP8_CACHE_DTYPES, dim=kv_fp8.dim())
-    c.size("kv_fp8", kv_fp8, -1, FP8_RECORD_BYTES, "bytes of the V3.2 FP8 record")
+    c.size("kv_fp8", kv_fp8, -1, FP8_RECORD_BYTES, V32_RECORD_WHAT)
 
+
+# --------------------------------------------------------------------------------------------
+# FP8 "V4" paged cache (torch_flashmla/kv_cache.py, V4 section)
+# --------------------------------------------------------------------------------------------
+V32_RECORD_WHAT = "bytes of the V3.2 FP8 record; a 584-byte V4 cache goes to the *_v4 ops / 'fp8_ds_mla_v4'"
+
+
+def check_fp8_v4_cache(c: _Checker, arg: str, cache, device=None) -> None:
+    """A V4 paged cache: ``[num_blocks, page_size, 1, 584]`` uint8/float8_e4m3fn, ``stride(3) == 1``,
+    ``stride(1) == 584`` (page_size > 1), ``stride(0)`` a multiple of 8 and ``>= 584 * page_size``
+    (num_blocks > 1). Reads sizes and strides only."""
+    c.tensor(arg, cache, dtypes=FP8_CACHE_DTYPES, dim=4, device=device)
+    c.size(arg, cache, 3, V4_TOKEN_BYTES,
+           "bytes per token of the V4 FP8 cache; a 656-byte V3.2 cache goes to the V3.2 ops / 'fp8_ds_mla'")
+    c.size(arg, cache, 2, 1, "h_kv = 1")
+    num_blocks, page_size = cache.shape[0], cache.shape[1]
+    page_stride, token_stride = cache.stride(0), cache.stride(1)
+    c.value(arg, (page_size <= 1) | (token_stride == V4_TOKEN_BYTES),
+            f"a V4 cache with stride(1) == {V4_TOKEN_BYTES} (tokens of a page back to back)",
+            lambda: f"strides {tuple(cache.stride())}")
+    c.value(arg, (num_blocks <= 1) | ((page_stride >= page_size * V4_TOKEN_BYTES)
+                                      & (page_stride % V4_STRIDE_ALIGN == 0)),
+            f"a V4 cache whose page stride stride(0) is a multiple of {V4_STRIDE_ALIGN} and at least "
+            f"{V4_TOKEN_BYTES} * page_size (kv_cache.new_fp8_v4_cache allocates one)",
+            lambda: f"shape {tuple(cache.shape)}, strides {tuple(cache.stride())}")
+
+
+def check_quantize_kv_fp8_v4(kv) -> None:
+    c = _Checker("quantize_kv_fp8_v4")
+    c.tensor("kv", kv, dtypes=(torch.bfloat16,), dim=4)
+    c.size("kv", kv, 3, V4_D_QK, f"[num_blocks, page_size, 1, {V4_D_QK}]: {V4_D_NOPE} latent + {V4_D_ROPE} rope")
+    c.size("kv", kv, 2, 1, "h_kv = 1")
+
+
+def check_dequantize_kv_fp8_v4(kv_fp8) -> None:
+    c = _Checker("dequantize_kv_fp8_v4")
+    check_fp8_v4_cache(c, "kv_fp8", kv_fp8)

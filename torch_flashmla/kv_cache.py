@@ -22,6 +22,11 @@ NaN/inf policy (the same on every device; pinned by tests): a tile whose 128 val
 the scale bits ``0x7FFFFFFF`` (NaN) and all its values ``0x7F`` (e4m3 NaN); a tile holding ±inf
 and no NaN gets scale ``+inf``, its finite values become ±0 and its infinities ``0x7F``. After
 dequantization such tiles read NaN (or ±0). Finite inputs never produce NaN: ``|x| / scale <= 448``.
+
+* FP8 "V4" paged cache (DeepSeek V4, FlashMLA's "MODEL1"): d_qk 512 = 448 latent + 64 RoPE, 584 bytes
+  per token split per page (all tokens' 576 data bytes, then all tokens' 8 scale bytes), stored as
+  ``[num_blocks, page_size, 1, 584]`` with a padded page stride. Table, quantization and NaN policy:
+  the "V4" section below (``quantize_kv_fp8_v4``, ``new_fp8_v4_cache``, ``"fp8_ds_mla_v4"`` writes).
 """
 from __future__ import annotations
 
@@ -86,9 +91,13 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     """Write tokens into a paged cache in place (reference, any device, no host sync).
 
     kv_c [T, 512], k_pe [T, 64]; kv_cache [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype)
-    or [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``); slot_mapping [T]
+    or [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``), or kv_c [T, 448] into a
+    V4 cache [num_blocks, page_size, 1, 584] (``"fp8_ds_mla_v4"``, see below); slot_mapping [T]
     int64 = block_id * page_size + offset; negative (or past the cache) = skip the token.
     """
+    if kv_cache_dtype == "fp8_ds_mla_v4":
+        _concat_and_cache_fp8_v4(kv_c, k_pe, kv_cache, slot_mapping)
+        return
     row = torch.cat([kv_c, k_pe], dim=-1)
     if kv_cache_dtype == "fp8_ds_mla":
         row = quantize_kv_fp8(row.to(torch.bfloat16))
@@ -100,3 +109,188 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     padded = torch.cat([flat, flat.new_empty(1, flat.shape[-1])], dim=0)
     padded.index_copy_(0, slots, row.to(flat.dtype))
     flat.copy_(padded[:num_slots])
+
+
+# ================================================================================================
+# FP8 "V4" paged cache (DeepSeek V4, FlashMLA's "MODEL1" layout)
+# ================================================================================================
+# FP8 "V4" cache: d_qk = 512 = 448 latent ("NoPE") + 64 RoPE, d_v = 512, h_kv = 1. Unlike the V3.2
+# record, the bytes of a token are split in two places of its page, so the format is defined per page:
+#
+#   =================================  ==========================================================
+#   bytes of page ``p`` (``P`` tokens)  content
+#   =================================  ==========================================================
+#   ``576*t + 0 .. 576*t + 447``         token ``t``: 448 ``float8_e4m3fn`` latent values
+#   ``576*t + 448 .. 576*t + 575``       token ``t``: 64 bf16 RoPE values (not quantized)
+#   ``576*P + 8*t + j`` (j = 0..6)        token ``t``: UE8M0 scale of latent tile ``j`` (values 64j..64j+63)
+#   ``576*P + 8*t + 7``                  token ``t``: pad byte (written as 0)
+#   ``584*P .. page_stride - 1``          page padding (written as 0 by :func:`quantize_kv_fp8_v4`)
+#   =================================  ==========================================================
+#
+# So 584 bytes per token; a page's byte stride is ``page_stride >= 584 * P``, which
+# :func:`fp8_v4_page_stride` rounds up to a multiple of 576 as FlashMLA allocates it.
+#
+# Tensor form (as FlashMLA's ``flash_mla_with_kvcache`` takes it): ``[num_blocks, page_size, 1, 584]``,
+# ``uint8`` or a ``float8_e4m3fn`` view, strides ``(page_stride, 584, 584, 1)``. Element
+# ``[b, t, 0, :]`` is *not* token ``t``'s record: the tensor is a byte window whose shape carries
+# ``page_size`` and the token size and whose ``stride(0)`` is the page stride; token ``t`` of page ``b``
+# lives at the offsets above from the start of page ``b``. Accepted: ``stride(3) == 1``, ``stride(1) ==
+# 584`` (when ``page_size > 1``), ``stride(0)`` a multiple of 8 and ``>= 584 * page_size`` (when
+# ``num_blocks > 1``). Indices and slots address tokens as ``block_id * page_size + offset``.
+#
+# A V3.2 cache (last dimension 656) and a V4 cache (last dimension 584) are told apart by that size;
+# the ops refuse the other layout with an error naming the argument.
+#
+# Quantization of a token's latent tile ``x`` (64 bf16 values), as FlashMLA's test quantizer does it:
+# scale = 2^ceil(log2(max(amax(|x|) / 448, 1e-4))), stored as the UE8M0 byte ``log2(scale) + 127``;
+# values ``e4m3(x / scale)`` (round to nearest even). For bf16 input this equals the exact rule used
+# here: the smallest power of two with ``amax <= 448 * scale``, at least 2^-13. Dequantized value =
+# ``bf16(e4m3 * scale)`` (exact, as FlashMLA's bf16 product is).
+#
+# NaN/inf policy (UE8M0 has no infinity): a tile holding a NaN or an inf gets the scale byte 0xFF
+# (UE8M0 NaN); a NaN tile stores 0x7F in all 64 values; an inf tile (no NaN) stores ±0 for its finite
+# values and 0x7F for its infinities (x / inf, inf / inf, as FlashMLA computes it, with one NaN
+# encoding). Such a tile dequantizes to NaN throughout. Finite inputs never produce NaN. A NaN in the
+# dequantized latent part is always the bf16 bits 0x7FFF (same bytes on every device); RoPE bytes are
+# copied as stored.
+
+V4_D_NOPE = 448                       # latent part, quantized
+V4_D_ROPE = 64                        # RoPE part, bf16
+V4_D_QK = V4_D_NOPE + V4_D_ROPE       # 512
+V4_TILE = 64
+V4_NUM_TILES = V4_D_NOPE // V4_TILE   # 7
+V4_TOKEN_DATA_BYTES = V4_D_NOPE + 2 * V4_D_ROPE   # 576: latent fp8 + rope bf16
+V4_TOKEN_SCALE_BYTES = V4_NUM_TILES + 1           # 8: 7 UE8M0 scales + 1 pad byte
+V4_TOKEN_BYTES = V4_TOKEN_DATA_BYTES + V4_TOKEN_SCALE_BYTES  # 584
+V4_PAGE_ALIGN = 576                   # FlashMLA rounds the page stride up to a multiple of this
+V4_STRIDE_ALIGN = 8                   # what the kernels need of a page stride (8-byte accesses)
+UE8M0_BIAS = 127
+UE8M0_NAN = 0xFF
+BF16_NAN_BITS = 0x7FFF                # the NaN that dequantized latent values hold
+
+
+def fp8_v4_page_stride(page_size: int) -> int:
+    """Byte stride of a V4 page of ``page_size`` tokens: ``584 * page_size`` rounded up to 576."""
+    return (page_size * V4_TOKEN_BYTES + V4_PAGE_ALIGN - 1) // V4_PAGE_ALIGN * V4_PAGE_ALIGN
+
+
+def fp8_v4_cache_strides(page_size: int):
+    return (fp8_v4_page_stride(page_size), V4_TOKEN_BYTES, V4_TOKEN_BYTES, 1)
+
+
+def new_fp8_v4_cache(num_blocks: int, page_size: int, device=None, dtype: torch.dtype = torch.uint8,
+                     fill: int = 0) -> torch.Tensor:
+    """Allocate a V4 paged cache ``[num_blocks, page_size, 1, 584]`` (``uint8`` or ``float8_e4m3fn``)
+    with FlashMLA's page stride; every byte, page padding included, set to ``fill``."""
+    if dtype not in (torch.uint8, torch.float8_e4m3fn):
+        raise ValueError(f"new_fp8_v4_cache: dtype must be torch.uint8 or torch.float8_e4m3fn, got {dtype}")
+    stride = fp8_v4_page_stride(page_size)
+    storage = torch.full((num_blocks * stride,), fill, dtype=torch.uint8, device=device).untyped_storage()
+    out = torch.empty(0, dtype=dtype, device=device)
+    return out.set_(storage, 0, (num_blocks, page_size, 1, V4_TOKEN_BYTES), fp8_v4_cache_strides(page_size))
+
+
+def fp8_v4_pages(cache: torch.Tensor) -> torch.Tensor:
+    """``[num_blocks, 584 * page_size]`` uint8 view of the bytes of each page of a V4 cache (aliases it)."""
+    num_blocks, page_size = cache.shape[0], cache.shape[1]
+    raw = cache.view(torch.uint8)
+    return raw.as_strided((num_blocks, page_size * V4_TOKEN_BYTES), (raw.stride(0), 1), raw.storage_offset())
+
+
+def _v4_tile_scale_exponents(latent: torch.Tensor) -> torch.Tensor:
+    """``latent [..., 448]`` -> per-tile scale exponents ``[..., 7]`` float32: k of scale 2^k for
+    finite tiles, NaN for a tile with NaN, inf for a tile with inf and no NaN."""
+    amax = latent.float().unflatten(-1, (V4_NUM_TILES, V4_TILE)).abs().amax(dim=-1)
+    # amax = m * 2^e, m in [0.5, 1): amax <= 448 * 2^k = 0.875 * 2^(9 + k)  <=>  k >= e - 9 + (m > 0.875)
+    mantissa, exponent = torch.frexp(amax)
+    k = (exponent - 9 + (mantissa > 0.875).int()).clamp_min(FP8_MIN_SCALE_EXP)
+    k = torch.where(amax > 0, k, FP8_MIN_SCALE_EXP).float()
+    return torch.where(torch.isfinite(amax), k, amax)
+
+
+def _quantize_v4_tokens(x: torch.Tensor):
+    """``x [..., 512]`` bf16 -> (latent bytes [..., 448], scale bytes [..., 8] incl. the 0 pad,
+    rope bytes [..., 128]) uint8."""
+    latent, rope = x[..., :V4_D_NOPE], x[..., V4_D_NOPE:]
+    k = _v4_tile_scale_exponents(latent)                                   # [..., 7]
+    finite = torch.isfinite(k)
+    scales = torch.where(finite, torch.ldexp(torch.ones_like(k), torch.where(finite, k, 0.0).int()), k)
+    tiles = latent.float().unflatten(-1, (V4_NUM_TILES, V4_TILE)) / scales.unsqueeze(-1)
+    values = tiles.to(torch.float8_e4m3fn).view(torch.uint8)
+    values = torch.where((values & 0x7F) == E4M3_NAN, E4M3_NAN, values)   # one NaN encoding
+    values = torch.where(torch.isnan(k).unsqueeze(-1), E4M3_NAN, values).to(torch.uint8).flatten(-2)
+    scale_bytes = torch.where(finite, k + UE8M0_BIAS, UE8M0_NAN).to(torch.uint8)
+    scale_bytes = torch.cat([scale_bytes, torch.zeros_like(scale_bytes[..., :1])], dim=-1)
+    rope_bytes = rope.to(torch.bfloat16).contiguous().view(torch.uint8)
+    return values, scale_bytes, rope_bytes
+
+
+def _dequantize_v4_tokens(data: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
+    """``data [..., 576]`` and ``scale_bytes [..., 8]`` uint8 -> ``[..., 512]`` bf16."""
+    values = data[..., :V4_D_NOPE].contiguous().view(torch.float8_e4m3fn).float()
+    scales = scale_bytes[..., :V4_NUM_TILES].contiguous().view(torch.float8_e8m0fnu).float()
+    rope = data[..., V4_D_NOPE:].contiguous().view(torch.bfloat16)
+    latent = (values.unflatten(-1, (V4_NUM_TILES, V4_TILE)) * scales.unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+    # One NaN encoding on every device (the sign and payload of a computed NaN are the device's choice).
+    latent = torch.where(torch.isnan(latent), BF16_NAN_BITS, latent.view(torch.int16)).view(torch.bfloat16)
+    return torch.cat([latent, rope], dim=-1)
+
+
+def _v4_split(pages: torch.Tensor, page_size: int):
+    """Page bytes ``[n, 584 * P]`` -> (data ``[n, P, 576]``, scales ``[n, P, 8]``), views."""
+    n = pages.shape[0]
+    data = pages[:, :page_size * V4_TOKEN_DATA_BYTES].unflatten(1, (page_size, V4_TOKEN_DATA_BYTES))
+    scales = pages[:, page_size * V4_TOKEN_DATA_BYTES:].unflatten(1, (page_size, V4_TOKEN_SCALE_BYTES))
+    return data.view(n, page_size, V4_TOKEN_DATA_BYTES), scales.view(n, page_size, V4_TOKEN_SCALE_BYTES)
+
+
+def quantize_kv_fp8_v4(kv: torch.Tensor) -> torch.Tensor:
+    """``kv [num_blocks, page_size, 1, 512]`` bf16 -> V4 paged cache ``[num_blocks, page_size, 1, 584]``
+    uint8 with page stride :func:`fp8_v4_page_stride` (reference, any device). Storage ends with the
+    last page's scales; the padding between pages is 0."""
+    num_blocks, page_size = kv.shape[0], kv.shape[1]
+    stride = fp8_v4_page_stride(page_size)
+    cache = torch.empty_strided((num_blocks, page_size, 1, V4_TOKEN_BYTES), fp8_v4_cache_strides(page_size),
+                                dtype=torch.uint8, device=kv.device)
+    values, scale_bytes, rope_bytes = _quantize_v4_tokens(kv.reshape(num_blocks, page_size, V4_D_QK))
+    data, scales = _v4_split(fp8_v4_pages(cache), page_size)
+    data[..., :V4_D_NOPE] = values
+    data[..., V4_D_NOPE:] = rope_bytes
+    scales.copy_(scale_bytes)
+    pad = stride - page_size * V4_TOKEN_BYTES
+    if num_blocks > 1 and pad > 0:
+        cache.as_strided((num_blocks - 1, pad), (stride, 1), page_size * V4_TOKEN_BYTES).zero_()
+    return cache
+
+
+def dequantize_kv_fp8_v4(kv_fp8: torch.Tensor) -> torch.Tensor:
+    """V4 paged cache ``[num_blocks, page_size, 1, 584]`` uint8/float8_e4m3fn -> ``[num_blocks,
+    page_size, 1, 512]`` bf16 (reference, any device)."""
+    num_blocks, page_size = kv_fp8.shape[0], kv_fp8.shape[1]
+    data, scales = _v4_split(fp8_v4_pages(kv_fp8), page_size)
+    return _dequantize_v4_tokens(data, scales).view(num_blocks, page_size, 1, V4_D_QK)
+
+
+def gather_fp8_v4_tokens(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Dequantized tokens ``[..., 512]`` bf16 of a V4 cache at in-range ``slots`` (int64,
+    ``block_id * page_size + offset``); the caller masks invalid slots beforehand."""
+    page_size = cache.shape[1]
+    data, scales = _v4_split(fp8_v4_pages(cache), page_size)
+    block, offset = slots // page_size, slots % page_size
+    return _dequantize_v4_tokens(data[block, offset], scales[block, offset])
+
+
+def _concat_and_cache_fp8_v4(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                             slot_mapping: torch.Tensor) -> None:
+    """``"fp8_ds_mla_v4"`` cache write: kv_c [T, 448], k_pe [T, 64] bf16 into a V4 cache; slots < 0
+    or past the cache are skipped (no host sync: they go to a scratch row)."""
+    num_blocks, page_size = kv_cache.shape[0], kv_cache.shape[1]
+    num_slots = num_blocks * page_size
+    values, scale_bytes, rope_bytes = _quantize_v4_tokens(torch.cat([kv_c, k_pe], dim=-1).to(torch.bfloat16))
+    data, scales = _v4_split(fp8_v4_pages(kv_cache), page_size)
+    slots = torch.where((slot_mapping >= 0) & (slot_mapping < num_slots), slot_mapping, num_slots).long()
+    for region, rows in ((data, torch.cat([values, rope_bytes], dim=-1)), (scales, scale_bytes)):
+        width = region.shape[-1]
+        work = torch.cat([region.reshape(num_slots, width), region.new_empty(1, width)], dim=0)
+        work.index_copy_(0, slots, rows)
+        region.copy_(work[:num_slots].view(num_blocks, page_size, width))

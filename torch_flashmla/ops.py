@@ -137,9 +137,12 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
     """Write new tokens into a paged cache in place.
 
     Args:
-        kv_c: [T, 512], k_pe: [T, 64] bf16/fp16.
+        kv_c: [T, 512] (``[T, 448]`` for ``"fp8_ds_mla_v4"``), k_pe: [T, 64] bf16/fp16.
         kv_cache: [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype) or
-            [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``, kv_c bf16).
+            [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``, kv_c bf16) or a
+            DeepSeek V4 cache [num_blocks, page_size, 1, 584] uint8/float8_e4m3fn with a padded page
+            stride (``"fp8_ds_mla_v4"``, kv_c bf16; allocate it with
+            :func:`torch_flashmla.kv_cache.new_fp8_v4_cache`).
         slot_mapping: [T] int64, ``block_id * page_size + offset``; negative or past the cache = skip.
     """
     torch.ops.flashmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype)
@@ -155,5 +158,26 @@ def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
     return torch.ops.flashmla.dequantize_kv_fp8(kv_fp8)
 
 
+# DeepSeek V4 ("MODEL1") FP8 paged cache: layout in torch_flashmla/kv_cache.py (V4 section).
+def quantize_kv_fp8_v4(kv: torch.Tensor) -> torch.Tensor:
+    """Quantize whole pages into the DeepSeek V4 FP8 cache layout.
+
+    Args:
+        kv: [num_blocks, page_size, 1, 512] bf16 (448 latent + 64 rope per token).
+    Returns:
+        [num_blocks, page_size, 1, 584] uint8 with strides ``(page_stride, 584, 584, 1)``,
+        ``page_stride = ceil(584 * page_size / 576) * 576`` (FlashMLA's), ready for
+        ``sparse_mla_decode`` / ``compat.flash_mla_with_kvcache``; padding between pages is 0.
+    """
+    return torch.ops.flashmla.quantize_kv_fp8_v4(kv)
+
+
+def dequantize_kv_fp8_v4(kv_fp8: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, page_size, 1, 584] uint8/float8_e4m3fn V4 cache (page stride a multiple of 8,
+    at least 584 * page_size) -> [num_blocks, page_size, 1, 512] bf16."""
+    return torch.ops.flashmla.dequantize_kv_fp8_v4(kv_fp8)
+
+
 __all__ = ["get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill", "concat_and_cache_mla",
-           "quantize_kv_fp8", "dequantize_kv_fp8", "default_num_sm_parts", "D_QK", "D_V"]
+           "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4", "dequantize_kv_fp8_v4",
+           "default_num_sm_parts", "D_QK", "D_V"]

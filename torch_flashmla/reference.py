@@ -247,3 +247,5 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
 concat_and_cache_mla = kvc.concat_and_cache_mla
 quantize_kv_fp8 = kvc.quantize_kv_fp8
 dequantize_kv_fp8 = kvc.dequantize_kv_fp8
+quantize_kv_fp8_v4 = kvc.quantize_kv_fp8_v4
+dequantize_kv_fp8_v4 = kvc.dequantize_kv_fp8_v4

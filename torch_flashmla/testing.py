@@ -187,16 +187,23 @@ def sparse_prefill_inputs(case: SparsePrefillCase, device: Union[str, torch.devi
 def cache_write_inputs(num_tokens: int = 10, num_blocks: int = 4, page_size: int = 16, kv_cache_dtype: str = "auto",
                        dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device] = "cpu", seed: int = 0
                        ) -> Dict[str, object]:
-    """Inputs of ``flashmla.concat_and_cache_mla``: a poisoned cache, distinct slots, some negative."""
+    """Inputs of ``flashmla.concat_and_cache_mla``: a poisoned cache, distinct slots, some negative.
+    ``"fp8_ds_mla_v4"``: kv_c [T, 448] and a V4 paged cache (:func:`kv_cache.new_fp8_v4_cache`) whose
+    every byte, page padding included, is 0xFF."""
     g = _gen(seed, device)
     num_slots = num_blocks * page_size
     slots = torch.randperm(num_slots, generator=g)[:num_tokens]
     slots[::4] = -1
+    latent = kvc.D_V
     if kv_cache_dtype == "auto":
         cache = torch.full((num_blocks, page_size, 1, kvc.D_QK), float("nan"), dtype=dtype)
+    elif kv_cache_dtype == "fp8_ds_mla_v4":
+        # made on the target device: .to() would drop the padded page stride
+        cache = kvc.new_fp8_v4_cache(num_blocks, page_size, device=device, fill=0xFF)
+        latent = kvc.V4_D_NOPE
     else:
         cache = torch.full((num_blocks, page_size, 1, kvc.FP8_RECORD_BYTES), 0xFF, dtype=torch.uint8)
-    out = dict(kv_c=_randn((num_tokens, kvc.D_V), g, dtype, "cpu"),
+    out = dict(kv_c=_randn((num_tokens, latent), g, dtype, "cpu"),
                k_pe=_randn((num_tokens, kvc.D_QK - kvc.D_V), g, dtype, "cpu"),
                kv_cache=cache, slot_mapping=slots.to(torch.int64), kv_cache_dtype=kv_cache_dtype)
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
