@@ -1,9 +1,10 @@
 """Bandwidth of the CUDA KV-cache kernels vs the PyTorch reference (torch_flashmla/kv_cache.py).
 
-Rows: paged-cache writes (concat_and_cache_mla, "auto" bf16 and "fp8_ds_mla", random distinct slots)
-and whole-tensor quantize/dequantize. GB/s counts the fewest bytes each op must move: bf16 input
-rows read (1152 B/token) + cache rows written (1152 or 656 B) + slot ids (8 B); quantize reads 1152
-and writes 656 B/token, dequantize the reverse. Times are medians (triton.testing.do_bench, CUDA
+Rows: paged-cache writes (concat_and_cache_mla, "auto" bf16, "fp8_ds_mla" and "fp8_ds_mla_v4",
+random distinct slots) and whole-tensor quantize/dequantize (V3.2 records and DeepSeek V4 pages of 64
+tokens). GB/s counts the fewest bytes each op must move: bf16 input rows read (1152 B/token, V4 1024)
++ cache rows written (1152, 656 or 584 B) + slot ids (8 B); quantize reads 1152 and writes 656 B/token
+(V4: 1024 and 584), dequantize the reverse. Times are medians (triton.testing.do_bench, CUDA
 events); "graph" is the per-call time of 20 writes captured in one CUDA graph (no launch gaps).
 % is of the copy ceiling measured in the same run (device-to-device copy, bytes read + written).
 
@@ -91,17 +92,22 @@ def main():
     ceiling = 2 * buf.numel() / (bench_ms(lambda: dst.copy_(buf)) * 1e-3) / 1e9
     del buf, dst
 
-    for mode in ("auto", "fp8_ds_mla"):
+    for mode in ("auto", "fp8_ds_mla", "fp8_ds_mla_v4"):
         for tokens in (4096, 65536):
             page = 64
             num_blocks = 2 * tokens // page
-            kv_c = torch.randn(tokens, 512, device=dev).to(torch.bfloat16)
+            v4 = mode == "fp8_ds_mla_v4"
+            kv_c = torch.randn(tokens, 448 if v4 else 512, device=dev).to(torch.bfloat16)
             k_pe = torch.randn(tokens, 64, device=dev).to(torch.bfloat16)
             slots = torch.randperm(num_blocks * page, device=dev)[:tokens].contiguous()
-            width = 576 if mode == "auto" else 656
-            cache = torch.zeros(num_blocks, page, 1, width, device=dev,
-                                dtype=torch.bfloat16 if mode == "auto" else torch.uint8)
-            nbytes = tokens * (1152 + (1152 if mode == "auto" else 656) + 8)
+            if v4:
+                cache = ref.new_fp8_v4_cache(num_blocks, page, device=dev)
+                nbytes = tokens * (1024 + 584 + 8)
+            else:
+                width = 576 if mode == "auto" else 656
+                cache = torch.zeros(num_blocks, page, 1, width, device=dev,
+                                    dtype=torch.bfloat16 if mode == "auto" else torch.uint8)
+                nbytes = tokens * (1152 + (1152 if mode == "auto" else 656) + 8)
             ours = bench_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
             graph = graph_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
             refm = bench_ms(lambda: ref.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
@@ -121,14 +127,28 @@ def main():
         del q
         torch.cuda.empty_cache()
 
+    for tokens in (1 << 20, 1 << 22):
+        kv = torch.randn(tokens // 64, 64, 1, 512, device=dev).to(torch.bfloat16)
+        nbytes = tokens * (1024 + 584)
+        ours = bench_ms(lambda: ops.quantize_kv_fp8_v4(kv))
+        refm = bench_ms(lambda: ref.quantize_kv_fp8_v4(kv), rep_ms=300)
+        rows.append(("quantize v4", tokens, nbytes, ours, None, refm))
+        q = ops.quantize_kv_fp8_v4(kv)
+        del kv
+        ours = bench_ms(lambda: ops.dequantize_kv_fp8_v4(q))
+        refm = bench_ms(lambda: ref.dequantize_kv_fp8_v4(q), rep_ms=300)
+        rows.append(("dequantize v4", tokens, nbytes, ours, None, refm))
+        del q
+        torch.cuda.empty_cache()
+
     name = torch.cuda.get_device_name()
     print(f"\n{name}, torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s (read + written)")
-    print(f"{'op':<18} {'tokens':>8} {'ours us':>9} {'GB/s':>7} {'%ceil':>6} {'graph us':>9} {'ref us':>10} {'ref GB/s':>9} {'speedup':>8}")
+    print(f"{'op':<20} {'tokens':>8} {'ours us':>9} {'GB/s':>7} {'%ceil':>6} {'graph us':>9} {'ref us':>10} {'ref GB/s':>9} {'speedup':>8}")
     for op, tokens, nbytes, ours, graph, refm in rows:
         gbs = nbytes / (ours * 1e-3) / 1e9
         rgbs = nbytes / (refm * 1e-3) / 1e9
         g = f"{graph * 1e3:9.2f}" if graph is not None else f"{'-':>9}"
-        print(f"{op:<18} {tokens:>8} {ours * 1e3:9.2f} {gbs:7.0f} {100 * gbs / ceiling:5.0f}% {g} "
+        print(f"{op:<20} {tokens:>8} {ours * 1e3:9.2f} {gbs:7.0f} {100 * gbs / ceiling:5.0f}% {g} "
               f"{refm * 1e3:10.1f} {rgbs:9.0f} {refm / ours:7.1f}x")
 
 

@@ -391,3 +391,204 @@ def test_public_op_routes_here():
         assert_same_bytes(cache, expected, f"public op {kv_cache_dtype}")
     kv = random_kv(64, g)
     assert_same_bytes(torch.ops.flashmla.quantize_kv_fp8(kv), ref.quantize_kv_fp8(kv), "public quantize")
+
+
+# ---------------------------------------------------------------- DeepSeek V4 ("MODEL1") pages
+
+def _storage(t: torch.Tensor) -> torch.Tensor:
+    """Every byte of the storage under ``t`` (page padding included), as a uint8 tensor."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+def assert_same_storage(out: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    assert out.shape == expected.shape and out.stride() == expected.stride(), (what, out.stride(), expected.stride())
+    assert_same_bytes(_storage(out), _storage(expected), what)
+
+
+def random_v4_cache(num_blocks: int, page_size: int, gen: torch.Generator, dtype=torch.uint8) -> torch.Tensor:
+    cache = ref.new_fp8_v4_cache(num_blocks, page_size, device=DEV, dtype=dtype)
+    raw = _storage(cache)
+    raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, device=DEV, dtype=torch.int32).to(torch.uint8))
+    return cache
+
+
+V4_PAGE_SIZES = [1, 2, 3, 64, 69, 256]
+
+
+@pytest.mark.parametrize("page_size", V4_PAGE_SIZES)
+def test_v4_quantize_random(page_size):
+    g = torch.Generator(device=DEV).manual_seed(200 + page_size)
+    num_blocks = max(2, 4096 // page_size)
+    kv = random_kv(num_blocks * page_size, g)[:, :512].contiguous().view(num_blocks, page_size, 1, 512)
+    out = OPS.quantize_kv_fp8_v4(kv)
+    assert out.dtype == torch.uint8 and out.stride() == (ref.fp8_v4_page_stride(page_size), 584, 584, 1)
+    assert_same_storage(out, ref.quantize_kv_fp8_v4(kv), f"v4 quantize page {page_size}")
+
+
+def test_v4_quantize_adversarial():
+    rows = adversarial_kv()                                  # [n, 576]: tiles of 128 cover 2 V4 tiles each
+    kv = torch.cat([rows[:, :512], rows[:, 64:576]])         # shifted copy: other tile boundaries
+    n = kv.shape[0] // 4 * 4
+    kv = kv[:n].contiguous().view(n // 4, 4, 1, 512)
+    out, expected = OPS.quantize_kv_fp8_v4(kv), ref.quantize_kv_fp8_v4(kv)
+    pages, want = ref.fp8_v4_pages(out), ref.fp8_v4_pages(expected)
+    for name, sl in (("values+rope", slice(0, 4 * 576)), ("scales", slice(4 * 576, 4 * 584))):
+        assert_same_bytes(pages[:, sl], want[:, sl], f"v4 quantize adversarial {name}")
+    assert_same_storage(out, expected, "v4 quantize adversarial (storage)")
+
+
+def test_v4_quantize_strided_inputs():
+    g = torch.Generator(device=DEV).manual_seed(17)
+    base = random_kv(6 * 64, g, spread=3)[:, :512].contiguous()
+    wide = torch.cat([base, base[:, :8]], 1)[:, :512].view(6, 64, 1, 512)       # row stride 520 elements
+    t = base.view(64, 6, 1, 512).transpose(0, 1)                                 # non-contiguous pages
+    off = torch.cat([base.view(-1), base.view(-1)[:3]])[3:].view(6, 64, 1, 512)  # misaligned base
+    for name, kv in (("wide rows", wide), ("transposed", t), ("unaligned base", off)):
+        assert_same_storage(OPS.quantize_kv_fp8_v4(kv), ref.quantize_kv_fp8_v4(kv), f"v4 quantize {name}")
+    assert OPS.quantize_kv_fp8_v4(torch.empty(0, 64, 1, 512, device=DEV, dtype=torch.bfloat16)).shape == (0, 64, 1, 584)
+
+
+@pytest.mark.parametrize("page_size", V4_PAGE_SIZES)
+def test_v4_dequantize_random_bytes(page_size):
+    g = torch.Generator(device=DEV).manual_seed(300 + page_size)
+    num_blocks = max(2, 8192 // page_size)
+    cache = random_v4_cache(num_blocks, page_size, g)
+    expected = ref.dequantize_kv_fp8_v4(cache)
+    assert_same_bytes(OPS.dequantize_kv_fp8_v4(cache), expected, f"v4 dequantize page {page_size}")
+    assert_same_bytes(OPS.dequantize_kv_fp8_v4(cache.view(torch.float8_e4m3fn)), expected, "v4 dequantize fp8 view")
+
+
+def test_v4_dequantize_layouts():
+    g = torch.Generator(device=DEV).manual_seed(31)
+    cache = random_v4_cache(40, 69, g)
+    expected = ref.dequantize_kv_fp8_v4(cache)
+    pages = ref.fp8_v4_pages(cache)
+    # FlashMLA's allocation: a [num_blocks, padded] buffer sliced to the page bytes
+    buf = torch.zeros(40, ref.fp8_v4_page_stride(69), dtype=torch.uint8, device=DEV)
+    theirs = buf[:, :69 * 584].view(40, 69, 1, 584)
+    ref.fp8_v4_pages(theirs).copy_(pages)
+    assert_same_bytes(OPS.dequantize_kv_fp8_v4(theirs.view(torch.float8_e4m3fn)), expected, "flashmla allocation")
+    # contiguous pages, odd page size: page stride 69 * 584 = 8 mod 16
+    dense = torch.empty(40, 69, 1, 584, dtype=torch.uint8, device=DEV)
+    ref.fp8_v4_pages(dense).copy_(pages)
+    assert_same_bytes(OPS.dequantize_kv_fp8_v4(dense), expected, "contiguous odd pages")
+    # base at an odd byte offset
+    store = torch.empty(40 * 69 * 584 + 3, dtype=torch.uint8, device=DEV)
+    odd = store[3:].view(40, 69, 1, 584)
+    ref.fp8_v4_pages(odd).copy_(pages)
+    assert_same_bytes(OPS.dequantize_kv_fp8_v4(odd), expected, "odd base")
+    assert OPS.dequantize_kv_fp8_v4(cache[:0]).shape == (0, 69, 1, 512)
+
+
+def test_v4_roundtrip():
+    g = torch.Generator(device=DEV).manual_seed(41)
+    kv = random_kv(8 * 64, g, spread=4)[:, :512].contiguous().view(8, 64, 1, 512)
+    q = OPS.quantize_kv_fp8_v4(kv)
+    assert_same_bytes(OPS.dequantize_kv_fp8_v4(q), ref.dequantize_kv_fp8_v4(q), "v4 dequantize of quantized")
+
+
+def _v4_inputs(num_tokens, gen, strided=False):
+    if strided:  # kv_c and k_pe as slices of one projection output
+        proj = (torch.randn(num_tokens, 448 + 64 + 32, generator=gen, device=DEV) * 3).to(torch.bfloat16)
+        return proj[:, :448], proj[:, 448:512]
+    return ((torch.randn(num_tokens, 448, generator=gen, device=DEV) * 3).to(torch.bfloat16),
+            torch.randn(num_tokens, 64, generator=gen, device=DEV).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.uint8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("page_size", V4_PAGE_SIZES)
+def test_v4_concat_and_cache(page_size, cache_dtype):
+    g = torch.Generator(device=DEV).manual_seed(400 + page_size)
+    num_blocks = max(2, 2048 // page_size)
+    num_tokens = min(900, num_blocks * page_size)
+    for strided in (False, True):
+        kv_c, k_pe = _v4_inputs(num_tokens, g, strided)
+        slots = _slots(num_tokens, num_blocks * page_size, g, num_skip=num_tokens // 7)
+        cache = random_v4_cache(num_blocks, page_size, g, cache_dtype)
+        expected = random_v4_cache(num_blocks, page_size, g, cache_dtype)
+        _storage(expected).copy_(_storage(cache))
+        ref.concat_and_cache_mla(kv_c, k_pe, expected, slots, "fp8_ds_mla_v4")
+        OPS.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla_v4")
+        assert_same_storage(cache, expected, f"v4 concat page {page_size} strided {strided}")
+
+
+def test_v4_concat_adversarial_and_edges():
+    g = torch.Generator(device=DEV).manual_seed(6)
+    rows = adversarial_kv()
+    kv = torch.cat([rows[:, :448], rows[:, 512:]], 1)
+    n, page_size = kv.shape[0], 64
+    num_blocks = (n + page_size - 1) // page_size + 3
+    slots = _slots(n, num_blocks * page_size, g, num_skip=n // 5)
+    cache = random_v4_cache(num_blocks, page_size, g)
+    expected = ref.new_fp8_v4_cache(num_blocks, page_size, device=DEV)
+    _storage(expected).copy_(_storage(cache))
+    ref.concat_and_cache_mla(kv[:, :448], kv[:, 448:], expected, slots, "fp8_ds_mla_v4")
+    OPS.concat_and_cache_mla(kv[:, :448], kv[:, 448:], cache, slots, "fp8_ds_mla_v4")
+    assert_same_storage(cache, expected, "v4 concat adversarial")
+    before = _storage(cache).clone()
+    OPS.concat_and_cache_mla(kv[:, :448], kv[:, 448:], cache, torch.full_like(slots, -1), "fp8_ds_mla_v4")
+    OPS.concat_and_cache_mla(kv[:0, :448], kv[:0, 448:], cache, slots[:0], "fp8_ds_mla_v4")
+    OPS.concat_and_cache_mla(kv[:, :448], kv[:, 448:], cache, torch.full_like(slots, num_blocks * page_size),
+                             "fp8_ds_mla_v4")
+    assert_same_bytes(_storage(cache), before, "v4 skipped tokens")
+
+
+def test_v4_concat_odd_page_stride():
+    g = torch.Generator(device=DEV).manual_seed(8)
+    num_blocks, page_size, num_tokens = 30, 5, 120                  # contiguous: page stride 2920 = 8 mod 16
+    cache = torch.randint(0, 256, (num_blocks, page_size, 1, 584), generator=g, device=DEV,
+                          dtype=torch.int32).to(torch.uint8)
+    expected = cache.clone()
+    kv_c, k_pe = _v4_inputs(num_tokens, g)
+    slots = _slots(num_tokens, num_blocks * page_size, g, num_skip=10)
+    ref.concat_and_cache_mla(kv_c, k_pe, expected, slots, "fp8_ds_mla_v4")
+    OPS.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla_v4")
+    assert_same_bytes(cache, expected, "v4 concat odd page stride")
+
+
+def test_v4_concat_cuda_graph_replay():
+    g = torch.Generator(device=DEV).manual_seed(22)
+    page_size, num_blocks, num_tokens = 64, 32, 256
+    num_slots = page_size * num_blocks
+    kv_c, k_pe = _v4_inputs(num_tokens, g)
+    slots = _slots(num_tokens, num_slots, g, num_skip=10)
+    cache = random_v4_cache(num_blocks, page_size, g)
+    OPS.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla_v4")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        OPS.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla_v4")
+    for step in range(3):
+        new_c, new_p = _v4_inputs(num_tokens, g)
+        kv_c.copy_(new_c)
+        k_pe.copy_(new_p)
+        slots.copy_(_slots(num_tokens, num_slots, g, num_skip=step * 20))
+        expected = ref.new_fp8_v4_cache(num_blocks, page_size, device=DEV)
+        _storage(expected).copy_(_storage(cache))
+        ref.concat_and_cache_mla(kv_c, k_pe, expected, slots, "fp8_ds_mla_v4")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same_storage(cache, expected, f"v4 graph replay step {step}")
+
+
+def test_v4_public_ops_route_here():
+    try:
+        import torch_flashmla  # noqa: F401
+        from torch_flashmla import _registration
+    except Exception:
+        pytest.skip("torch_flashmla is not importable here")
+    for name in ("quantize_kv_fp8_v4", "dequantize_kv_fp8_v4"):
+        assert _registration.cuda_path(name, DEV) == "sm90", name
+    g = torch.Generator(device=DEV).manual_seed(23)
+    kv = random_kv(4 * 64, g)[:, :512].contiguous().view(4, 64, 1, 512)
+    q = torch.ops.flashmla.quantize_kv_fp8_v4(kv)
+    assert_same_storage(q, ref.quantize_kv_fp8_v4(kv), "public v4 quantize")
+    assert_same_bytes(torch.ops.flashmla.dequantize_kv_fp8_v4(q), ref.dequantize_kv_fp8_v4(q), "public v4 dequantize")
+    kv_c, k_pe = _v4_inputs(100, g)
+    slots = _slots(100, 4 * 64, g, num_skip=9)
+    cache = random_v4_cache(4, 64, g)
+    expected = ref.new_fp8_v4_cache(4, 64, device=DEV)
+    _storage(expected).copy_(_storage(cache))
+    ref.concat_and_cache_mla(kv_c, k_pe, expected, slots, "fp8_ds_mla_v4")
+    torch.ops.flashmla.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla_v4")
+    assert_same_storage(cache, expected, "public v4 concat")

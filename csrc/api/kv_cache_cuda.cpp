@@ -1,5 +1,5 @@
 // CUDA entry points of the KV-cache ops: torch.ops.flashmla_cuda.{concat_and_cache_mla,
-// quantize_kv_fp8, dequantize_kv_fp8}. The Python layer validates inputs first; the checks here are
+// quantize_kv_fp8, dequantize_kv_fp8, quantize_kv_fp8_v4, dequantize_kv_fp8_v4}. The Python layer validates inputs first; the checks here are
 // the cheap ones the kernels rely on. No host synchronization, current stream, caching allocator
 // only: every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
@@ -25,8 +25,62 @@ at::Tensor rows_16b(const at::Tensor& t, int64_t width) {
   return x;
 }
 
+bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7u) == 0; }
+
+// The V4 cache facts the kernels rely on (torch_flashmla/checks.py::check_fp8_v4_cache says the same).
+void check_v4_cache(const at::Tensor& cache, const char* op, const char* arg) {
+  TORCH_CHECK(cache.is_cuda(), op, ": ", arg, " must be a CUDA tensor");
+  TORCH_CHECK(cache.scalar_type() == at::kByte || cache.scalar_type() == at::kFloat8_e4m3fn, op, ": ", arg,
+              " must be uint8 or float8_e4m3fn");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(2) == 1 && cache.size(3) == kvc::kV4Token && cache.stride(3) == 1,
+              op, ": ", arg, " must be a V4 cache [num_blocks, page_size, 1, 584]");
+  TORCH_CHECK(cache.size(1) <= 1 || cache.stride(1) == kvc::kV4Token, op, ": ", arg, " must have stride(1) == 584");
+  TORCH_CHECK(cache.size(0) <= 1 || (cache.stride(0) % 8 == 0 && cache.stride(0) >= cache.size(1) * kvc::kV4Token),
+              op, ": ", arg, " must have a page stride that is a multiple of 8 and at least 584 * page_size");
+}
+
+void concat_and_cache_fp8_v4_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
+                                  const at::Tensor& slot_mapping) {
+  const char* op = "concat_and_cache_mla";
+  TORCH_CHECK(kv_c.is_cuda() && k_pe.is_cuda() && slot_mapping.is_cuda(), op, ": all tensors must be CUDA tensors");
+  TORCH_CHECK(kv_c.dim() == 2 && kv_c.size(1) == kvc::kV4Nope && kv_c.scalar_type() == at::kBFloat16, op,
+              ": kv_c must be bfloat16 [T, 448] for fp8_ds_mla_v4");
+  TORCH_CHECK(k_pe.dim() == 2 && k_pe.size(1) == kvc::kRope && k_pe.size(0) == kv_c.size(0) &&
+                  k_pe.scalar_type() == at::kBFloat16,
+              op, ": k_pe must be bfloat16 [T, 64]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == kv_c.size(0),
+              op, ": slot_mapping must be int64 [T]");
+  check_v4_cache(kv_cache, op, "kv_cache");
+  const int64_t num_tokens = kv_c.size(0);
+  if (num_tokens == 0 || kv_cache.numel() == 0) return;
+  TORCH_CHECK(aligned8(kv_cache.data_ptr()), op, ": kv_cache must start at an 8-byte boundary");
+  c10::cuda::CUDAGuard guard(kv_cache.device());
+  const at::Tensor c = rows_16b(kv_c, kvc::kV4Nope);
+  const at::Tensor p = rows_16b(k_pe, kvc::kRope);
+  const at::Tensor slots = slot_mapping.contiguous();
+  kvc::CacheWriteArgs args;
+  args.kv_c = c.data_ptr();
+  args.kv_c_stride = c.stride(0);
+  args.k_pe = p.data_ptr();
+  args.k_pe_stride = p.stride(0);
+  args.cache = kv_cache.data_ptr();
+  args.block_stride = kv_cache.stride(0);
+  args.page_stride = kvc::kV4Token;
+  args.slot_mapping = slots.data_ptr<int64_t>();
+  args.num_tokens = num_tokens;
+  args.page_size = kv_cache.size(1);
+  args.num_slots = kv_cache.size(0) * kv_cache.size(1);
+  kvc::launch_concat_and_cache_fp8_v4(args, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void concat_and_cache_mla_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
                                const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype) {
+  if (kv_cache_dtype == "fp8_ds_mla_v4") {
+    concat_and_cache_fp8_v4_cuda(kv_c, k_pe, kv_cache, slot_mapping);
+    return;
+  }
   TORCH_CHECK(kv_c.is_cuda() && k_pe.is_cuda() && kv_cache.is_cuda() && slot_mapping.is_cuda(),
               "concat_and_cache_mla: all tensors must be CUDA tensors");
   TORCH_CHECK(kv_c.dim() == 2 && kv_c.size(1) == kvc::kLatent, "concat_and_cache_mla: kv_c must be [T, 512]");
@@ -39,7 +93,8 @@ void concat_and_cache_mla_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, a
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(2) == 1 && kv_cache.stride(3) == 1,
               "concat_and_cache_mla: kv_cache must be [num_blocks, page_size, 1, D] with unit inner stride");
   const bool fp8 = kv_cache_dtype == "fp8_ds_mla";
-  TORCH_CHECK(fp8 || kv_cache_dtype == "auto", "concat_and_cache_mla: kv_cache_dtype must be 'auto' or 'fp8_ds_mla'");
+  TORCH_CHECK(fp8 || kv_cache_dtype == "auto",
+              "concat_and_cache_mla: kv_cache_dtype must be 'auto', 'fp8_ds_mla' or 'fp8_ds_mla_v4'");
   if (fp8) {
     TORCH_CHECK(kv_cache.scalar_type() == at::kByte || kv_cache.scalar_type() == at::kFloat8_e4m3fn,
                 "concat_and_cache_mla: fp8_ds_mla cache must be uint8 or float8_e4m3fn");
@@ -119,6 +174,42 @@ at::Tensor dequantize_kv_fp8_cuda(const at::Tensor& kv_fp8) {
   return out;
 }
 
+// [num_blocks, page_size, 1, 512] bf16 -> V4 cache with FlashMLA's page stride (ceil(584 P / 576) * 576).
+at::Tensor quantize_kv_fp8_v4_cuda(const at::Tensor& kv) {
+  TORCH_CHECK(kv.is_cuda(), "quantize_kv_fp8_v4: kv must be a CUDA tensor");
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, "quantize_kv_fp8_v4: kv must be bfloat16");
+  TORCH_CHECK(kv.dim() == 4 && kv.size(2) == 1 && kv.size(3) == kvc::kV4Qk,
+              "quantize_kv_fp8_v4: kv must be [num_blocks, page_size, 1, 512]");
+  c10::cuda::CUDAGuard guard(kv.device());
+  const int64_t num_blocks = kv.size(0), page_size = kv.size(1);
+  const int64_t page_stride = (page_size * kvc::kV4Token + kvc::kV4Data - 1) / kvc::kV4Data * kvc::kV4Data;
+  at::Tensor out = at::empty_strided({num_blocks, page_size, 1, kvc::kV4Token},
+                                     {page_stride, kvc::kV4Token, kvc::kV4Token, 1}, kv.options().dtype(at::kByte));
+  if (num_blocks * page_size == 0) return out;
+  const at::Tensor x = rows_16b(kv, kvc::kV4Qk);
+  kvc::launch_quantize_kv_fp8_v4(x.data_ptr(), x.stride(0), out.data_ptr(), num_blocks, page_size, page_stride,
+                                 c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// V4 cache -> [num_blocks, page_size, 1, 512] bf16.
+at::Tensor dequantize_kv_fp8_v4_cuda(const at::Tensor& kv_fp8) {
+  check_v4_cache(kv_fp8, "dequantize_kv_fp8_v4", "kv_fp8");
+  c10::cuda::CUDAGuard guard(kv_fp8.device());
+  const int64_t num_blocks = kv_fp8.size(0), page_size = kv_fp8.size(1);
+  at::Tensor out = at::empty({num_blocks, page_size, 1, kvc::kV4Qk}, kv_fp8.options().dtype(at::kBFloat16));
+  if (out.numel() == 0) return out;
+  at::Tensor x = kv_fp8;
+  // An odd base address (a cache sliced at a byte offset): its pages, copied back to back.
+  if (!aligned8(x.data_ptr())) x = x.clone(at::MemoryFormat::Contiguous);
+  const int64_t page_stride = num_blocks > 1 ? x.stride(0) : page_size * kvc::kV4Token;
+  kvc::launch_dequantize_kv_fp8_v4(x.data_ptr(), num_blocks, page_size, page_stride, out.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
@@ -126,10 +217,14 @@ TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
         "str kv_cache_dtype) -> ()");
   m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
   m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
+  m.def("quantize_kv_fp8_v4(Tensor kv) -> Tensor");
+  m.def("dequantize_kv_fp8_v4(Tensor kv_fp8) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) {
   m.impl("concat_and_cache_mla", &concat_and_cache_mla_cuda);
   m.impl("quantize_kv_fp8", &quantize_kv_fp8_cuda);
   m.impl("dequantize_kv_fp8", &dequantize_kv_fp8_cuda);
+  m.impl("quantize_kv_fp8_v4", &quantize_kv_fp8_v4_cuda);
+  m.impl("dequantize_kv_fp8_v4", &dequantize_kv_fp8_v4_cuda);
 }

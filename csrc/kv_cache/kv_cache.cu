@@ -1,5 +1,5 @@
-// KV-cache kernels: paged-cache writes (bf16/fp16 rows or FP8 "V3.2" records) and whole-tensor
-// FP8 quantize/dequantize, bit-exact with torch_flashmla/kv_cache.py (whose results do not depend on the device).
+// KV-cache kernels: paged-cache writes (bf16/fp16 rows, FP8 "V3.2" records or DeepSeek V4 FP8 pages)
+// and whole-tensor FP8 quantize/dequantize, bit-exact with torch_flashmla/kv_cache.py (whose results do not depend on the device).
 //
 // One warp per token. Lane l owns latent values 16l..16l+15 (two 16-byte loads, one 16-byte store of
 // fp8 values), so the 8 lanes of a 128-value tile reduce their amax with 3 xor-shuffles; lanes 0..7
@@ -262,6 +262,182 @@ __global__ void __launch_bounds__(kThreads)
   dequantize_row<true>(in + row * in_stride, out + row * kRow, lane);
 }
 
+// ---------------------------------------------------------------- DeepSeek V4 ("MODEL1") pages
+//
+// One warp per token. Lanes 0..27 own latent values 16l..16l+15 (tile l/4 of 64 values: 4 lanes reduce
+// their amax with 2 xor-shuffles) and write 16 fp8 bytes at 576*t + 16l; lanes 28..31 move the rope
+// (32 bytes each, 576*t + 448 + 32*(l-28)); lane 0 writes the 8 scale bytes at 576*P + 8*t. The cache
+// side is only 8-byte aligned in general (page strides are multiples of 8), so 16-byte accesses there
+// check the (warp-uniform) alignment and fall back to two 8-byte ones.
+// Scale byte: the exponent k of tile_scale's rule (smallest 2^k >= amax / 448, k >= -13) + 127;
+// 0xFF (UE8M0 NaN) for a tile with NaN or inf. Values as in the V3.2 record.
+// Dequantize: fp8 (exact, hardware cvt) * 2^(byte - 127) in mul.rn.f32 (no flush-to-zero), RNE to bf16;
+// every NaN result becomes 0x7FFF, the reference's one NaN encoding.
+
+constexpr int kV4Lanes = kV4Nope / 16;  // 28 lanes hold latent values
+
+__device__ __forceinline__ uint2 load8(const uint8_t* p) { return *reinterpret_cast<const uint2*>(p); }
+
+template <bool kStream>
+__device__ __forceinline__ uint4 load16_any(const uint8_t* p) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) return load16<kStream>(p);
+  const uint2 a = load8(p), b = load8(p + 8);
+  return make_uint4(a.x, a.y, b.x, b.y);
+}
+
+template <bool kStream>
+__device__ __forceinline__ void store16_any(uint8_t* p, uint4 v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
+    store16<kStream>(p, v);
+  } else {
+    *reinterpret_cast<uint2*>(p) = make_uint2(v.x, v.y);
+    *reinterpret_cast<uint2*>(p + 8) = make_uint2(v.z, v.w);
+  }
+}
+
+// Exponent k of the tile scale 2^k from the bf16 bits of amax (finite): see tile_scale.
+__device__ __forceinline__ int tile_scale_exp(uint32_t amax16) {
+  const int biased = static_cast<int>(amax16 >> 7);
+  const int mantissa = static_cast<int>(amax16 & 0x7Fu);
+  const int k = biased == 0 ? kMinScaleExp : biased - 135 + (mantissa > 96 ? 1 : 0);
+  return k < kMinScaleExp ? kMinScaleExp : k;                     // k in [-13, 120]
+}
+
+// One token: latent [448] and rope [64] bf16 (16-byte aligned) -> 576 bytes at data, 8 at scales.
+template <bool kStream>
+__device__ __forceinline__ void quantize_token_v4(const __nv_bfloat16* latent, const __nv_bfloat16* rope,
+                                                  uint8_t* data, uint8_t* scales, int lane) {
+  const uint4* src = lane < kV4Lanes ? reinterpret_cast<const uint4*>(latent) + 2 * lane
+                                     : reinterpret_cast<const uint4*>(rope) + 2 * (lane - kV4Lanes);
+  const uint4 a = load16<kStream>(src);
+  const uint4 b = load16<kStream>(src + 1);
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  uint32_t m = 0;
+  if (lane < kV4Lanes) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = __vmaxu2(m, w[i] & 0x7FFF7FFFu);
+    m = max(m & 0xFFFFu, m >> 16);
+  }
+  m = max(m, __shfl_xor_sync(kFull, m, 1));
+  m = max(m, __shfl_xor_sync(kFull, m, 2));
+
+  uint32_t scale_byte = 0xFFu;
+  uint4 q;
+  if (m < 0x7F80u) {
+    const int k = tile_scale_exp(m);
+    scale_byte = static_cast<uint32_t>(k + 127);
+    const float rs = __uint_as_float(static_cast<uint32_t>(127 - k) << 23);  // 2^-k exactly
+    q.x = quant4(w[0], w[1], rs);
+    q.y = quant4(w[2], w[3], rs);
+    q.z = quant4(w[4], w[5], rs);
+    q.w = quant4(w[6], w[7], rs);
+  } else if (m == 0x7F80u) {
+    q.x = quant4_inf_tile(w[0], w[1]);
+    q.y = quant4_inf_tile(w[2], w[3]);
+    q.z = quant4_inf_tile(w[4], w[5]);
+    q.w = quant4_inf_tile(w[6], w[7]);
+  } else {
+    q = make_uint4(0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu);
+  }
+  uint32_t lo = 0, hi = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) lo |= __shfl_sync(kFull, scale_byte, 4 * j) << (8 * j);
+#pragma unroll
+  for (int j = 4; j < 7; ++j) hi |= __shfl_sync(kFull, scale_byte, 4 * j) << (8 * (j - 4));
+
+  if (lane < kV4Lanes) {
+    store16_any<kStream>(data + 16 * lane, q);
+  } else {
+    uint8_t* dst = data + kV4Nope + 32 * (lane - kV4Lanes);
+    store16_any<kStream>(dst, a);
+    store16_any<kStream>(dst + 16, b);
+  }
+  if (lane == 0) *reinterpret_cast<uint2*>(scales) = make_uint2(lo, hi);
+}
+
+__device__ __forceinline__ uint32_t canonical_nan_bf16x2(uint32_t w) {
+  uint32_t lo = w & 0xFFFFu, hi = w >> 16;
+  if ((lo & 0x7FFFu) > 0x7F80u) lo = 0x7FFFu;
+  if ((hi & 0x7FFFu) > 0x7F80u) hi = 0x7FFFu;
+  return lo | (hi << 16);
+}
+
+// One token: 576 bytes at data, 8 at scales -> out [512] bf16 (16-byte aligned).
+template <bool kStream>
+__device__ __forceinline__ void dequantize_token_v4(const uint8_t* data, const uint8_t* scales, __nv_bfloat16* out,
+                                                    int lane) {
+  uint8_t* o = reinterpret_cast<uint8_t*>(out);
+  if (lane < kV4Lanes) {
+    const uint4 v = load16_any<kStream>(data + 16 * lane);
+    const uint32_t sb = scales[lane >> 2];
+    const float s = sb == 0xFFu ? __uint_as_float(0x7FFFFFFFu)
+                                : __uint_as_float(sb == 0 ? 0x00400000u : (sb << 23));  // 2^(sb - 127)
+    uint2 o0 = dequant4(v.x, s, false);
+    uint2 o1 = dequant4(v.y, s, false);
+    uint2 o2 = dequant4(v.z, s, false);
+    uint2 o3 = dequant4(v.w, s, false);
+    if (sb == 0xFFu || has_fp8_nan(v.x) || has_fp8_nan(v.y) || has_fp8_nan(v.z) || has_fp8_nan(v.w)) {
+      o0 = make_uint2(canonical_nan_bf16x2(o0.x), canonical_nan_bf16x2(o0.y));
+      o1 = make_uint2(canonical_nan_bf16x2(o1.x), canonical_nan_bf16x2(o1.y));
+      o2 = make_uint2(canonical_nan_bf16x2(o2.x), canonical_nan_bf16x2(o2.y));
+      o3 = make_uint2(canonical_nan_bf16x2(o3.x), canonical_nan_bf16x2(o3.y));
+    }
+    store16<kStream>(o + 32 * lane, make_uint4(o0.x, o0.y, o1.x, o1.y));
+    store16<kStream>(o + 32 * lane + 16, make_uint4(o2.x, o2.y, o3.x, o3.y));
+  } else {
+    const uint8_t* src = data + kV4Nope + 32 * (lane - kV4Lanes);
+    const uint4 a = load16_any<kStream>(src);
+    const uint4 b = load16_any<kStream>(src + 16);
+    store16<kStream>(o + 2 * kV4Nope + 32 * (lane - kV4Lanes), a);
+    store16<kStream>(o + 2 * kV4Nope + 32 * (lane - kV4Lanes) + 16, b);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) concat_fp8_v4_kernel(const CacheWriteArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (token >= a.num_tokens) return;
+  const int64_t slot = a.slot_mapping[token];
+  if (slot < 0 || slot >= a.num_slots) return;
+  const int64_t block = slot / a.page_size;
+  const int64_t off = slot - block * a.page_size;
+  uint8_t* page = static_cast<uint8_t*>(a.cache) + block * a.block_stride;
+  const auto* c = static_cast<const __nv_bfloat16*>(a.kv_c) + token * a.kv_c_stride;
+  const auto* p = static_cast<const __nv_bfloat16*>(a.k_pe) + token * a.k_pe_stride;
+  quantize_token_v4<false>(c, p, page + off * kV4Data, page + a.page_size * kV4Data + off * kV4Scales, lane);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    quantize_v4_kernel(const __nv_bfloat16* __restrict__ in, int64_t in_stride, uint8_t* __restrict__ cache,
+                       int64_t num_blocks, int64_t page_size, int64_t page_stride) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= num_blocks * page_size) return;
+  const int64_t block = row / page_size;
+  const int64_t off = row - block * page_size;
+  uint8_t* page = cache + block * page_stride;
+  const __nv_bfloat16* x = in + row * in_stride;
+  quantize_token_v4<true>(x, x + kV4Nope, page + off * kV4Data, page + page_size * kV4Data + off * kV4Scales, lane);
+  if (off == page_size - 1 && block + 1 < num_blocks) {  // zero the padding up to the next page
+    for (int64_t i = page_size * kV4Token + 8 * lane; i < page_stride; i += 8 * 32) {
+      *reinterpret_cast<uint2*>(page + i) = make_uint2(0, 0);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    dequantize_v4_kernel(const uint8_t* __restrict__ cache, int64_t num_blocks, int64_t page_size, int64_t page_stride,
+                         __nv_bfloat16* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= num_blocks * page_size) return;
+  const int64_t block = row / page_size;
+  const int64_t off = row - block * page_size;
+  const uint8_t* page = cache + block * page_stride;
+  dequantize_token_v4<true>(page + off * kV4Data, page + page_size * kV4Data + off * kV4Scales, out + row * kV4Qk,
+                            lane);
+}
+
 inline unsigned grid_for(int64_t rows) {
   return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
@@ -288,6 +464,26 @@ void launch_dequantize_kv_fp8(const void* in, int64_t in_stride, void* out, int6
   if (num_rows <= 0) return;
   dequantize_kernel<<<grid_for(num_rows), kThreads, 0, stream>>>(static_cast<const uint8_t*>(in), in_stride,
                                                                  static_cast<__nv_bfloat16*>(out), num_rows);
+}
+
+void launch_concat_and_cache_fp8_v4(const CacheWriteArgs& args, cudaStream_t stream) {
+  if (args.num_tokens <= 0) return;
+  concat_fp8_v4_kernel<<<grid_for(args.num_tokens), kThreads, 0, stream>>>(args);
+}
+
+void launch_quantize_kv_fp8_v4(const void* in, int64_t in_stride, void* cache, int64_t num_blocks,
+                               int64_t page_size, int64_t page_stride, cudaStream_t stream) {
+  if (num_blocks * page_size <= 0) return;
+  quantize_v4_kernel<<<grid_for(num_blocks * page_size), kThreads, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(in), in_stride, static_cast<uint8_t*>(cache), num_blocks, page_size,
+      page_stride);
+}
+
+void launch_dequantize_kv_fp8_v4(const void* cache, int64_t num_blocks, int64_t page_size, int64_t page_stride,
+                                 void* out, cudaStream_t stream) {
+  if (num_blocks * page_size <= 0) return;
+  dequantize_v4_kernel<<<grid_for(num_blocks * page_size), kThreads, 0, stream>>>(
+      static_cast<const uint8_t*>(cache), num_blocks, page_size, page_stride, static_cast<__nv_bfloat16*>(out));
 }
 
 }  // namespace kv_cache

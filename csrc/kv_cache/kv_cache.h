@@ -39,5 +39,26 @@ void launch_concat_and_cache_fp8(const CacheWriteArgs& args, cudaStream_t stream
 void launch_quantize_kv_fp8(const void* in, int64_t in_stride, void* out, int64_t num_rows, cudaStream_t stream);
 void launch_dequantize_kv_fp8(const void* in, int64_t in_stride, void* out, int64_t num_rows, cudaStream_t stream);
 
+// ---- DeepSeek V4 ("MODEL1") FP8 paged cache (torch_flashmla/kv_cache.py, V4 section) ----
+// Page of P tokens: token t's 448 fp8 latent values + 64 bf16 rope at byte 576*t, its 7 UE8M0 scales
+// + 1 zero pad byte at 576*P + 8*t. Page b starts at cache + b*page_stride (bytes, a multiple of 8);
+// the cache pointer is 8-byte aligned.
+constexpr int kV4Nope = 448;
+constexpr int kV4Qk = 512;            // kV4Nope + kRope
+constexpr int kV4Data = 576;          // bytes of latent + rope of one token
+constexpr int kV4Scales = 8;          // bytes of scales (+ pad) of one token
+constexpr int kV4Token = 584;         // kV4Data + kV4Scales
+
+// "fp8_ds_mla_v4": bf16 kv_c [T, 448] + k_pe [T, 64] -> V4 tokens; args.block_stride = page stride,
+// args.page_stride unused.
+void launch_concat_and_cache_fp8_v4(const CacheWriteArgs& args, cudaStream_t stream);
+// Whole cache: in rows (512 bf16) at in + i*in_stride (elements), row i = token i % page_size of page
+// i / page_size; the padding between pages (page_stride - 584*page_size bytes) is zeroed.
+void launch_quantize_kv_fp8_v4(const void* in, int64_t in_stride, void* cache, int64_t num_blocks,
+                               int64_t page_size, int64_t page_stride, cudaStream_t stream);
+// Whole cache -> out [num_blocks * page_size, 512] bf16, dense.
+void launch_dequantize_kv_fp8_v4(const void* cache, int64_t num_blocks, int64_t page_size, int64_t page_stride,
+                                 void* out, cudaStream_t stream);
+
 }  // namespace kv_cache
 }  // namespace flashmla
