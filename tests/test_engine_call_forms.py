@@ -327,9 +327,8 @@ def _engine_dense_state(batch, s_q, h_q, seqlen, seed, real):
     """Decode inputs for a graph of `batch` requests of which the first `real` are real: the tail has
     length 0 and a garbage block table (huge ids, -1)."""
     a = _dense(batch, s_q, h_q, seqlen, "cuda", seed=seed, causal=True)
-    lens, table = a["cache_seqlens"].clone(), a["block_table"].clone()
+    lens, table = a["cache_seqlens"].clone(), a["block_table"].clone()   # varlen, some zero, data inside
     lens[real:] = 0
-    lens[:real] = torch.randint(1, seqlen + 1, (real,), device="cuda", dtype=torch.int32)
     table[real:] = torch.where(torch.arange(table.shape[1], device="cuda") % 2 == 0, 2 ** 30, -1).to(torch.int32)
     a["cache_seqlens"], a["block_table"] = lens, table
     return a
