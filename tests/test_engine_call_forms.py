@@ -37,18 +37,19 @@ def _dense(b, s_q, h_q, seqlen, device, seed, causal=True, page_size=64):
     return T.dense_decode_inputs(case, device=device, seed=seed)
 
 
-def _assert_close(out, lse, ref_out, ref_lse):
-    """Tolerances of docs/design.md §7 (out abs 8e-4 + rel 2/128, cosine distance <= 5e-6; lse rel
-    8/65536), +inf lse exactly where the reference has it, and no NaN."""
+def _assert_close(out, lse, ref_out, ref_lse, out_rtol=2 / 128, cos_tol=5e-6, lse_rtol=8 / 65536):
+    """Tolerances of docs/design.md §7 (decode: out abs 8e-4 + rel 2/128, cosine distance <= 5e-6; lse
+    rel 8/65536; sparse prefill: rel 3/128, 7e-6, 2/65536), +inf lse exactly where the reference has
+    it, and no NaN."""
     out, lse, ref_out, ref_lse = (t.detach().cpu().double() for t in (out, lse, ref_out, ref_lse))
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
-    torch.testing.assert_close(out, ref_out, atol=8e-4, rtol=2 / 128)
+    torch.testing.assert_close(out, ref_out, atol=8e-4, rtol=out_rtol)
     if ref_out.abs().sum() > 0:
         cos = torch.nn.functional.cosine_similarity(out.flatten(), ref_out.flatten(), dim=0)
-        assert 1 - cos <= 5e-6
+        assert 1 - cos <= cos_tol
     finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-6, rtol=8 / 65536)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-6, rtol=lse_rtol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +421,8 @@ def test_gpu_sparse_prefill_topk_length_padded_heads(h_real, h_pad):
     out, max_logits, lse = compat.flash_mla_sparse_fwd(q_pad, p["kv"], p["indices"], SCALE,
                                                        topk_length=p["topk_length"])
     ref = reference.sparse_mla_prefill(p["q"], p["kv"], p["indices"], SCALE, 512, None, p["topk_length"])
-    _assert_close(out[:, :h_real], lse[:, :h_real], ref[0], ref[2])
+    _assert_close(out[:, :h_real], lse[:, :h_real], ref[0], ref[2], out_rtol=3 / 128, cos_tol=7e-6,
+                  lse_rtol=2 / 65536)
     got_max, ref_max = max_logits[:, :h_real], ref[1]
     assert torch.equal(torch.isneginf(got_max), torch.isneginf(ref_max))
     finite = torch.isfinite(ref_max)
