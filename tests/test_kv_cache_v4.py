@@ -306,3 +306,86 @@ def test_v4_bad_input():
         F.concat_and_cache_mla(**{**a, "kv_c": a["kv_c"].half(), "k_pe": a["k_pe"].half()})
     with pytest.raises(ValueError, match="argument 'kv_cache_dtype'"):
         F.concat_and_cache_mla(**{**a, "kv_cache_dtype": "fp8_v4"})
+
+
+# --- sparse decode with d_qk 512 over V4 caches (reference path) --------------------------------
+
+def _oracle_sparse_v4(a, scale):
+    """float64 attention over tokens read back by the independent byte decoder."""
+    q = a["q"].double()
+    b, s_q, h_q, _ = q.shape
+    caches = [(a["kv_cache"], a["indices"], a["topk_length"])]
+    if a["extra_kv_cache"] is not None:
+        caches.append((a["extra_kv_cache"], a["extra_indices"], a["extra_topk_length"]))
+    raws = [storage_bytes(c) for c, _, _ in caches]
+    out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64)
+    lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64)
+    for i in range(b):
+        for t in range(s_q):
+            keys = []
+            for (cache, idx, length), raw in zip(caches, raws):
+                n_slots = cache.shape[0] * cache.shape[1]
+                limit = idx.shape[-1] if length is None else int(length[i])
+                for j, ix in enumerate(idx[i, t].tolist()):
+                    if j < limit and 0 <= ix < n_slots:
+                        keys.append(decode_v4_token(cache, ix, raw))
+            if not keys:
+                continue
+            k = torch.tensor(keys, dtype=torch.float64).to(torch.bfloat16).double()   # [n, 512]
+            s = q[i, t] @ k.T * scale                                                  # [h_q, n]
+            l = torch.logsumexp(s, dim=-1)
+            o = torch.softmax(s, dim=-1) @ k
+            if a["attn_sink"] is not None:
+                o = o * torch.sigmoid(l - a["attn_sink"].double())[:, None]
+            out[i, t], lse[i, :, t] = o, l
+    return out, lse
+
+
+@pytest.mark.parametrize("case", [
+    T.SparseDecodeCase(b=2, h_q=8, topk=48, d_qk=512, page_size=5, num_blocks=12),
+    T.SparseDecodeCase(b=3, s_q=2, h_q=4, topk=64, d_qk=512, page_size=64, num_blocks=3, with_topk_length=True,
+                       with_attn_sink=True, extra_topk=40, extra_page_size=2),
+], ids=["basic_page5", "extra_page2_all_options"])
+def test_sparse_decode_v4_reference(case):
+    a = T.sparse_decode_inputs(case, seed=21)
+    scale = 512 ** -0.5
+    out, lse = F.sparse_mla_decode(**a, softmax_scale=scale)
+    want_out, want_lse = _oracle_sparse_v4(a, scale)
+    assert out.shape == (case.b, case.s_q, case.h_q, 512) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want_out, atol=1e-2, rtol=1e-2)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isinf(lse), ~finite)
+    torch.testing.assert_close(lse.double()[finite], want_lse[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_decode_v4_through_compat_and_all_invalid():
+    from torch_flashmla import compat
+    case = T.SparseDecodeCase(b=2, s_q=2, h_q=64, topk=64, d_qk=512, page_size=64, num_blocks=4, extra_topk=32,
+                              extra_page_size=2, with_attn_sink=True)
+    a = T.sparse_decode_inputs(case, seed=5)
+    a["indices"][1] = -1
+    a["extra_indices"][1] = -1                       # request 1: nothing to attend to
+    plan, _ = compat.get_mla_metadata()
+    out, lse = compat.flash_mla_with_kvcache(a["q"], a["kv_cache"], None, None, 512, plan, is_fp8_kvcache=True,
+                                             indices=a["indices"], attn_sink=a["attn_sink"],
+                                             extra_k_cache=a["extra_kv_cache"],
+                                             extra_indices_in_kvcache=a["extra_indices"])
+    want, want_lse = F.sparse_mla_decode(**{k: v for k, v in a.items() if k not in ("tile_scheduler_metadata",
+                                                                                    "num_splits")},
+                                         tile_scheduler_metadata=plan.tile_scheduler_metadata,
+                                         num_splits=plan.num_splits)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert torch.all(out[1] == 0) and torch.all(torch.isposinf(lse[1]))
+
+
+def test_sparse_decode_v4_bad_input():
+    v4 = T.sparse_decode_inputs(T.SparseDecodeCase(b=2, h_q=4, topk=16, d_qk=512, extra_topk=8), seed=1)
+    v32 = T.sparse_decode_inputs(T.SparseDecodeCase(b=2, h_q=4, topk=16, extra_topk=8), seed=1)
+    with pytest.raises(ValueError, match="argument 'q'.*512"):
+        F.sparse_mla_decode(**{**v4, "q": v32["q"]})              # V4 cache, q of d_qk 576
+    with pytest.raises(ValueError, match="argument 'q'.*576"):
+        F.sparse_mla_decode(**{**v32, "q": v4["q"]})              # V3.2 records are never read as V4
+    with pytest.raises(ValueError, match="argument 'extra_kv_cache'.*584"):
+        F.sparse_mla_decode(**{**v4, "extra_kv_cache": v32["extra_kv_cache"]})
+    with pytest.raises(ValueError, match="argument 'extra_kv_cache'.*656"):
+        F.sparse_mla_decode(**{**v32, "extra_kv_cache": v4["extra_kv_cache"]})

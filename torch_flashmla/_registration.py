@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import checks, reference
+from . import checks, kv_cache, reference
 
 # op name -> its check function; the argument order of both is the op's schema order.
 OP_CHECKS = {
@@ -26,6 +26,12 @@ OP_CHECKS = {
     "dequantize_kv_fp8": checks.check_dequantize_kv_fp8,
     "quantize_kv_fp8_v4": checks.check_quantize_kv_fp8_v4,
     "dequantize_kv_fp8_v4": checks.check_dequantize_kv_fp8_v4,
+}
+
+# Ops whose SM90 kernel covers only part of the inputs: args -> whether it does. The rest runs the
+# reference on the GPU (the sparse decode kernel reads V3.2 records; DeepSeek V4 pages have none yet).
+SM90_COVERS = {
+    "sparse_mla_decode": lambda args: args[1].shape[-1] != kv_cache.V4_TOKEN_BYTES,
 }
 
 _warned = set()
@@ -63,7 +69,8 @@ def _register(op_name: str) -> None:
 
     def cuda_kernel(*args):
         check(*args)
-        if cuda_path(op_name, args[0].device) == "sm90":
+        covered = SM90_COVERS.get(op_name, lambda a: True)(args)
+        if covered and cuda_path(op_name, args[0].device) == "sm90":
             return sm90_kernel(op_name)(*args)
         if op_name not in _warned and os.environ.get("FLASHMLA_FORCE_REFERENCE", "0") != "1":
             _warned.add(op_name)

@@ -182,10 +182,14 @@ def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_
                             extra_topk_length, head_dim_v, softmax_scale, tile_scheduler_metadata,
                             num_splits) -> None:
     c = _Checker("sparse_mla_decode")
-    _check_q(c, q, (torch.bfloat16,))
+    # The cache layout is told by the last dimension: 584 = DeepSeek V4 pages (d_qk 512), else the
+    # 656-byte V3.2 record (d_qk 576); q and the extra cache must match it.
+    v4 = isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4 and kv_cache.shape[3] == V4_TOKEN_BYTES
+    check_cache = check_fp8_v4_cache if v4 else _check_fp8_cache
+    _check_q(c, q, (torch.bfloat16,), d_qk=(V4_D_QK,) if v4 else (D_QK,))
     dev = q.device
     b, s_q, h_q = q.shape[0], q.shape[1], q.shape[2]
-    _check_fp8_cache(c, "kv_cache", kv_cache, dev)
+    check_cache(c, "kv_cache", kv_cache, dev)
     c.tensor("indices", indices, dtypes=(torch.int32,), dim=3, device=dev)
     c.value("indices", _all(indices.shape[0] == b, indices.shape[1] == s_q),
             f"[b={b}, s_q={s_q}, topk]", lambda: f"shape {tuple(indices.shape)}")
@@ -196,7 +200,7 @@ def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_
         c.tensor("attn_sink", attn_sink, dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
         c.size("attn_sink", attn_sink, 0, h_q, "h_q")
     if extra_kv_cache is not None:
-        _check_fp8_cache(c, "extra_kv_cache", extra_kv_cache, dev)
+        check_cache(c, "extra_kv_cache", extra_kv_cache, dev)
         c.value("extra_indices", extra_indices is not None, "given when extra_kv_cache is given", None)
     else:
         c.value("extra_indices", extra_indices is None, "None when extra_kv_cache is None", "a tensor")

@@ -155,15 +155,20 @@ def _gather_fp8_tokens(cache: torch.Tensor, indices: torch.Tensor, topk_length: 
     """indices [s_q, topk] into a flat FP8 cache -> (dequantized fp32 [s_q, topk, 576] with zeros
     at skipped slots, valid [s_q, topk]). Skipped: -1, out of range, or past topk_length (a 0-d
     tensor or None)."""
-    records = cache.view(torch.uint8).reshape(-1, kvc.FP8_RECORD_BYTES)
-    num_slots = records.shape[0]
+    v4 = cache.shape[-1] == kvc.V4_TOKEN_BYTES   # DeepSeek V4 pages (d_qk 512), else V3.2 records
+    d_qk = kvc.V4_D_QK if v4 else kvc.D_QK
+    num_slots = cache.shape[0] * cache.shape[1]
     valid = (indices >= 0) & (indices < num_slots)
     if topk_length is not None:
         valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length
     if num_slots == 0:  # nothing can be attended; nothing is read
-        return indices.new_zeros((*indices.shape, kvc.D_QK), dtype=torch.float32), valid
+        return indices.new_zeros((*indices.shape, d_qk), dtype=torch.float32), valid
     safe = torch.where(valid, indices, 0).long()
-    tokens = kvc.dequantize_kv_fp8(records[safe.flatten()]).float().view(*indices.shape, kvc.D_QK)
+    if v4:
+        tokens = kvc.gather_fp8_v4_tokens(cache, safe.flatten()).float().view(*indices.shape, d_qk)
+    else:
+        records = cache.view(torch.uint8).reshape(-1, kvc.FP8_RECORD_BYTES)
+        tokens = kvc.dequantize_kv_fp8(records[safe.flatten()]).float().view(*indices.shape, d_qk)
     return torch.where(valid[..., None], tokens, 0.0), valid
 
 
@@ -173,8 +178,9 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       extra_topk_length: Optional[torch.Tensor], head_dim_v: int, softmax_scale: float,
                       tile_scheduler_metadata: Optional[torch.Tensor] = None,
                       num_splits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token-sparse MLA decode over FP8 caches. q [b, s_q, h_q, 576] bf16; kv_cache [blocks,
-    page_size, 1, 656]; indices [b, s_q, topk] int32 (block_id * page_size + offset, -1 = skip);
+    """Token-sparse MLA decode over FP8 caches. q [b, s_q, h_q, 576] bf16 with kv_cache [blocks,
+    page_size, 1, 656] (V3.2), or q [b, s_q, h_q, 512] with a DeepSeek V4 cache [blocks, page_size, 1,
+    584] (V = all 512 columns of a token; the extra cache in the same layout); indices [b, s_q, topk] int32 (block_id * page_size + offset, -1 = skip);
     topk_length [b]; attn_sink [h_q] fp32; extra cache + extra_indices [b, s_q, extra_topk] +
     extra_topk_length [b] join the same softmax. Returns out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q]."""
     b, s_q, h_q, _ = q.shape

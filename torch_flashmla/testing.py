@@ -90,9 +90,19 @@ class SparseDecodeCase:
     extra_topk: int = 0          # > 0: add an extra cache with this many indices per query
     extra_page_size: int = 32
     invalid_fraction: float = 0.2  # share of indices set to -1 (and pointing at NaN otherwise)
+    d_qk: int = kvc.D_QK          # 576: V3.2 records; 512: DeepSeek V4 pages (both caches)
 
 
-def _fp8_cache(num_blocks, page_size, g, poison_mask=None):
+def _fp8_v4_cache(num_blocks, page_size, g, poison_mask=None):
+    kv = torch.randn(num_blocks, page_size, 1, kvc.V4_D_QK, generator=g).to(torch.bfloat16)
+    if poison_mask is not None:  # NaN tokens: NaN scales and NaN rope (only skipped indices may point here)
+        kv.view(-1, kvc.V4_D_QK)[poison_mask] = float("nan")
+    return kvc.quantize_kv_fp8_v4(kv)
+
+
+def _fp8_cache(num_blocks, page_size, g, poison_mask=None, d_qk=kvc.D_QK):
+    if d_qk == kvc.V4_D_QK:
+        return _fp8_v4_cache(num_blocks, page_size, g, poison_mask)
     kv = torch.randn(num_blocks, page_size, 1, kvc.D_QK, generator=g).to(torch.bfloat16)
     records = kvc.quantize_kv_fp8(kv)
     if poison_mask is not None:
@@ -117,9 +127,9 @@ def sparse_decode_inputs(case: SparseDecodeCase, device: Union[str, torch.device
     num_slots = case.num_blocks * case.page_size
     poison = torch.zeros(num_slots, dtype=torch.bool)
     poison[-1] = True
-    kv_cache = _fp8_cache(case.num_blocks, case.page_size, g, poison)
+    kv_cache = _fp8_cache(case.num_blocks, case.page_size, g, poison, case.d_qk)
     indices = _sparse_indices(case.b, case.s_q, case.topk, num_slots - 1, case.invalid_fraction, g)
-    out = dict(q=_randn((case.b, case.s_q, case.h_q, kvc.D_QK), g, torch.bfloat16, "cpu"),
+    out = dict(q=_randn((case.b, case.s_q, case.h_q, case.d_qk), g, torch.bfloat16, "cpu"),
                kv_cache=kv_cache, indices=indices, topk_length=None, attn_sink=None,
                extra_kv_cache=None, extra_indices=None, extra_topk_length=None)
     if case.with_topk_length:
@@ -134,7 +144,7 @@ def sparse_decode_inputs(case: SparseDecodeCase, device: Union[str, torch.device
         out["attn_sink"] = torch.randn(case.h_q, generator=g) * 2
     if case.extra_topk > 0:
         extra_blocks = max(2, case.extra_topk // case.extra_page_size)
-        out["extra_kv_cache"] = _fp8_cache(extra_blocks, case.extra_page_size, g)
+        out["extra_kv_cache"] = _fp8_cache(extra_blocks, case.extra_page_size, g, d_qk=case.d_qk)
         out["extra_indices"] = _sparse_indices(case.b, case.s_q, case.extra_topk, extra_blocks * case.extra_page_size,
                                                case.invalid_fraction, g)
         if case.with_topk_length:
