@@ -437,6 +437,17 @@ __device__ __forceinline__ void producer(const SparsePrefillParams& p, uint8_t* 
 #pragma unroll
     for (int j = 0; j < 4; ++j) cur[j] = nxt[j];
   }
+  // A thread must not exit with its cp.async copies (and their mbarrier arrivals) still pending: wait
+  // for them, then for the last pair's full barriers, which those arrivals complete.
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if (n_pairs > 0) {
+    const uint32_t last = (n_pairs - 1) & 1;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      mbar_wait(bar_full_lo(bars, s), last);
+      mbar_wait(bar_full_hi(bars, s), last);
+    }
+  }
 }
 
 template <int kDQK>
