@@ -84,7 +84,11 @@ __device__ __forceinline__ void release(uint32_t bar) {
   if (threadIdx.x % 32 == 0) mbar_arrive(bar);
 }
 
+// dst is passed through opaque(): the d_qk 512 build otherwise folded it into an [R + UR + imm] shared
+// address, and that LDGSTS form (with zero-fill and a cache policy) faulted as an illegal instruction on
+// the H200 (compute-sanitizer, 2026-12-01); the d_qk 576 build used [R + imm] and ran.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes, uint64_t policy) {
+  dst = opaque(dst);
   asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes), "l"(policy)
                : "memory");
@@ -400,7 +404,7 @@ __device__ __forceinline__ void producer(const SparsePrefillParams& p, uint8_t* 
     if (c + 1 < n_chunks) load_idx(c + 1, nxt);
     const int stage = c & 1;
     const uint32_t empty_phase = ((c >> 1) & 1) ^ 1;
-    const uint32_t kv_stage = sbase + L::kOffKV + stage * L::kStageBytes + group * 128 + col;
+    const uint32_t kv_stage = opaque(sbase + L::kOffKV + stage * L::kStageBytes + group * 128 + col);
     const uint8_t* src[4];
     uint32_t nbytes[4];
 #pragma unroll
