@@ -37,6 +37,7 @@
 #include <math.h>
 
 #include "sm90/decode/dense/dense_decode.h"
+#include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 
 namespace flashmla {
@@ -165,48 +166,6 @@ __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseD
   }
 }
 
-// Byte offset, inside a swizzled 64x64 tile, of the 4 bytes that register `reg` of k-step kk holds in
-// the m64k16 A-fragment layout (also the layout of two adjacent accumulator columns): registers 0/2
-// hold row0, 1/3 hold row0 + 8; registers 2/3 are 8 columns to the right of 0/1.
-__device__ __forceinline__ uint32_t frag_offset(int row0, int quad, int kk, int reg) {
-  return swz(row0 + (reg & 1) * 8, 2 * kk + (reg >> 1)) + quad * 4;
-}
-
-// S (m64n64 accumulators) -> bf16/fp16 A fragments of the PV product.
-template <typename T, bool kResidue>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32]) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-    for (int reg = 0; reg < 4; ++reg) {
-      const float x = s[8 * kk + 2 * reg], y = s[8 * kk + 2 * reg + 1];
-      pa[kk][reg] = kResidue ? TypeOps<T>::pack_residue(x, y) : TypeOps<T>::pack(x, y);
-    }
-  }
-}
-
-// Returns x, hidden from the optimizer, so that addresses derived from it are recomputed at each use
-// instead of being hoisted out of the chunk loop into 16 live registers.
-__device__ __forceinline__ uint32_t opaque(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
-
-// P fragments -> a swizzled 64x64 tile: frag_offset(row0, quad, kk, reg) split into a per-thread row part
-// and a column part (row0 + 8 has the swizzle phase of row0), with the row part hidden from the
-// optimizer so that the 16 addresses are not hoisted into live registers.
-__device__ __forceinline__ void store_p(uint32_t tile, const uint32_t (&pa)[4][4], int row0, int quad) {
-  const uint32_t row_part = opaque(tile + row0 * 128 + quad * 4);
-  const uint32_t phase = (row0 & 7) << 4;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-    for (int reg = 0; reg < 4; ++reg) {
-      const uint32_t addr = row_part + (reg & 1) * 1024 + ((((2 * kk + (reg >> 1)) << 4)) ^ phase);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pa[kk][reg]) : "memory");
-    }
-}
-
 // S = Q K^T over the 9 tiles of the chunk in `stage`, starting at tile kFirst, each after its mbarrier.
 // Tile 8 of Q comes from registers. Committed as one wgmma group, not waited for.
 template <typename T, int kFirst>
@@ -232,26 +191,6 @@ __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int sta
     }
   }
   wgmma_commit();
-}
-
-// O += P V[:, half] with P from registers (A fragments). Committed, not waited for.
-template <typename T>
-__device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t v_half) {
-  const uint64_t desc_v = desc_sw128(v_half, kTileBytes, 1024);
-  fence_all(o);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) TypeOps<T>::pv_r(o, pa[kk], desc_add(desc_v, kk * 16 * 128), 1);
-  wgmma_commit();
-}
-
-// Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
-// retires the products reading them (the compiler does not know wgmma reads them asynchronously).
-__device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-    for (int reg = 0; reg < 4; ++reg) asm volatile("" : "+r"(a[kk][reg])::"memory");
 }
 
 // Masks the raw scores of tokens at or past each row's limit (-inf; only chunks that reach a limit pay
@@ -299,104 +238,6 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[32], int chunk_tok, int l
                                             int quad_col, float& mx0, float& mx1) {
   mask_tail(s, chunk_tok, lim0, lim1, quad_col);
   row_max(s, scale_log2, mx0, mx1);
-}
-
-// Running max of this thread's two rows after a chunk with row maxima mx0 / mx1 (log2 domain): the
-// new max, the exp2 base (0 for rows with no token yet, so that -inf - -inf never occurs) and the
-// factor that brings sums and O from the old max to the new one.
-//
-// The running max only moves when a chunk exceeds it by more than kMaxSlack (log2 units): P then stays
-// <= 2^kMaxSlack = 256 (exact in bf16/fp16, with the same relative rounding as P <= 1), sums and O stay
-// far from fp32 overflow, and the factor is exactly 1 in almost every chunk after the first, so that
-// rescale_rows skips its 128 multiplies per thread (a warp-uniform test) and the warpgroups reach their
-// next product sooner. Outputs and lse are normalised by the same max, so they do not change.
-constexpr float kMaxSlack = 8.f;
-struct MaxUpdate {
-  float max0, max1, base0, base1, scale0, scale1;
-};
-__device__ __forceinline__ MaxUpdate update_max(float old0, float old1, float mx0, float mx1) {
-  MaxUpdate u;
-  u.max0 = mx0 > old0 + kMaxSlack ? mx0 : old0;  // old = -inf: any finite mx moves it
-  u.max1 = mx1 > old1 + kMaxSlack ? mx1 : old1;
-  u.base0 = u.max0 == -INFINITY ? 0.f : u.max0;
-  u.base1 = u.max1 == -INFINITY ? 0.f : u.max1;
-  u.scale0 = exp2f(old0 - u.base0);
-  u.scale1 = exp2f(old1 - u.base1);
-  return u;
-}
-
-// The seesaw warpgroups share the running max through shared memory: each quad reads its two rows,
-// then lane 0 of the quad writes the new max and the factor for the other warpgroup.
-__device__ __forceinline__ MaxUpdate update_shared_max(float* s_max, float* s_scale, int row0, int row1, int quad,
-                                                       float mx0, float mx1) {
-  const MaxUpdate u = update_max(s_max[row0], s_max[row1], mx0, mx1);
-  __syncwarp();  // the quad's reads of s_max are done
-  if (quad == 0) {
-    s_max[row0] = u.max0;
-    s_max[row1] = u.max1;
-    s_scale[row0] = u.scale0;
-    s_scale[row1] = u.scale1;
-  }
-  return u;
-}
-
-// P = exp2(S * scale_log2 - base) in place (base 0 for rows with no token yet); returns the row sums
-// of this thread.
-__device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float base0, float base1, float& sum0,
-                                         float& sum1) {
-  sum0 = 0.f;
-  sum1 = 0.f;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    const bool top = (i % 4) < 2;
-    s[i] = exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1)));
-    if (top) sum0 += s[i]; else sum1 += s[i];
-  }
-}
-
-// P = exp2(S * scale_log2 - base) straight into the A fragments of the PV product, with this thread's
-// row sums; S is only read. Used while a product into O is in flight: writing S (an accumulator of the
-// QK products) there would make ptxas serialize every wgmma of the kernel.
-template <typename T>
-__device__ __forceinline__ void exp_pack(uint32_t (&pa)[4][4], const float (&s)[32], float scale_log2, float base0,
-                                         float base1, float& sum0, float& sum1) {
-  sum0 = 0.f;
-  sum1 = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-    for (int reg = 0; reg < 4; ++reg) {
-      const float base = reg & 1 ? base1 : base0;
-      const float x = exp2f(fmaf(s[8 * kk + 2 * reg], scale_log2, -base));
-      const float y = exp2f(fmaf(s[8 * kk + 2 * reg + 1], scale_log2, -base));
-      if (reg & 1) sum1 += x + y; else sum0 += x + y;
-      pa[kk][reg] = TypeOps<T>::pack(x, y);
-    }
-  }
-}
-
-// O and this thread's row sums brought to a new max by the factors f0 / f1.
-__device__ __forceinline__ void rescale_acc(float (&o)[128], float& l0, float& l1, float f0, float f1) {
-  rescale_rows(o, f0, f1);
-  l0 *= f0;
-  l1 *= f1;
-}
-
-// The same after a chunk of this warpgroup's own, whose row sums (relative to the new max) are added.
-__device__ __forceinline__ void rescale_add(float (&o)[128], float& l0, float& l1, const MaxUpdate& u, float sum0,
-                                            float sum1) {
-  l0 = l0 * u.scale0 + sum0;
-  l1 = l1 * u.scale1 + sum1;
-  rescale_rows(o, u.scale0, u.scale1);
-}
-
-// The softmax step of a warpgroup that owns its chunk: P = exp2(S - base), row sums and O brought to
-// the new max.
-__device__ __forceinline__ void exp_rescale(float (&s)[32], float (&o)[128], float& l0, float& l1, float scale_log2,
-                                            const MaxUpdate& u) {
-  float sum0, sum1;
-  exp_rows(s, scale_log2, u.base0, u.base1, sum0, sum1);
-  rescale_add(o, l0, l1, u, sum0, sum1);
 }
 
 // Rows [valid, 64) of tiles [t_begin, t_begin + 4) of a stage -> 0 (the cache there may hold NaN, and
