@@ -23,9 +23,17 @@ per request, shuffled block table), indices = topk distinct random positions of 
 tokens per query, all valid (no -1), mapped through the block table to block_id * 64 + offset.
 Writes a table to stdout (last), JSON and a PNG plot to $OUT (or benchmarks/results/).
 
+DeepSeek V4 ("MODEL1") rows (d_qk 512, 584-byte tokens in pages of 64 with FlashMLA's page stride):
+topk 128 main indices + 512 or 1024 extra indices (a second V4 cache, also page 64) per query, s_q 2,
+h_q 64 and 128, b 74/148/256; every request owns 8192 main and 2048 extra tokens. "topk" in the table
+is the attended total (main + extra); FLOPs and bytes count both caches:
+  FLOPs = b*s_q*h_q*(topk+extra)*2*(512+512)
+  bytes = b*s_q*(topk+extra)*584 + b*s_q*h_q*512*2 (q) + b*s_q*h_q*512*2 (out)
+
 Usage: python benchmarks/bench_sparse_decode.py [--quick] [--no-reference] [--no-flashmla]
-                                                [--ref-iters N]
+                                                [--ref-iters N] [--v4 | --no-v4]
   --quick         first case only (b=128, h_q=128, s_q=2, topk=2048)
+  --v4            the V4 rows only;  --no-v4: the V3.2 rows only
   --no-reference  skip the reference-path column (c) (when ours is the SM90 kernel)
   --no-flashmla   skip FlashMLA even when importable
   --ref-iters N   timed calls of the reference path (default 3, after one warm-up call)
@@ -59,6 +67,9 @@ CASES = [
     (148, 128, 2, 65536, 16384),
     (148, 64, 2, 65536, 16384),
 ]
+# DeepSeek V4 rows: (b, h_q, s_q, s_k, topk, extra_s_k, extra_topk); cases sharing b share the caches.
+V4_D_QK, V4_TOKEN = kvc.V4_D_QK, kvc.V4_TOKEN_BYTES   # 512, 584
+V4_CASES = [(b, h_q, 2, 8192, 128, 2048, extra) for b in (74, 148, 256) for h_q in (64, 128) for extra in (512, 1024)]
 # keyed by (b, h_q, s_q, topk)
 FLOOR_TFLOPS = {(128, 128, 2, 2048): 330.0, (148, 128, 2, 16384): 360.0}
 FLASHMLA_DOC_TFLOPS = {(128, 128, 2, 2048): 424.0, (148, 128, 2, 16384): 468.0}  # docs/design.md §6, not measured here
@@ -119,10 +130,27 @@ def make_indices(table: torch.Tensor, s_k: int, s_q: int, topk: int, seed: int =
     return (blocks * PAGE + pos % PAGE).to(torch.int32)
 
 
-def make_q(b: int, s_q: int, h_q: int, device, seed: int = 0) -> torch.Tensor:
+def make_q(b: int, s_q: int, h_q: int, device, seed: int = 0, d_qk: int = D_QK) -> torch.Tensor:
     g = torch.Generator(device=device)
     g.manual_seed(seed + 3 * b + s_q + h_q)
-    return torch.randn(b, s_q, h_q, D_QK, generator=g, device=device).to(torch.bfloat16)
+    return torch.randn(b, s_q, h_q, d_qk, generator=g, device=device).to(torch.bfloat16)
+
+
+def make_cache_v4(b: int, s_k: int, device, seed: int = 0, chunk_pages: int = 2048):
+    """V4 cache [b * pages, 64, 1, 584] with FlashMLA's page stride (kv_cache.new_fp8_v4_cache),
+    quantized from bf16 randn in chunks, and a shuffled block table [b, pages] int32."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + 11 * b + s_k)
+    pages = -(-s_k // PAGE)
+    num_blocks = b * pages
+    cache = kvc.new_fp8_v4_cache(num_blocks, PAGE, device=device)
+    dst = kvc.fp8_v4_pages(cache)
+    for start in range(0, num_blocks, chunk_pages):
+        n = min(chunk_pages, num_blocks - start)
+        kv = torch.randn(n, PAGE, 1, V4_D_QK, generator=g, device=device).to(torch.bfloat16)
+        dst[start:start + n].copy_(kvc.fp8_v4_pages(kvc.quantize_kv_fp8_v4(kv)))
+    table = torch.randperm(num_blocks, generator=g, device=device).to(torch.int32).view(b, pages)
+    return cache, table
 
 
 def plan(b: int, s_q: int, h_q: int, topk: int, device):
@@ -270,10 +298,90 @@ def run_case(case, cache, table, opts, ours_graph: bool, ours_is_ref: bool, note
     return row
 
 
+def flashmla_fns_v4(q, cache, indices, extra_cache, extra_indices, topk, scale):
+    """(op_fn, step_fn, api): FlashMLA's sparse decode over V4 caches (the 2026 interface: plan in a
+    FlashMLASchedMeta made on the first call; extra cache through extra_k_cache /
+    extra_indices_in_kvcache), or raises."""
+    import flash_mla
+    meta, _ = flash_mla.get_mla_metadata()
+
+    def call(m):
+        return flash_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, m, None, softmax_scale=scale,
+                                                is_fp8_kvcache=True, indices=indices, extra_k_cache=extra_cache,
+                                                extra_indices_in_kvcache=extra_indices)
+    call(meta)
+    torch.cuda.synchronize()
+
+    def step():
+        m, _ = flash_mla.get_mla_metadata()
+        return call(m)
+    return (lambda: call(meta)), step, "sched_meta"
+
+
+def run_case_v4(case, caches, opts, notes: list):
+    """One V4 row (SM90 kernel path, CUDA graphs). caches = (cache, table, extra_cache, extra_table)."""
+    b, h_q, s_q, s_k, topk, extra_s_k, extra_topk = case
+    cache, table, extra_cache, extra_table = caches
+    device = cache.device
+    q = make_q(b, s_q, h_q, device, d_qk=V4_D_QK)
+    indices = make_indices(table, s_k, s_q, topk)
+    extra_indices = make_indices(extra_table, extra_s_k, s_q, extra_topk, seed=1)
+    scale = V4_D_QK ** -0.5
+    total = topk + extra_topk
+
+    def plan_v4():
+        seqlens = torch.full((b,), total, dtype=torch.int32, device=device)
+        return torch_flashmla.get_mla_metadata(seqlens, s_q * h_q, 1, h_q, is_fp8_kvcache=True, topk=total)
+
+    meta, splits = plan_v4()
+    flops = b * s_q * h_q * total * 2 * (V4_D_QK + D_V)
+    nbytes = b * s_q * total * V4_TOKEN + b * s_q * h_q * V4_D_QK * 2 + b * s_q * h_q * D_V * 2
+
+    def op():
+        return torch_flashmla.sparse_mla_decode(q, cache, indices, meta, splits, extra_kv_cache=extra_cache,
+                                                extra_indices=extra_indices, softmax_scale=scale)
+
+    def step():
+        m, n = plan_v4()
+        return torch_flashmla.sparse_mla_decode(q, cache, indices, m, n, extra_kv_cache=extra_cache,
+                                                extra_indices=extra_indices, softmax_scale=scale)
+
+    out_ours = op()[0]
+    med, lo, hi = time_us(op, True)
+    step_us, _, _ = time_us(step, True)
+    plan_us, _, _ = time_us(plan_v4, True)
+    row = dict(layout="v4", b=b, h_q=h_q, s_q=s_q, s_k=s_k, topk=total, main_topk=topk, extra_topk=extra_topk,
+               page_size=PAGE, flops=flops, bytes=nbytes, ours_path="sm90", ours_timing="graph", ours_us=med,
+               ours_min_us=lo, ours_max_us=hi, step_us=step_us, plan_us=plan_us, ours_tflops=tflops(flops, med),
+               ours_gbs=gbs(nbytes, med), step_tflops=tflops(flops, step_us), floor_tflops=None,
+               flashmla_doc_tflops=None)
+    if opts.reference:
+        def ref():
+            return reference.sparse_mla_decode(q, cache, indices, None, None, extra_cache, extra_indices, None, D_V,
+                                               scale)
+        out_ref = ref()[0]
+        ref_us, _, _ = events_time_us(ref, iters=opts.ref_iters, warmup=0)
+        row.update(ref_us=ref_us, ref_tflops=tflops(flops, ref_us), ours_vs_ref_maxdiff=max_diff(out_ours, out_ref))
+    if opts.flashmla:
+        try:
+            fm_op, _, api = flashmla_fns_v4(q, cache, indices, extra_cache, extra_indices, total, scale)
+            fm_us, _, _ = graph_time_us(fm_op, iters=graph_iters(fm_op))
+            row.update(flashmla_api=api, flashmla_us=fm_us, flashmla_tflops=tflops(flops, fm_us),
+                       flashmla_gbs=gbs(nbytes, fm_us), ours_vs_flashmla=fm_us / med)
+        except ImportError as e:
+            row["flashmla_error"] = f"not importable ({e})"
+        except Exception as e:  # noqa: BLE001
+            row["flashmla_error"] = f"{type(e).__name__}: {e}"
+            notes.append(f"FlashMLA failed on V4 {case}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return row
+
+
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
 def case_label(r) -> str:
+    if r.get("layout") == "v4":
+        return f"V4 b{r['b']} h{r['h_q']} sq{r['s_q']} {r['main_topk']}+{r['extra_topk']}"
     return f"b{r['b']} h{r['h_q']} sq{r['s_q']} topk{r['topk'] // 1024 if r['topk'] >= 1024 else r['topk']}" \
            f"{'k' if r['topk'] >= 1024 else ''}"
 
@@ -328,6 +436,7 @@ def table(rows) -> str:
     for r in rows:
         floor = r.get("floor_met")
         lines.append(
+            ("V4 " if r.get("layout") == "v4" else "") +
             f"{r['b']:4d} {r['h_q']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['topk']:6d} {r['ours_us']:8.1f} "
             f"{r['step_us']:8.1f} {r['plan_us']:7.1f} {r['ours_tflops']:7.1f} "
             f"{100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} {r['ours_gbs']:6.0f} "
@@ -344,6 +453,9 @@ def parse_args(argv=None):
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference-path column")
     p.add_argument("--no-flashmla", dest="flashmla", action="store_false", help="skip FlashMLA even when importable")
     p.add_argument("--ref-iters", type=int, default=3, help="timed calls of the (slow) reference path")
+    p.add_argument("--v4", dest="layout", action="store_const", const="v4", default="all",
+                   help="the DeepSeek V4 rows only")
+    p.add_argument("--no-v4", dest="layout", action="store_const", const="v32", help="the V3.2 rows only")
     return p.parse_args(argv)
 
 
@@ -375,7 +487,7 @@ def main(argv=None) -> int:
         fm_status = f"FlashMLA not importable ({e}): FM columns empty"
     notes.append(fm_status)
 
-    cases = CASES[:1] if opts.quick else CASES
+    cases = [] if opts.layout == "v4" else CASES[:1] if opts.quick else CASES
     rows = []
     cache = table_ = None
     cache_key = None
@@ -395,6 +507,27 @@ def main(argv=None) -> int:
                 notes.append(f"case {case} failed: {type(e).__name__}: {e}")
             torch.cuda.empty_cache()
     del cache, table_
+
+    v4_cases = V4_CASES if opts.layout != "v32" and not opts.quick else []
+    if v4_cases and ours_is_ref:
+        notes.append("V4 rows skipped: no SM90 kernel in this build/device")
+        v4_cases = []
+    caches, caches_b = None, None
+    with torch.no_grad():
+        for case in v4_cases:
+            b, h_q, s_q, s_k, topk, extra_s_k, extra_topk = case
+            if caches_b != b:
+                caches = None
+                torch.cuda.empty_cache()
+                caches = make_cache_v4(b, s_k, dev) + make_cache_v4(b, extra_s_k, dev, seed=1)
+                caches_b = b
+            print(f"case V4 b={b} h_q={h_q} s_q={s_q} topk={topk}+{extra_topk} ...", flush=True)
+            try:
+                rows.append(run_case_v4(case, caches, opts, notes))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                notes.append(f"V4 case {case} failed: {type(e).__name__}: {e}")
+    caches = None
 
     os.makedirs(RESULTS, exist_ok=True)
     json_path = os.path.join(RESULTS, "bench_sparse_decode.json")

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import checks, kv_cache, reference
+from . import checks, reference
 
 # op name -> its check function; the argument order of both is the op's schema order.
 OP_CHECKS = {
@@ -29,10 +29,9 @@ OP_CHECKS = {
 }
 
 # Ops whose SM90 kernel covers only part of the inputs: args -> whether it does. The rest runs the
-# reference on the GPU (the sparse decode kernel reads V3.2 records; DeepSeek V4 pages have none yet).
-SM90_COVERS = {
-    "sparse_mla_decode": lambda args: args[1].shape[-1] != kv_cache.V4_TOKEN_BYTES,
-}
+# reference on the GPU. None at present: the sparse decode kernel reads both V3.2 records and DeepSeek
+# V4 pages (docs/design.md §5.2).
+SM90_COVERS = {}
 
 _warned = set()
 

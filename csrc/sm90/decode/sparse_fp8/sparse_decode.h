@@ -10,12 +10,20 @@ namespace sm90 {
 constexpr int kFp8RecordBytes = 656;  // 512 e4m3 latent values | 4 fp32 scales | 64 bf16 RoPE values
 constexpr int kFp8ScaleOffset = 512;
 constexpr int kFp8RopeOffset = 528;
+// DeepSeek V4 ("MODEL1") pages (torch_flashmla/kv_cache.py, V4 section): token t of a page of P tokens
+// keeps 448 e4m3 latent values + 64 bf16 RoPE values at byte 576 t, and 7 UE8M0 scales + 1 pad byte
+// at byte 576 P + 8 t.
+constexpr int kV4TokenBytes = 584;      // the cache tensor's last dimension
+constexpr int kV4DataBytes = 576;       // latent + RoPE bytes of a token
+constexpr int kV4ScaleBytes = 8;        // scale bytes of a token
+constexpr int kV4RopeOffset = 448;
 
 // One FP8 cache and the token indices of every (request, query token) into it.
 struct SparseKVSource {
   const uint8_t* records;      // record of slot i: records + (i / page_size) * block_stride + (i % page_size) * token_stride
-  int64_t block_stride;        // bytes
-  int64_t token_stride;        // bytes
+  int64_t block_stride;        // bytes (16-byte multiple)
+  int64_t token_stride;        // bytes: 656 (V3.2), 576 (V4: the latent + RoPE part)
+  int64_t scale_offset;        // V4 only: scales of slot i at page + scale_offset + (i % page_size) * 8
   int page_size;
   int64_t num_slots;           // num_blocks * page_size; indices outside [0, num_slots) are skipped
   const int* indices;          // [b, s_q, topk] int32, last dim contiguous; -1 = skip
@@ -25,7 +33,8 @@ struct SparseKVSource {
 };
 
 struct SparseDecodeParams {
-  // q [b, s_q, h_q, 576] bf16; element strides (last dim contiguous)
+  bool v4;                     // false: V3.2 records, d_qk 576; true: V4 pages, d_qk 512 (both caches)
+  // q [b, s_q, h_q, d_qk] bf16; element strides (last dim contiguous)
   const void* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   SparseKVSource main, extra;  // extra.topk == 0 when there is no extra cache

@@ -23,11 +23,21 @@
 // P is handed from WG0 to WG1 through one shared-memory tile on the p_full / p_empty mbarriers,
 // so WG0 computes S of chunk g+1 while WG1 still multiplies chunk g. Requests attending to at most
 // kPreciseMaxLen tokens add a second PV term with P's rounding residue (as the dense kernel does).
+// Two cache layouts, one kernel (template parameter kV4, Layout<kV4> below): V3.2 656-byte records
+// (d_qk 576: 8 latent tiles with 4 fp32 scales + 1 RoPE tile) and DeepSeek V4 pages (d_qk 512: 7
+// latent tiles of 64 values with one UE8M0 scale each + 1 RoPE tile; a token's 576 latent + RoPE
+// bytes at 576 t of its page, its 8 scale bytes at 576 P + 8 t, so two loads per row of a chunk:
+// 7 + 2 16-byte loads of the data part and one 8-byte load of the scales). Only the producer's
+// gather/dequantization, the QK column count (36 or 32 k-steps) and the stage size differ; V is the
+// first 512 columns in both, so the PV products, softmax, epilogue, split/combine and plan are shared.
+// The main and extra cache of a call share the layout and may differ in page size.
 // Measured history and the open bottleneck: benchmarks/NOTES_sparse_decode.md.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <math.h>
+
+#include <type_traits>
 
 #include "common/decode_common.h"
 #include "sm90/common/sm90_ptx.h"
@@ -40,24 +50,34 @@ namespace sparse {
 namespace {
 
 using T = __nv_bfloat16;
-constexpr int kDQK = 576;
 constexpr int kDV = 512;
 constexpr int kBlockM = 64;  // heads per CTA
 constexpr int kBlockN = 64;  // tokens per chunk
 constexpr int kThreads = 384;
 constexpr int kPreciseMaxLen = 1024;
 constexpr int kTileBytes = 64 * 128;  // 64 rows x 64 bf16
-constexpr int kNumColTiles = kDQK / 64;
-constexpr int kStageBytes = kNumColTiles * kTileBytes;
-constexpr int kStageRowBytes = kDQK * 2 + 4;  // bytes written per row of a stage: bf16 values + flag
-constexpr int kOffQ = 0;
-constexpr int kOffKV = kOffQ + kStageBytes;
-constexpr int kOffP = kOffKV + 2 * kStageBytes;
-constexpr int kOffValid = kOffP + kTileBytes;      // uint32 [2][64]: row flags of each stage
-constexpr int kOffAlpha = kOffValid + 2 * 64 * 4;      // float [64]: WG0's rescale factors of the chunk
-constexpr int kOffOutScale = kOffAlpha + 64 * 4;   // float [64]: 1 / row sum (x sink factor) of the request
-constexpr int kOffBar = kOffOutScale + 64 * 4;     // uint64: full[2], empty[2], p_full, p_empty
-constexpr int kSmemBytes = kOffBar + 6 * 8 + 1024;  // + slack for 1024-byte alignment
+
+// What depends on the cache layout (kV4: DeepSeek V4 pages, else V3.2 records). Only the producer's
+// gather/dequantization and the number of QK column tiles differ; V is the first 512 columns (8
+// tiles) in both, so the PV products, softmax, epilogue and split handling are shared.
+template <bool kV4>
+struct Layout {
+  static constexpr int kDQK = kV4 ? 512 : 576;
+  static constexpr int kNumColTiles = kDQK / 64;       // 8 or 9: 7 or 8 latent tiles + 1 RoPE tile
+  static constexpr int kLatentGroups = kNumColTiles - 1;  // 64-value latent groups of a token (one scale each in V4)
+  static constexpr int kRopeOffset = kV4 ? kV4RopeOffset : kFp8RopeOffset;  // bytes from the token's record
+  static constexpr int kPrefetchBytes = kV4 ? kV4DataBytes : kFp8RecordBytes;
+  static constexpr int kStageBytes = kNumColTiles * kTileBytes;
+  static constexpr int kStageRowBytes = kDQK * 2 + 4;  // bytes written per row of a stage: bf16 values + flag
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffKV = kOffQ + kStageBytes;
+  static constexpr int kOffP = kOffKV + 2 * kStageBytes;
+  static constexpr int kOffValid = kOffP + kTileBytes;        // uint32 [2][64]: row flags of each stage
+  static constexpr int kOffAlpha = kOffValid + 2 * 64 * 4;    // float [64]: WG0's rescale factors of the chunk
+  static constexpr int kOffOutScale = kOffAlpha + 64 * 4;     // float [64]: 1 / row sum (x sink factor) of the request
+  static constexpr int kOffBar = kOffOutScale + 64 * 4;       // uint64: full[2], empty[2], p_full, p_empty
+  static constexpr int kSmemBytes = kOffBar + 6 * 8 + 1024;   // + slack for 1024-byte alignment
+};
 
 // Named barriers (0 is __syncthreads).
 constexpr uint32_t kBarQ = 1;         // WG0 only (128): Q tile reload
@@ -82,13 +102,28 @@ __device__ __forceinline__ uint4 ld_nc_v4(const void* ptr) {
                : "l"(ptr));
   return v;
 }
+// The 8 scale bytes of a V4 token (8-byte aligned).
+__device__ __forceinline__ uint2 ld_nc_v2(const void* ptr) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::evict_last.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+
+// A UE8M0 scale byte s (2^(s - 127)) as two bf16 with exponent field s: exact for s = 1..254 (the
+// quantizer writes 114..254). s = 255 (UE8M0 NaN: a tile that held NaN or inf) reads as +inf, so that
+// tile dequantizes to inf / NaN, non-finite as in the reference (whose values are NaN); s = 0 (2^-127,
+// never written) reads as 0. Special-casing both cost the cluster producer spills (ptxas).
+__device__ __forceinline__ __nv_bfloat162 ue8m0_scale2(uint32_t s) {
+  const uint32_t pair = (s << 7) | (s << 23);
+  return *reinterpret_cast<const __nv_bfloat162*>(&pair);
+}
 
 // 4 e4m3 values (one 32-bit word) * scale -> 4 bf16 (two 32-bit words), without conversion
 // instructions (they issue at a quarter rate and would bound the producer): the e4m3 bits
 // s.eeee.mmm are moved into a bf16's fields (sign bit 15, exponent bits 7-10, mantissa bits 4-6),
 // which reads as value * 2^-120 (subnormals included); two exact bf16 multiplies by 2^120 and by the
-// scale follow. The product is exact for the power-of-two scales of the V3.2 format (then equal to
-// torch_flashmla.kv_cache.dequantize_kv_fp8); another scale is rounded to bf16 first. e4m3 NaN
+// scale follow. The product is exact for the power-of-two scales of both formats (then equal to
+// torch_flashmla.kv_cache.dequantize_kv_fp8 / dequantize_kv_fp8_v4); another scale is rounded to bf16 first. e4m3 NaN
 // (0x7F) reads as 480; a NaN tile still gives NaN through its NaN scale.
 __device__ __forceinline__ uint2 dequant4(uint32_t fp8x4, __nv_bfloat162 scale2) {
   const __nv_bfloat162 two120 = __floats2bfloat162_rn(0x1p120f, 0x1p120f);
@@ -143,19 +178,20 @@ __device__ __forceinline__ Piece request_piece(const SparseDecodeParams& p, int 
 
 // The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
 // Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
-template <int kWG, int kCluster>
+template <int kWG, int kCluster, bool kV4>
 __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint8_t* smem, int tid, int t, int mtile,
                                                int begin_req, int begin_tok, int end_req, int end_tok,
                                                int begin_split) {
+  using L = Layout<kV4>;
   constexpr int wg = kWG;
   const uint32_t sbase = smem_addr(smem);
-  const uint32_t* s_valid = reinterpret_cast<const uint32_t*>(smem + kOffValid);
-  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
-  float* s_out_scale = reinterpret_cast<float*>(smem + kOffOutScale);
-  const uint32_t bar_full = sbase + kOffBar;
-  const uint32_t bar_empty = sbase + kOffBar + 16;
-  const uint32_t bar_p_full = sbase + kOffBar + 32;
-  const uint32_t bar_p_empty = sbase + kOffBar + 40;
+  const uint32_t* s_valid = reinterpret_cast<const uint32_t*>(smem + L::kOffValid);
+  float* s_alpha = reinterpret_cast<float*>(smem + L::kOffAlpha);
+  float* s_out_scale = reinterpret_cast<float*>(smem + L::kOffOutScale);
+  const uint32_t bar_full = sbase + L::kOffBar;
+  const uint32_t bar_empty = sbase + L::kOffBar + 16;
+  const uint32_t bar_p_full = sbase + L::kOffBar + 32;
+  const uint32_t bar_p_empty = sbase + L::kOffBar + 40;
   // One arrival per warp (its wgmma reads are complete) on the stage's empty barrier of every CTA
   // of the cluster: a producer refills a stage in both CTAs.
   auto release_stage = [&](int stage) {
@@ -174,7 +210,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   const int head1 = mtile * kBlockM + row1;
   const bool ok0 = head0 < p.h_q, ok1 = head1 < p.h_q;
   const int quad_col = (lane % 4) * 2;
-  uint8_t* sp = smem + kOffP;
+  uint8_t* sp = smem + L::kOffP;
   const T* qbase = reinterpret_cast<const T*>(p.q);
 
   uint32_t g = 0;   // chunks consumed
@@ -195,15 +231,15 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
       // Q tile of (request r, token t) -> shared memory; heads past h_q are zero rows.
       named_bar_sync(kBarQ, 128);  // every WG0 wgmma reading the previous Q tile is complete
 #pragma unroll 1
-      for (int it = 0; it < kBlockM * (kDQK / 8) / 128; ++it) {
+      for (int it = 0; it < kBlockM * (L::kDQK / 8) / 128; ++it) {
         const int idx = wtid + it * 128;
-        const int row = idx / (kDQK / 8);
-        const int ch = idx % (kDQK / 8);
+        const int row = idx / (L::kDQK / 8);
+        const int ch = idx % (L::kDQK / 8);
         const int head = mtile * kBlockM + row;
         const bool in = head < p.h_q;
         const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
                        (int64_t)(in ? head : 0) * p.q_head_stride + ch * 8;
-        const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
+        const uint32_t dst = sbase + L::kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
                      : "memory");
       }
@@ -215,7 +251,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
 
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
-      const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+      const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
       mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
       fence_proxy_async();  // generic stores of the producer -> this warpgroup's wgmma reads
       if constexpr (wg == 0) {
@@ -223,10 +259,10 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         float s[32];
 #pragma unroll
         for (int i = 0; i < 32; ++i) s[i] = 0.f;
-        const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024), desc_kv = desc_sw128(kv, 16, 1024);
+        const uint64_t desc_q = desc_sw128(sbase + L::kOffQ, 16, 1024), desc_kv = desc_sw128(kv, 16, 1024);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kDQK / 16; ++kk) {
+        for (int kk = 0; kk < L::kDQK / 16; ++kk) {
           const uint32_t off = (kk / 4) * kTileBytes + (kk % 4) * 32;
           TypeOps<T>::qk64(s, desc_add(desc_q, off), desc_add(desc_kv, off), kk > 0 ? 1 : 0);
         }
@@ -292,7 +328,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
           fence_proxy_async();
           mbar_arrive(bar_p_full);
           mbar_wait(bar_p_full, pi & 1);  // every WG0 thread's part of P is in place
-          pv_smem<T>(o, sbase + kOffP, kv);
+          pv_smem<T>(o, sbase + L::kOffP, kv);
           wgmma_wait<0>();
           fence_all(o);
           ++pi;
@@ -305,7 +341,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
             const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row1];
             rescale_rows(o, alpha0, alpha1);
           }
-          pv_smem<T>(o, sbase + kOffP, kv + 4 * kTileBytes);
+          pv_smem<T>(o, sbase + L::kOffP, kv + 4 * kTileBytes);
           wgmma_wait<0>();
           fence_all(o);
           mbar_arrive(bar_p_empty);
@@ -381,15 +417,17 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
 // kCluster = 2 (h_q > 64): the two head tiles of one query token form a cluster; each CTA's
 // producer gathers half of every chunk (32 rows) and writes it into both CTAs' shared memory, so
 // every record is loaded and converted once.
-template <int kCluster>
+// kV4: DeepSeek V4 pages (d_qk 512), else V3.2 records (d_qk 576); both caches of a call share it.
+template <int kCluster, bool kV4>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeParams p) {
+  using L = Layout<kV4>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_addr(smem);
-  const uint32_t bar_full = sbase + kOffBar;        // [2]
-  const uint32_t bar_empty = sbase + kOffBar + 16;  // [2]
-  const uint32_t bar_p_full = sbase + kOffBar + 32;
-  const uint32_t bar_p_empty = sbase + kOffBar + 40;
+  const uint32_t bar_full = sbase + L::kOffBar;        // [2]
+  const uint32_t bar_empty = sbase + L::kOffBar + 16;  // [2]
+  const uint32_t bar_p_full = sbase + L::kOffBar + 32;
+  const uint32_t bar_p_empty = sbase + L::kOffBar + 40;
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -463,25 +501,35 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
       seek();
       return cs;
     };
-    // Record addresses of the rows (nullptr: skipped row).
-    auto records_of = [&](const ChunkSlots& cs, const uint8_t* (&rec)[kRows]) {
+    // Record addresses of the rows (nullptr: skipped row). V3.2: the 656-byte record (scales at
+    // +512). V4: the token's 576 latent + RoPE bytes, and its 8 scale bytes in the page's scale area.
+    auto records_of = [&](const ChunkSlots& cs, const uint8_t* (&rec)[kRows], const uint8_t* (&scl)[kRows]) {
       const SparseKVSource& src = cs.extra ? p.extra : p.main;
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
         const int idx = cs.raw[k];
         const bool ok = idx >= 0 && idx < src.num_slots;
-        rec[k] = ok ? src.records + (int64_t)(idx / src.page_size) * src.block_stride +
-                          (int64_t)(idx % src.page_size) * src.token_stride
-                    : nullptr;
+        if constexpr (kV4) {
+          const int tok = idx % src.page_size;
+          rec[k] = ok ? src.records + (int64_t)(idx / src.page_size) * src.block_stride + tok * kV4DataBytes : nullptr;
+          scl[k] = rec[k] + (src.scale_offset + tok * (kV4ScaleBytes - kV4DataBytes));  // page + scale_offset + 8 tok
+        } else {
+          const int tok = ok ? idx % src.page_size : 0;
+          const uint8_t* page = src.records + (int64_t)(ok ? idx / src.page_size : 0) * src.block_stride;
+          rec[k] = ok ? page + (int64_t)tok * src.token_stride : nullptr;
+          scl[k] = rec[k] + kFp8ScaleOffset;
+        }
       }
     };
     auto prefetch_l2 = [&](const ChunkSlots& cs) {
       const uint8_t* rec[kRows];
-      records_of(cs, rec);
+      const uint8_t* scl[kRows];
+      records_of(cs, rec, scl);
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
         if (piece == 0 && rec[k] != nullptr) {
-          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(rec[k]), "n"(kFp8RecordBytes) : "memory");
+          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(rec[k]), "n"(L::kPrefetchBytes) : "memory");
+          if constexpr (kV4) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(scl[k]) : "memory");
         }
       }
     };
@@ -494,55 +542,68 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     };
 
     // Registers of one chunk's records for this thread's rows.
+    // V3.2: 4 fp32 scales (one per 128 values); V4: 7 UE8M0 bytes + pad (one per 64 values).
+    using ScaleWords = typename std::conditional<kV4, uint2, uint4>::type;
     struct ChunkLoads {
-      uint4 lat[kRows][8];
-      uint4 scl[kRows];
+      uint4 lat[kRows][L::kLatentGroups];
+      ScaleWords scl[kRows];
       uint4 rope[kRows][2];
       bool valid[kRows];
     };
-    auto issue_loads = [&](const ChunkSlots& cs, ChunkLoads& L) {
+    auto issue_loads = [&](const ChunkSlots& cs, ChunkLoads& ld) {
       const uint8_t* rec[kRows];
-      records_of(cs, rec);
+      const uint8_t* scl[kRows];
+      records_of(cs, rec, scl);
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
-        L.valid[k] = rec[k] != nullptr;
+        ld.valid[k] = rec[k] != nullptr;
         if (rec[k] != nullptr) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) L.lat[k][i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
-          L.scl[k] = ld_nc_v4(rec[k] + kFp8ScaleOffset);
-          L.rope[k][0] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32);
-          L.rope[k][1] = ld_nc_v4(rec[k] + kFp8RopeOffset + piece * 32 + 16);
+          for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[k][i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
+          if constexpr (kV4) {
+            ld.scl[k] = ld_nc_v2(scl[k]);
+          } else {
+            ld.scl[k] = ld_nc_v4(scl[k]);
+          }
+          ld.rope[k][0] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32);
+          ld.rope[k][1] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32 + 16);
         } else {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) L.lat[k][i] = make_uint4(0, 0, 0, 0);
-          L.scl[k] = make_uint4(0, 0, 0, 0);
-          L.rope[k][0] = L.rope[k][1] = make_uint4(0, 0, 0, 0);
+          for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[k][i] = make_uint4(0, 0, 0, 0);
+          ld.scl[k] = ScaleWords{};
+          ld.rope[k][0] = ld.rope[k][1] = make_uint4(0, 0, 0, 0);
         }
       }
     };
     // Wait for a free stage, dequantize chunk g into it (and the peer's), signal it full.
-    auto write_chunk = [&](uint32_t g, const ChunkLoads& L) {
+    auto write_chunk = [&](uint32_t g, const ChunkLoads& ld) {
       const int stage = g & 1;
       mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
       full_bar = bar_full + stage * 8;
-      const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+      const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
         const int row = row_base + 32 * k;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float scale_f = __uint_as_float(i < 2 ? L.scl[k].x : i < 4 ? L.scl[k].y : i < 6 ? L.scl[k].z : L.scl[k].w);
-          const __nv_bfloat162 scale = __floats2bfloat162_rn(scale_f, scale_f);
-          const uint2 a = dequant4(L.lat[k][i].x, scale), b = dequant4(L.lat[k][i].y, scale);
-          const uint2 c = dequant4(L.lat[k][i].z, scale), d = dequant4(L.lat[k][i].w, scale);
+        for (int i = 0; i < L::kLatentGroups; ++i) {
+          __nv_bfloat162 scale;
+          if constexpr (kV4) {
+            scale = ue8m0_scale2(__byte_perm(i < 4 ? ld.scl[k].x : ld.scl[k].y, 0, 0x4440 + (i % 4)));
+          } else {
+            const float scale_f =
+                __uint_as_float(i < 2 ? ld.scl[k].x : i < 4 ? ld.scl[k].y : i < 6 ? ld.scl[k].z : ld.scl[k].w);
+            scale = __floats2bfloat162_rn(scale_f, scale_f);
+          }
+          const uint2 a = dequant4(ld.lat[k][i].x, scale), b = dequant4(ld.lat[k][i].y, scale);
+          const uint2 c = dequant4(ld.lat[k][i].z, scale), d = dequant4(ld.lat[k][i].w, scale);
           store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
           store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
         }
-        store16(kv + 8 * kTileBytes + swz(row, 2 * piece), L.rope[k][0]);
-        store16(kv + 8 * kTileBytes + swz(row, 2 * piece + 1), L.rope[k][1]);
+        store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece), ld.rope[k][0]);
+        store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece + 1), ld.rope[k][1]);
         if (piece == 0) {
-          const uint32_t flag = L.valid[k] ? 1 : 0;
-          const uint32_t vaddr = sbase + kOffValid + (stage * 64 + row) * 4;
+          const uint32_t flag = ld.valid[k] ? 1 : 0;
+          const uint32_t vaddr = sbase + L::kOffValid + (stage * 64 + row) * 4;
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
         }
       }
@@ -562,16 +623,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
         if (ptid == 0) {
           const uint32_t rows = 32 * rank * 128;
 #pragma unroll 1
-          for (int i = 0; i < kNumColTiles; ++i) {
+          for (int i = 0; i < L::kNumColTiles; ++i) {
             const uint32_t src = kv + i * kTileBytes + rows;
             bulk_copy_to_peer(src + peer_offset, src, 32 * 128, full_bar + peer_offset);
           }
-          const uint32_t flags = sbase + kOffValid + (stage * 64 + 32 * rank) * 4;
+          const uint32_t flags = sbase + L::kOffValid + (stage * 64 + 32 * rank) * 4;
           bulk_copy_to_peer(flags + peer_offset, flags, 32 * 4, full_bar + peer_offset);
         }
       }
       if (kCluster == 2 && ptid == 0) {
-        mbar_expect_tx(full_bar, (kBlockN / 2) * kStageRowBytes);
+        mbar_expect_tx(full_bar, (kBlockN / 2) * L::kStageRowBytes);
       } else {
         mbar_arrive(full_bar);
       }
@@ -624,10 +685,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     }
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
-    math_warpgroup<0, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<0, kCluster, kV4>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   } else {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
-    math_warpgroup<1, kCluster>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<1, kCluster, kV4>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   }
   // The peer may still store into this CTA's shared memory or arrive on its barriers until it is done.
   if constexpr (kCluster == 2) cluster_sync();
@@ -638,14 +699,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
 }  // namespace sparse
 
 namespace {
-template <int kCluster>
+template <int kCluster, bool kV4>
 void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
-  auto kernel = sparse::sparse_decode_kernel<kCluster>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sparse::kSmemBytes);
+  auto kernel = sparse::sparse_decode_kernel<kCluster, kV4>;
+  constexpr int kSmemBytes = sparse::Layout<kV4>::kSmemBytes;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(p.num_sm_parts, p.s_q, p.num_m_tiles);
   config.blockDim = dim3(sparse::kThreads, 1, 1);
-  config.dynamicSmemBytes = sparse::kSmemBytes;
+  config.dynamicSmemBytes = kSmemBytes;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -659,10 +721,16 @@ void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
-  if (p.num_m_tiles == 2) {
-    launch_kernel<2>(p, stream);
+  if (p.v4) {
+    if (p.num_m_tiles == 2) {
+      launch_kernel<2, true>(p, stream);
+    } else {
+      launch_kernel<1, true>(p, stream);
+    }
+  } else if (p.num_m_tiles == 2) {
+    launch_kernel<2, false>(p, stream);
   } else {
-    launch_kernel<1>(p, stream);
+    launch_kernel<1, false>(p, stream);
   }
 }
 
