@@ -57,12 +57,17 @@ TORCH_LIBRARY(flashmla, m) {
   // page_size, 1, 584] bytes with a padded page stride (torch_flashmla/kv_cache.py).
   m.def("quantize_kv_fp8_v4(Tensor kv) -> Tensor");
   m.def("dequantize_kv_fp8_v4(Tensor kv_fp8) -> Tensor");
+  // Dense MHA-mode prefill over packed varlen sequences (DeepSeek prefills in MHA form: d_qk 192,
+  // d_v 128, then decodes in MLA form). Semantics in torch_flashmla/reference.py (mha_prefill).
+  m.def(
+      "mha_prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(flashmla, Autograd, m) {
   for (const char* name : {"get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill",
                            "concat_and_cache_mla", "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4",
-                           "dequantize_kv_fp8_v4"}) {
+                           "dequantize_kv_fp8_v4", "mha_prefill"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   }
 }

@@ -76,3 +76,10 @@ def _quantize_kv_fp8_v4_fake(kv):
 def _dequantize_kv_fp8_v4_fake(kv_fp8):
     checks.check_dequantize_kv_fp8_v4(kv_fp8)
     return kv_fp8.new_empty((kv_fp8.shape[0], kv_fp8.shape[1], 1, kv_cache.V4_D_QK), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("flashmla::mha_prefill")
+def _mha_prefill_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    checks.check_mha_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    total_q, h_q, _ = q.shape
+    return q.new_empty((total_q, h_q, v.shape[2])), q.new_empty((total_q, h_q), dtype=torch.float32)

@@ -29,6 +29,12 @@ def _write(device, seed, **kw):
     return (a["kv_c"], a["k_pe"], a["kv_cache"], a["slot_mapping"], a["kv_cache_dtype"])
 
 
+def _mha(case, device, seed):
+    a = T.mha_prefill_inputs(case, device=device, seed=seed)
+    return (a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"], a["max_seqlen_k"],
+            case.d_qk ** -0.5, a["causal"])
+
+
 def op_cases(device="cpu"):
     """[(case id, op name, args)] covering each op several ways."""
     ops = torch.ops.flashmla
@@ -67,4 +73,11 @@ def op_cases(device="cpu"):
         ("quantize_v4", ops.quantize_kv_fp8_v4, (kv_v4,)),
         ("quantize_v4_page1", ops.quantize_kv_fp8_v4, (kv_v4.reshape(15, 1, 1, 512),)),
         ("dequantize_v4_uint8", ops.dequantize_kv_fp8_v4, (torch.ops.flashmla.quantize_kv_fp8_v4(kv_v4),)),
+        ("mha_prefill_gqa_causal", ops.mha_prefill,
+         _mha(T.MHAPrefillCase(b=4, h_q=4, h_k=2, seqlen_q=9, kv_prefix=6, zero_lengths=True), device, 14)),
+        ("mha_prefill_d128_fp16", ops.mha_prefill,
+         _mha(T.MHAPrefillCase(b=2, h_q=3, h_k=3, d_qk=128, seqlen_q=7, causal=False, dtype=torch.float16),
+              device, 15)),
+        ("mha_prefill_mqa_short_k", ops.mha_prefill,
+         _mha(T.MHAPrefillCase(h_q=2, h_k=1, q_lens=(6, 0, 3), k_lens=(2, 4, 0)), device, 16)),
     ]

@@ -96,3 +96,37 @@ def sparse_prefill(q, kv, indices, softmax_scale, attn_sink, topk_length, d_v=51
         if picked:
             max_logits[t] = ((q[t].double() @ keys.T) * softmax_scale).max(dim=1).values
     return out, max_logits, lse
+
+
+def mha_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    """Packed varlen MHA prefill, one sequence and one query row at a time (cu_seqlens read on the host).
+    Defined meanings: counts clamped to [0, max_seqlen_*]; key rows outside the tensor not attended;
+    query rows no sequence owns: out 0, lse +inf. Overlapping sequences (decreasing cu_seqlens_q) are
+    not modelled: the later sequence's result is kept; callers must not compare such rows."""
+    total_q, h_q, _ = q.shape
+    total_k, h_k, d_v = v.shape
+    group = h_q // h_k
+    out = torch.zeros(total_q, h_q, d_v, dtype=torch.float64)
+    lse = torch.full((total_q, h_q), math.inf, dtype=torch.float64)
+    cq, ck = [int(x) for x in cu_seqlens_q], [int(x) for x in cu_seqlens_k]
+    for i in range(len(cq) - 1):
+        n_q = max(0, min(cq[i + 1] - cq[i], max_seqlen_q))
+        n_k = max(0, min(ck[i + 1] - ck[i], max_seqlen_k))
+        for j in range(n_q):
+            row = cq[i] + j
+            if not 0 <= row < total_q:
+                continue
+            visible = min(n_k, n_k - n_q + j + 1) if causal else n_k
+            key_rows = [ck[i] + t for t in range(max(visible, 0)) if 0 <= ck[i] + t < total_k]
+            for g in range(h_k):
+                keys = k[key_rows, g].double() if key_rows else torch.zeros(0, k.shape[2], dtype=torch.float64)
+                values = v[key_rows, g].double() if key_rows else torch.zeros(0, d_v, dtype=torch.float64)
+                heads = slice(g * group, (g + 1) * group)
+                if not key_rows:
+                    continue  # out 0, lse +inf
+                s = (q[row, heads].double() @ keys.T) * softmax_scale        # [group, n]
+                top = s.max(dim=1, keepdim=True).values
+                e = torch.exp(s - top)
+                out[row, heads] = (e / e.sum(dim=1, keepdim=True)) @ values
+                lse[row, heads] = (top + torch.log(e.sum(dim=1, keepdim=True))).squeeze(1)
+    return out, lse

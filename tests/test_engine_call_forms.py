@@ -9,6 +9,9 @@
 * V3.2 sparse decode: ``get_mla_metadata()`` (object form), a dummy block table, constant
   ``cache_seqlens``, ``-1``-padded indices, q heads padded up to 64/128.
 * Sparse prefill with ``topk_length`` and padded heads.
+* Dense varlen prefill (``flash_attn_varlen_func``): captured in a CUDA graph for a token budget and
+  replayed with new ``cu_seqlens`` contents and a padded tail; shapes refused before any work,
+  ``cu_seqlens`` values with their defined meaning.
 * Values that cannot be refused without a host sync (negative or over-capacity lengths, page ids
   outside the cache) and zero-size inputs, with their documented results on every path.
 
@@ -234,19 +237,53 @@ def test_compat_refuses_bad_ranks_before_arithmetic():
                                       is_fp8_kvcache=True, indices=s["indices"], extra_k_cache=s["extra_kv_cache"])
 
 
-@pytest.mark.parametrize("cu_q,cu_k,arg", [
-    ([0, 3, 2, 6], [0, 2, 4, 6], "cu_seqlens_qo"),   # decreasing
-    ([0, 3, 4, 5], [0, 2, 4, 6], "cu_seqlens_qo"),   # ends before the token count (rows left unwritten)
-    ([1, 3, 4, 6], [0, 2, 4, 6], "cu_seqlens_qo"),   # does not start at 0
-    ([0, 3, 4, 6], [0, 2, 4], "cu_seqlens_kv"),      # other batch size
+def _varlen_qkv(seed=0, total_q=6, total_k=6, h_q=4, h_k=2, d_qk=128, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g).to(torch.bfloat16).to(device)
+                 for shape in ((total_q, h_q, d_qk), (total_k, h_k, d_qk), (total_k, h_k, 128)))
+
+
+@pytest.mark.parametrize("change,arg", [
+    (dict(cu_k=[0, 2, 4]), "cu_seqlens_kv"),                     # other batch size
+    (dict(cu_q=[[0, 3, 4, 6]]), "cu_seqlens_qo"),                 # 2-D
+    (dict(cu_dtype=torch.int64), "cu_seqlens_qo"),
+    (dict(q_dtype=torch.float32), "q"),
+    (dict(d_qk=64), "q"),                                         # no kernel for head dim 64
+    (dict(dropout_p=0.1), "dropout_p"),
 ])
-def test_varlen_prefill_refuses_inconsistent_cu_seqlens(cu_q, cu_k, arg):
-    q = torch.randn(6, 4, 64)
-    k = torch.randn(6, 2, 64)
-    v = torch.randn(6, 2, 32)
+def test_varlen_prefill_refuses_bad_shapes_before_any_work(change, arg):
+    """Shapes, dtypes and options are checked (metadata only) before anything runs."""
+    q, k, v = _varlen_qkv(d_qk=change.get("d_qk", 128))
+    q = q.to(change.get("q_dtype", q.dtype))
+    dtype = change.get("cu_dtype", torch.int32)
+    cu_q = torch.tensor(change.get("cu_q", [0, 3, 4, 6]), dtype=dtype)
+    cu_k = torch.tensor(change.get("cu_k", [0, 2, 4, 6]), dtype=dtype)
     with pytest.raises(ValueError, match=f"argument '{arg}'"):
-        compat.flash_attn_varlen_func(q, k, v, torch.tensor(cu_q, dtype=torch.int32),
-                                      torch.tensor(cu_k, dtype=torch.int32), 3, 2)
+        compat.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 2, dropout_p=change.get("dropout_p", 0.0))
+
+
+@pytest.mark.parametrize("cu_q,cu_k,twice", [
+    ([0, 3, 2, 6], [0, 2, 4, 6], [2]),      # decreasing: sequence 1 is empty, row 2 is owned twice
+    ([0, 3, 4, 5], [0, 2, 4, 6], []),       # ends before the token count: row 5 is padding
+    ([1, 3, 4, 6], [0, 2, 4, 6], []),       # does not start at 0: row 0 belongs to no sequence
+    ([0, 3, 4, 9], [0, 2, 4, 7], []),       # runs past the tensors: rows / keys beyond do not exist
+])
+def test_varlen_prefill_inconsistent_cu_seqlens_have_a_defined_meaning(cu_q, cu_k, twice):
+    """cu_seqlens values cannot be checked without a host sync (the call is capturable): every value
+    has the meaning of ops.mha_prefill. Counts are clamped to [0, max_seqlen_*] (sequence 2 of the
+    first case has 4 rows, cut to max_seqlen_qo = 3), rows no sequence owns get out 0 and lse +inf,
+    keys outside the tensor are not attended; rows owned twice hold one of the owners' values."""
+    q, k, v = _varlen_qkv(seed=1)
+    cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    out, lse = compat.flash_attn_varlen_func(q, k, v, cu_q_t, cu_k_t, 3, 2, causal=True)
+    want_out, want_lse = oracle.mha_prefill(q, k, v, cu_q_t, cu_k_t, 3, 2, 128 ** -0.5, True)
+    rows = [r for r in range(q.shape[0]) if r not in twice]
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isposinf(lse[rows]), torch.isposinf(want_lse[rows]))
+    torch.testing.assert_close(out[rows].double(), want_out[rows], atol=2e-2, rtol=1e-2)
+    finite = torch.isfinite(want_lse[rows])
+    torch.testing.assert_close(lse[rows][finite].double(), want_lse[rows][finite], atol=1e-4, rtol=1e-4)
+    assert torch.all(out[rows][~finite] == 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,12 +481,26 @@ def test_gpu_zero_size_inputs_give_the_empty_result(index):
 
 
 @needs_gpu
-def test_gpu_varlen_prefill_refuses_capture():
-    q = torch.randn(6, 4, 64, device="cuda")
-    cu = torch.tensor([0, 3, 6], dtype=torch.int32, device="cuda")
-    compat.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3)          # eager works (and warms up)
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side), pytest.raises(RuntimeError, match="not capturable"):
-        with torch.cuda.graph(graph, stream=side):
-            compat.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3)
+def test_gpu_varlen_prefill_captures_and_replays():
+    """As an engine captures prefill: a graph for a token budget, replayed with fewer real tokens (the
+    tail is padding: out 0, lse +inf) and new cu_seqlens contents copied into the captured buffers."""
+    q, k, v = _varlen_qkv(seed=2, total_q=64, total_k=96, h_q=8, h_k=2, d_qk=192, device="cuda")
+    cu_q = torch.tensor([0, 20, 40, 64], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 30, 60, 96], dtype=torch.int32, device="cuda")
+    graph, (out, lse) = T.capture_cuda_graph(
+        lambda: compat.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 48, causal=True))
+    for new_q, new_k in (([0, 10, 10, 37], [0, 25, 40, 80]), ([0, 40, 40, 40], [0, 48, 48, 48])):
+        cu_q.copy_(torch.tensor(new_q, dtype=torch.int32))
+        cu_k.copy_(torch.tensor(new_k, dtype=torch.int32))
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_lse = reference.mha_prefill(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), 40, 48,
+                                                   192 ** -0.5, True)
+        tail = slice(new_q[-1], None)
+        assert torch.all(out[tail] == 0) and torch.all(torch.isposinf(lse[tail]))
+        assert torch.equal(torch.isposinf(lse.cpu()), torch.isposinf(want_lse))
+        torch.testing.assert_close(out.cpu().float(), want_out.float(), atol=8e-4, rtol=2 / 128)
+        finite = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse.cpu()[finite], want_lse[finite], atol=1e-6, rtol=2 / 65536)

@@ -18,4 +18,4 @@ def test_every_op_is_covered():
     covered = {op._qualified_op_name.split("::")[1] for _, op, _ in CPU_CASES}
     assert covered == {"get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill",
                        "concat_and_cache_mla", "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4",
-                       "dequantize_kv_fp8_v4"}
+                       "dequantize_kv_fp8_v4", "mha_prefill"}

@@ -10,6 +10,7 @@ from . import meta  # noqa: F401  (fakes)
 from .ops import (D_QK, D_V, concat_and_cache_mla, default_num_sm_parts, dequantize_kv_fp8, get_mla_metadata,
                   mla_decode, quantize_kv_fp8, sparse_mla_decode, sparse_mla_prefill)
 from .ops import dequantize_kv_fp8_v4, quantize_kv_fp8_v4
+from .ops import mha_prefill
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,4 @@ def has_sm90_kernels() -> bool:
 
 __all__ = ["get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill", "concat_and_cache_mla",
            "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4", "dequantize_kv_fp8_v4",
-           "default_num_sm_parts", "has_sm90_kernels", "D_QK", "D_V"]
+           "mha_prefill", "default_num_sm_parts", "has_sm90_kernels", "D_QK", "D_V"]

@@ -26,6 +26,7 @@ OP_CHECKS = {
     "dequantize_kv_fp8": checks.check_dequantize_kv_fp8,
     "quantize_kv_fp8_v4": checks.check_quantize_kv_fp8_v4,
     "dequantize_kv_fp8_v4": checks.check_dequantize_kv_fp8_v4,
+    "mha_prefill": checks.check_mha_prefill,
 }
 
 # Ops whose SM90 kernel covers only part of the inputs: args -> whether it does. The rest runs the

@@ -319,3 +319,55 @@ def check_quantize_kv_fp8_v4(kv) -> None:
 def check_dequantize_kv_fp8_v4(kv_fp8) -> None:
     c = _Checker("dequantize_kv_fp8_v4")
     check_fp8_v4_cache(c, "kv_fp8", kv_fp8)
+
+
+# --------------------------------------------------------------------------------------------
+# dense MHA-mode prefill (varlen)
+# --------------------------------------------------------------------------------------------
+# (d_qk, d_v) pairs of mha_prefill: DeepSeek's MHA-mode prefill (128 nope + 64 rope, v 128) and
+# plain head dim 128. The SM90 kernel is specialised for exactly these.
+MHA_PREFILL_HEAD_DIMS = ((192, 128), (128, 128))
+
+
+def _non_negative_int(c: _Checker, arg: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
+        c.fail(arg, "a non-negative int", repr(x))
+    c.value(arg, x >= 0, "a non-negative int", x)
+
+
+def check_mha_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      causal) -> None:
+    """Metadata only. The values of ``cu_seqlens_*`` are not checked (no host sync); every value has
+    the meaning defined by the reference ``mha_prefill`` (lengths clamped to ``[0, max_seqlen_*]``,
+    rows outside the tensors skipped, rows of no sequence giving out = 0, lse = +inf)."""
+    c = _Checker("mha_prefill")
+    c.tensor("q", q, dtypes=HALF_DTYPES, dim=3)
+    dev = q.device
+    total_q, h_q, d_qk = q.shape
+    pairs = " or ".join(f"({a}, {b})" for a, b in MHA_PREFILL_HEAD_DIMS)
+    d_qk_ok = False
+    for a, _ in MHA_PREFILL_HEAD_DIMS:
+        d_qk_ok = d_qk_ok | (d_qk == a)
+    c.value("q", d_qk_ok,
+            f"[total_q, h_q, d_qk] with d_qk 192 or 128 ((d_qk, d_v) in {pairs})",
+            lambda: f"shape {tuple(q.shape)}")
+    c.value("q", h_q >= 1, "[total_q, h_q >= 1, d_qk]", lambda: f"shape {tuple(q.shape)}")
+    c.tensor("k", k, dtypes=(q.dtype,), dim=3, device=dev)
+    h_k = k.shape[1]
+    c.value("k", _all(k.shape[2] == d_qk, h_k >= 1),
+            f"[total_k, h_k, d_qk={d_qk}] with h_k >= 1", lambda: f"shape {tuple(k.shape)}")
+    c.value("k", h_q % h_k == 0, f"of h_k dividing h_q={h_q} (GQA/MQA)", lambda: f"h_k {h_k}")
+    c.tensor("v", v, dtypes=(q.dtype,), dim=3, device=dev)
+    c.value("v", _all(v.shape[0] == k.shape[0], v.shape[1] == h_k),
+            f"[total_k={k.shape[0]}, h_k={h_k}, d_v] (k's first two sizes)", lambda: f"shape {tuple(v.shape)}")
+    c.value("v", _all(*(((d_qk != a) | (v.shape[2] == b)) for a, b in MHA_PREFILL_HEAD_DIMS)),
+            f"of d_v 128 ((d_qk, d_v) in {pairs})", lambda: f"shape {tuple(v.shape)}")
+    for arg, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        c.tensor(arg, t, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+    c.value("cu_seqlens_q", cu_seqlens_q.shape[0] >= 1, "int32 [batch + 1]",
+            lambda: f"shape {tuple(cu_seqlens_q.shape)}")
+    c.size("cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "batch + 1, as cu_seqlens_q")
+    _non_negative_int(c, "max_seqlen_q", max_seqlen_q)
+    _non_negative_int(c, "max_seqlen_k", max_seqlen_k)
+    c.scale("softmax_scale", softmax_scale)
+    c.value("causal", isinstance(causal, bool), "a bool", repr(causal))

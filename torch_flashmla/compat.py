@@ -132,74 +132,82 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     return ops.sparse_mla_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
 
 
-def _check_cu_seqlens(c: "checks._Checker", arg: str, cu_seqlens: torch.Tensor, total: int, batch: int) -> list:
-    """cu_seqlens int32 [batch + 1], 0 first, non-decreasing, ``total`` last; returns it as a list (host
-    read: this function is not capturable)."""
-    c.tensor(arg, cu_seqlens, dtypes=(torch.int32,), dim=1)
-    c.value(arg, cu_seqlens.shape[0] == batch + 1, f"of size batch + 1 = {batch + 1}", tuple(cu_seqlens.shape))
-    bounds = cu_seqlens.tolist()
-    ok = bounds[0] == 0 and bounds[-1] == total and all(x <= y for x, y in zip(bounds, bounds[1:]))
-    c.value(arg, ok, f"non-decreasing from 0 to the token count {total}", bounds if len(bounds) <= 8 else
-            f"{bounds[:4]} ... {bounds[-2:]}")
-    return bounds
+def _check_varlen_call(fn: str, q, k, v, cu_seqlens_qo, cu_seqlens_kv, dropout_p, deterministic) -> None:
+    """What the varlen wrappers read before the op runs its own checks (ranks for the default scale,
+    the batch size shared by both ``cu_seqlens``), refused with FlashMLA's argument names. Metadata
+    only: the values of ``cu_seqlens`` are never read here."""
+    c = checks._Checker(fn)
+    c.value("dropout_p", dropout_p == 0.0, "0 (inference only)", dropout_p)
+    c.value("deterministic", isinstance(deterministic, bool), "a bool", repr(deterministic))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        c.tensor(name, t, dtypes=checks.HALF_DTYPES, dim=3)
+    c.tensor("cu_seqlens_qo", cu_seqlens_qo, dtypes=(torch.int32,), dim=1)
+    c.tensor("cu_seqlens_kv", cu_seqlens_kv, dtypes=(torch.int32,), dim=1)
+    c.size("cu_seqlens_kv", cu_seqlens_kv, 0, cu_seqlens_qo.shape[0], "batch + 1, as cu_seqlens_qo")
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_qo: torch.Tensor,
                            cu_seqlens_kv: torch.Tensor, max_seqlen_qo: int, max_seqlen_kv: int,
                            dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
                            deterministic: bool = False, is_varlen: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense varlen MHA prefill with FlashMLA's signature (forward only).
+    """Dense varlen MHA prefill with FlashMLA's signature (forward only), on :func:`ops.mha_prefill`.
 
-    q [total_q, h_q, d_qk], k [total_kv, h_kv, d_qk], v [total_kv, h_kv, d_v]; cu_seqlens_* int32
-    [batch + 1] (0 first, non-decreasing, the token count last). ``causal`` aligns the mask to the
-    bottom right (query i of a sequence of n_q sees keys < n_kv - n_q + i + 1). Returns (out
-    [total_q, h_q, d_v] q's dtype, lse [total_q, h_q] fp32; lse = +inf and out = 0 for a row with
+    q [total_q, h_q, d_qk], k [total_kv, h_kv, d_qk], v [total_kv, h_kv, d_v] bf16/fp16 with
+    (d_qk, d_v) in {(192, 128), (128, 128)}; cu_seqlens_* int32 [batch + 1]; ``causal`` aligns the
+    mask to the bottom right (query i of a sequence of n_q sees keys < n_kv - n_q + i + 1). Returns
+    (out [total_q, h_q, d_v] q's dtype, lse [total_q, h_q] fp32; lse = +inf and out = 0 for a row with
     nothing to attend to).
 
-    No SM90 kernel exists for this yet: it runs a float32 PyTorch computation per sequence and reads
-    ``cu_seqlens`` on the host, so it is NOT capturable in a CUDA graph (a call during capture is
-    refused with a RuntimeError) and graph-breaks under torch.compile.
+    No host reads: capturable in a CUDA graph and traceable by ``torch.compile(fullgraph=True)``.
+    Shapes and dtypes are refused with a ValueError before any work; the values of ``cu_seqlens``
+    and the ``max_seqlen_*`` bounds cannot be checked without a host sync and have the meaning of
+    :func:`ops.mha_prefill` (a length past ``max_seqlen_*`` is cut there; query rows no sequence owns,
+    e.g. padding after ``cu_seqlens_qo[-1]``, get out = 0 and lse = +inf). ``is_varlen`` and
+    ``deterministic`` are accepted for compatibility (the result does not depend on them);
+    ``dropout_p`` must be 0.
     """
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("flash_attn_varlen_func: not capturable in a CUDA graph (it reads cu_seqlens on the "
-                           "host; there is no SM90 dense prefill kernel yet): run it outside the captured region")
-    c = checks._Checker("flash_attn_varlen_func")
-    c.value("dropout_p", dropout_p == 0.0, "0 (inference only)", dropout_p)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        c.tensor(name, t, dtypes=(torch.bfloat16, torch.float16, torch.float32), dim=3, device=q.device)
-    c.value("k", k.dtype == q.dtype and v.dtype == q.dtype, "of q's dtype (v too)", k.dtype)
-    total_q, h_q, d_qk = q.shape
-    total_kv, h_kv, _ = k.shape
-    c.value("k", k.shape[2] == d_qk and h_kv >= 1 and h_q % h_kv == 0,
-            f"[total_kv, h_kv, {d_qk}] with h_kv dividing h_q={h_q}", tuple(k.shape))
-    c.value("v", v.shape[0] == total_kv and v.shape[1] == h_kv, f"[total_kv={total_kv}, h_kv={h_kv}, d_v]",
-            tuple(v.shape))
-    if softmax_scale is None:
-        softmax_scale = d_qk ** -0.5
-    c.scale("softmax_scale", softmax_scale)
-    batch = cu_seqlens_qo.shape[0] - 1 if cu_seqlens_qo.dim() == 1 else -1
-    c.value("cu_seqlens_qo", batch >= 0, "int32 [batch + 1]", tuple(cu_seqlens_qo.shape))
-    bounds_q = _check_cu_seqlens(c, "cu_seqlens_qo", cu_seqlens_qo, total_q, batch)
-    bounds_kv = _check_cu_seqlens(c, "cu_seqlens_kv", cu_seqlens_kv, total_kv, batch)
-    out = q.new_empty(total_q, h_q, v.shape[-1])
-    lse = torch.empty(total_q, h_q, dtype=torch.float32, device=q.device)
-    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_kv, bounds_kv[1:])):
-        qs = q[q0:q1].float().transpose(0, 1)                                       # [h_q, n_q, d]
-        ks = k[k0:k1].float().transpose(0, 1).repeat_interleave(h_q // h_kv, 0)     # [h_q, n_kv, d]
-        vs = v[k0:k1].float().transpose(0, 1).repeat_interleave(h_q // h_kv, 0)
-        scores = qs @ ks.transpose(1, 2) * softmax_scale
-        if causal:
-            n_q, n_kv = q1 - q0, k1 - k0
-            keep = torch.arange(n_kv, device=q.device)[None, :] < (torch.arange(n_q, device=q.device)[:, None]
-                                                                   + n_kv - n_q + 1)
-            scores = scores.masked_fill(~keep, float("-inf"))
-        seq_lse = torch.logsumexp(scores, dim=-1)                                   # [h_q, n_q]
-        empty = torch.isneginf(seq_lse)
-        probs = torch.exp(scores - torch.where(empty, 0.0, seq_lse)[..., None])
-        out[q0:q1] = (probs @ vs).transpose(0, 1).to(q.dtype)
-        lse[q0:q1] = seq_lse.masked_fill(empty, float("inf")).transpose(0, 1)
-    return out, lse
+    _check_varlen_call("flash_attn_varlen_func", q, k, v, cu_seqlens_qo, cu_seqlens_kv, dropout_p, deterministic)
+    return ops.mha_prefill(q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv,
+                           softmax_scale=softmax_scale, causal=causal)
+
+
+def _check_packed(fn: str, arg: str, t, head_dim_qk, parts: int) -> None:
+    """``t [total, h, parts * head_dim_qk + d_v]`` with d_v >= 1, before it is sliced."""
+    c = checks._Checker(fn)
+    c.tensor(arg, t, dtypes=checks.HALF_DTYPES, dim=3)
+    c.positive_int("head_dim_qk", head_dim_qk)
+    c.value(arg, t.shape[2] > parts * head_dim_qk,
+            f"[total, h, {'2 * ' if parts == 2 else ''}head_dim_qk + d_v] (head_dim_qk={head_dim_qk})",
+            lambda: f"shape {tuple(t.shape)}")
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, head_dim_qk: int,
+                                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                     causal: bool = False, deterministic: bool = False, is_varlen: bool = True
+                                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FlashMLA's packed form: qkv [total, h, 2 * head_dim_qk + d_v] holds q ‖ k ‖ v of every head
+    along the last dimension (so h_q = h_kv); one ``cu_seqlens`` for queries and keys. Same
+    semantics and return value as :func:`flash_attn_varlen_func`."""
+    _check_packed("flash_attn_varlen_qkvpacked_func", "qkv", qkv, head_dim_qk, 2)
+    q, k, v = qkv[..., :head_dim_qk], qkv[..., head_dim_qk:2 * head_dim_qk], qkv[..., 2 * head_dim_qk:]
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p,
+                                  softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
+                                  is_varlen=is_varlen)
+
+
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_qo: torch.Tensor,
+                                    cu_seqlens_kv: torch.Tensor, max_seqlen_qo: int, max_seqlen_kv: int,
+                                    head_dim_qk: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                    causal: bool = False, deterministic: bool = False, is_varlen: bool = True
+                                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FlashMLA's packed-kv form: kv [total_kv, h_kv, head_dim_qk + d_v] holds k ‖ v along the last
+    dimension. Same semantics and return value as :func:`flash_attn_varlen_func`."""
+    _check_packed("flash_attn_varlen_kvpacked_func", "kv", kv, head_dim_qk, 1)
+    k, v = kv[..., :head_dim_qk], kv[..., head_dim_qk:]
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv,
+                                  dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                                  deterministic=deterministic, is_varlen=is_varlen)
 
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
-           "flash_attn_varlen_func"]
+           "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]

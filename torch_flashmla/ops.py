@@ -178,6 +178,45 @@ def dequantize_kv_fp8_v4(kv_fp8: torch.Tensor) -> torch.Tensor:
     return torch.ops.flashmla.dequantize_kv_fp8_v4(kv_fp8)
 
 
+def mha_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                softmax_scale: Optional[float] = None, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense MHA-mode prefill over packed variable-length sequences (no host sync; capturable).
+
+    DeepSeek models prefill long prompts in MHA form (q/k head dim 192 = 128 nope + 64 rope, v head
+    dim 128) and decode in MLA form (:func:`mla_decode`).
+
+    Args:
+        q: [total_q, h_q, d_qk] bf16/fp16, the queries of all sequences back to back.
+        k: [total_k, h_k, d_qk], v: [total_k, h_k, d_v], q's dtype; h_q a multiple of h_k (GQA/MQA:
+            query head ``j`` uses kv head ``j // (h_q // h_k)``). ``(d_qk, d_v)`` must be ``(192, 128)``
+            or ``(128, 128)``: the SM90 kernel is specialised for these, and other head dims are
+            refused with a ValueError. Only the last dimension must be contiguous (slices of packed
+            qkv tensors are fine).
+        cu_seqlens_q, cu_seqlens_k: [b + 1] int32, on q's device: sequence ``i`` has query rows
+            ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` and key rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
+            (zero-length sequences allowed).
+        max_seqlen_q, max_seqlen_k: ints >= every sequence's query / key count (they size the work
+            without reading ``cu_seqlens`` on the host). Not checked against the values (that would
+            need a host sync): a sequence longer than ``max_seqlen_*`` is cut to its first
+            ``max_seqlen_*`` positions (rows past it get out = 0, lse = +inf; keys past it are not
+            attended). Other values with a defined meaning: rows before ``cu_seqlens_q[0]`` or after
+            ``cu_seqlens_q[b]`` (padding tokens) get out = 0, lse = +inf; key rows outside
+            ``[0, total_k)`` are not attended (see :func:`torch_flashmla.reference.mha_prefill`).
+        softmax_scale: default ``d_qk ** -0.5``.
+        causal: bottom-right aligned: query ``j`` of a sequence with ``n_q`` queries and ``n_k`` keys
+            sees keys ``< n_k - n_q + j + 1`` (chunked prefill over a cached prefix: the chunk's
+            queries are the last ``n_q`` positions; out/lse of chunks merge by lse).
+    Returns:
+        out [total_q, h_q, d_v] (q's dtype), lse [total_q, h_q] fp32 (natural log; +inf and out = 0
+        for a row with nothing to attend to).
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    return torch.ops.flashmla.mha_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          softmax_scale, causal)
+
+
 __all__ = ["get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill", "concat_and_cache_mla",
            "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4", "dequantize_kv_fp8_v4",
-           "default_num_sm_parts", "D_QK", "D_V"]
+           "mha_prefill", "default_num_sm_parts", "D_QK", "D_V"]

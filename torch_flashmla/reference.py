@@ -248,6 +248,124 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
+# dense MHA-mode prefill (varlen)
+# --------------------------------------------------------------------------------------------
+MHA_PREFILL_BLOCK_ELEMS = 1 << 24  # bound on each fp32 intermediate of one step (scores, gathered K/V)
+MHA_PREFILL_ROWS = 128             # query positions per step (per sequence)
+MHA_PREFILL_KEYS = 1024            # key positions per step; blocks are merged by an online softmax
+
+
+def mha_prefill_blocks(batch: int, h_q: int, h_k: int, d_qk: int, d_v: int, max_seqlen_q: int,
+                       max_seqlen_k: int) -> Tuple[int, int, int]:
+    """(sequences, query positions, key positions) per step of :func:`mha_prefill`, chosen so that
+    the score block ``[seqs, h_q, rows, keys]``, the gathered keys and values ``[seqs, keys, h_k,
+    d_qk + d_v]`` and the gathered queries and accumulator ``[seqs, rows, h_q, d_qk + d_v]`` each stay
+    within ``MHA_PREFILL_BLOCK_ELEMS`` float32 values whatever the sequence lengths (for head counts
+    up to thousands; one position at a time beyond that)."""
+    budget = MHA_PREFILL_BLOCK_ELEMS
+    keys = max(1, min(max_seqlen_k, MHA_PREFILL_KEYS, budget // (h_k * (d_qk + d_v))))
+    rows = max(1, min(max_seqlen_q, MHA_PREFILL_ROWS, budget // (h_q * keys), budget // (h_q * (d_qk + d_v))))
+    per_seq = max(h_q * rows * keys, keys * h_k * (d_qk + d_v), rows * h_q * (d_qk + d_v))
+    seqs = max(1, min(batch, MHA_PREFILL_BLOCK_ELEMS // per_seq))
+    return seqs, rows, keys
+
+
+def mha_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense MHA-mode prefill over packed variable-length sequences.
+
+    q [total_q, h_q, d_qk], k [total_k, h_k, d_qk], v [total_k, h_k, d_v] (bf16/fp16; query head
+    ``j`` uses kv head ``j // (h_q // h_k)``); cu_seqlens_q, cu_seqlens_k int32 [b + 1].
+    Returns out [total_q, h_q, d_v] (q's dtype) and lse [total_q, h_q] fp32 (natural log).
+
+    Every value of ``cu_seqlens_*`` has a meaning (refusing one would need a host sync); for
+    well-formed input (0 first, non-decreasing, every length at most ``max_seqlen_*``) it is the
+    usual one:
+
+    * sequence ``i`` owns ``n_q = clamp(cu_seqlens_q[i+1] - cu_seqlens_q[i], 0, max_seqlen_q)`` query
+      rows starting at row ``cu_seqlens_q[i]`` and ``n_k = clamp(cu_seqlens_k[i+1] - cu_seqlens_k[i],
+      0, max_seqlen_k)`` key rows starting at ``cu_seqlens_k[i]``: a sequence longer than
+      ``max_seqlen_*`` is cut to its first ``max_seqlen_*`` positions;
+    * ``causal``: its query ``j`` sees keys ``t < n_k - n_q + j + 1`` (bottom-right aligned, on the
+      clamped counts), so chunks of a long prompt over a cached prefix merge by lse;
+    * key rows outside ``[0, total_k)`` are masked (never read); query rows outside
+      ``[0, total_q)`` are not computed;
+    * a query row that no sequence owns (before ``cu_seqlens_q[0]``, after ``cu_seqlens_q[b]``, or
+      cut by ``max_seqlen_q``) and a row with nothing to attend to get out = 0 and lse = +inf;
+    * a row that several sequences own (only with decreasing ``cu_seqlens_q``) gets, element by
+      element of out and lse, the value of one of them (unspecified which).
+
+    Rows and keys past a sequence's end never reach a result, NaN included. No host syncs and no
+    data-dependent shapes: sequences are laid out in a padded ``[seqs, max_seqlen, h, d]`` view by
+    clamped indices and masks, a bounded block at a time (:func:`mha_prefill_blocks`), with an
+    online softmax over key blocks, and the results are scattered back to the packed rows; so the
+    reference runs inside CUDA graphs, and its memory does not grow with ``max_seqlen_q * max_seqlen_k``.
+    """
+    total_q, h_q, d_qk = q.shape
+    total_k, h_k, d_v = v.shape
+    group = h_q // h_k
+    b = cu_seqlens_q.shape[0] - 1
+    device = q.device
+    # One spare row: the scatter target of positions that are not a sequence's rows (dropped at the end).
+    out = torch.zeros(total_q + 1, h_q, d_v, dtype=q.dtype, device=device)
+    lse = torch.full((total_q + 1, h_q), _POS_INF, dtype=torch.float32, device=device)
+    if total_q == 0 or b == 0 or max_seqlen_q == 0:
+        return out[:total_q], lse[:total_q]
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    start_q, start_k = cu_q[:-1], cu_k[:-1]
+    len_q = (cu_q[1:] - start_q).clamp(0, max_seqlen_q)
+    len_k = (cu_k[1:] - start_k).clamp(0, max_seqlen_k)
+    key_blocks = max_seqlen_k if total_k > 0 else 0   # no key rows at all: nothing is attended
+    seqs, rows, keys = mha_prefill_blocks(b, h_q, h_k, d_qk, d_v, max_seqlen_q, max_seqlen_k)
+    row_offsets = torch.arange(rows, device=device)
+    key_offsets = torch.arange(keys, device=device)
+    for s0 in range(0, b, seqs):
+        sl = slice(s0, min(s0 + seqs, b))
+        sq, nq, sk, nk = start_q[sl], len_q[sl], start_k[sl], len_k[sl]
+        n = sq.shape[0]
+        for q0 in range(0, max_seqlen_q, rows):
+            r = min(rows, max_seqlen_q - q0)
+            qpos = q0 + row_offsets[:r]                                              # [r]
+            qrow = sq[:, None] + qpos[None, :]                                       # [n, r]
+            q_ok = (qpos[None, :] < nq[:, None]) & (qrow >= 0) & (qrow < total_q)
+            qg = q[qrow.clamp(0, total_q - 1)].float()                              # [n, r, h_q, d_qk]
+            qg = torch.where(q_ok[:, :, None, None], qg, 0.0).view(n, r, h_k, group, d_qk)
+            m = torch.full((n, h_k, group, r), _NEG_INF, device=device)
+            l = torch.zeros(n, h_k, group, r, device=device)
+            acc = torch.zeros(n, h_k, group, r, d_v, device=device)
+            if causal:
+                limit = (nk - nq)[:, None] + qpos[None, :] + 1                      # [n, r]: keys < limit
+            for k0 in range(0, key_blocks, keys):
+                c = min(keys, max_seqlen_k - k0)
+                kpos = k0 + key_offsets[:c]                                          # [c]
+                krow = sk[:, None] + kpos[None, :]                                   # [n, c]
+                k_ok = (kpos[None, :] < nk[:, None]) & (krow >= 0) & (krow < total_k)
+                safe = krow.clamp(0, total_k - 1)
+                kg = torch.where(k_ok[:, :, None, None], k[safe].float(), 0.0)      # [n, c, h_k, d_qk]
+                vg = torch.where(k_ok[:, :, None, None], v[safe].float(), 0.0)      # [n, c, h_k, d_v]
+                mask = k_ok[:, None, :].expand(n, r, c)                              # [n, r, c]
+                if causal:
+                    mask = mask & (kpos[None, None, :] < limit[:, :, None])
+                scores = torch.einsum("nrhgd,nchd->nhgrc", qg, kg) * softmax_scale
+                scores = scores.masked_fill(~mask[:, None, None], _NEG_INF)
+                m_new = torch.maximum(m, scores.amax(dim=-1))
+                m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
+                p = torch.exp(scores - m_safe[..., None])                            # masked: exp(-inf) = 0
+                alpha = torch.exp(m - m_safe)
+                l = l * alpha + p.sum(dim=-1)
+                acc = acc * alpha[..., None] + torch.einsum("nhgrc,nchd->nhgrd", p, vg)
+                m = m_new
+            empty = l == 0
+            o = acc / torch.where(empty, 1.0, l)[..., None]
+            block_lse = torch.where(empty, _POS_INF, m + torch.log(torch.where(empty, 1.0, l)))
+            dest = torch.where(q_ok, qrow, total_q).flatten()                       # others -> spare row
+            out.index_put_((dest,), o.permute(0, 3, 1, 2, 4).reshape(n * r, h_q, d_v).to(q.dtype))
+            lse.index_put_((dest,), block_lse.permute(0, 3, 1, 2).reshape(n * r, h_q))
+    return out[:total_q], lse[:total_q]
+
+
+# --------------------------------------------------------------------------------------------
 # KV-cache ops (implemented next to the layout they define)
 # --------------------------------------------------------------------------------------------
 concat_and_cache_mla = kvc.concat_and_cache_mla

@@ -234,3 +234,62 @@ def capture_cuda_graph(fn: Callable, warmup: Optional[Callable] = None, warmup_i
         outputs = fn()
     return graph, outputs
 
+
+
+@dataclasses.dataclass
+class MHAPrefillCase:
+    """Packed varlen batch for ``mha_prefill``. Lengths: ``q_lens`` / ``k_lens`` if given, else drawn:
+    query counts in [1, seqlen_q] (all ``seqlen_q`` unless ``varlen``), key counts = query count +
+    a prefix in [0, kv_prefix] (a cached prefix: n_k >= n_q)."""
+    b: int = 3
+    h_q: int = 8
+    h_k: int = 2
+    d_qk: int = 192
+    d_v: int = 128
+    seqlen_q: int = 40
+    kv_prefix: int = 0
+    varlen: bool = True
+    zero_lengths: bool = False  # force some sequences to 0 queries (and 0 keys)
+    causal: bool = True
+    dtype: torch.dtype = torch.bfloat16
+    q_lens: Optional[tuple] = None
+    k_lens: Optional[tuple] = None
+    pad_tokens: int = 3         # NaN rows after the last sequence (engine padding); no sequence owns them
+    max_seqlen_slack: int = 5   # max_seqlen_* = longest + slack: padded views reach into the NaN rows
+
+
+def mha_prefill_inputs(case: MHAPrefillCase, device: Union[str, torch.device] = "cpu", seed: int = 0
+                       ) -> Dict[str, object]:
+    """Inputs of ``flashmla.mha_prefill`` as keyword arguments of :func:`ops.mha_prefill` (default
+    scale). q, k and v end with ``pad_tokens`` NaN rows that no sequence owns (their out must be 0 and
+    lse +inf, and they must never reach another row's result)."""
+    g = _gen(seed, device)
+    if case.q_lens is not None:
+        q_lens = torch.tensor(case.q_lens, dtype=torch.int64)
+    elif case.varlen:
+        q_lens = torch.randint(1, case.seqlen_q + 1, (case.b,), generator=g)
+        q_lens[0] = case.seqlen_q
+    else:
+        q_lens = torch.full((case.b,), case.seqlen_q)
+    if case.k_lens is not None:
+        k_lens = torch.tensor(case.k_lens, dtype=torch.int64)
+    else:
+        k_lens = q_lens + torch.randint(0, case.kv_prefix + 1, (q_lens.shape[0],), generator=g)
+    if case.zero_lengths and case.q_lens is None:
+        q_lens[1::3] = 0
+        if case.k_lens is None:
+            k_lens[1::3] = 0
+    total_q, total_k = int(q_lens.sum()) + case.pad_tokens, int(k_lens.sum()) + case.pad_tokens
+    cu_q = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)]).to(torch.int32)
+    cu_k = torch.cat([torch.zeros(1, dtype=torch.int64), k_lens.cumsum(0)]).to(torch.int32)
+    q = _randn((total_q, case.h_q, case.d_qk), g, case.dtype, "cpu")
+    k = _randn((total_k, case.h_k, case.d_qk), g, case.dtype, "cpu")
+    v = _randn((total_k, case.h_k, case.d_v), g, case.dtype, "cpu")
+    for t in (q, k, v):
+        if case.pad_tokens:
+            t[-case.pad_tokens:] = float("nan")
+    longest = lambda x: int(x.max()) if x.numel() else 0  # noqa: E731
+    out = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+               max_seqlen_q=longest(q_lens) + case.max_seqlen_slack,
+               max_seqlen_k=longest(k_lens) + case.max_seqlen_slack, causal=case.causal)
+    return {key: (val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in out.items()}
