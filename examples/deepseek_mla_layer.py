@@ -18,8 +18,14 @@ Per layer and decode step (b requests, one new token each, h = num_heads)::
     mla_decode(q, kv_cache, block_table, cache_seqlens, plan) → out_latent [b, 1, h, 512]
     out_latent @ W_UV → [b, h, 128] → o_proj → [b, hidden]
 
+Prefill runs in MHA mode instead (``MLADecodeAttention.prefill``): the prompt's keys and values are
+up-projected per head (k = [kv_c @ W_UK ‖ k_pe], d_qk 192; v = kv_c @ W_UV, d_v 128) and attended by
+``mha_prefill`` over the packed prompts (``cu_seqlens``, causal), while ``kv_c ‖ k_pe`` go into the
+paged cache that the MLA-mode decode steps then read.
+
 Run: ``python examples/deepseek_mla_layer.py [--config small|v3] [--batch B] [--steps N]`` —
-compiles the decode step with ``torch.compile(fullgraph=True)``, runs a few decode steps and checks
+compiles a prefill of a batch of prompts (MHA mode) and the decode step (MLA mode) with
+``torch.compile(fullgraph=True)``, prefills, runs a few decode steps and checks
 them against an eager run of the same model that calls the float32 reference functions of
 :mod:`torch_flashmla.reference` directly; on a GPU it also captures one step in a
 ``torch.cuda.CUDAGraph`` and replays it with new lengths, tables and slots. Exit status 1 if a
@@ -81,6 +87,11 @@ class FlashMLAOps:
     def attend(q, kv_cache, block_table, cache_seqlens, plan: Plan, softmax_scale: float) -> torch.Tensor:
         return flashmla.mla_decode(q, kv_cache, block_table, cache_seqlens, *plan, softmax_scale=softmax_scale)[0]
 
+    @staticmethod
+    def prefill_attend(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+        return flashmla.mha_prefill(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                    softmax_scale=softmax_scale, causal=True)[0]
+
 
 class ReferenceOps:
     """The float32 PyTorch references of :mod:`torch_flashmla.reference`, called directly (eager only:
@@ -97,6 +108,10 @@ class ReferenceOps:
     @staticmethod
     def attend(q, kv_cache, block_table, cache_seqlens, plan: Plan, softmax_scale: float) -> torch.Tensor:
         return reference.mla_decode(q, kv_cache, block_table, cache_seqlens, D_LATENT, softmax_scale, False, *plan)[0]
+
+    @staticmethod
+    def prefill_attend(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+        return reference.mha_prefill(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, True)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +193,35 @@ class MLADecodeAttention(nn.Module):
         out = torch.einsum("bhl,hlv->bhv", out[:, 0], self.w_uv.to(out.dtype))            # [b, h, 128]
         return self.o_proj(out.reshape(b, -1))
 
+    def prefill(self, hidden: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                slot_mapping: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, ops=FlashMLAOps
+                ) -> torch.Tensor:
+        """Prefill of packed prompts in MHA mode (not absorbed: per-head keys and values).
+
+        Args:
+            hidden: [T, hidden], the tokens of all prompts back to back.
+            positions: [T] int64, each token's position in its prompt.
+            kv_cache: this layer's paged cache; ``kv_c ‖ k_pe`` of every token is written (MLA form).
+            slot_mapping: [T] int64, each token's cache slot.
+            cu_seqlens: [b + 1] int32 prompt boundaries; max_seqlen: int >= every prompt's length.
+        Returns:
+            [T, hidden].
+        """
+        cfg, t = self.cfg, hidden.shape[0]
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(hidden))).view(t, cfg.num_heads, -1)
+        q_nope, q_pe = q.split([cfg.qk_nope_dim, D_ROPE], dim=-1)                        # [T, h, 128], [T, h, 64]
+        q_pe = rope(q_pe, positions, cfg.rope_theta)
+        kv = self.kv_a_proj_with_mqa(hidden)                                              # [T, 576]
+        kv_c = self.kv_a_norm(kv[:, :D_LATENT])                                           # [T, 512]
+        k_pe = rope(kv[:, D_LATENT:], positions, cfg.rope_theta)                          # [T, 64]
+        ops.write(kv_c, k_pe, kv_cache, slot_mapping)
+        k_nope = torch.einsum("tl,hnl->thn", kv_c, self.w_uk.to(kv_c.dtype))              # [T, h, 128]
+        v = torch.einsum("tl,hlv->thv", kv_c, self.w_uv.to(kv_c.dtype))                   # [T, h, 128]
+        q_full = torch.cat([q_nope, q_pe], dim=-1)                                        # [T, h, 192]
+        k_full = torch.cat([k_nope, k_pe[:, None, :].expand(t, cfg.num_heads, D_ROPE)], dim=-1)
+        out = ops.prefill_attend(q_full, k_full, v, cu_seqlens, max_seqlen, self.softmax_scale)  # [T, h, 128]
+        return self.o_proj(out.reshape(t, -1))
+
 
 class DecodeModel(nn.Module):
     """A stack of MLA layers (residual attention blocks, no MLP), one paged cache per layer, one plan
@@ -209,6 +253,21 @@ class DecodeModel(nn.Module):
     def reference_step(self, hidden, kv_caches, block_table, cache_seqlens, slot_mapping) -> torch.Tensor:
         """:meth:`decode_step` calling the float32 reference functions directly (eager only)."""
         return self._step(hidden, kv_caches, block_table, cache_seqlens, slot_mapping, ReferenceOps)
+
+    def prefill_step(self, hidden, positions, kv_caches, slot_mapping, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        """Prefill of packed prompts on the flashmla ops, MHA mode (compile this). Arguments as in
+        :meth:`MLADecodeAttention.prefill`, one cache per layer. Returns [T, hidden]."""
+        return self._prefill(hidden, positions, kv_caches, slot_mapping, cu_seqlens, max_seqlen, FlashMLAOps)
+
+    def reference_prefill_step(self, hidden, positions, kv_caches, slot_mapping, cu_seqlens, max_seqlen: int
+                               ) -> torch.Tensor:
+        """:meth:`prefill_step` calling the float32 reference functions directly (eager only)."""
+        return self._prefill(hidden, positions, kv_caches, slot_mapping, cu_seqlens, max_seqlen, ReferenceOps)
+
+    def _prefill(self, hidden, positions, kv_caches, slot_mapping, cu_seqlens, max_seqlen, ops) -> torch.Tensor:
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = hidden + layer.prefill(hidden, positions, kv_cache, slot_mapping, cu_seqlens, max_seqlen, ops)
+        return hidden
 
     def _step(self, hidden, kv_caches, block_table, cache_seqlens, slot_mapping, ops) -> torch.Tensor:
         plan = ops.plan(cache_seqlens, self.cfg.num_heads, self.num_sm_parts)   # once per step
@@ -248,6 +307,39 @@ def make_state(cfg: MLAConfig, batch: int, max_len: int, device, dtype=torch.bfl
                  slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device))
     state["slot_mapping"] = slots_of_last_token(state, cfg.page_size)
     return state
+
+
+def make_prompts(cfg: MLAConfig, batch: int, max_len: int, device, dtype=torch.bfloat16, seed: int = 0,
+                 spare_tokens: int = 0) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """Prompts of random lengths in [1, max_len] and empty (NaN-filled) caches: returns
+    ``(prefill, state)``, the keyword arguments of :meth:`DecodeModel.prefill_step` and the decode
+    state that follows it (:meth:`DecodeModel.decode_step`'s arguments, ``hidden`` still to be set:
+    :func:`after_prefill`)."""
+    g = torch.Generator().manual_seed(seed)
+    pages_per_seq = -(-(max_len + 1 + spare_tokens) // cfg.page_size)
+    num_blocks = batch * pages_per_seq + 1
+    lengths = torch.randint(1, max_len + 1, (batch,), generator=g)
+    block_table = torch.randperm(num_blocks, generator=g)[: batch * pages_per_seq].view(batch, pages_per_seq)
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])                         # [T]
+    owner = torch.repeat_interleave(torch.arange(batch), lengths)                          # [T]
+    slots = block_table[owner, positions // cfg.page_size] * cfg.page_size + positions % cfg.page_size
+    caches = [static_cache(torch.full((num_blocks, cfg.page_size, 1, D_QK), float("nan"), dtype=dtype,
+                                      device=device)) for _ in range(cfg.num_layers)]
+    prefill = dict(hidden=torch.randn(int(lengths.sum()), cfg.hidden, generator=g).to(dtype).to(device),
+                   positions=positions.to(device), kv_caches=caches, slot_mapping=slots.to(device),
+                   cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32).to(device),
+                   max_seqlen=max_len)
+    state = dict(hidden=torch.zeros(batch, cfg.hidden, dtype=dtype, device=device), kv_caches=caches,
+                 block_table=block_table.to(torch.int32).to(device),
+                 cache_seqlens=(lengths + 1).to(torch.int32).to(device),   # the first decoded token is written next
+                 slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device))
+    state["slot_mapping"] = slots_of_last_token(state, cfg.page_size)
+    return prefill, state
+
+
+def after_prefill(prefill, state, out: torch.Tensor) -> None:
+    """The decode input of each request: the prefill output of its last prompt token (in place)."""
+    state["hidden"].copy_(out[prefill["cu_seqlens"][1:].long() - 1])
 
 
 def slots_of_last_token(state, page_size: int) -> torch.Tensor:
@@ -321,6 +413,27 @@ def main(argv=None) -> int:
     print(f"model: {args.config} (hidden={cfg.hidden}, heads={cfg.num_heads}, layers={cfg.num_layers}), "
           f"batch={args.batch}, device={device}, num_sm_parts={model.num_sm_parts}")
     ok = True
+
+    # 0. Prefill in MHA mode (mha_prefill) then decode in MLA mode (mla_decode) over the caches the
+    #    prefill wrote, both compiled with fullgraph=True, vs the eager float32-reference model.
+    prefill, pstate = make_prompts(cfg, args.batch, args.max_len, device, dtype, seed=5, spare_tokens=args.steps)
+    ref_prefill = dict(prefill, kv_caches=[static_cache(c.clone()) for c in prefill["kv_caches"]])
+    ref_pstate = dict(clone_state(pstate), kv_caches=ref_prefill["kv_caches"])
+    print(f"compiled prefill_step (MHA mode, {prefill['hidden'].shape[0]} prompt tokens) then decode_step "
+          f"(MLA mode) vs eager float32 reference:")
+    got = torch.compile(model.prefill_step, fullgraph=True)(**prefill)
+    want = model.reference_prefill_step(**ref_prefill)
+    ok &= check("prefill: output", got, want)
+    written = lambda caches: torch.stack([c.view(-1, D_QK)[prefill["slot_mapping"]] for c in caches])  # noqa: E731
+    ok &= check("prefill: cache slots written", written(prefill["kv_caches"]), written(ref_prefill["kv_caches"]))
+    after_prefill(prefill, pstate, got)
+    after_prefill(ref_prefill, ref_pstate, want)
+    compiled = torch.compile(model.decode_step, fullgraph=True)
+    for step in range(args.steps):
+        got, want = compiled(**pstate), model.reference_step(**ref_pstate)
+        ok &= check(f"decode step {step} after prefill: output", got, want)
+        advance(pstate, got, cfg.page_size)
+        advance(ref_pstate, want, cfg.page_size)
 
     # 1. torch.compile(fullgraph=True) over a few steps vs the eager float32-reference model.
     state = make_state(cfg, args.batch, args.max_len, device, dtype, seed=0, spare_tokens=args.steps)

@@ -1,7 +1,7 @@
 """The example DeepSeek-style MLA layer (examples/deepseek_mla_layer.py) under torch.compile:
 fullgraph with zero graph breaks, matches eager and the float32 reference model, no recompile when
-the batch changes (dynamic=True); on a GPU, reduce-overhead with zero cudagraph skips and a
-hand-captured CUDA graph replayed with new lengths."""
+the batch changes (dynamic=True), prefill in MHA mode followed by decode in MLA mode; on a GPU,
+reduce-overhead with zero cudagraph skips and a hand-captured CUDA graph replayed with new lengths."""
 import importlib.util
 import pathlib
 import sys
@@ -102,6 +102,43 @@ def test_dynamic_batch_does_not_recompile():
     # Python float under dynamic=True); what matters is that later batches add nothing.
     assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, f"recompiled: compile count per call {compiles}"
     assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+
+
+# MHA-mode prefill needs DeepSeek's head dims (q/k 128 nope + 64 rope = 192, v 128).
+CFG_PREFILL = example.MLAConfig(hidden=256, num_heads=4, q_lora_rank=96, qk_nope_dim=128, v_head_dim=128,
+                                num_layers=2)
+
+
+@torch.inference_mode()
+def test_prefill_mha_mode_then_decode_mla_mode_fullgraph():
+    """Prompts prefilled in MHA mode (mha_prefill) and then decoded in MLA mode (mla_decode) over the
+    caches the prefill wrote: both steps compile with fullgraph=True and no graph break, match the
+    eager op path exactly and the float32 reference model within the bf16 tolerances."""
+    torch.manual_seed(0)
+    model = example.DecodeModel(CFG_PREFILL, torch.device("cpu")).to(dtype=torch.bfloat16).eval()
+    prefill, state = example.make_prompts(CFG_PREFILL, batch=3, max_len=70, device="cpu", seed=3, spare_tokens=2)
+    eager = dict(prefill, kv_caches=[c.clone() for c in prefill["kv_caches"]])
+    ref = dict(prefill, kv_caches=[c.clone() for c in prefill["kv_caches"]])
+    backend = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    got = torch.compile(model.prefill_step, fullgraph=True, backend=backend)(**prefill)
+    assert torch.equal(got, model.prefill_step(**eager))
+    want = model.reference_prefill_step(**ref)
+    torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=5e-2)
+    slots = prefill["slot_mapping"]
+    for cache, ref_cache in zip(prefill["kv_caches"], ref["kv_caches"]):
+        torch.testing.assert_close(cache.view(-1, 576)[slots].float(), ref_cache.view(-1, 576)[slots].float(),
+                                   atol=6e-2, rtol=5e-2)
+    ref_state = dict(example.clone_state(state), kv_caches=ref["kv_caches"])
+    example.after_prefill(prefill, state, got)
+    example.after_prefill(ref, ref_state, want)
+    step = torch.compile(model.decode_step, fullgraph=True, backend=backend)
+    for _ in range(2):
+        out, ref_out = step(**state), model.reference_step(**ref_state)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=6e-2, rtol=5e-2)
+        example.advance(state, out, CFG_PREFILL.page_size)
+        example.advance(ref_state, ref_out, CFG_PREFILL.page_size)
+    assert backend.frame_count == 2
     assert sum(counters["graph_break"].values()) == 0
 
 
