@@ -154,11 +154,14 @@ def test_odd_heads(case):
 def test_all_invalid_and_zero_length(d_qk):
     case = C(s_q=40, s_kv=592, topk=200, h_q=64, d_qk=d_qk, with_topk_length=True, with_attn_sink=True)
     inp = make_inputs(case, 3)
+    clean_kv = sparse_prefill_inputs(case, device=DEV, seed=3)["kv"]
     inp["indices"][::3] = -1                  # every third query: nothing valid
     inp["indices"][1::3, :, ::2] = 592 + 5    # >= s_kv: skipped
     inp["topk_length"][2::5] = 0
     inp["topk_length"][4] = -3                # negative counts as 0
     inp["topk_length"][5] = 10 ** 6           # past topk counts as topk
+    # kv rows poisoned for the first lengths may be attended now (row 5): start again from clean kv
+    inp["kv"] = clean_kv
     inp["kv"][~attended_rows(inp)] = float("nan")
     scale = d_qk ** -0.5
     got = run_kernel(inp, scale)

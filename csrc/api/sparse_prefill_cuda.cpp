@@ -59,12 +59,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mla_prefill_cuda(
   // 16-byte cp.async of q and kv rows: last dim contiguous, rows and base 16-byte aligned.
   at::Tensor q = q_in;
   at::Tensor kv = kv_in;
-  if (d_qk == 512) {
-    // Interim: the d_qk 512 kernel build faults (illegal instruction in its gather, see
-    // benchmarks/NOTES_sparse_prefill.md); zero columns 512..575 give the same scores with the 576 kernel.
-    q = at::constant_pad_nd(q_in, {0, 64});
-    kv = at::constant_pad_nd(kv_in, {0, 64});
-  }
   if (q.stride(2) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || !aligned16(q)) q = q.contiguous();
   if (kv.stride(2) != 1 || kv.stride(0) % 8 != 0 || !aligned16(kv)) kv = kv.contiguous();
   at::Tensor indices = indices_in.stride(2) == 1 ? indices_in : indices_in.contiguous();

@@ -19,6 +19,9 @@
 //       a, then with WG0's max: O1 += P_a V_a (shared), its softmax of b meanwhile, P_b -> shared
 //       memory, O1 += P_b V_b (registers). The running max moves only by more than kMaxSlack
 //       (sm90/common/seesaw.h), so the rescale is skipped in almost every chunk.
+// Tokens with at most kPreciseMaxLen index slots take a second path: both math warpgroups compute S of
+// every chunk and multiply P = hi + lo (two bf16 terms) with their half of V, so that P's rounding does
+// not show in outputs that average few tokens (the dense decode kernel's short-request path).
 // Q tiles 0-7 stay in shared memory; for d_qk 576 the rope tile (8) lives in registers as the A
 // operand of the last four QK steps, which frees the shared memory of the second P tile.
 // Outputs: out = O / l (x the sink factor), lse = (max + log2 l) ln 2 (+inf when nothing is valid),
@@ -69,6 +72,12 @@ constexpr uint32_t kBarPaFree = 3;  // WG1 -> WG0: WG1's product with P_a is don
 constexpr uint32_t kBarPbFree = 4;  // WG0 -> WG1: WG0's product with P_b is done
 constexpr uint32_t kBarMath = 5;    // both math warpgroups (Q tile, epilogue)
 
+// Tokens with at most this many index slots take the precise path (P = hi + lo): with P rounded to
+// bf16 once (relative error up to 2^-9), outputs averaging a few tokens missed the abs 8e-4 tolerance
+// (benchmarks/NOTES_sparse_prefill.md); from ~300 valid tokens on the rounding averages out (error
+// std ~1e-4 at |v| ~ 1).
+constexpr int kPreciseMaxLen = 384;
+
 // setmaxnreg budgets: they must sum to the launch allotment, 3 x 168 per thread slot.
 constexpr int kRegsMath = 232, kRegsProducer = 40;
 static_assert(2 * kRegsMath + kRegsProducer == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
@@ -82,16 +91,6 @@ __device__ __forceinline__ uint32_t bar_empty_hi(uint32_t b, int s) { return b +
 __device__ __forceinline__ void release(uint32_t bar) {
   __syncwarp();
   if (threadIdx.x % 32 == 0) mbar_arrive(bar);
-}
-
-// dst is passed through opaque(): the d_qk 512 build otherwise folded it into an [R + UR + imm] shared
-// address, and that LDGSTS form (with zero-fill and a cache policy) faulted as an illegal instruction on
-// the H200 (compute-sanitizer, 2026-12-01); the d_qk 576 build used [R + imm] and ran.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes, uint64_t policy) {
-  dst = opaque(dst);
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes), "l"(policy)
-               : "memory");
 }
 
 // The number of attended index slots of query token t: topk_length clamped to [0, topk].
@@ -159,7 +158,7 @@ __device__ __forceinline__ void mask_and_max(float (&s)[32], const uint8_t* vali
 
 template <int kDQK, int kWG>
 __device__ __forceinline__ void math_warpgroup(const SparsePrefillParams& p, uint8_t* smem, int t, int mtile,
-                                               int n_pairs) {
+                                               int len, int n_pairs) {
   using L = Layout<kDQK>;
   const uint32_t sbase = smem_addr(smem);
   const uint32_t bars = sbase + L::kOffBar;
@@ -220,7 +219,47 @@ __device__ __forceinline__ void math_warpgroup(const SparsePrefillParams& p, uin
   float rmax0 = -INFINITY, rmax1 = -INFINITY;  // raw score maxima of this warpgroup's chunks
   const uint32_t q_addr = sbase + L::kOffQ;
 
-  if constexpr (kWG == 0) {
+  if (len <= kPreciseMaxLen) {
+    // ---- short token: both warpgroups compute S of every chunk; P = hi + lo (two bf16 terms) ----
+    float run0 = -INFINITY, run1 = -INFINITY;
+    uint32_t ph[4][4], pl[4][4];
+    for (int k = 0; k < n_pairs; ++k) {
+#pragma unroll 1
+      for (int st = 0; st < 2; ++st) {
+        const uint32_t stage = st ? stage1 : stage0;
+        float s[32];
+        qk_chunk<kDQK>(s, q_addr, stage, bar_full_lo(bars, st), bar_full_hi(bars, st), k & 1, q8);
+        wgmma_wait<0>();
+        fence_all(s);
+        fence_frags(q8);
+        float mx0, mx1;
+        mask_and_max(s, s_valid + st * 64, quad_col, mx0, mx1);
+        rmax0 = fmaxf(rmax0, mx0);
+        rmax1 = fmaxf(rmax1, mx1);
+        const MaxUpdate u = update_max(run0, run1, mx0 * p.scale_log2, mx1 * p.scale_log2);
+        run0 = u.max0;
+        run1 = u.max1;
+        exp_rescale(s, o, l0, l1, p.scale_log2, u);
+        pack_p<T, false>(ph, s);
+        pack_p<T, true>(pl, s);
+        const uint32_t v_half = stage + kWG * 4 * kTileBytes;
+        pv_regs<T>(o, ph, v_half);
+        pv_regs<T>(o, pl, v_half);
+        wgmma_wait<0>();
+        fence_all(o);
+        fence_frags(ph);
+        fence_frags(pl);
+        release(bar_empty_lo(bars, st));  // this stage (and its row flags): no more reads by this warp
+        release(bar_empty_hi(bars, st));
+      }
+    }
+    // Both warpgroups hold the full row sums: WG0's count. The maxima go where the seesaw path keeps them.
+    if (kWG == 1) l0 = l1 = 0.f;
+    if (kWG == 0 && quad == 0) {
+      s_max[row0] = run0;
+      s_max[row1] = run1;
+    }
+  } else if constexpr (kWG == 0) {
     uint32_t pa[4][4];
     for (int k = 0; k < n_pairs; ++k) {
       const uint32_t ph = k & 1;
@@ -374,6 +413,61 @@ __device__ __forceinline__ void math_warpgroup(const SparsePrefillParams& p, uin
 
 // The producer warpgroup: 16 groups of 8 threads; group g gathers rows g, g + 16, g + 32, g + 48 of
 // every chunk, thread i of the group the 16-byte piece i of each 128-byte column tile.
+//
+// The stage is a template argument (chunks are produced in pairs, stage 0 then stage 1), so that every
+// shared address of the gather is one register + an immediate. With the stage offset a run-time value,
+// ptxas 13.0 put it (a power of two for d_qk 512) into a uniform register and emitted
+// LDGSTS [R + UR + imm] together with the cache-policy descriptor; the H200 rejects that form as an
+// illegal instruction (benchmarks/NOTES_sparse_prefill.md). The d_qk 576 build had [R + imm] and ran.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes), "l"(policy)
+               : "memory");
+}
+
+template <int kDQK, int kStage>
+__device__ __forceinline__ void produce_chunk(const SparsePrefillParams& p, uint32_t sbase, uint32_t row_dst,
+                                              const uint8_t* kv, int64_t row_bytes, int group, int piece,
+                                              const int (&idx)[4], uint32_t empty_phase, uint64_t policy) {
+  using L = Layout<kDQK>;
+  const uint32_t bars = sbase + L::kOffBar;
+  // row_dst = sbase + kOffKV + group * 128 + swizzled column of this thread; the rest are immediates.
+  constexpr uint32_t kStageOff = kStage * L::kStageBytes;
+  const uint8_t* src[4];
+  uint32_t nbytes[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const bool ok = static_cast<unsigned>(idx[j]) < static_cast<unsigned>(p.s_kv);
+    src[j] = kv + (ok ? (int64_t)idx[j] * row_bytes : 0);
+    nbytes[j] = ok ? 16 : 0;
+  }
+  // tiles 0-3
+  mbar_wait(bar_empty_lo(bars, kStage), empty_phase);
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int tile = 0; tile < 4; ++tile)
+      cp_async16(row_dst + kStageOff + tile * kTileBytes + j * 16 * 128, src[j] + tile * 128, nbytes[j], policy);
+  if (piece == 0) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t a = sbase + L::kOffValid + kStage * 64 + j * 16 + group;
+      asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(a), "r"(nbytes[j] != 0 ? 1u : 0u) : "memory");
+    }
+  }
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar_full_lo(bars, kStage)) : "memory");
+  mbar_arrive(bar_full_lo(bars, kStage));
+  // tiles 4..
+  mbar_wait(bar_empty_hi(bars, kStage), empty_phase);
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int tile = 4; tile < L::kTiles; ++tile)
+      cp_async16(row_dst + kStageOff + tile * kTileBytes + j * 16 * 128, src[j] + tile * 128, nbytes[j], policy);
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar_full_hi(bars, kStage)) : "memory");
+  mbar_arrive(bar_full_hi(bars, kStage));
+}
+
 template <int kDQK>
 __device__ __forceinline__ void producer(const SparsePrefillParams& p, uint8_t* smem, int t, int len, int n_pairs) {
   using L = Layout<kDQK>;
@@ -386,6 +480,7 @@ __device__ __forceinline__ void producer(const SparsePrefillParams& p, uint8_t* 
   const int64_t row_bytes = p.kv_row_stride * 2;
   // Every row of this thread has row & 7 == group & 7: one swizzled column offset for all of them.
   const uint32_t col = static_cast<uint32_t>((piece ^ (group & 7)) << 4);
+  const uint32_t row_dst = sbase + L::kOffKV + group * 128 + col;
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
 
@@ -396,50 +491,15 @@ __device__ __forceinline__ void producer(const SparsePrefillParams& p, uint8_t* 
       idx[j] = pos < len ? __ldg(ind + pos) : -1;
     }
   };
-  const int n_chunks = 2 * n_pairs;
-  int cur[4];
-  load_idx(0, cur);
-  for (int c = 0; c < n_chunks; ++c) {
-    int nxt[4];
-    if (c + 1 < n_chunks) load_idx(c + 1, nxt);
-    const int stage = c & 1;
-    const uint32_t empty_phase = ((c >> 1) & 1) ^ 1;
-    const uint32_t kv_stage = opaque(sbase + L::kOffKV + stage * L::kStageBytes + group * 128 + col);
-    const uint8_t* src[4];
-    uint32_t nbytes[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const bool ok = static_cast<unsigned>(cur[j]) < static_cast<unsigned>(p.s_kv);
-      src[j] = kv + (ok ? (int64_t)cur[j] * row_bytes : 0);
-      nbytes[j] = ok ? 16 : 0;
-    }
-    // tiles 0-3
-    mbar_wait(bar_empty_lo(bars, stage), empty_phase);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int tile = 0; tile < 4; ++tile)
-        cp_async16(kv_stage + tile * kTileBytes + j * 16 * 128, src[j] + tile * 128, nbytes[j], policy);
-    if (piece == 0) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t a = sbase + L::kOffValid + stage * 64 + j * 16 + group;
-        asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(a), "r"(nbytes[j] != 0 ? 1u : 0u) : "memory");
-      }
-    }
-    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar_full_lo(bars, stage)) : "memory");
-    mbar_arrive(bar_full_lo(bars, stage));
-    // tiles 4..
-    mbar_wait(bar_empty_hi(bars, stage), empty_phase);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int tile = 4; tile < L::kTiles; ++tile)
-        cp_async16(kv_stage + tile * kTileBytes + j * 16 * 128, src[j] + tile * 128, nbytes[j], policy);
-    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar_full_hi(bars, stage)) : "memory");
-    mbar_arrive(bar_full_hi(bars, stage));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) cur[j] = nxt[j];
+  // Indices are loaded one chunk ahead (8 registers: the producer runs with kRegsProducer).
+  int ia[4], ib[4];
+  if (n_pairs > 0) load_idx(0, ia);
+  for (int k = 0; k < n_pairs; ++k) {
+    const uint32_t empty_phase = (k & 1) ^ 1;
+    load_idx(2 * k + 1, ib);
+    produce_chunk<kDQK, 0>(p, sbase, row_dst, kv, row_bytes, group, piece, ia, empty_phase, policy);
+    if (k + 1 < n_pairs) load_idx(2 * k + 2, ia);
+    produce_chunk<kDQK, 1>(p, sbase, row_dst, kv, row_bytes, group, piece, ib, empty_phase, policy);
   }
   // A thread must not exit with its cp.async copies (and their mbarrier arrivals) still pending: wait
   // for them, then for the last pair's full barriers, which those arrivals complete.
@@ -482,10 +542,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_prefill_kernel(const __gri
     producer<kDQK>(p, smem, t, len, n_pairs);
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsMath));
-    math_warpgroup<kDQK, 0>(p, smem, t, mtile, n_pairs);
+    math_warpgroup<kDQK, 0>(p, smem, t, mtile, len, n_pairs);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsMath));
-    math_warpgroup<kDQK, 1>(p, smem, t, mtile, n_pairs);
+    math_warpgroup<kDQK, 1>(p, smem, t, mtile, len, n_pairs);
   }
 }
 
