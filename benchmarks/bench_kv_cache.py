@@ -1,9 +1,9 @@
 """Bandwidth of the CUDA KV-cache kernels vs the PyTorch reference (torch_flashmla/kv_cache.py).
 
-Rows: paged-cache writes (concat_and_cache_mla, "auto" bf16, "fp8_ds_mla" and "fp8_ds_mla_v4",
-random distinct slots) and whole-tensor quantize/dequantize (V3.2 records and DeepSeek V4 pages of 64
+Rows: paged-cache writes (concat_and_cache_mla, "auto" bf16, "fp8_ds_mla", "fp8_ds_mla_v4" and the
+per-tensor e4m3 "fp8" with a scale tensor, random distinct slots; "fp8" also as a whole-cache-sized write) and whole-tensor quantize/dequantize (V3.2 records and DeepSeek V4 pages of 64
 tokens). GB/s counts the fewest bytes each op must move: bf16 input rows read (1152 B/token, V4 1024)
-+ cache rows written (1152, 656 or 584 B) + slot ids (8 B); quantize reads 1152 and writes 656 B/token
++ cache rows written (1152, 656, 584 or 576 B) + slot ids (8 B); quantize reads 1152 and writes 656 B/token
 (V4: 1024 and 584), dequantize the reverse. Times are medians (triton.testing.do_bench, CUDA
 events); "graph" is the per-call time of 20 writes captured in one CUDA graph (no launch gaps).
 % is of the copy ceiling measured in the same run (device-to-device copy, bytes read + written).
@@ -112,6 +112,23 @@ def main():
             graph = graph_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
             refm = bench_ms(lambda: ref.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
             rows.append((f"write {mode}", tokens, nbytes, ours, graph, refm))
+
+    # Per-tensor e4m3 ("fp8"): a 4,096-token decode-step write into a cache twice that size, and a
+    # whole-cache-sized write (2^20 tokens filling every slot of the cache, in random order).
+    scale = torch.tensor([0.0371], device=dev)
+    for tokens, num_slots in ((4096, 8192), (1 << 20, 1 << 20)):
+        page = 64
+        kv_c = torch.randn(tokens, 512, device=dev).to(torch.bfloat16)
+        k_pe = torch.randn(tokens, 64, device=dev).to(torch.bfloat16)
+        slots = torch.randperm(num_slots, device=dev)[:tokens].contiguous()
+        cache = torch.zeros(num_slots // page, page, 1, 576, device=dev, dtype=torch.float8_e4m3fn)
+        nbytes = tokens * (1152 + 576 + 8)
+        ours = bench_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8", scale))
+        graph = graph_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8", scale))
+        refm = bench_ms(lambda: ref.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8", scale))
+        rows.append(("write fp8 (scale)", tokens, nbytes, ours, graph, refm))
+        del kv_c, k_pe, slots, cache
+        torch.cuda.empty_cache()
 
     for tokens in (1 << 20, 1 << 22):
         kv = torch.randn(tokens, 576, device=dev).to(torch.bfloat16)

@@ -48,9 +48,11 @@ TORCH_LIBRARY(flashmla, m) {
   m.def(
       "sparse_mla_prefill(Tensor q, Tensor kv, Tensor indices, float softmax_scale, int head_dim_v, "
       "Tensor? attn_sink, Tensor? topk_length) -> (Tensor out, Tensor max_logits, Tensor lse)");
+  // scale: the per-tensor fp32 scale of kv_cache_dtype "fp8" ([] or [1], read on the device); the other
+  // cache types compute their own scales and ignore it (torch_flashmla/kv_cache.py).
   m.def(
       "concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
-      "str kv_cache_dtype) -> ()");
+      "str kv_cache_dtype, Tensor? scale=None) -> ()");
   m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
   m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
   // DeepSeek V4 ("MODEL1") FP8 paged cache: [num_blocks, page_size, 1, 512] bf16 <-> [num_blocks,

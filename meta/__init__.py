@@ -47,8 +47,8 @@ def _sparse_mla_prefill_fake(q, kv, indices, softmax_scale, head_dim_v, attn_sin
 
 
 @torch.library.register_fake("flashmla::concat_and_cache_mla")
-def _concat_and_cache_mla_fake(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype):
-    checks.check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype)
+def _concat_and_cache_mla_fake(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale=None):
+    checks.check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
     return None
 
 

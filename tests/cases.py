@@ -26,7 +26,8 @@ def _prefill(case, device, seed):
 
 def _write(device, seed, **kw):
     a = T.cache_write_inputs(device=device, seed=seed, **kw)
-    return (a["kv_c"], a["k_pe"], a["kv_cache"], a["slot_mapping"], a["kv_cache_dtype"])
+    args = (a["kv_c"], a["k_pe"], a["kv_cache"], a["slot_mapping"], a["kv_cache_dtype"])
+    return args if a["scale"] is None else args + (a["scale"],)
 
 
 def _mha(case, device, seed):
@@ -65,6 +66,11 @@ def op_cases(device="cpu"):
         ("write_bf16", ops.concat_and_cache_mla, _write(device, 7)),
         ("write_fp16", ops.concat_and_cache_mla, _write(device, 8, dtype=torch.float16)),
         ("write_fp8", ops.concat_and_cache_mla, _write(device, 9, kv_cache_dtype="fp8_ds_mla")),
+        ("write_fp8_per_tensor", ops.concat_and_cache_mla, _write(device, 17, kv_cache_dtype="fp8")),
+        ("write_fp8_per_tensor_fp16_page1", ops.concat_and_cache_mla,
+         _write(device, 18, num_blocks=12, page_size=1, kv_cache_dtype="fp8_e4m3", dtype=torch.float16)),
+        ("write_bf16_ignored_scale", ops.concat_and_cache_mla,
+         _write(device, 19) + (torch.tensor(2.0, device=device),)),
         ("quantize", ops.quantize_kv_fp8, (kv,)),
         ("dequantize_uint8", ops.dequantize_kv_fp8, (torch.ops.flashmla.quantize_kv_fp8(kv),)),
         ("write_fp8_v4", ops.concat_and_cache_mla, _write(device, 10, kv_cache_dtype="fp8_ds_mla_v4")),

@@ -106,7 +106,7 @@ def test_sparse_prefill_bad_input(over, arg):
 def test_cache_write_bad_input():
     a = T.cache_write_inputs()
     with pytest.raises(ValueError, match="argument 'kv_cache_dtype'"):
-        F.concat_and_cache_mla(**{**a, "kv_cache_dtype": "fp8"})
+        F.concat_and_cache_mla(**{**a, "kv_cache_dtype": "fp8_e5m2"})
     with pytest.raises(ValueError, match="argument 'slot_mapping'"):
         F.concat_and_cache_mla(**{**a, "slot_mapping": a["slot_mapping"].int()})
     with pytest.raises(ValueError, match="argument 'k_pe'"):

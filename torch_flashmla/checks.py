@@ -22,7 +22,8 @@ MAX_HEADS_Q = 128
 DENSE_MAX_SM_PARTS = 65535  # mla_decode's partitions are the z dimension of its CUDA grid
 MAX_SM_PARTS = DENSE_MAX_SM_PARTS  # the planner's limit, so that every plan fits every decode kernel
 METADATA_WIDTH = 8          # int32 fields per SM partition in tile_scheduler_metadata
-KV_CACHE_DTYPES = ("auto", "fp8_ds_mla", "fp8_ds_mla_v4")
+KV_CACHE_DTYPES = ("auto", "fp8_ds_mla", "fp8_ds_mla_v4", "fp8", "fp8_e4m3")
+PER_TENSOR_FP8_DTYPES = ("fp8", "fp8_e4m3")  # per-tensor e4m3 cache with a scale tensor
 
 
 def _all(*conds):
@@ -239,11 +240,24 @@ def check_sparse_mla_prefill(q, kv, indices, softmax_scale, head_dim_v, attn_sin
         c.size("topk_length", topk_length, 0, s_q, "s_q")
 
 
-def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype) -> None:
+def _check_scale_tensor(c: _Checker, arg: str, t, device) -> None:
+    """A float32 tensor with one element (shape [] or [1]) on ``device``; its value is never read here."""
+    if not isinstance(t, torch.Tensor):
+        c.fail(arg, "a Tensor", type(t).__name__)
+    if t.dtype != torch.float32:
+        c.fail(arg, "of dtype torch.float32", t.dtype)
+    c.value(arg, t.dim() <= 1, "a 1-element tensor of shape [] or [1]", lambda: f"shape {tuple(t.shape)}")
+    c.value(arg, t.numel() == 1, "a 1-element tensor of shape [] or [1]", lambda: f"shape {tuple(t.shape)}")
+    if t.device != device:
+        c.fail(arg, f"on device {device} (the device of kv_c; it is read on the device)", t.device)
+
+
+def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale=None) -> None:
     c = _Checker("concat_and_cache_mla")
     c.value("kv_cache_dtype", kv_cache_dtype in KV_CACHE_DTYPES, " or ".join(map(repr, KV_CACHE_DTYPES)),
             repr(kv_cache_dtype))
     v4 = kv_cache_dtype == "fp8_ds_mla_v4"
+    per_tensor = kv_cache_dtype in PER_TENSOR_FP8_DTYPES
     c.tensor("kv_c", kv_c, dtypes=HALF_DTYPES, dim=2)
     dev = kv_c.device
     if v4:
@@ -255,9 +269,21 @@ def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtyp
     c.size("k_pe", k_pe, 0, kv_c.shape[0], "number of tokens of kv_c")
     c.tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
     c.size("slot_mapping", slot_mapping, 0, kv_c.shape[0], "number of tokens of kv_c")
+    # The per-tensor cache needs its scale; the other cache types compute their own scales and ignore
+    # it (engines pass their layer's scale whatever the cache type), but a given scale must still be
+    # a proper scale tensor.
+    if per_tensor:
+        c.value("scale", scale is not None, f"a float32 tensor of one element for kv_cache_dtype "
+                f"{kv_cache_dtype!r} (the per-tensor scale)", None)
+    if scale is not None:
+        _check_scale_tensor(c, "scale", scale, dev)
     if kv_cache_dtype == "auto":
         c.tensor("kv_cache", kv_cache, dtypes=(kv_c.dtype,), dim=4, device=dev, contiguous=True)
         c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, 1, 576]")
+    elif per_tensor:
+        c.tensor("kv_cache", kv_cache, dtypes=FP8_CACHE_DTYPES, dim=4, device=dev, contiguous=True)
+        c.size("kv_cache", kv_cache, 3, D_QK,
+               f"[num_blocks, page_size, 1, 576]: one e4m3 byte per value for kv_cache_dtype {kv_cache_dtype!r}")
     elif v4:
         c.value("kv_c", kv_c.dtype == torch.bfloat16, "bfloat16 for the fp8_ds_mla_v4 cache", kv_c.dtype)
         check_fp8_v4_cache(c, "kv_cache", kv_cache, dev)

@@ -23,6 +23,19 @@ the scale bits ``0x7FFFFFFF`` (NaN) and all its values ``0x7F`` (e4m3 NaN); a ti
 and no NaN gets scale ``+inf``, its finite values become ±0 and its infinities ``0x7F``. After
 dequantization such tiles read NaN (or ±0). Finite inputs never produce NaN: ``|x| / scale <= 448``.
 
+* FP8 "per-tensor e4m3" cache (``kv_cache_dtype="fp8"``, alias ``"fp8_e4m3"``), the engines' dense FP8
+  MLA cache: ``[num_blocks, page_size, 1, 576]`` ``float8_e4m3fn`` (or ``uint8`` holding the same bytes),
+  one byte per value of the row 512 latent ‖ 64 RoPE, both parts quantized with one per-tensor scale
+  ``s`` (a 1-element float32 tensor, read on the device: the op never looks at its value on the host).
+  Stored byte = e4m3(clamp(fp32(x / s), -448, 448)): the quotient is the IEEE float32 division
+  (correctly rounded), clamped to the largest finite e4m3 magnitude (saturation, as the engines'
+  ``__NV_SATFINITE`` conversion does: ±inf quotients become ±448), then rounded to nearest even. The
+  sign of a quotient that rounds to zero is kept (-0 is ``0x80``). A NaN quotient (NaN input, or
+  ``0 / 0``, ``inf / inf`` from a zero or infinite scale) is stored as ``0x7F``, whatever its sign.
+  Dequantized value = e4m3 × s. The scale is meant to be finite and positive; other values are not
+  refused (that would need a host read) and give what the formula above gives (a negative scale flips
+  signs, 0 saturates every non-zero value, +inf stores ±0, NaN stores ``0x7F`` everywhere).
+
 * FP8 "V4" paged cache (DeepSeek V4, FlashMLA's "MODEL1"): d_qk 512 = 448 latent + 64 RoPE, 584 bytes
   per token split per page (all tokens' 576 data bytes, then all tokens' 8 scale bytes), stored as
   ``[num_blocks, page_size, 1, 584]`` with a padded page stride. Table, quantization and NaN policy:
@@ -86,22 +99,49 @@ def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
     return torch.cat([latent.to(torch.bfloat16), rope], dim=-1)
 
 
+# kv_cache_dtype names of the per-tensor e4m3 cache ("fp8_e4m3" is the engines' alias of "fp8").
+PER_TENSOR_FP8_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def quantize_per_tensor_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [...]`` (bf16/fp16/fp32) and a 1-element float32 ``scale`` -> e4m3 bytes ``[...]`` uint8 of the
+    per-tensor cache (rule in the module docstring). No host sync; the same bytes on every device:
+    float32 division is IEEE on CPU and GPU (``scale`` is a tensor on x's device, never a host scalar,
+    which the CUDA division would turn into a multiplication by its reciprocal), and torch's float ->
+    float8_e4m3fn conversion rounds to nearest even on both."""
+    q = x.float() / scale.float().reshape(())
+    q = q.clamp(-FP8_MAX, FP8_MAX)                                        # saturate; NaN stays NaN
+    values = q.to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.where(torch.isnan(q), E4M3_NAN, values).to(torch.uint8)  # one NaN encoding
+
+
+def dequantize_per_tensor_e4m3(kv_cache: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor e4m3 bytes (uint8 or float8_e4m3fn) -> float32 values ``e4m3 * scale``."""
+    return kv_cache.view(torch.uint8).view(torch.float8_e4m3fn).float() * scale.float().reshape(())
+
+
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, kv_cache_dtype: str) -> None:
+                         slot_mapping: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor = None) -> None:
     """Write tokens into a paged cache in place (reference, any device, no host sync).
 
     kv_c [T, 512], k_pe [T, 64]; kv_cache [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype)
-    or [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``), or kv_c [T, 448] into a
-    V4 cache [num_blocks, page_size, 1, 584] (``"fp8_ds_mla_v4"``, see below); slot_mapping [T]
-    int64 = block_id * page_size + offset; negative (or past the cache) = skip the token.
+    or [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``), or
+    [num_blocks, page_size, 1, 576] float8_e4m3fn/uint8 (``"fp8"`` / ``"fp8_e4m3"``: per-tensor e4m3
+    with ``scale``, a 1-element float32 tensor), or kv_c [T, 448] into a V4 cache
+    [num_blocks, page_size, 1, 584] (``"fp8_ds_mla_v4"``, see below); slot_mapping [T] int64 =
+    block_id * page_size + offset; negative (or past the cache) = skip the token. ``scale`` is used by
+    the per-tensor cache only; the other cache types ignore it.
     """
     if kv_cache_dtype == "fp8_ds_mla_v4":
         _concat_and_cache_fp8_v4(kv_c, k_pe, kv_cache, slot_mapping)
         return
     row = torch.cat([kv_c, k_pe], dim=-1)
+    fp8 = kv_cache_dtype != "auto"
     if kv_cache_dtype == "fp8_ds_mla":
         row = quantize_kv_fp8(row.to(torch.bfloat16))
-    flat = kv_cache.view(torch.uint8) if kv_cache_dtype == "fp8_ds_mla" else kv_cache
+    elif kv_cache_dtype in PER_TENSOR_FP8_DTYPES:
+        row = quantize_per_tensor_e4m3(row, scale)
+    flat = kv_cache.view(torch.uint8) if fp8 else kv_cache
     flat = flat.view(-1, flat.shape[-1])
     # Skipped tokens are routed to a scratch row past the end, so no host-side filtering is needed.
     num_slots = flat.shape[0]

@@ -133,19 +133,28 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
 
 
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                         kv_cache_dtype: str = "auto") -> None:
+                         kv_cache_dtype: str = "auto", scale: Optional[torch.Tensor] = None) -> None:
     """Write new tokens into a paged cache in place.
 
     Args:
         kv_c: [T, 512] (``[T, 448]`` for ``"fp8_ds_mla_v4"``), k_pe: [T, 64] bf16/fp16.
         kv_cache: [num_blocks, page_size, 1, 576] (``"auto"``, kv_c's dtype) or
-            [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``, kv_c bf16) or a
-            DeepSeek V4 cache [num_blocks, page_size, 1, 584] uint8/float8_e4m3fn with a padded page
-            stride (``"fp8_ds_mla_v4"``, kv_c bf16; allocate it with
-            :func:`torch_flashmla.kv_cache.new_fp8_v4_cache`).
+            [num_blocks, page_size, 1, 656] uint8/float8_e4m3fn (``"fp8_ds_mla"``, kv_c bf16) or
+            [num_blocks, page_size, 1, 576] float8_e4m3fn/uint8 (``"fp8"``, alias ``"fp8_e4m3"``: the
+            per-tensor e4m3 cache, kv_c bf16/fp16, byte = e4m3(clamp(x / scale, -448, 448)) rounded to
+            nearest even, NaN -> 0x7F; dequantized value = e4m3 * scale) or a DeepSeek V4 cache
+            [num_blocks, page_size, 1, 584] uint8/float8_e4m3fn with a padded page stride
+            (``"fp8_ds_mla_v4"``, kv_c bf16; allocate it with
+            :func:`torch_flashmla.kv_cache.new_fp8_v4_cache`). Contiguous (the V4 cache: its layout).
         slot_mapping: [T] int64, ``block_id * page_size + offset``; negative or past the cache = skip.
+        scale: the per-tensor scale of ``"fp8"``: a float32 tensor of one element (shape [] or [1]) on
+            kv_c's device, required there and read on the device (no host sync; a CUDA graph replays
+            with the value the tensor holds at replay). Meant to be finite and positive; its value is
+            not checked. The other cache types compute their own scales and ignore it (a given scale
+            is still checked for dtype, shape and device), so engine code that always passes its
+            layer's scale runs unchanged. Layout and NaN policy: :mod:`torch_flashmla.kv_cache`.
     """
-    torch.ops.flashmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype)
+    torch.ops.flashmla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale)
 
 
 def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:

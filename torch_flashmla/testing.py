@@ -195,11 +195,14 @@ def sparse_prefill_inputs(case: SparsePrefillCase, device: Union[str, torch.devi
 
 
 def cache_write_inputs(num_tokens: int = 10, num_blocks: int = 4, page_size: int = 16, kv_cache_dtype: str = "auto",
-                       dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device] = "cpu", seed: int = 0
-                       ) -> Dict[str, object]:
+                       dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device] = "cpu", seed: int = 0,
+                       scale: float = 0.0371) -> Dict[str, object]:
     """Inputs of ``flashmla.concat_and_cache_mla``: a poisoned cache, distinct slots, some negative.
     ``"fp8_ds_mla_v4"``: kv_c [T, 448] and a V4 paged cache (:func:`kv_cache.new_fp8_v4_cache`) whose
-    every byte, page padding included, is 0xFF."""
+    every byte, page padding included, is 0xFF. ``"fp8"`` / ``"fp8_e4m3"``: a uint8 cache
+    [num_blocks, page_size, 1, 576] of 0xFF bytes (e4m3 NaN) and ``scale``, a float32 tensor [1]
+    holding ``scale`` (not a power of two by default, so the division rounds); ``scale`` is None for
+    the other cache types."""
     g = _gen(seed, device)
     num_slots = num_blocks * page_size
     slots = torch.randperm(num_slots, generator=g)[:num_tokens]
@@ -211,11 +214,15 @@ def cache_write_inputs(num_tokens: int = 10, num_blocks: int = 4, page_size: int
         # made on the target device: .to() would drop the padded page stride
         cache = kvc.new_fp8_v4_cache(num_blocks, page_size, device=device, fill=0xFF)
         latent = kvc.V4_D_NOPE
+    elif kv_cache_dtype in kvc.PER_TENSOR_FP8_DTYPES:
+        cache = torch.full((num_blocks, page_size, 1, kvc.D_QK), 0xFF, dtype=torch.uint8)
     else:
         cache = torch.full((num_blocks, page_size, 1, kvc.FP8_RECORD_BYTES), 0xFF, dtype=torch.uint8)
+    per_tensor = kv_cache_dtype in kvc.PER_TENSOR_FP8_DTYPES
     out = dict(kv_c=_randn((num_tokens, latent), g, dtype, "cpu"),
                k_pe=_randn((num_tokens, kvc.D_QK - kvc.D_V), g, dtype, "cpu"),
-               kv_cache=cache, slot_mapping=slots.to(torch.int64), kv_cache_dtype=kv_cache_dtype)
+               kv_cache=cache, slot_mapping=slots.to(torch.int64), kv_cache_dtype=kv_cache_dtype,
+               scale=torch.tensor([scale], dtype=torch.float32) if per_tensor else None)
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 

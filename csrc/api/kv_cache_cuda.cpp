@@ -1,5 +1,5 @@
-// CUDA entry points of the KV-cache ops: torch.ops.flashmla_cuda.{concat_and_cache_mla,
-// quantize_kv_fp8, dequantize_kv_fp8, quantize_kv_fp8_v4, dequantize_kv_fp8_v4}. The Python layer validates inputs first; the checks here are
+// CUDA entry points of the KV-cache ops: torch.ops.flashmla_cuda.{concat_and_cache_mla (every cache type,
+// the per-tensor e4m3 "fp8" included), quantize_kv_fp8, dequantize_kv_fp8, quantize_kv_fp8_v4, dequantize_kv_fp8_v4}. The Python layer validates inputs first; the checks here are
 // the cheap ones the kernels rely on. No host synchronization, current stream, caching allocator
 // only: every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
@@ -75,8 +75,67 @@ void concat_and_cache_fp8_v4_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// "fp8" / "fp8_e4m3": per-tensor e4m3 cache [num_blocks, page_size, 1, 576] written with a 1-element fp32
+// scale read on the device.
+void concat_and_cache_fp8_scaled_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
+                                      const at::Tensor& slot_mapping, const std::optional<at::Tensor>& scale) {
+  const char* op = "concat_and_cache_mla";
+  TORCH_CHECK(kv_c.is_cuda() && k_pe.is_cuda() && kv_cache.is_cuda() && slot_mapping.is_cuda(), op,
+              ": all tensors must be CUDA tensors");
+  TORCH_CHECK(scale.has_value() && scale->defined(), op, ": kv_cache_dtype 'fp8' needs a scale tensor");
+  const at::Tensor& s = *scale;
+  TORCH_CHECK(s.is_cuda() && s.device() == kv_cache.device() && s.scalar_type() == at::kFloat && s.numel() == 1 &&
+                  s.dim() <= 1,
+              op, ": scale must be a float32 tensor of one element on the cache's device");
+  TORCH_CHECK(kv_c.dim() == 2 && kv_c.size(1) == kvc::kLatent, op, ": kv_c must be [T, 512]");
+  TORCH_CHECK(kv_c.scalar_type() == at::kBFloat16 || kv_c.scalar_type() == at::kHalf, op,
+              ": kv_c must be bfloat16 or float16");
+  TORCH_CHECK(k_pe.dim() == 2 && k_pe.size(1) == kvc::kRope && k_pe.size(0) == kv_c.size(0) &&
+                  k_pe.scalar_type() == kv_c.scalar_type(),
+              op, ": k_pe must be [T, 64] of kv_c's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == kv_c.size(0),
+              op, ": slot_mapping must be int64 [T]");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kByte || kv_cache.scalar_type() == at::kFloat8_e4m3fn, op,
+              ": the fp8 cache must be uint8 or float8_e4m3fn");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(2) == 1 && kv_cache.size(3) == kvc::kRow && kv_cache.stride(3) == 1,
+              op, ": the fp8 cache must be [num_blocks, page_size, 1, 576] with unit inner stride");
+  const int64_t num_tokens = kv_c.size(0);
+  if (num_tokens == 0 || kv_cache.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(kv_cache.device());
+  const int64_t block_stride = kv_cache.stride(0);
+  const int64_t page_stride = kv_cache.stride(1);
+  TORCH_CHECK(aligned16(kv_cache.data_ptr()) && (kv_cache.size(0) == 1 || block_stride % 16 == 0) &&
+                  (kv_cache.size(1) == 1 || page_stride % 16 == 0),
+              op, ": kv_cache rows must start at 16-byte boundaries");
+  const at::Tensor c = rows_16b(kv_c, kvc::kLatent);
+  const at::Tensor p = rows_16b(k_pe, kvc::kRope);
+  const at::Tensor slots = slot_mapping.contiguous();
+  kvc::CacheWriteArgs args;
+  args.kv_c = c.data_ptr();
+  args.kv_c_stride = c.stride(0);
+  args.k_pe = p.data_ptr();
+  args.k_pe_stride = p.stride(0);
+  args.cache = kv_cache.data_ptr();
+  args.block_stride = block_stride;
+  args.page_stride = page_stride;
+  args.slot_mapping = slots.data_ptr<int64_t>();
+  args.num_tokens = num_tokens;
+  args.page_size = kv_cache.size(1);
+  args.num_slots = kv_cache.size(0) * kv_cache.size(1);
+  args.scale = s.data_ptr<float>();
+  kvc::launch_concat_and_cache_fp8_scaled(args, kv_c.scalar_type() == at::kHalf, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void concat_and_cache_mla_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
-                               const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype) {
+                               const at::Tensor& slot_mapping, c10::string_view kv_cache_dtype,
+                               const std::optional<at::Tensor>& scale) {
+  // The other cache types compute their own scales: a scale passed with them is ignored.
+  if (kv_cache_dtype == "fp8" || kv_cache_dtype == "fp8_e4m3") {
+    concat_and_cache_fp8_scaled_cuda(kv_c, k_pe, kv_cache, slot_mapping, scale);
+    return;
+  }
   if (kv_cache_dtype == "fp8_ds_mla_v4") {
     concat_and_cache_fp8_v4_cuda(kv_c, k_pe, kv_cache, slot_mapping);
     return;
@@ -94,7 +153,7 @@ void concat_and_cache_mla_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, a
               "concat_and_cache_mla: kv_cache must be [num_blocks, page_size, 1, D] with unit inner stride");
   const bool fp8 = kv_cache_dtype == "fp8_ds_mla";
   TORCH_CHECK(fp8 || kv_cache_dtype == "auto",
-              "concat_and_cache_mla: kv_cache_dtype must be 'auto', 'fp8_ds_mla' or 'fp8_ds_mla_v4'");
+              "concat_and_cache_mla: kv_cache_dtype must be 'auto', 'fp8_ds_mla', 'fp8_ds_mla_v4', 'fp8' or 'fp8_e4m3'");
   if (fp8) {
     TORCH_CHECK(kv_cache.scalar_type() == at::kByte || kv_cache.scalar_type() == at::kFloat8_e4m3fn,
                 "concat_and_cache_mla: fp8_ds_mla cache must be uint8 or float8_e4m3fn");
@@ -214,7 +273,7 @@ at::Tensor dequantize_kv_fp8_v4_cuda(const at::Tensor& kv_fp8) {
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
   m.def("concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
-        "str kv_cache_dtype) -> ()");
+        "str kv_cache_dtype, Tensor? scale=None) -> ()");
   m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
   m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
   m.def("quantize_kv_fp8_v4(Tensor kv) -> Tensor");

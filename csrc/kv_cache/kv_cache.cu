@@ -1,4 +1,5 @@
-// KV-cache kernels: paged-cache writes (bf16/fp16 rows, FP8 "V3.2" records or DeepSeek V4 FP8 pages)
+// KV-cache kernels: paged-cache writes (bf16/fp16 rows, FP8 "V3.2" records, per-tensor e4m3 rows or
+// DeepSeek V4 FP8 pages)
 // and whole-tensor FP8 quantize/dequantize, bit-exact with torch_flashmla/kv_cache.py (whose results do not depend on the device).
 //
 // One warp per token. Lane l owns latent values 16l..16l+15 (two 16-byte loads, one 16-byte store of
@@ -243,6 +244,95 @@ __global__ void __launch_bounds__(kThreads) concat_fp8_kernel(const CacheWriteAr
   quantize_row<false>(c, p, dst, lane);
 }
 
+// ---------------------------------------------------------------- per-tensor e4m3 ("fp8")
+//
+// One warp per token. Lane l owns latent values 16l..16l+15 (two 16-byte loads, one 16-byte store at
+// byte 16l of the row); lanes 0..3 also own RoPE values 16l..16l+15 (stored at byte 512 + 16l). Every
+// thread reads the scale from device memory, so a captured graph uses the value at replay.
+// Bit-exactness with quantize_per_tensor_e4m3 (torch_flashmla/kv_cache.py):
+//  * 16-bit -> fp32 is exact (bf16: a shift; fp16: cvt.f32.f16, exact for every input);
+//  * the quotient is div.rn.f32 (IEEE, no flush-to-zero), as torch's fp32 division on CPU and GPU;
+//  * NaN quotients -> 0x7F; others clamped to +-448 by their magnitude bits (no fminf: it would drop
+//    NaN and, under --use_fast_math, flush denormals), then cvt.rn.satfinite.e4m3x2 (RNE, the same as
+//    c10's conversion for |q| <= 448); the quotient's sign bit is OR-ed in as c10 does (-tiny -> 0x80).
+
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float clamp448(float q) {
+  const uint32_t bits = __float_as_uint(q);
+  return (bits & 0x7FFFFFFFu) > 0x43E00000u ? __uint_as_float((bits & 0x80000000u) | 0x43E00000u) : q;
+}
+
+__device__ __forceinline__ bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// Two quotients -> two e4m3 bytes (lo in bits 0-7, hi in bits 8-15).
+__device__ __forceinline__ uint32_t e4m3x2_sat(float lo, float hi) {
+  const uint32_t bl = __float_as_uint(lo), bh = __float_as_uint(hi);
+  uint32_t r = cvt_e4m3x2(clamp448(lo), clamp448(hi)) & 0xFFFFu;
+  r |= ((bl >> 24) & 0x80u) | ((bh >> 16) & 0x8000u);
+  if (is_nan_bits(bl)) r = (r & 0xFF00u) | 0x7Fu;
+  if (is_nan_bits(bh)) r = (r & 0x00FFu) | 0x7F00u;
+  return r;
+}
+
+template <bool kHalf>
+__device__ __forceinline__ float lo16_to_float(uint32_t w) {
+  if constexpr (kHalf) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
+  } else {
+    return __uint_as_float(w << 16);
+  }
+}
+
+template <bool kHalf>
+__device__ __forceinline__ float hi16_to_float(uint32_t w) {
+  if constexpr (kHalf) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  } else {
+    return __uint_as_float(w & 0xFFFF0000u);
+  }
+}
+
+// 16 values in two 16-byte words -> 16 e4m3 bytes.
+template <bool kHalf>
+__device__ __forceinline__ uint4 quant16_scaled(uint4 a, uint4 b, float s) {
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t p0 = e4m3x2_sat(div_rn(lo16_to_float<kHalf>(w[2 * i]), s), div_rn(hi16_to_float<kHalf>(w[2 * i]), s));
+    const uint32_t p1 =
+        e4m3x2_sat(div_rn(lo16_to_float<kHalf>(w[2 * i + 1]), s), div_rn(hi16_to_float<kHalf>(w[2 * i + 1]), s));
+    o[i] = p0 | (p1 << 16);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+template <bool kHalf>
+__global__ void __launch_bounds__(kThreads) concat_fp8_scaled_kernel(const CacheWriteArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (token >= a.num_tokens) return;
+  uint8_t* dst = slot_address(a, token);
+  if (dst == nullptr) return;
+  const float s = *a.scale;
+  const uint8_t* c = static_cast<const uint8_t*>(a.kv_c) + token * a.kv_c_stride * 2;
+  const uint8_t* p = static_cast<const uint8_t*>(a.k_pe) + token * a.k_pe_stride * 2;
+  const uint4 x0 = load16<false>(c + 32 * lane);
+  const uint4 x1 = load16<false>(c + 32 * lane + 16);
+  uint4 r0 = make_uint4(0, 0, 0, 0), r1 = r0;
+  if (lane < kRope / 16) {
+    r0 = load16<false>(p + 32 * lane);
+    r1 = load16<false>(p + 32 * lane + 16);
+  }
+  store16<false>(dst + 16 * lane, quant16_scaled<kHalf>(x0, x1, s));
+  if (lane < kRope / 16) store16<false>(dst + kLatent + 16 * lane, quant16_scaled<kHalf>(r0, r1, s));
+}
+
 __global__ void __launch_bounds__(kThreads)
     quantize_kernel(const __nv_bfloat16* __restrict__ in, int64_t in_stride, uint8_t* __restrict__ out,
                     int64_t num_rows) {
@@ -452,6 +542,15 @@ void launch_concat_and_cache_auto(const CacheWriteArgs& args, cudaStream_t strea
 void launch_concat_and_cache_fp8(const CacheWriteArgs& args, cudaStream_t stream) {
   if (args.num_tokens <= 0) return;
   concat_fp8_kernel<<<grid_for(args.num_tokens), kThreads, 0, stream>>>(args);
+}
+
+void launch_concat_and_cache_fp8_scaled(const CacheWriteArgs& args, bool is_half, cudaStream_t stream) {
+  if (args.num_tokens <= 0) return;
+  if (is_half) {
+    concat_fp8_scaled_kernel<true><<<grid_for(args.num_tokens), kThreads, 0, stream>>>(args);
+  } else {
+    concat_fp8_scaled_kernel<false><<<grid_for(args.num_tokens), kThreads, 0, stream>>>(args);
+  }
 }
 
 void launch_quantize_kv_fp8(const void* in, int64_t in_stride, void* out, int64_t num_rows, cudaStream_t stream) {

@@ -28,12 +28,16 @@ struct CacheWriteArgs {
   int64_t num_tokens;
   int64_t page_size;
   int64_t num_slots;
+  const float* scale = nullptr;  // "fp8" only: the per-tensor scale, one float read on the device
 };
 
 // "auto": copies the 2-byte elements of [kv_c || k_pe] (cache dtype == input dtype).
 void launch_concat_and_cache_auto(const CacheWriteArgs& args, cudaStream_t stream);
 // "fp8_ds_mla": bf16 inputs -> 656-byte records.
 void launch_concat_and_cache_fp8(const CacheWriteArgs& args, cudaStream_t stream);
+// "fp8" (per-tensor e4m3): bf16 (is_half false) or fp16 inputs -> 576 e4m3 bytes per token,
+// byte = e4m3(clamp(x / *args.scale, -448, 448)) (IEEE division, RNE, NaN -> 0x7F).
+void launch_concat_and_cache_fp8_scaled(const CacheWriteArgs& args, bool is_half, cudaStream_t stream);
 
 // Whole-tensor conversions. in rows at in + i*in_stride (elements); out dense.
 void launch_quantize_kv_fp8(const void* in, int64_t in_stride, void* out, int64_t num_rows, cudaStream_t stream);
