@@ -485,8 +485,8 @@ def test_gpu_matches_cpu_reference(index):
 @needs_gpu
 def test_gpu_long_sequence_memory_is_bounded():
     """One 16k-token causal prompt, 16 heads: a full score tensor would take 16 GiB."""
-    a = T.mha_prefill_inputs(T.MHAPrefillCase(b=1, h_q=16, h_k=16, d_qk=128, seqlen_q=16384, varlen=False),
-                             device="cuda", seed=40)
+    a = T.mha_prefill_inputs(T.MHAPrefillCase(b=1, h_q=16, h_k=16, d_qk=128, seqlen_q=16384, varlen=False,
+                                              pad_tokens=0), device="cuda", seed=40)  # every row owned
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
