@@ -6,8 +6,6 @@ builds; it needs only a C++ compiler and torch. The SM90 CUDA kernels (every oth
 
 Environment:
   FLASHMLA_BUILD_CUDA=0|1   force the CUDA kernels off or on (default: auto-detect)
-  FLASHMLA_BUILD_SPARSE_PREFILL=1   also build the SM90 sparse prefill kernel, which is still in development
-                            (not correct on its test matrix yet; benchmarks/NOTES_sparse_prefill.md)
   MAX_JOBS=N                parallel compile jobs (ninja)
 """
 import glob
@@ -55,18 +53,10 @@ def _extension():
         print("torch_flashmla: building the C++ op library only (no CUDA kernels)")
         return CppExtension("torch_flashmla._C", op_library, extra_compile_args={"cxx": cxx_flags})
 
-    # Kernels still under development (not yet correct on their test matrix, see their notes) stay out of
-    # the library unless asked for: a CUDA call of their op then runs the reference.
-    in_development = {
-        "FLASHMLA_BUILD_SPARSE_PREFILL": ["csrc/api/sparse_prefill_cuda.cpp",
-                                          "csrc/sm90/prefill/sparse/sparse_prefill_kernel.cu"],
-    }
-    left_out = {src for flag, srcs in in_development.items() if os.environ.get(flag, "0") != "1" for src in srcs}
     kernel_sources = sorted(
         rel(p)
         for pattern in ("csrc/**/*.cu", "csrc/**/*_cuda.cpp")
         for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
-        if rel(p) not in left_out
     )
     include_dirs = [os.path.join(ROOT, "csrc")]
     cutlass = _cutlass_include()
