@@ -36,6 +36,7 @@ SHAPES = [  # s_q, s_kv, h_q, d_qk, topk
     (4096, 65536, 128, 512, 1024),
 ]
 FLOORS = {(4096, 8192, 128, 576, 2048): 530, (4096, 65536, 128, 576, 2048): 480}
+MATMUL_TFLOPS = 799.0  # bf16 matmul ceiling measured on the H200 (docs/design.md §6)
 
 
 def inputs(s_q, s_kv, h_q, d_qk, topk, seed=0):
@@ -87,15 +88,17 @@ def main():
     ours_small = graph_time_us(lambda: torch.ops.flashmla.sparse_mla_prefill(q, kv, idx, 576 ** -0.5, 512, None,
                                                                              None), iters=30, reps=5)
 
-    print("\nsparse_mla_prefill, whole op under CUDA-graph replay (median us; TFLOPS = s_q*h_q*topk*2*(d_qk+512)/t)")
+    print("\nsparse_mla_prefill, whole op under CUDA-graph replay (one kernel launch per call, so this is also the "
+          "kernel time; median us; TFLOPS = s_q*h_q*topk*2*(d_qk+512)/t; %mm of the 799 TFLOPS matmul ceiling)")
     print(f"{'s_q':>5} {'s_kv':>6} {'h_q':>4} {'d_qk':>4} {'topk':>5} {'ours us':>9} {'TFLOPS':>7} "
-          f"{'FlashMLA us':>11} {'TFLOPS':>7} {'ratio':>6} {'MHz':>5} floor")
+          f"{'%mm':>4} {'FlashMLA us':>11} {'TFLOPS':>7} {'ratio':>6} {'MHz':>5} floor")
     for (s_q, s_kv, h_q, d_qk, topk), ours, theirs, mhz in rows:
         t_ours = tflops(s_q, h_q, d_qk, topk, ours[0])
         t_th = tflops(s_q, h_q, d_qk, topk, theirs[0]) if theirs else float("nan")
         floor = FLOORS.get((s_q, s_kv, h_q, d_qk, topk))
         verdict = "-" if floor is None else ("ok" if t_ours >= floor else f"MISS<{floor}")
         print(f"{s_q:>5} {s_kv:>6} {h_q:>4} {d_qk:>4} {topk:>5} {ours[0]:>9.1f} {t_ours:>7.1f} "
+              f"{100 * t_ours / MATMUL_TFLOPS:>4.0f} "
               f"{(theirs[0] if theirs else float('nan')):>11.1f} {t_th:>7.1f} "
               f"{(t_ours / t_th if theirs else float('nan')):>6.2f} {(mhz or float('nan')):>5.0f} {verdict}")
     s_q, s_kv, h_q, d_qk, topk = small

@@ -29,6 +29,7 @@ import torch_flashmla as F
 from torch_flashmla import compat, reference, testing as T
 
 import oracle
+from attention_asserts import PREFILL_TOL, assert_attention_close
 
 SCALE = 576 ** -0.5
 needs_gpu = pytest.mark.cuda
@@ -38,21 +39,6 @@ def _dense(b, s_q, h_q, seqlen, device, seed, causal=True, page_size=64):
     case = T.DenseDecodeCase(b=b, s_q=s_q, h_q=h_q, seqlen=seqlen, varlen=True, zero_lengths=b > 1,
                              causal=causal, page_size=page_size)
     return T.dense_decode_inputs(case, device=device, seed=seed)
-
-
-def _assert_close(out, lse, ref_out, ref_lse, out_rtol=2 / 128, cos_tol=5e-6, lse_rtol=8 / 65536):
-    """Tolerances of docs/design.md §7 (decode: out abs 8e-4 + rel 2/128, cosine distance <= 5e-6; lse
-    rel 8/65536; sparse prefill: rel 3/128, 7e-6, 2/65536), +inf lse exactly where the reference has
-    it, and no NaN."""
-    out, lse, ref_out, ref_lse = (t.detach().cpu().double() for t in (out, lse, ref_out, ref_lse))
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-    assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
-    torch.testing.assert_close(out, ref_out, atol=8e-4, rtol=out_rtol)
-    if ref_out.abs().sum() > 0:
-        cos = torch.nn.functional.cosine_similarity(out.flatten(), ref_out.flatten(), dim=0)
-        assert 1 - cos <= cos_tol
-    finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-6, rtol=lse_rtol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,7 +340,7 @@ def test_gpu_dense_decode_s_q_up_to_128_old_call_form(s_q, h_q, causal):
     out, lse = compat.flash_mla_with_kvcache(a["q"], a["kv_cache"], a["block_table"], a["cache_seqlens"], 512,
                                              meta, splits, softmax_scale=SCALE, causal=causal)
     ref_out, ref_lse = _gpu_reference(a, causal)
-    _assert_close(out, lse, ref_out, ref_lse)
+    assert_attention_close(out, lse, ref_out, ref_lse)
     # the op layer with the same (num_heads_q-less) plan gives the same bits
     out2, lse2 = torch.ops.flashmla.mla_decode(a["q"], a["kv_cache"], a["block_table"], a["cache_seqlens"], 512,
                                                SCALE, causal, meta, splits)
@@ -416,7 +402,7 @@ def test_gpu_dense_graph_as_engines_capture_it(plan_in_graph):
         assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
         assert (out[real:] == 0).all() and torch.isposinf(lse[real:]).all()
         ref_out, ref_lse = _gpu_reference(static, True)
-        _assert_close(out, lse, ref_out, ref_lse)
+        assert_attention_close(out, lse, ref_out, ref_lse)
 
 
 @needs_gpu
@@ -445,7 +431,7 @@ def test_gpu_sparse_decode_as_v32_engines_call_it(h_real, h_pad, in_graph):
         out, lse = step()
     ref_out, ref_lse = reference.sparse_mla_decode(s["q"], s["kv_cache"], s["indices"], None, None, None, None, None,
                                                    512, SCALE)
-    _assert_close(out[:, :, :h_real], lse[:, :h_real], ref_out, ref_lse)
+    assert_attention_close(out[:, :, :h_real], lse[:, :h_real], ref_out, ref_lse)
 
 
 @needs_gpu
@@ -458,8 +444,7 @@ def test_gpu_sparse_prefill_topk_length_padded_heads(h_real, h_pad):
     out, max_logits, lse = compat.flash_mla_sparse_fwd(q_pad, p["kv"], p["indices"], SCALE,
                                                        topk_length=p["topk_length"])
     ref = reference.sparse_mla_prefill(p["q"], p["kv"], p["indices"], SCALE, 512, None, p["topk_length"])
-    _assert_close(out[:, :h_real], lse[:, :h_real], ref[0], ref[2], out_rtol=3 / 128, cos_tol=7e-6,
-                  lse_rtol=2 / 65536)
+    assert_attention_close(out[:, :h_real], lse[:, :h_real], ref[0], ref[2], **PREFILL_TOL)
     got_max, ref_max = max_logits[:, :h_real], ref[1]
     assert torch.equal(torch.isneginf(got_max), torch.isneginf(ref_max))
     finite = torch.isfinite(ref_max)
@@ -471,7 +456,7 @@ def test_gpu_dense_values_with_defined_meaning():
     a = _dense_edge_inputs("cuda", seed=4)
     out, lse = _call_dense(a)
     want_out, want_lse = _dense_edge_oracle(a)
-    _assert_close(out, lse, want_out, want_lse)
+    assert_attention_close(out, lse, want_out, want_lse)
 
 
 @needs_gpu

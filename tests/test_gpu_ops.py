@@ -7,6 +7,7 @@ import torch_flashmla as F
 from torch_flashmla import _registration, testing as T
 
 import cases
+from attention_asserts import assert_attention_close
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -18,19 +19,6 @@ def to_cpu(x):
     if isinstance(x, (tuple, list)):
         return type(x)(to_cpu(i) for i in x)
     return x
-
-
-def assert_attention_close(out, lse, ref_out, ref_lse):
-    """docs/design.md §7 tolerances: out abs 8e-4 + rel 2/128 and cosine distance <= 5e-6; lse rel 8/65536."""
-    out, lse, ref_out, ref_lse = (t.cpu().float() for t in (out, lse, ref_out, ref_lse))
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-    assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
-    torch.testing.assert_close(out, ref_out, atol=8e-4, rtol=2 / 128)
-    cos = torch.nn.functional.cosine_similarity(out.flatten().double(), ref_out.flatten().double(), dim=0)
-    if ref_out.abs().sum() > 0:
-        assert 1 - cos <= 5e-6
-    finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-6, rtol=8 / 65536)
 
 
 CASES = cases.op_cases("cpu")  # built on the CPU at collection, moved to the GPU per test

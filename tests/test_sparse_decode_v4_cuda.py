@@ -139,10 +139,7 @@ def check_case(case, **kw):
 # 0. V4 calls reach the kernel
 # --------------------------------------------------------------------------------------------
 def test_v4_routed_to_sm90_kernel():
-    inp = make_inputs(V4(b=2, h_q=64, s_q=1, topk=64, num_blocks=4))
-    args = tuple(inp[k] for k in INPUT_KEYS)
     assert _registration.cuda_path("sparse_mla_decode", DEV) == "sm90"
-    assert _registration.SM90_COVERS.get("sparse_mla_decode", lambda a: True)(args)
 
 
 # --------------------------------------------------------------------------------------------

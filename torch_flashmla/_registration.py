@@ -29,11 +29,6 @@ OP_CHECKS = {
     "mha_prefill": checks.check_mha_prefill,
 }
 
-# Ops whose SM90 kernel covers only part of the inputs: args -> whether it does. The rest runs the
-# reference on the GPU. None at present: the sparse decode kernel reads both V3.2 records and DeepSeek
-# V4 pages (docs/design.md §5.2).
-SM90_COVERS = {}
-
 _warned = set()
 
 
@@ -69,8 +64,7 @@ def _register(op_name: str) -> None:
 
     def cuda_kernel(*args):
         check(*args)
-        covered = SM90_COVERS.get(op_name, lambda a: True)(args)
-        if covered and cuda_path(op_name, args[0].device) == "sm90":
+        if cuda_path(op_name, args[0].device) == "sm90":
             return sm90_kernel(op_name)(*args)
         if op_name not in _warned and os.environ.get("FLASHMLA_FORCE_REFERENCE", "0") != "1":
             _warned.add(op_name)
