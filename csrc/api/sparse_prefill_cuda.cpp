@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 
+#include "api/decode_api.h"
 #include "sm90/prefill/sparse/sparse_prefill.h"
 
 namespace {
@@ -59,8 +60,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mla_prefill_cuda(
   // 16-byte cp.async of q and kv rows: last dim contiguous, rows and base 16-byte aligned.
   at::Tensor q = q_in;
   at::Tensor kv = kv_in;
-  if (q.stride(2) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || !aligned16(q)) q = q.contiguous();
-  if (kv.stride(2) != 1 || kv.stride(0) % 8 != 0 || !aligned16(kv)) kv = kv.contiguous();
+  // (.contiguous() would return an already contiguous but misaligned tensor unchanged: aligned_copy.)
+  if (q.stride(2) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || !aligned16(q)) {
+    q = flashmla::api::aligned_copy(q);
+  }
+  if (kv.stride(2) != 1 || kv.stride(0) % 8 != 0 || !aligned16(kv)) kv = flashmla::api::aligned_copy(kv);
   at::Tensor indices = indices_in.stride(2) == 1 ? indices_in : indices_in.contiguous();
   at::Tensor lengths, sink;
   if (topk_length.has_value()) {
