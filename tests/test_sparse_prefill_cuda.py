@@ -194,6 +194,22 @@ def test_strided_q_and_kv():
     check_close(run_kernel(inp, scale), run_reference(inp, scale), "strided")
 
 
+def test_contiguous_but_misaligned_q_and_kv():
+    """Contiguous views whose base is 2 bytes past a 16-byte boundary: the entry point must copy them
+    (a contiguous tensor is returned unchanged by .contiguous())."""
+    case = C(s_q=62, s_kv=592, topk=128, h_q=64, d_qk=512, with_topk_length=True)
+    inp = make_inputs(case, 12)
+    for key in ("q", "kv"):
+        t = inp[key]
+        flat = torch.empty(t.numel() + 1, device=DEV, dtype=t.dtype)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        assert view.is_contiguous() and view.data_ptr() % 16 != 0
+        inp[key] = view
+    scale = 512 ** -0.5
+    check_close(run_kernel(inp, scale), run_reference(inp, scale), "misaligned")
+
+
 def test_deterministic():
     case = C(s_q=62, s_kv=8192, topk=512, h_q=128, d_qk=576, with_attn_sink=True)
     inp = make_inputs(case, 5)
