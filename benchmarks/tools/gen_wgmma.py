@@ -1,4 +1,4 @@
-"""Writes csrc/sm90/common/wgmma_ops.h: inline-PTX wgmma wrappers of the SM90 decode kernels."""
+"""Writes csrc/sm90/common/wgmma_ops.h: inline-PTX wgmma wrappers of the SM90 kernels."""
 import pathlib
 
 
@@ -33,7 +33,7 @@ def gen(n, dt, name, transb, a_regs):
     return "\n".join(lines)
 
 
-out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 decode kernels.",
+out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 kernels.",
        "// fp32 accumulators in registers; B from shared memory (matrix descriptor).",
        "// *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).  A from a shared-memory",
        "// descriptor, or (*_r*) from four registers in the m64k16 A-fragment layout.",
@@ -42,7 +42,10 @@ for dt in ("bf16", "f16"):
     out += [gen(64, dt, f"wgmma_m64n64k16_{dt}_kk", 0, False), "",
             gen(256, dt, f"wgmma_m64n256k16_{dt}_kmn", 1, False), "",
             gen(64, dt, f"wgmma_m64n64k16_{dt}_rk", 0, True), "",
-            gen(256, dt, f"wgmma_m64n256k16_{dt}_rmn", 1, True), ""]
+            gen(256, dt, f"wgmma_m64n256k16_{dt}_rmn", 1, True), "",
+            # MHA prefill: S = Q K^T over 128-key blocks, O += P V with d_v 128.
+            gen(128, dt, f"wgmma_m64n128k16_{dt}_kk", 0, False), "",
+            gen(128, dt, f"wgmma_m64n128k16_{dt}_rmn", 1, True), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
 (root / "csrc/sm90/common/wgmma_ops.h").write_text("\n".join(out) + "\n")

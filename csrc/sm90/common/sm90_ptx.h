@@ -126,6 +126,13 @@ struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ void pv_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
     wgmma_m64n256k16_bf16_rmn(d, a, b, s);
   }
+  // MHA prefill: m64n128 products (128-key blocks, d_v 128).
+  static __device__ __forceinline__ void qk128(float* d, uint64_t a, uint64_t b, int s) {
+    wgmma_m64n128k16_bf16_kk(d, a, b, s);
+  }
+  static __device__ __forceinline__ void pv128_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
+    wgmma_m64n128k16_bf16_rmn(d, a, b, s);
+  }
 };
 template <>
 struct TypeOps<__half> {
@@ -143,6 +150,13 @@ struct TypeOps<__half> {
   }
   static __device__ __forceinline__ void pv_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
     wgmma_m64n256k16_f16_rmn(d, a, b, s);
+  }
+  // MHA prefill: m64n128 products (128-key blocks, d_v 128).
+  static __device__ __forceinline__ void qk128(float* d, uint64_t a, uint64_t b, int s) {
+    wgmma_m64n128k16_f16_kk(d, a, b, s);
+  }
+  static __device__ __forceinline__ void pv128_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
+    wgmma_m64n128k16_f16_rmn(d, a, b, s);
   }
 };
 
