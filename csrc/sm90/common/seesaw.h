@@ -1,7 +1,8 @@
 // Softmax and P-handling helpers of the SM90 "seesaw" attention kernels (two math warpgroups, each
 // owning half of the 64 x 512 output, sharing the running row max through shared memory): P fragments
 // in the m64k16 A layout, P tiles in 128B-swizzled 64x64 shared-memory tiles, the slack-max update and
-// the exp/rescale steps. Used by the dense decode and the sparse prefill kernels.
+// the exp/rescale steps. Used by the dense decode and the sparse prefill kernels; the MHA prefill kernel
+// uses the max update and the exp/rescale steps.
 #pragma once
 #include <cstdint>
 #include <math.h>
@@ -129,18 +130,27 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float
 // P = exp2(S * scale_log2 - base) straight into the A fragments of the PV product, with this thread's
 // row sums; S is only read. Used while a product into O is in flight: writing S (an accumulator of the
 // QK products) there would make ptxas serialize every wgmma of the kernel.
-template <typename T>
-__device__ __forceinline__ void exp_pack(uint32_t (&pa)[4][4], const float (&s)[32], float scale_log2, float base0,
-                                         float base1, float& sum0, float& sum1) {
+// KK k-steps of 16 columns: S m64n(16 KK), s[8 KK] per thread (64-key chunks: KK = 4; 128-key blocks: 8).
+// valid(col, row_half): whether this thread's score in column col (of its quad's pair: 16 kk + 8 (reg >> 1)
+// + e, e in {0, 1}) of row row0 (row_half 0) or row0 + 8 (1) counts; a score that does not gives P = 0,
+// whatever its value (NaN included).
+struct AllValid {
+  __device__ __forceinline__ bool operator()(int, int) const { return true; }
+};
+template <typename T, int KK, int NS, typename Valid = AllValid>
+__device__ __forceinline__ void exp_pack(uint32_t (&pa)[KK][4], const float (&s)[NS], float scale_log2, float base0,
+                                         float base1, float& sum0, float& sum1, Valid valid = {}) {
+  static_assert(NS == 8 * KK, "one k-step of P is 8 accumulators of S per thread");
   sum0 = 0.f;
   sum1 = 0.f;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < KK; ++kk) {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {
       const float base = reg & 1 ? base1 : base0;
-      const float x = exp2f(fmaf(s[8 * kk + 2 * reg], scale_log2, -base));
-      const float y = exp2f(fmaf(s[8 * kk + 2 * reg + 1], scale_log2, -base));
+      const int col = 16 * kk + 8 * (reg >> 1);
+      const float x = valid(col, reg & 1) ? exp2f(fmaf(s[8 * kk + 2 * reg], scale_log2, -base)) : 0.f;
+      const float y = valid(col + 1, reg & 1) ? exp2f(fmaf(s[8 * kk + 2 * reg + 1], scale_log2, -base)) : 0.f;
       if (reg & 1) sum1 += x + y; else sum0 += x + y;
       pa[kk][reg] = TypeOps<T>::pack(x, y);
     }
@@ -148,14 +158,16 @@ __device__ __forceinline__ void exp_pack(uint32_t (&pa)[4][4], const float (&s)[
 }
 
 // O and this thread's row sums brought to a new max by the factors f0 / f1.
-__device__ __forceinline__ void rescale_acc(float (&o)[128], float& l0, float& l1, float f0, float f1) {
+template <int N>
+__device__ __forceinline__ void rescale_acc(float (&o)[N], float& l0, float& l1, float f0, float f1) {
   rescale_rows(o, f0, f1);
   l0 *= f0;
   l1 *= f1;
 }
 
 // The same after a chunk of this warpgroup's own, whose row sums (relative to the new max) are added.
-__device__ __forceinline__ void rescale_add(float (&o)[128], float& l0, float& l1, const MaxUpdate& u, float sum0,
+template <int N>
+__device__ __forceinline__ void rescale_add(float (&o)[N], float& l0, float& l1, const MaxUpdate& u, float sum0,
                                             float sum1) {
   l0 = l0 * u.scale0 + sum0;
   l1 = l1 * u.scale1 + sum1;
