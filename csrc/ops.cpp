@@ -38,9 +38,12 @@ TORCH_LIBRARY(flashmla, m) {
   m.def(
       "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int? num_heads_q, "
       "bool is_fp8_kvcache, int? topk, int num_sm_parts) -> (Tensor tile_scheduler_metadata, Tensor num_splits)");
+  // descale_q / descale_k: per-tensor fp32 descales ([] or [1], read on the device) of a float8_e4m3fn q and
+  // of the per-tensor e4m3 cache (kv_cache_dtype "fp8"); given exactly when q / kv_cache are FP8.
   m.def(
       "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
-      "float softmax_scale, bool causal, Tensor tile_scheduler_metadata, Tensor num_splits) -> (Tensor out, Tensor lse)");
+      "float softmax_scale, bool causal, Tensor tile_scheduler_metadata, Tensor num_splits, Tensor? descale_q=None, "
+      "Tensor? descale_k=None) -> (Tensor out, Tensor lse)");
   m.def(
       "sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, Tensor? topk_length, Tensor? attn_sink, "
       "Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int head_dim_v, "

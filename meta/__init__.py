@@ -20,11 +20,12 @@ def _get_mla_metadata_fake(seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
 
 @torch.library.register_fake("flashmla::mla_decode")
 def _mla_decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                     tile_scheduler_metadata, num_splits):
+                     tile_scheduler_metadata, num_splits, descale_q=None, descale_k=None):
     checks.check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                            tile_scheduler_metadata, num_splits)
+                            tile_scheduler_metadata, num_splits, descale_q, descale_k)
     b, s_q, h_q, _ = q.shape
-    return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    out_dtype = torch.bfloat16 if kv_cache.dtype in checks.FP8_CACHE_DTYPES else q.dtype  # FP8 cache: bf16 out
+    return q.new_empty((b, s_q, h_q, head_dim_v), dtype=out_dtype), q.new_empty((b, h_q, s_q), dtype=torch.float32)
 
 
 @torch.library.register_fake("flashmla::sparse_mla_decode")

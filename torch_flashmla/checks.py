@@ -17,6 +17,7 @@ from .kv_cache import V4_D_NOPE, V4_D_QK, V4_D_ROPE, V4_STRIDE_ALIGN, V4_TOKEN_B
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 FP8_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
+FP8_DECODE_Q_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)  # q of mla_decode over a per-tensor e4m3 cache
 DENSE_PAGE_ALIGN = 64       # dense decode pages hold whole 64-token tiles
 MAX_HEADS_Q = 128
 DENSE_MAX_SM_PARTS = 65535  # mla_decode's partitions are the z dimension of its CUDA grid
@@ -145,14 +146,32 @@ def _check_q(c: _Checker, q, dtypes, d_qk=(D_QK,)) -> None:
 
 
 def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                     tile_scheduler_metadata, num_splits) -> None:
+                     tile_scheduler_metadata, num_splits, descale_q=None, descale_k=None) -> None:
     """Values are not checked (no host sync): ``cache_seqlens`` below 0 count as 0 and above the block
     table's capacity (``max_blocks * page_size``) as that capacity; tokens of pages whose id is outside
-    ``[0, num_blocks)`` are skipped (never read). See the reference ``mla_decode``."""
+    ``[0, num_blocks)`` are skipped (never read). See the reference ``mla_decode``.
+
+    FP8 path: a per-tensor e4m3 cache (``float8_e4m3fn``, or ``uint8`` holding the same bytes) with
+    ``descale_k``; q bf16, or ``float8_e4m3fn`` with ``descale_q`` (1-element float32 tensors on q's
+    device, values not checked)."""
     c = _Checker("mla_decode")
-    _check_q(c, q, HALF_DTYPES)
+    fp8 = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype in FP8_CACHE_DTYPES
+    _check_q(c, q, FP8_DECODE_Q_DTYPES if fp8 else HALF_DTYPES)
     dev = q.device
-    c.tensor("kv_cache", kv_cache, dtypes=(q.dtype,), dim=4, device=dev)
+    if fp8:
+        c.value("descale_k", descale_k is not None, "a float32 tensor of one element with an FP8 kv_cache "
+                "(the cache's per-tensor descale)", None)
+        _check_scale_tensor(c, "descale_k", descale_k, dev, "q")
+        if q.dtype == torch.float8_e4m3fn:
+            c.value("descale_q", descale_q is not None, "a float32 tensor of one element with a float8_e4m3fn q",
+                    None)
+            _check_scale_tensor(c, "descale_q", descale_q, dev, "q")
+        else:
+            c.value("descale_q", descale_q is None, "None with a bf16 q", "a tensor")
+    else:
+        c.value("descale_q", descale_q is None, "None with a bf16/fp16 kv_cache (FP8 caches only)", "a tensor")
+        c.value("descale_k", descale_k is None, "None with a bf16/fp16 kv_cache (FP8 caches only)", "a tensor")
+    c.tensor("kv_cache", kv_cache, dtypes=FP8_CACHE_DTYPES if fp8 else (q.dtype,), dim=4, device=dev)
     c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, h_kv, 576]")
     page_size, h_kv = kv_cache.shape[1], kv_cache.shape[2]
     c.value("kv_cache", _all(page_size % DENSE_PAGE_ALIGN == 0, page_size > 0),
@@ -240,7 +259,7 @@ def check_sparse_mla_prefill(q, kv, indices, softmax_scale, head_dim_v, attn_sin
         c.size("topk_length", topk_length, 0, s_q, "s_q")
 
 
-def _check_scale_tensor(c: _Checker, arg: str, t, device) -> None:
+def _check_scale_tensor(c: _Checker, arg: str, t, device, device_of: str = "kv_c") -> None:
     """A float32 tensor with one element (shape [] or [1]) on ``device``; its value is never read here."""
     if not isinstance(t, torch.Tensor):
         c.fail(arg, "a Tensor", type(t).__name__)
@@ -249,7 +268,7 @@ def _check_scale_tensor(c: _Checker, arg: str, t, device) -> None:
     c.value(arg, t.dim() <= 1, "a 1-element tensor of shape [] or [1]", lambda: f"shape {tuple(t.shape)}")
     c.value(arg, t.numel() == 1, "a 1-element tensor of shape [] or [1]", lambda: f"shape {tuple(t.shape)}")
     if t.device != device:
-        c.fail(arg, f"on device {device} (the device of kv_c; it is read on the device)", t.device)
+        c.fail(arg, f"on device {device} (the device of {device_of}; it is read on the device)", t.device)
 
 
 def check_concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale=None) -> None:

@@ -57,11 +57,17 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            extra_k_cache: Optional[torch.Tensor] = None,
                            extra_indices_in_kvcache: Optional[torch.Tensor] = None,
                            topk_length: Optional[torch.Tensor] = None,
-                           extra_topk_length: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                           extra_topk_length: Optional[torch.Tensor] = None,
+                           descale_q: Optional[torch.Tensor] = None, descale_k: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA's decode entry point. Dense when ``indices`` is None (q [b, s_q, h_q, 576], k_cache
     [blocks, page, h_kv, 576], block_table, cache_seqlens), token-sparse over the FP8 cache otherwise
     (k_cache [blocks, page, 1, 656], indices [b, s_q, topk]). Returns (out [b, s_q, h_q, d_v],
-    softmax_lse [b, h_q, s_q] fp32)."""
+    softmax_lse [b, h_q, s_q] fp32).
+
+    Dense with ``is_fp8_kvcache=True`` (the FP8 dense fork's interface): k_cache is the per-tensor
+    e4m3 cache (float8_e4m3fn or uint8) with ``descale_k`` float32 [1]; q bf16, or float8_e4m3fn
+    with ``descale_q`` float32 [1]; out bf16 (:func:`torch_flashmla.ops.mla_decode`)."""
     sparse = indices is not None
     if sparse and causal:
         raise ValueError("flash_mla_with_kvcache: causal must be False for sparse attention (indices given)")
@@ -71,10 +77,11 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                                                   extra_topk_length)):
         raise ValueError("flash_mla_with_kvcache: attn_sink, extra caches and topk lengths need sparse attention "
                          "(indices)")
-    if not sparse and is_fp8_kvcache:
-        raise ValueError("flash_mla_with_kvcache: the FP8 cache is supported with sparse attention only")
+    if sparse and (descale_q is not None or descale_k is not None):
+        raise ValueError("flash_mla_with_kvcache: descale_q / descale_k are for the dense FP8 cache (the sparse "
+                         "FP8 cache carries its own scales)")
 
-    _check_call_shapes(q, k_cache, sparse, extra_k_cache, extra_indices_in_kvcache)
+    _check_call_shapes(q, k_cache, sparse, extra_k_cache, extra_indices_in_kvcache, fp8=is_fp8_kvcache)
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         plan = tile_scheduler_metadata
         if num_splits is not None:
@@ -94,7 +101,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
             else:
                 h_kv = k_cache.shape[2]
                 plan.tile_scheduler_metadata, plan.num_splits = ops.get_mla_metadata(
-                    cache_seqlens, s_q * h_q // h_kv, h_kv, h_q)
+                    cache_seqlens, s_q * h_q // h_kv, h_kv, h_q, is_fp8_kvcache)
         metadata, splits = plan.tile_scheduler_metadata, plan.num_splits
     else:
         metadata, splits = tile_scheduler_metadata, num_splits
@@ -105,15 +112,16 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                                      extra_indices=extra_indices_in_kvcache, extra_topk_length=extra_topk_length,
                                      head_dim_v=head_dim_v, softmax_scale=softmax_scale)
     return ops.mla_decode(q, k_cache, block_table, cache_seqlens, metadata, splits, head_dim_v=head_dim_v,
-                          softmax_scale=softmax_scale, causal=causal)
+                          softmax_scale=softmax_scale, causal=causal, descale_q=descale_q, descale_k=descale_k)
 
 
-def _check_call_shapes(q, k_cache, sparse: bool, extra_k_cache, extra_indices) -> None:
+def _check_call_shapes(q, k_cache, sparse: bool, extra_k_cache, extra_indices, fp8: bool = True) -> None:
     """What flash_mla_with_kvcache reads before the op runs its own checks (ranks for the shape
     arithmetic of the plan, and the extra cache's indices), refused with the op checks' messages."""
     c = checks._Checker("flash_mla_with_kvcache")
-    c.tensor("q", q, dtypes=(torch.bfloat16, torch.float16), dim=4)
-    dtypes = checks.FP8_CACHE_DTYPES if sparse else (q.dtype,)
+    dense_fp8 = fp8 and not sparse
+    c.tensor("q", q, dtypes=checks.FP8_DECODE_Q_DTYPES if dense_fp8 else (torch.bfloat16, torch.float16), dim=4)
+    dtypes = checks.FP8_CACHE_DTYPES if sparse or dense_fp8 else (q.dtype,)
     c.tensor("k_cache", k_cache, dtypes=dtypes, dim=4, device=q.device)
     c.value("k_cache", k_cache.shape[2] >= 1, "[num_blocks, page_size, h_kv >= 1, d]",
             lambda: f"shape {tuple(k_cache.shape)}")

@@ -63,12 +63,16 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor, head_dim_v: int = D_V,
-               softmax_scale: Optional[float] = None, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense MLA decode over a paged BF16/FP16 cache.
+               softmax_scale: Optional[float] = None, causal: bool = False,
+               descale_q: Optional[torch.Tensor] = None, descale_k: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense MLA decode over a paged BF16/FP16 cache, or over a per-tensor FP8 (e4m3) cache.
 
     Args:
-        q: [b, s_q, h_q, 576] bf16/fp16.
-        kv_cache: [num_blocks, page_size, h_kv, 576], q's dtype; page_size a multiple of 64.
+        q: [b, s_q, h_q, 576] bf16/fp16; with an FP8 cache bf16, or float8_e4m3fn with ``descale_q``.
+        kv_cache: [num_blocks, page_size, h_kv, 576], q's dtype; page_size a multiple of 64. Or the
+            per-tensor e4m3 cache written by ``concat_and_cache_mla(..., kv_cache_dtype="fp8", scale)``:
+            float8_e4m3fn (or uint8 holding the same bytes), value = e4m3 * ``descale_k``.
         block_table: [b, max_blocks_per_seq] int32; entries past the last used page are ignored;
             tokens of a used page whose id is outside ``[0, num_blocks)`` are skipped (never read).
         cache_seqlens: [b] int32 (0 allowed: out = 0, lse = +inf). Values are not checked (that
@@ -77,13 +81,18 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         tile_scheduler_metadata, num_splits: the plan from :func:`get_mla_metadata`.
         head_dim_v: 512. softmax_scale: default 576 ** -0.5.
         causal: with s_q > 1, query t sees keys ``< cache_seqlens - s_q + t + 1``.
+        descale_q: float32 [1] (or []), q's per-tensor descale; only with a float8_e4m3fn q.
+        descale_k: float32 [1] (or []), the FP8 cache's per-tensor descale (the ``scale`` it was
+            written with); required with an FP8 cache, refused otherwise. Both are read on the device
+            (no host sync: a captured call replays with the values they hold then); they must be
+            finite and positive (not checked).
     Returns:
-        out [b, s_q, h_q, 512] (q's dtype), lse [b, h_q, s_q] fp32 (natural log).
+        out [b, s_q, h_q, 512] (q's dtype; bf16 with an FP8 cache), lse [b, h_q, s_q] fp32 (natural log).
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     return torch.ops.flashmla.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                                         tile_scheduler_metadata, num_splits)
+                                         tile_scheduler_metadata, num_splits, descale_q, descale_k)
 
 
 def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,

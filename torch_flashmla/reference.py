@@ -101,17 +101,26 @@ def _sink_scale(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                head_dim_v: int, softmax_scale: float, causal: bool,
-               tile_scheduler_metadata: Optional[torch.Tensor] = None, num_splits: Optional[torch.Tensor] = None
+               tile_scheduler_metadata: Optional[torch.Tensor] = None, num_splits: Optional[torch.Tensor] = None,
+               descale_q: Optional[torch.Tensor] = None, descale_k: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense MLA decode over a paged cache. q [b, s_q, h_q, 576]; kv_cache [num_blocks, page_size,
     h_kv, 576]; block_table [b, max_blocks] int32; cache_seqlens [b] int32.
-    Returns out [b, s_q, h_q, head_dim_v] (q's dtype) and lse [b, h_q, s_q] fp32.
+    Returns out [b, s_q, h_q, head_dim_v] (q's dtype; bf16 with an FP8 cache) and lse [b, h_q, s_q] fp32.
     The plan arguments only matter to the kernels; the reference reads every request whole.
 
     Values that cannot be refused without a host sync have a defined meaning (the SM90 kernel agrees):
     a length below 0 counts as 0 and one above the table's capacity ``max_blocks * page_size`` as
     that capacity (``causal`` aligns to the clamped length); the tokens of a used page whose id is
-    outside ``[0, num_blocks)`` are skipped, like masked keys, and that page is never read."""
+    outside ``[0, num_blocks)`` are skipped, like masked keys, and that page is never read.
+
+    FP8 cache (``float8_e4m3fn`` or its ``uint8`` bytes, per-tensor scale): attention over the dequantized
+    values ``e4m3 * descale_k`` and ``q * descale_q`` (a float8_e4m3fn q) or q (bf16), in float32; bf16 out.
+    The descales are 1-element tensors, used as tensors (no host read)."""
+    fp8 = kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+    if fp8:
+        kv_cache = kv_cache.view(torch.uint8)  # gathered as bytes, dequantized below
+    out_dtype = torch.bfloat16 if fp8 else q.dtype
     b, s_q, h_q, d_qk = q.shape
     num_blocks, page_size, h_kv, _ = kv_cache.shape
     group = h_q // h_kv
@@ -121,7 +130,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     positions = torch.arange(capacity, device=device)                            # [S]
     page_starts = torch.arange(max_blocks, device=device) * page_size            # [max_blocks]
     query_offsets = torch.arange(s_q, device=device)                             # [s_q]
-    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=device)
+    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=out_dtype, device=device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
     for i in range(b):
         seqlen = cache_seqlens[i].long().clamp(0, capacity)
@@ -130,19 +139,21 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         ids = block_table[i].long()
         page_ok = (page_starts < seqlen) & (ids >= 0) & (ids < num_blocks)        # [max_blocks]
         if num_blocks > 0:
-            kv = kv_cache[torch.where(page_ok, ids, 0)].reshape(capacity, h_kv, d_qk).float()
+            kv = kv_cache[torch.where(page_ok, ids, 0)].reshape(capacity, h_kv, d_qk)
+            kv = kv.view(torch.float8_e4m3fn).float() * descale_k.float().reshape(()) if fp8 else kv.float()
         else:
             kv = torch.zeros(capacity, h_kv, d_qk, device=device)
         attended = (positions < seqlen) & page_ok.repeat_interleave(page_size)    # [S]
         kv = torch.where(attended[:, None, None], kv, 0.0)                       # NaN never attended -> 0
         limit = seqlen - s_q + query_offsets + 1 if causal else seqlen.expand(s_q)
         valid = (positions[None, :] < limit[:, None]) & attended[None, :]        # [s_q, S]
-        qi = q[i].float().view(s_q, h_kv, group, d_qk).transpose(0, 1)           # [h_kv, s_q, group, d]
+        qf = q[i].float() * descale_q.float().reshape(()) if descale_q is not None else q[i].float()
+        qi = qf.view(s_q, h_kv, group, d_qk).transpose(0, 1)                     # [h_kv, s_q, group, d]
         keys = kv.transpose(0, 1)                                                # [h_kv, S, d]
         scores = torch.einsum("ktgd,ksd->ktgs", qi, keys) * softmax_scale       # [h_kv, s_q, group, S]
         probs, l = _masked_softmax(scores, valid[None, :, None, :].expand_as(scores))
         o = torch.einsum("ktgs,ksd->ktgd", probs, keys[..., :head_dim_v])        # [h_kv, s_q, group, d_v]
-        out[i] = o.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v).to(q.dtype)
+        out[i] = o.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v).to(out_dtype)
         lse[i] = l.permute(0, 2, 1).reshape(h_q, s_q)
     return out, lse
 

@@ -66,7 +66,8 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 }
 
 // 4-D map {576, h_kv, page_size, num_blocks} over the paged cache; box {64, 1, 64, 1}, 128B swizzle.
-CUtensorMap make_cache_map(const at::Tensor& kv) {
+// fp8 (one byte per value): box {128, 1, 64, 1} (a pair of 64-column tiles), no swizzle (docs/design.md §5.1).
+CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8) {
   const int64_t es = kv.element_size();
   const int64_t row_bytes = ((fs::kDQK * es + 15) / 16) * 16;
   auto stride_bytes = [&](int dim, int64_t fallback) {
@@ -84,13 +85,14 @@ CUtensorMap make_cache_map(const at::Tensor& kv) {
                         static_cast<cuuint64_t>(kv.size(1)), static_cast<cuuint64_t>(kv.size(0))};
   cuuint64_t strides[3] = {static_cast<cuuint64_t>(s_head), static_cast<cuuint64_t>(s_tok),
                            static_cast<cuuint64_t>(s_blk)};
-  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(fs::kBlockN), 1};
+  cuuint32_t box[4] = {fp8 ? 128u : 64u, 1, static_cast<cuuint32_t>(fs::kBlockN), 1};
   cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
-  const CUtensorMapDataType dt =
-      kv.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType dt = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                 : kv.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                     : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   CUresult res = encode_fn()(&map, dt, 4, kv.data_ptr(), dims, strides, box, elem_strides,
-                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                             CU_TENSOR_MAP_INTERLEAVE_NONE, fp8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(res == CUDA_SUCCESS, "mla_decode: cuTensorMapEncodeTiled failed (", static_cast<int>(res), ")");
   return map;
@@ -100,15 +102,33 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
                                                    const at::Tensor& block_table_in, const at::Tensor& cache_seqlens_in,
                                                    int64_t head_dim_v, double softmax_scale, bool causal,
                                                    const at::Tensor& tile_scheduler_metadata_in,
-                                                   const at::Tensor& num_splits_in) {
+                                                   const at::Tensor& num_splits_in,
+                                                   const c10::optional<at::Tensor>& descale_q,
+                                                   const c10::optional<at::Tensor>& descale_k) {
   TORCH_CHECK(q_in.is_cuda() && kv_cache.is_cuda(), "mla_decode: q and kv_cache must be CUDA tensors");
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == fs::kDQK, "mla_decode: q must be [b, s_q, h_q, 576]");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == fs::kDQK, "mla_decode: kv_cache must be [blocks, page, h_kv, 576]");
   TORCH_CHECK(head_dim_v == fs::kDV, "mla_decode: head_dim_v must be 512");
   // The kernel takes row maxima of the raw scores (valid for a positive scale only).
   TORCH_CHECK(softmax_scale > 0, "mla_decode: softmax_scale must be positive, got ", softmax_scale);
-  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 || q_in.scalar_type() == at::kHalf, "mla_decode: q must be bf16 or fp16");
-  TORCH_CHECK(kv_cache.scalar_type() == q_in.scalar_type(), "mla_decode: kv_cache must have q's dtype");
+  // FP8 path: a per-tensor e4m3 cache (float8_e4m3fn or uint8 bytes) with descale_k; q bf16, or e4m3 with
+  // descale_q; bf16 out.
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn || kv_cache.scalar_type() == at::kByte;
+  const bool q_fp8 = q_in.scalar_type() == at::kFloat8_e4m3fn;
+  auto check_descale = [&](const c10::optional<at::Tensor>& d, const char* name) {
+    TORCH_CHECK(d.has_value() && d->scalar_type() == at::kFloat && d->numel() == 1 && d->device() == q_in.device(),
+                "mla_decode: ", name, " must be a float32 tensor of one element on q's device");
+  };
+  if (fp8) {
+    TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 || q_fp8, "mla_decode: with an FP8 cache q must be bf16 or float8_e4m3fn");
+    check_descale(descale_k, "descale_k");
+    if (q_fp8) check_descale(descale_q, "descale_q");
+    TORCH_CHECK(q_fp8 || !descale_q.has_value(), "mla_decode: descale_q is for a float8_e4m3fn q");
+  } else {
+    TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 || q_in.scalar_type() == at::kHalf, "mla_decode: q must be bf16 or fp16");
+    TORCH_CHECK(kv_cache.scalar_type() == q_in.scalar_type(), "mla_decode: kv_cache must have q's dtype");
+    TORCH_CHECK(!descale_q.has_value() && !descale_k.has_value(), "mla_decode: descale_q / descale_k need an FP8 cache");
+  }
   TORCH_CHECK(kv_cache.stride(3) == 1, "mla_decode: kv_cache must have a contiguous last dim");
   const int64_t b = q_in.size(0), s_q = q_in.size(1), h_q = q_in.size(2);
   const int64_t page_size = kv_cache.size(1), h_kv = kv_cache.size(2);
@@ -130,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   at::Tensor num_splits = num_splits_in.contiguous();
   const int64_t num_sm_parts = metadata.size(0);
 
-  at::Tensor out = at::empty({b, s_q, h_q, fs::kDV}, q.options());
+  at::Tensor out = at::empty({b, s_q, h_q, fs::kDV}, fp8 ? q.options().dtype(at::kBFloat16) : q.options());
   at::Tensor lse = at::empty({b, h_q, s_q}, q.options().dtype(at::kFloat));
   if (b == 0 || s_q == 0 || h_q == 0) return {out, lse};
   if (kv_cache.size(0) == 0) {  // every page id is out of range: nothing is attended (no tensor map of 0 blocks)
@@ -183,10 +203,23 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal ? 1 : 0;
+  // Read on the device (no host sync): capturable, replays with the values the tensors hold then.
+  at::Tensor dq, dk;
+  if (fp8) {
+    dk = descale_k->contiguous();
+    p.descale_k = dk.data_ptr<float>();
+    if (q_fp8) {
+      dq = descale_q->contiguous();
+      p.descale_q = dq.data_ptr<float>();
+    }
+    p.q_fp8 = q_fp8 ? 1 : 0;
+  }
 
-  const CUtensorMap tmap = make_cache_map(kv_cache);
+  const CUtensorMap tmap = make_cache_map(kv_cache, fp8);
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (bf16) {
+  if (fp8) {
+    fs::launch_dense_decode_fp8(p, tmap, stream);
+  } else if (bf16) {
     fs::launch_dense_decode_bf16(p, tmap, stream);
   } else {
     fs::launch_dense_decode_fp16(p, tmap, stream);
@@ -205,7 +238,8 @@ TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
       "bool is_fp8_kvcache, int? topk, int num_sm_parts) -> (Tensor tile_scheduler_metadata, Tensor num_splits)");
   m.def(
       "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
-      "float softmax_scale, bool causal, Tensor tile_scheduler_metadata, Tensor num_splits) -> (Tensor out, Tensor lse)");
+      "float softmax_scale, bool causal, Tensor tile_scheduler_metadata, Tensor num_splits, Tensor? descale_q=None, "
+      "Tensor? descale_k=None) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) {

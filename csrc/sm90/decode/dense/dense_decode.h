@@ -34,6 +34,11 @@ struct DenseDecodeParams {
   int max_tokens;          // block-table capacity (max_blocks * page_size): lengths are clamped to it
   float scale_log2;        // softmax_scale * log2(e)
   int causal;
+  // FP8 cache (launch_dense_decode_fp8): per-tensor fp32 descales, read on the device. descale_q is
+  // nullptr for a bf16 q; q_fp8 = 1 when q holds e4m3 values.
+  const float* descale_q;
+  const float* descale_k;
+  int q_fp8;
 };
 
 // Launches the attention kernel on `stream`. Grid m tiles x h_kv x num_sm_parts: the m-tile CTAs of a
@@ -41,6 +46,9 @@ struct DenseDecodeParams {
 // tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, 64, 1}, 128B swizzle.
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
+// Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out. tmap: the same 4-D map over the cache bytes (uint8),
+// box {64, 1, 64, 1}, no swizzle.
+void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 
 }  // namespace sm90
 }  // namespace flashmla
