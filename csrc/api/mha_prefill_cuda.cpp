@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "api/decode_api.h"
@@ -93,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
   p.num_m_blocks = static_cast<int>((max_seqlen_q + mp::kBlockM - 1) / mp::kBlockM);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal ? 1 : 0;
+  p.pingpong = std::getenv("FLASHMLA_MHA_NO_PINGPONG") == nullptr;  // A/B knob, removed after measuring
   if (q.scalar_type() == at::kBFloat16) {
     mp::launch_mha_prefill_bf16(p, static_cast<int>(d_qk), tq, tk, tv, stream);
   } else {

@@ -19,11 +19,21 @@ __device__ __forceinline__ uint32_t frag_offset(int row0, int quad, int kk, int 
   return swz(row0 + (reg & 1) * 8, 2 * kk + (reg >> 1)) + quad * 4;
 }
 
-// S (m64n64 accumulators) -> bf16/fp16 A fragments of the PV product.
-template <typename T, bool kResidue>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[4][4], const float (&s)[32]) {
+// valid(col, row_half) of the exp steps: whether this thread's score in column col of the tile (16 kk +
+// 8 (reg >> 1) + e in fragment terms, e in {0, 1}; the thread's quad offset not included) of row row0
+// (row_half 0) or row0 + 8 (1) counts; a score that does not gives P = 0, whatever its value (NaN
+// included).
+struct AllValid {
+  __device__ __forceinline__ bool operator()(int, int) const { return true; }
+};
+
+// S (m64n(16 KK) accumulators) -> bf16/fp16 A fragments of the PV product (kResidue: what the first
+// rounding left, the second term of P = hi + lo).
+template <typename T, bool kResidue, int KK, int NS>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[KK][4], const float (&s)[NS]) {
+  static_assert(NS == 8 * KK, "one k-step of P is 8 accumulators of S per thread");
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < KK; ++kk) {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {
       const float x = s[8 * kk + 2 * reg], y = s[8 * kk + 2 * reg + 1];
@@ -115,14 +125,15 @@ __device__ __forceinline__ MaxUpdate update_shared_max(float* s_max, float* s_sc
 
 // P = exp2(S * scale_log2 - base) in place (base 0 for rows with no token yet); returns the row sums
 // of this thread.
-__device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float base0, float base1, float& sum0,
-                                         float& sum1) {
+template <int NS, typename Valid = AllValid>
+__device__ __forceinline__ void exp_rows(float (&s)[NS], float scale_log2, float base0, float base1, float& sum0,
+                                         float& sum1, Valid valid = {}) {
   sum0 = 0.f;
   sum1 = 0.f;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
+  for (int i = 0; i < NS; ++i) {
     const bool top = (i % 4) < 2;
-    s[i] = exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1)));
+    s[i] = valid((i / 4) * 8 + i % 2, top ? 0 : 1) ? exp2f(fmaf(s[i], scale_log2, -(top ? base0 : base1))) : 0.f;
     if (top) sum0 += s[i]; else sum1 += s[i];
   }
 }
@@ -131,12 +142,6 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, float
 // row sums; S is only read. Used while a product into O is in flight: writing S (an accumulator of the
 // QK products) there would make ptxas serialize every wgmma of the kernel.
 // KK k-steps of 16 columns: S m64n(16 KK), s[8 KK] per thread (64-key chunks: KK = 4; 128-key blocks: 8).
-// valid(col, row_half): whether this thread's score in column col (of its quad's pair: 16 kk + 8 (reg >> 1)
-// + e, e in {0, 1}) of row row0 (row_half 0) or row0 + 8 (1) counts; a score that does not gives P = 0,
-// whatever its value (NaN included).
-struct AllValid {
-  __device__ __forceinline__ bool operator()(int, int) const { return true; }
-};
 template <typename T, int KK, int NS, typename Valid = AllValid>
 __device__ __forceinline__ void exp_pack(uint32_t (&pa)[KK][4], const float (&s)[NS], float scale_log2, float base0,
                                          float base1, float& sum0, float& sum1, Valid valid = {}) {

@@ -25,6 +25,7 @@ struct MhaPrefillParams {
   int num_m_blocks;         // ceil(max_seqlen_q / kBlockM)
   float scale_log2;         // softmax_scale * log2(e)
   int causal;
+  int pingpong;             // the two math warpgroups take turns issuing their products
 };
 
 // Tensor maps (3-D, 128B swizzle, box {64, 1, 128}):

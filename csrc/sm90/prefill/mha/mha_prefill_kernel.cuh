@@ -12,7 +12,8 @@
 //       block i overlaps the tensor cores: S_i = Q K_i^T and O += P_{i-1} V_{i-1} are issued together,
 //       the softmax of S_i runs while the PV product is in flight, and O is rescaled after it retires.
 //       The running max moves only by more than kMaxSlack (sm90/common/seesaw.h), so the rescale is
-//       skipped in almost every block.
+//       skipped in almost every block. A warpgroup whose rows attend at most kPreciseMaxKeys keys
+//       walks the blocks one at a time with P = hi + lo instead (see kPreciseMaxKeys).
 // Masking: key t of a sequence is attended by its query row j iff k_lo <= t < k_hi and, when causal,
 // t < n_k - n_q + j + 1 (bottom-right aligned), where [k_lo, k_hi) is the part of [0, n_k) whose rows
 // lie inside the k / v tensors. Masked scores are left out of the max and give P = 0 by selection, so
@@ -36,6 +37,13 @@ constexpr int kTileBytes = kBlockN * 128;  // 128 rows x 64 elements, 128B swizz
 static_assert(kBlockM == kBlockN, "Q, K and V tiles share one row count");
 constexpr int kKSteps = kBlockN / 16;      // k-steps of the PV product
 
+// Warpgroups whose rows attend at most this many keys take the precise path (P = hi + lo, two bf16/fp16
+// terms, in both PV products): with P rounded once (relative error up to 2^-9 in bf16) the output of a
+// row that averages few keys is off by up to ~2^-9 |v| (0.0029 seen at 2-key rows of a causal 4096
+// prompt, against the 8e-4 tolerance); over n keys the error falls as 1 / sqrt(n). Rows with few keys
+// are a small share of a long prompt's work (under (512 / s)^2 of a causal prompt of s tokens).
+constexpr int kPreciseMaxKeys = 512;
+
 template <int kDQK>
 struct Layout {
   static constexpr int kTilesQK = kDQK / 64;
@@ -58,6 +66,10 @@ __device__ __forceinline__ uint32_t bar_v_empty(uint32_t b, int s) { return b + 
 // setmaxnreg budgets: they must sum to the launch allotment, 3 x 168 per thread slot.
 constexpr int kRegsMath = 240, kRegsProducer = 24;
 static_assert(2 * kRegsMath + kRegsProducer == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+
+// Named barriers (0 is __syncthreads): 1 + w = warpgroup w alone (zero_v_rows); kBarSched + w = the
+// ping-pong turn of warpgroup w.
+constexpr uint32_t kBarSched = 3;
 
 // One arrival per warp on an empty barrier (count 8: every math warp once per block).
 __device__ __forceinline__ void release(uint32_t bar) {
@@ -176,6 +188,19 @@ __device__ __forceinline__ MaxUpdate softmax_block(const float (&s)[64], Valid v
   return u;
 }
 
+// The same step for the precise path: P = exp2(S - base) in place (nothing is in flight then).
+template <typename Valid>
+__device__ __forceinline__ MaxUpdate softmax_block_in_place(float (&s)[64], Valid valid, float scale_log2, float& run0,
+                                                            float& run1, float& sum0, float& sum1) {
+  float mx0, mx1;
+  row_max(s, valid, mx0, mx1);
+  const MaxUpdate u = update_max(run0, run1, mx0 * scale_log2, mx1 * scale_log2);
+  run0 = u.max0;
+  run1 = u.max1;
+  exp_rows(s, scale_log2, u.base0, u.base1, sum0, sum1, valid);
+  return u;
+}
+
 // V rows [first_row, 128) of a stage -> 0 (rows past the keys inside k / v: TMA loaded whatever the
 // next sequence or the padding holds there). Each math warpgroup zeroes before its own product; both
 // write the same zeros, so neither can read a stale row after its own barrier.
@@ -226,74 +251,128 @@ __device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_
     // The first block walked (the last one) may reach past k_hi: its V rows from there on are zeroed.
     const int zero_from = w.k_hi - (w.n_end - 1) * kBlockN;
 
-    uint32_t pa[kKSteps][4];
+    // The most keys a row of this CTA attends (rows past the sequence do not count). One decision for
+    // both warpgroups: the ping-pong schedule needs them on the same path.
+    const int j_last = min(w.m0 + kBlockM - 1, w.n_q - 1);
+    const int max_keys = (p.causal ? min(w.k_hi, w.n_k - w.n_q + j_last + 1) : w.k_hi) - w.k_lo;
+
     mbar_wait_loop(bar_q_full(bars), 0);
-    {
-      const int n = w.n_end - 1;
-      float s[64];
-      mbar_wait_loop(bar_k_full(bars, 0), 0);
-      qk_block<T, kDQK>(s, q_rows, k_stage(0));
-      wgmma_wait<0>();
-      fence_all(s);
-      release(bar_k_empty(bars, 0));
-      float sum0, sum1;
-      if (needs_mask(n)) {
-        softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1, pa, sum0, sum1);
-      } else {
-        softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, pa, sum0, sum1);
+    if (max_keys <= kPreciseMaxKeys) {
+      // ---- precise path: one block at a time, P = hi + lo ----
+      for (int i = 0; i < nb; ++i) {
+        const int n = w.n_end - 1 - i;
+        const int st = i & 1, ph = (i >> 1) & 1;
+        float s[64];
+        mbar_wait_loop(bar_k_full(bars, st), ph);
+        qk_block<T, kDQK>(s, q_rows, k_stage(st));
+        wgmma_wait<0>();
+        fence_all(s);
+        release(bar_k_empty(bars, st));
+        float sum0, sum1;
+        const MaxUpdate u =
+            needs_mask(n) ? softmax_block_in_place(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2,
+                                                   run0, run1, sum0, sum1)
+                          : softmax_block_in_place(s, AllValid{}, p.scale_log2, run0, run1, sum0, sum1);
+        rescale_add(o, l0, l1, u, sum0, sum1);
+        uint32_t p_hi[kKSteps][4], p_lo[kKSteps][4];
+        pack_p<T, false>(p_hi, s);
+        pack_p<T, true>(p_lo, s);
+        mbar_wait_loop(bar_v_full(bars, st), ph);
+        if (i == 0 && zero_from < kBlockN) zero_v_rows(v_stage(st), zero_from, kWG);
+        pv_block<T>(o, p_hi, v_stage(st));
+        pv_block<T>(o, p_lo, v_stage(st));
+        wgmma_wait<0>();
+        fence_all(o);
+        fence_p(p_hi);
+        fence_p(p_lo);
+        release(bar_v_empty(bars, st));
       }
-      l0 = sum0;
-      l1 = sum1;
-    }
-    // Block i: S_i = Q K_i^T and O += P_{i-1} V_{i-1} in flight together; P_i goes to p_out. P alternates
-    // between two register sets (a copy between them would make ptxas serialize the wgmmas).
-    auto step = [&](int i, uint32_t (&p_in)[kKSteps][4], uint32_t (&p_out)[kKSteps][4]) {
-      const int n = w.n_end - 1 - i;
-      const int st = i & 1, ph = (i >> 1) & 1;
-      const int pst = st ^ 1, pph = ((i - 1) >> 1) & 1;
-      float s[64];
-      mbar_wait_loop(bar_k_full(bars, st), ph);
-      qk_block<T, kDQK>(s, q_rows, k_stage(st));
-      mbar_wait_loop(bar_v_full(bars, pst), pph);
-      if (i == 1 && zero_from < kBlockN) zero_v_rows(v_stage(pst), zero_from, kWG);
-      pv_block<T>(o, p_in, v_stage(pst));
-      wgmma_wait<1>();  // S of this block
-      fence_all(s);
-      release(bar_k_empty(bars, st));
-      float sum0, sum1;
-      const MaxUpdate u =
-          needs_mask(n)
-              ? softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1,
-                                 p_out, sum0, sum1)
-              : softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, p_out, sum0, sum1);
-      wgmma_wait<0>();  // O += P V of the previous block
-      fence_all(o);
-      fence_p(p_in);
-      release(bar_v_empty(bars, pst));
-      rescale_add(o, l0, l1, u, sum0, sum1);
-    };
-    // The last product: O += P V of the last block walked.
-    auto finish = [&](uint32_t (&p_last)[kKSteps][4]) {
-      const int st = (nb - 1) & 1, ph = ((nb - 1) >> 1) & 1;
-      mbar_wait_loop(bar_v_full(bars, st), ph);
-      if (nb == 1 && zero_from < kBlockN) zero_v_rows(v_stage(st), zero_from, kWG);
-      pv_block<T>(o, p_last, v_stage(st));
-      wgmma_wait<0>();
-      fence_all(o);
-      fence_p(p_last);
-      release(bar_v_empty(bars, st));
-    };
-    uint32_t pb[kKSteps][4];
-    int i = 1;
-    for (; i + 1 < nb; i += 2) {
-      step(i, pa, pb);
-      step(i + 1, pb, pa);
-    }
-    if (i < nb) {
-      step(i, pa, pb);
-      finish(pb);
     } else {
-      finish(pa);
+      // Ping-pong: the two warpgroups take turns issuing their products, so that one's softmax runs
+      // while the other's products keep the tensor cores busy. WG w waits on barrier kBarSched + w, and
+      // after issuing lets the other one go; WG1 lets WG0 go first, and its last issue lets nobody
+      // (every arrival on a barrier is matched by a wait).
+      auto sched_wait = [&](const MhaPrefillParams& pp) {
+        if (pp.pingpong) named_bar_sync(kBarSched + kWG, 256);
+      };
+      auto sched_pass = [&](const MhaPrefillParams& pp, bool more) {
+        if (pp.pingpong && (kWG == 0 || more)) named_bar_arrive(kBarSched + (kWG ^ 1), 256);
+      };
+      if (kWG == 1 && p.pingpong) named_bar_arrive(kBarSched, 256);
+      uint32_t pa[kKSteps][4];
+      {
+        const int n = w.n_end - 1;
+        float s[64];
+        mbar_wait_loop(bar_k_full(bars, 0), 0);
+        sched_wait(p);
+        qk_block<T, kDQK>(s, q_rows, k_stage(0));
+        sched_pass(p, true);
+        wgmma_wait<0>();
+        fence_all(s);
+        release(bar_k_empty(bars, 0));
+        float sum0, sum1;
+        if (needs_mask(n)) {
+          softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1, pa, sum0, sum1);
+        } else {
+          softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, pa, sum0, sum1);
+        }
+        l0 = sum0;
+        l1 = sum1;
+      }
+      // Block i: S_i = Q K_i^T and O += P_{i-1} V_{i-1} in flight together; P_i goes to p_out. P alternates
+      // between two register sets (a copy between them would make ptxas serialize the wgmmas).
+      auto step = [&](int i, uint32_t (&p_in)[kKSteps][4], uint32_t (&p_out)[kKSteps][4]) {
+        const int n = w.n_end - 1 - i;
+        const int st = i & 1, ph = (i >> 1) & 1;
+        const int pst = st ^ 1, pph = ((i - 1) >> 1) & 1;
+        float s[64];
+        mbar_wait_loop(bar_k_full(bars, st), ph);
+        mbar_wait_loop(bar_v_full(bars, pst), pph);
+        sched_wait(p);
+        qk_block<T, kDQK>(s, q_rows, k_stage(st));
+        if (i == 1 && zero_from < kBlockN) zero_v_rows(v_stage(pst), zero_from, kWG);
+        pv_block<T>(o, p_in, v_stage(pst));
+        sched_pass(p, true);
+        wgmma_wait<1>();  // S of this block
+        fence_all(s);
+        release(bar_k_empty(bars, st));
+        float sum0, sum1;
+        const MaxUpdate u =
+            needs_mask(n)
+                ? softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1,
+                                   p_out, sum0, sum1)
+                : softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, p_out, sum0, sum1);
+        wgmma_wait<0>();  // O += P V of the previous block
+        fence_all(o);
+        fence_p(p_in);
+        release(bar_v_empty(bars, pst));
+        rescale_add(o, l0, l1, u, sum0, sum1);
+      };
+      // The last product: O += P V of the last block walked.
+      auto finish = [&](uint32_t (&p_last)[kKSteps][4]) {
+        const int st = (nb - 1) & 1, ph = ((nb - 1) >> 1) & 1;
+        mbar_wait_loop(bar_v_full(bars, st), ph);
+        if (nb == 1 && zero_from < kBlockN) zero_v_rows(v_stage(st), zero_from, kWG);
+        sched_wait(p);
+        pv_block<T>(o, p_last, v_stage(st));
+        sched_pass(p, false);
+        wgmma_wait<0>();
+        fence_all(o);
+        fence_p(p_last);
+        release(bar_v_empty(bars, st));
+      };
+      uint32_t pb[kKSteps][4];
+      int i = 1;
+      for (; i + 1 < nb; i += 2) {
+        step(i, pa, pb);
+        step(i + 1, pb, pa);
+      }
+      if (i < nb) {
+        step(i, pa, pb);
+        finish(pb);
+      } else {
+        finish(pa);
+      }
     }
   }
 
