@@ -14,7 +14,13 @@ Floors (docs/design.md §6): h_q = 128 cases >= 500 TFLOPS, h_q <= 64 cases >= 3
 Ceilings measured on the H200 (docs/design.md §6): copy 4284 GB/s, bf16 matmul 799 TFLOPS.
 Writes a table to stdout, JSON and a PNG plot to $OUT (or benchmarks/results/).
 
-Usage: python benchmarks/bench_decode.py [--quick] [--no-naive] [--sequential-tables]
+FP8 rows (--fp8): the same shapes over the per-tensor e4m3 cache (the bf16 cache quantized with descale
+2^-6, q bf16), timed the same way right after the BF16 row; "ratio" = BF16 op us / FP8 op us; FP8 bytes
+count one byte per cache value: bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576 + s_q*h_q*512*2). Floors (issue
+20): ratio >= 1.7 on the memory-bound shapes (h_q <= 64), >= 1.2 on the compute-bound ones (h_q 128).
+
+Usage: python benchmarks/bench_decode.py [--quick] [--no-naive] [--sequential-tables] [--fp8] [--fp8-only-rows]
+--fp8-only-rows: only the op timings of the BF16 and FP8 rows (no step/plan/naive/FlashMLA timing).
 Block tables are a random permutation of the cache's pages unless --sequential-tables (in order, as in
 FlashMLA's benchmark); results then go to bench_decode_seq.{json,png}.
 """
@@ -67,8 +73,29 @@ def decode_flops(b, s_q, s_k, h_q):
     return b * s_q * h_q * s_k * 2 * (D_QK + D_V)
 
 
-def decode_bytes(b, s_q, s_k, h_q, h_kv=1):
-    return b * (s_q * h_q * D_QK * 2 + s_k * h_kv * D_QK * 2 + s_q * h_q * D_V * 2)
+def decode_bytes(b, s_q, s_k, h_q, h_kv=1, cache_bytes=2):
+    return b * (s_q * h_q * D_QK * 2 + s_k * h_kv * D_QK * cache_bytes + s_q * h_q * D_V * 2)
+
+
+FP8_DESCALE = 2.0 ** -6
+
+
+def fp8_row(q, cache, table, lens, meta, splits, b, s_q, s_k, h_q, bf16_us):
+    """The FP8 dense decode of the same shape: the cache quantized per tensor (descale 2^-6)."""
+    from torch_flashmla import kv_cache as kvc
+    dk = torch.tensor([FP8_DESCALE], device=DEV)
+    cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
+    scale = D_QK ** -0.5
+    fn = lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta, splits,  # noqa: E731
+                                               None, dk)
+    one_us = single_call_us(fn)
+    med, _, _ = graph_time_us(fn)
+    clock = sm_clock_mhz()
+    flops = decode_flops(b, s_q, s_k, h_q)
+    nbytes = decode_bytes(b, s_q, s_k, h_q, cache_bytes=1)
+    del cache8
+    return dict(fp8_us=med, fp8_single_us=one_us, fp8_mhz=clock, fp8_tflops=flops / med / 1e6,
+                fp8_gbs=nbytes / med / 1e3, fp8_ratio=bf16_us / med)
 
 
 def naive_decode(q, cache, table, lens, scale):
@@ -124,13 +151,18 @@ def main():
     quick = "--quick" in sys.argv
     with_naive = "--no-naive" not in sys.argv
     sequential = "--sequential-tables" in sys.argv
+    with_fp8 = "--fp8" in sys.argv or "--fp8-only-rows" in sys.argv
+    rows_only = "--fp8-only-rows" in sys.argv
+    if rows_only:
+        with_naive = False
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"block tables: {'sequential' if sequential else 'random permutation'}")
     rows = []
     cases = [("compute", c) for c in COMPUTE] + [("memory", c) for c in MEMORY]
     if quick:
         cases = cases[::3]
-    cases += [("l2diag", (128, 1, 4096, 128)), ("l2diag", (64, 1, 8192, 64)), ("l2diag", (64, 1, 8192, 16))]
+    if not rows_only:
+        cases += [("l2diag", (128, 1, 4096, 128)), ("l2diag", (64, 1, 8192, 64)), ("l2diag", (64, 1, 8192, 16))]
     for kind, (b, s_q, s_k, h_q) in cases:
         q, cache, table, lens = inputs(b, s_q, s_k, h_q, l2_pages=16 if kind == "l2diag" else 0, sequential=sequential)
         meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
@@ -144,8 +176,10 @@ def main():
         one_us = single_call_us(fn)
         med, lo, hi = graph_time_us(fn)
         clock = sm_clock_mhz()  # right after the sustained replays
-        step_us, _, _ = graph_time_us(step)
-        plan_us, _, _ = graph_time_us(lambda: torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q))
+        step_us = plan_us = float("nan")
+        if not rows_only:
+            step_us, _, _ = graph_time_us(step)
+            plan_us, _, _ = graph_time_us(lambda: torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q))
         flops = decode_flops(b, s_q, s_k, h_q)
         nbytes = decode_bytes(b, s_q, s_k, h_q)
         row = dict(kind=kind, b=b, s_q=s_q, s_k=s_k, h_q=h_q, ours_us=med, ours_min_us=lo, ours_max_us=hi,
@@ -155,7 +189,10 @@ def main():
         if with_naive and kind != "l2diag":
             naive_us, _, _ = graph_time_us(lambda: naive_decode(q, cache, table, lens, scale), iters=2, reps=3)
             row.update(naive_us=naive_us, naive_tflops=flops / naive_us / 1e6, naive_gbs=nbytes / naive_us / 1e3)
-        ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
+        if with_fp8 and kind != "l2diag":
+            row.update(fp8_row(q, cache, table, lens, meta, splits, b, s_q, s_k, h_q, med))
+            row["fp8_floor_met"] = row["fp8_ratio"] >= (1.2 if kind == "compute" else 1.7)
+        ref = None if rows_only else flashmla_fn(q, cache, table, lens, h_q, s_q)
         if ref is not None:  # timed the same two ways as ours
             fm_one_us = single_call_us(ref)
             fm_us, _, _ = graph_time_us(ref)
@@ -190,6 +227,18 @@ def main():
               f"{r.get('flashmla_us', float('nan')):8.1f} {r.get('flashmla_' + unit, float('nan')):6.0f} "
               f"{r.get('flashmla_mhz') or float('nan'):6.0f} {r.get('flashmla_single_' + unit, float('nan')):8.0f} "
               f"{'-' if floor is None else 'ok' if floor else 'MISS'}")
+    if with_fp8:
+        print()
+        print("FP8 (per-tensor e4m3 cache, q bf16) next to BF16, same shapes; ratio = BF16 op us / FP8 op us")
+        print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'bf16 us':>8} {'fp8 us':>8} {'ratio':>6} "
+              f"{'fp8 TF':>7} {'fp8 GB/s':>8} {'MHz':>5} {'1call us':>8} floor")
+        for r in rows:
+            if "fp8_us" not in r:
+                continue
+            print(f"{r['kind']:8} {r['b']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['h_q']:4d} {r['ours_us']:8.1f} "
+                  f"{r['fp8_us']:8.1f} {r['fp8_ratio']:6.2f} {r['fp8_tflops']:7.1f} {r['fp8_gbs']:8.0f} "
+                  f"{r['fp8_mhz'] or float('nan'):5.0f} {r['fp8_single_us']:8.1f} "
+                  f"{'ok' if r['fp8_floor_met'] else 'MISS'} (>= {1.2 if r['kind'] == 'compute' else 1.7})")
 
 
 if __name__ == "__main__":

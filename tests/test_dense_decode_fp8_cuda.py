@@ -1,0 +1,199 @@
+"""GPU tests of the SM90 dense MLA decode over the per-tensor e4m3 cache (``mla_decode`` with
+``descale_k``, q bf16 or float8_e4m3fn with ``descale_q``), against the float32 reference evaluated on
+the same GPU from the dequantized q and cache (torch_flashmla.reference.mla_decode).
+
+Error model: the kernel converts the e4m3 cache values (and an e4m3 q) to fp16 exactly, and a bf16 q
+to fp16 exactly (inside fp16's range, which these inputs respect); scores are the fp32-accumulated
+products of the stored values times ``softmax_scale * descale_q * descale_k``; P is rounded to fp16
+(the bf16/fp16 kernel rounds it to bf16/fp16), or split into hi + lo for requests of <= 1024 tokens;
+O is scaled by ``descale_k`` and rounded to bf16. No quantization beyond what the inputs already hold,
+so the tolerances are the 16-bit decode ones (docs/design.md §7): out abs 8e-4 + rel 2/128, cosine
+distance <= 5e-6, lse rel 8/65536. Against the BF16 kernel on the same dequantized data (exactly
+representable in bf16 with a power-of-two descale): both are within those tolerances of the same
+reference, so their difference is bounded by twice them (checked: abs 1.6e-3 + rel 4/128).
+
+Inputs: NaN (e4m3 0x7F) in every cache slot outside a sequence, garbage block-table tails, zero-length
+requests, the allocator poisoned with NaN before the call.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+torch_flashmla = pytest.importorskip("torch_flashmla")
+from torch_flashmla import compat, reference  # noqa: E402
+from torch_flashmla import kv_cache as kvc  # noqa: E402
+from torch_flashmla.testing import capture_cuda_graph  # noqa: E402
+
+from attention_asserts import assert_attention_close  # noqa: E402
+from sm90 import require_sm90_kernel  # noqa: E402
+
+require_sm90_kernel("mla_decode")
+
+DEV = torch.device("cuda")
+D_QK, D_V = 576, 512
+SCALE = D_QK ** -0.5
+
+
+def make_inputs(b, s_q, h_q, h_kv, s_k, *, page_size=64, varlen=False, zeros=False, q_fp8=False, seed=0,
+                descale_k=0.0123, descale_q=0.0171, num_sm_parts=None):
+    """Paged FP8 decode inputs on the GPU, poisoned wherever the kernel must not look. Returns
+    (q, cache e4m3, table, lens, plan, descale_q or None, descale_k, bf16 cache before quantization)."""
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed)
+    if varlen:
+        lens = torch.randint(0, s_k + 1, (b,), generator=g, device=DEV)
+        lens[0] = s_k
+    else:
+        lens = torch.full((b,), s_k, device=DEV)
+    if zeros and b > 1:
+        lens[1::3] = 0
+    lens = lens.to(torch.int32)
+    max_pages = -(-s_k // page_size) + 1
+    num_blocks = b * max_pages + 3
+    cache = torch.full((num_blocks, page_size, h_kv, D_QK), float("nan"), dtype=torch.bfloat16, device=DEV)
+    perm = torch.randperm(num_blocks, generator=g, device=DEV).to(torch.int32)
+    table = perm[: b * max_pages].view(b, max_pages).clone()
+    pages_used = (lens + page_size - 1) // page_size
+    col = torch.arange(max_pages, device=DEV)[None, :]
+    garbage = torch.where(col % 3 == 0, 2 ** 30, torch.where(col % 3 == 1, -1, perm[:max_pages][None, :].expand(b, -1)))
+    tail = col >= pages_used[:, None]
+    tok = (col * page_size)[:, :, None] + torch.arange(page_size, device=DEV)[None, None, :]
+    inside = tok < lens[:, None, None]
+    used = table.long()
+    data = (torch.randn(b, max_pages, page_size, h_kv, D_QK, generator=g, device=DEV) * 2).to(torch.bfloat16)
+    cache[used] = torch.where(inside[..., None, None], data, cache[used])
+    table = torch.where(tail, garbage.to(torch.int32), table).contiguous()
+    dk = torch.tensor([descale_k], dtype=torch.float32, device=DEV)
+    cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)   # NaN slots -> 0x7F
+    q = torch.randn(b, s_q, h_q, D_QK, generator=g, device=DEV).to(torch.bfloat16)
+    dq = None
+    if q_fp8:
+        dq = torch.tensor([descale_q], dtype=torch.float32, device=DEV)
+        q = kvc.quantize_per_tensor_e4m3(q, dq).view(torch.float8_e4m3fn)
+    plan = torch_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv, h_q, is_fp8_kvcache=True,
+                                           num_sm_parts=num_sm_parts)
+    return q, cache8, table, lens, plan, dq, dk
+
+
+def poison_allocator(nbytes):
+    junk = [torch.full((n,), float("nan"), dtype=torch.float32, device=DEV) for n in nbytes]
+    del junk
+
+
+def run_fp8(q, cache, table, lens, plan, causal, dq, dk):
+    b, s_q, h_q, _ = q.shape
+    poison_allocator([b * s_q * h_q * D_V // 2 + 64, b * s_q * h_q + 64])
+    return torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, SCALE, causal, plan[0], plan[1], dq, dk)
+
+
+def check_case(b, s_q, h_q, h_kv, s_k, causal, q_fp8, varlen, zeros, seed, **kw):
+    q, cache, table, lens, plan, dq, dk = make_inputs(b, s_q, h_q, h_kv, s_k, varlen=varlen, zeros=zeros,
+                                                      q_fp8=q_fp8, seed=seed, **kw)
+    out, lse = run_fp8(q, cache, table, lens, plan, causal, dq, dk)
+    assert out.dtype == torch.bfloat16
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, D_V, SCALE, causal, None, None, dq, dk)
+    torch.cuda.synchronize()
+    assert_attention_close(out, lse, ref_out, ref_lse)
+    return out, lse
+
+
+HEADS = [(1, 1), (9, 1), (64, 1), (128, 1), (126, 2), (64, 8)]
+SMALL = list(itertools.product(HEADS, [1, 2, 4], [20, 140, 1500, 4096]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,s_q,s_k", SMALL, ids=[f"h{h}_{k}-sq{s}-sk{n}" for (h, k), s, n in SMALL])
+def test_fp8_decode_matrix(heads, s_q, s_k, causal):
+    h_q, h_kv = heads
+    i = SMALL.index((heads, s_q, s_k))
+    b = [1, 2, 6][i % 3]
+    check_case(b, s_q, h_q, h_kv, s_k, causal, q_fp8=(i + causal) % 2 == 1, varlen=(i % 2 == 1) and b > 1,
+               zeros=(i % 4 == 3), seed=i)
+
+
+LARGE = [
+    (64, 1, 16, 1, 32768, False, False),
+    (128, 1, 64, 1, 8192, False, True),
+    (128, 1, 128, 1, 4096, False, False),
+    (128, 2, 128, 1, 4096, True, True),
+    (64, 4, 128, 1, 8192, True, False),
+    (4096, 1, 16, 1, 300, False, False),
+    (2, 2, 64, 1, 131072, True, False),
+]
+
+
+@pytest.mark.parametrize("case", LARGE, ids=[f"b{c[0]}-sq{c[1]}-h{c[2]}_{c[3]}-sk{c[4]}-qfp8{int(c[6])}" for c in LARGE])
+def test_fp8_decode_large(case):
+    b, s_q, h_q, h_kv, s_k, causal, q_fp8 = case
+    check_case(b, s_q, h_q, h_kv, s_k, causal, q_fp8, varlen=True, zeros=True, seed=sum(case[:5]))
+
+
+@pytest.mark.parametrize("num_sm_parts", [1, 3, 200])
+def test_fp8_decode_odd_partitions(num_sm_parts):
+    check_case(6, 2, 64, 1, 1000, True, False, True, True, seed=num_sm_parts, num_sm_parts=num_sm_parts)
+
+
+@pytest.mark.parametrize("page_size", [128, 256])
+def test_fp8_decode_page_sizes(page_size):
+    check_case(6, 1, 32, 1, 2900, False, True, True, True, seed=page_size, page_size=page_size)
+
+
+def test_fp8_uint8_cache_same_as_float8():
+    q, cache, table, lens, plan, dq, dk = make_inputs(4, 1, 64, 1, 3000, varlen=True, zeros=True, seed=3)
+    a = run_fp8(q, cache, table, lens, plan, False, dq, dk)
+    b = run_fp8(q, cache.view(torch.uint8), table, lens, plan, False, dq, dk)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("h_q,s_k", [(16, 3000), (64, 500), (128, 5000)])
+def test_fp8_vs_bf16_kernel_on_dequantized_data(h_q, s_k):
+    """Bound on the difference from the BF16 kernel over the same dequantized values (descale 2^-6 makes
+    e4m3 * descale exact in bf16): twice the decode tolerance, since both are within it of one reference."""
+    q, cache, table, lens, plan, dq, dk = make_inputs(8, 2, h_q, 1, s_k, varlen=True, zeros=True, seed=h_q,
+                                                      descale_k=2.0 ** -6)
+    out8, lse8 = run_fp8(q, cache, table, lens, plan, True, dq, dk)
+    deq = kvc.dequantize_per_tensor_e4m3(cache, dk).to(torch.bfloat16)
+    assert torch.equal(deq.float().nan_to_num(), kvc.dequantize_per_tensor_e4m3(cache, dk).nan_to_num())
+    out16, lse16 = torch.ops.flashmla.mla_decode(q, deq, table, lens, D_V, SCALE, True, plan[0], plan[1])
+    torch.cuda.synchronize()
+    assert_attention_close(out8, lse8, out16, lse16, out_rtol=4 / 128, cos_tol=1e-5, lse_rtol=16 / 65536)
+
+
+def test_fp8_decode_cuda_graph_replay():
+    """Plan + FP8 decode captured once, replayed with new lengths, block tables and a new descale_k value
+    (read on the device at replay)."""
+    b, s_q, h_q, s_k = 8, 2, 64, 2000
+    q, cache, table, lens, _, dq, dk = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, q_fp8=True, seed=11)
+    static_lens, static_table, static_dk = lens.clone(), table.clone(), dk.clone()
+
+    def step():
+        meta, splits = torch_flashmla.get_mla_metadata(static_lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
+        return torch_flashmla.mla_decode(q, cache, static_table, static_lens, meta, splits, causal=True,
+                                         descale_q=dq, descale_k=static_dk)
+
+    graph, (out, lse) = capture_cuda_graph(step, warmup_iters=2)
+    for seed in range(3):
+        _, _, table2, lens2, _, _, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=(seed != 1), seed=100 + seed)
+        lens2 = torch.minimum(lens2, lens)  # stay within the pages this cache fills
+        static_lens.copy_(lens2)
+        static_table.copy_(table)
+        static_dk.fill_(0.0123 * (1 + seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference.mla_decode(q, cache, table, lens2, D_V, SCALE, True, None, None, dq, static_dk)
+        assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+def test_fp8_compat_flash_mla_with_kvcache():
+    """The FP8 dense fork's call form: is_fp8_kvcache=True with descale_q / descale_k."""
+    q, cache, table, lens, plan, dq, dk = make_inputs(4, 2, 128, 1, 1700, varlen=True, zeros=True, q_fp8=True, seed=21)
+    meta, splits = compat.get_mla_metadata(lens, 2 * 128, 1, 128, True)
+    out, lse = compat.flash_mla_with_kvcache(q, cache, table, lens, D_V, meta, splits, causal=True,
+                                             is_fp8_kvcache=True, descale_q=dq, descale_k=dk)
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, D_V, SCALE, True, None, None, dq, dk)
+    assert_attention_close(out, lse, ref_out, ref_lse)
