@@ -198,7 +198,7 @@ __device__ __forceinline__ uint2 e4m3x4_to_f16x4(uint32_t x) {
 // (__syncwarp); no other row is touched. Visible to the async proxy (wgmma) when it returns.
 // Not inlined: inlined into the QK loops (five pairs, four call sites) ptxas spilled 24 bytes of the
 // kernel's registers; as a call (whole-program, no ABI saves) the kernel has no spills.
-__device__ __noinline__ void convert_pair(uint32_t slot, bool two) {
+static __device__ __noinline__ void convert_pair(uint32_t slot, bool two) {
   const int tid_wg = threadIdx.x % 128, wg = threadIdx.x / 128;  // from the special register: no live registers
   const int j = tid_wg % 16;              // 8-byte piece of the row: chunk j & 7 of tile j / 8
   const bool active = two || j < 8;
