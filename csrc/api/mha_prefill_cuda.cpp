@@ -1,6 +1,7 @@
 // CUDA entry point of dense MHA-mode prefill: torch.ops.flashmla_cuda.mha_prefill. The Python layer
 // validates inputs first (torch_flashmla/checks.py); the checks here are the cheap ones the kernel
-// relies on. Two launches on the current stream (the fill of rows no sequence owns, then attention),
+// relies on. Two launches on the current stream (the fill of rows no sequence owns, which also resets the
+// persistent kernel's tile counter, then attention),
 // outputs from the caching allocator, no host synchronization: capturable in CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include "api/decode_api.h"
@@ -91,10 +91,19 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
   p.total_k = static_cast<int>(total_k);  // 0: every key row lies outside k
   p.max_seqlen_q = static_cast<int>(max_seqlen_q);
   p.max_seqlen_k = static_cast<int>(max_seqlen_k);
-  p.num_m_blocks = static_cast<int>((max_seqlen_q + mp::kBlockM - 1) / mp::kBlockM);
+  const int64_t num_m_blocks = (max_seqlen_q + mp::kBlockM - 1) / mp::kBlockM;
+  const int64_t num_tiles = num_m_blocks * h_q * b;
+  TORCH_CHECK(num_tiles < kInt32Max - 65536, "mha_prefill: problem too large (ceil(max_seqlen_q / 128) * h_q * b = ",
+              num_tiles, " tiles)");
+  p.num_m_blocks = static_cast<int>(num_m_blocks);
+  p.num_tiles = static_cast<int>(num_tiles);
+  int device_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  p.num_sms = device_sms;
+  at::Tensor tile_counter = at::empty({1}, cu_seqlens_q.options());  // reset on the device by the fill kernel
+  p.tile_counter = tile_counter.data_ptr<int>();
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal ? 1 : 0;
-  p.pingpong = std::getenv("FLASHMLA_MHA_NO_PINGPONG") == nullptr;  // A/B knob, removed after measuring
   if (q.scalar_type() == at::kBFloat16) {
     mp::launch_mha_prefill_bf16(p, static_cast<int>(d_qk), tq, tk, tv, stream);
   } else {

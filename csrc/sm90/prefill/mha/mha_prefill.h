@@ -23,9 +23,11 @@ struct MhaPrefillParams {
   int total_q, total_k;
   int max_seqlen_q, max_seqlen_k;
   int num_m_blocks;         // ceil(max_seqlen_q / kBlockM)
+  int num_tiles;            // num_m_blocks * h_q * b
+  int num_sms;              // CTAs of the persistent launch (at most)
+  int* tile_counter;        // [1] int32 scratch: tiles handed out past the first wave (reset by the fill kernel)
   float scale_log2;         // softmax_scale * log2(e)
   int causal;
-  int pingpong;             // the two math warpgroups take turns issuing their products
 };
 
 // Tensor maps (3-D, 128B swizzle, box {64, 1, 128}):

@@ -1,12 +1,15 @@
 // Dense MHA-mode prefill for SM90 (sm_90a): torch.ops.flashmla_cuda.mha_prefill.
 //
-// One CTA = (128 query rows of one sequence, one query head). Grid x = m block (longest first when
-// causal), y = head, z = sequence: consecutive CTAs are m blocks of the same head and read the same
-// keys, which then come from L2. 384 threads, three warpgroups (setmaxnreg moves registers to the
-// two math warpgroups):
-//   WG2 (producer): one thread issues TMA loads: Q once (d_qk / 64 swizzled tiles of 128 rows), then
-//       for every 128-key block K (d_qk / 64 tiles) and V (2 tiles) into a two-stage ring, each with
-//       its own full / empty mbarriers. Rows outside [0, total) land as zeros (TMA bounds).
+// Persistent: one CTA per SM works through tiles = (128 query rows of one sequence, one query head),
+// taken in order from a counter (tile_coords: the m blocks of one head are consecutive, so CTAs at
+// work together read the same keys from L2; the longest first when causal). The next tile's Q and
+// first key blocks load while the math warpgroups finish the previous one (its last PV product and
+// its output stores). 384 threads, three warpgroups (setmaxnreg moves registers to the two math
+// warpgroups):
+//   WG2 (producer): one thread fetches tiles and issues TMA loads: Q (d_qk / 64 swizzled tiles of 128
+//       rows) once the previous tile's last QK product has retired, and for every 128-key block K
+//       (d_qk / 64 tiles) and V (2 tiles) into a two-stage ring, each with its own full / empty
+//       mbarriers. Rows outside [0, total) land as zeros (TMA bounds).
 //   WG0 / WG1: 64 query rows each. Key blocks are walked from the last to the first, so the blocks
 //       that need masks (sequence end, causal diagonal) come first. Within a warpgroup the softmax of
 //       block i overlaps the tensor cores: S_i = Q K_i^T and O += P_{i-1} V_{i-1} are issued together,
@@ -51,25 +54,28 @@ struct Layout {
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + kTilesQK * kTileBytes;       // 2 stages
   static constexpr int kOffV = kOffK + 2 * kTilesQK * kTileBytes;   // 2 stages
-  static constexpr int kOffBar = kOffV + 2 * kTilesV * kTileBytes;  // q_full, k_full[2], v_full[2], k_empty[2], v_empty[2]
-  static constexpr int kSmemUsed = kOffBar + 9 * 8;
+  // mbarriers: q_full, q_empty, k_full[2], v_full[2], k_empty[2], v_empty[2], tile_full[2], tile_empty[2]
+  static constexpr int kOffBar = kOffV + 2 * kTilesV * kTileBytes;
+  static constexpr int kOffTile = kOffBar + 14 * 8;  // int [2]: the tile ids handed from the producer
+  static constexpr int kSmemUsed = kOffTile + 2 * 4;
   static constexpr int kSmemBytes = kSmemUsed + 1023;  // + slack for the 1024-byte alignment
   static_assert(kSmemBytes <= 232448, "shared memory per block");
 };
 
 __device__ __forceinline__ uint32_t bar_q_full(uint32_t b) { return b; }
-__device__ __forceinline__ uint32_t bar_k_full(uint32_t b, int s) { return b + 8 + s * 8; }
-__device__ __forceinline__ uint32_t bar_v_full(uint32_t b, int s) { return b + 24 + s * 8; }
-__device__ __forceinline__ uint32_t bar_k_empty(uint32_t b, int s) { return b + 40 + s * 8; }
-__device__ __forceinline__ uint32_t bar_v_empty(uint32_t b, int s) { return b + 56 + s * 8; }
+__device__ __forceinline__ uint32_t bar_q_empty(uint32_t b) { return b + 8; }
+__device__ __forceinline__ uint32_t bar_k_full(uint32_t b, int s) { return b + 16 + s * 8; }
+__device__ __forceinline__ uint32_t bar_v_full(uint32_t b, int s) { return b + 32 + s * 8; }
+__device__ __forceinline__ uint32_t bar_k_empty(uint32_t b, int s) { return b + 48 + s * 8; }
+__device__ __forceinline__ uint32_t bar_v_empty(uint32_t b, int s) { return b + 64 + s * 8; }
+__device__ __forceinline__ uint32_t bar_tile_full(uint32_t b, int s) { return b + 80 + s * 8; }
+__device__ __forceinline__ uint32_t bar_tile_empty(uint32_t b, int s) { return b + 96 + s * 8; }
 
 // setmaxnreg budgets: they must sum to the launch allotment, 3 x 168 per thread slot.
-constexpr int kRegsMath = 240, kRegsProducer = 24;
+constexpr int kRegsMath = 232, kRegsProducer = 40;
 static_assert(2 * kRegsMath + kRegsProducer == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 
-// Named barriers (0 is __syncthreads): 1 + w = warpgroup w alone (zero_v_rows); kBarSched + w = the
-// ping-pong turn of warpgroup w.
-constexpr uint32_t kBarSched = 3;
+// Named barriers (0 is __syncthreads): 1 + w = warpgroup w alone (zero_v_rows).
 
 // One arrival per warp on an empty barrier (count 8: every math warp once per block).
 __device__ __forceinline__ void release(uint32_t bar) {
@@ -106,6 +112,15 @@ __device__ __forceinline__ bool plan_work(const MhaPrefillParams& p, int seq, in
   w.n_begin = w.k_lo / kBlockN;
   w.n_end = end > w.k_lo ? static_cast<int>((end + kBlockN - 1) / kBlockN) : w.n_begin;
   return true;
+}
+
+// Tile `tile` of the launch: (sequence, head, m block). The m blocks of one head are consecutive, so
+// CTAs working at the same time share keys in L2; when causal the longest (last) m block comes first.
+__device__ __forceinline__ void tile_coords(const MhaPrefillParams& p, int tile, int& seq, int& head, int& mblk) {
+  const int m_idx = tile % p.num_m_blocks, hs = tile / p.num_m_blocks;
+  head = hs % p.h_q;
+  seq = hs / p.h_q;
+  mblk = p.causal ? p.num_m_blocks - 1 - m_idx : m_idx;
 }
 
 // S = Q K^T over one key block (Q: this warpgroup's 64 rows). Committed, not waited for.
@@ -216,8 +231,11 @@ __device__ __forceinline__ void zero_v_rows(uint32_t v_stage, int first_row, int
   named_bar_sync(1 + wg, 128);
 }
 
+// One tile of a math warpgroup. kblk: ring position of the tile's first key block (stage kblk & 1, phase
+// (kblk >> 1) & 1); q_load: how many Q tiles this CTA loaded before this one (the parity of q_full).
 template <typename T, int kDQK, int kWG>
-__device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_t* smem, const Work& w, int head) {
+__device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* smem, const Work& w, int head, int kblk,
+                                          int q_load) {
   using L = Layout<kDQK>;
   const uint32_t sbase = smem_addr(smem);
   const uint32_t bars = sbase + L::kOffBar;
@@ -251,23 +269,27 @@ __device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_
     // The first block walked (the last one) may reach past k_hi: its V rows from there on are zeroed.
     const int zero_from = w.k_hi - (w.n_end - 1) * kBlockN;
 
-    // The most keys a row of this CTA attends (rows past the sequence do not count). One decision for
-    // both warpgroups: the ping-pong schedule needs them on the same path.
-    const int j_last = min(w.m0 + kBlockM - 1, w.n_q - 1);
+    // The most keys a row of this warpgroup attends (rows past the sequence do not count).
+    const int j_last = min(w.m0 + kWG * 64 + 63, w.n_q - 1);
     const int max_keys = (p.causal ? min(w.k_hi, w.n_k - w.n_q + j_last + 1) : w.k_hi) - w.k_lo;
+    // Q is free for the next tile's load once the last QK product of this one has retired.
+    auto release_q = [&](int i) {
+      if (i == nb - 1) release(bar_q_empty(bars));
+    };
 
-    mbar_wait_loop(bar_q_full(bars), 0);
+    mbar_wait_loop(bar_q_full(bars), q_load & 1);
     if (max_keys <= kPreciseMaxKeys) {
       // ---- precise path: one block at a time, P = hi + lo ----
       for (int i = 0; i < nb; ++i) {
         const int n = w.n_end - 1 - i;
-        const int st = i & 1, ph = (i >> 1) & 1;
+        const int st = (kblk + i) & 1, ph = ((kblk + i) >> 1) & 1;
         float s[64];
         mbar_wait_loop(bar_k_full(bars, st), ph);
         qk_block<T, kDQK>(s, q_rows, k_stage(st));
         wgmma_wait<0>();
         fence_all(s);
         release(bar_k_empty(bars, st));
+        release_q(i);
         float sum0, sum1;
         const MaxUpdate u =
             needs_mask(n) ? softmax_block_in_place(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2,
@@ -288,28 +310,17 @@ __device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_
         release(bar_v_empty(bars, st));
       }
     } else {
-      // Ping-pong: the two warpgroups take turns issuing their products, so that one's softmax runs
-      // while the other's products keep the tensor cores busy. WG w waits on barrier kBarSched + w, and
-      // after issuing lets the other one go; WG1 lets WG0 go first, and its last issue lets nobody
-      // (every arrival on a barrier is matched by a wait).
-      auto sched_wait = [&](const MhaPrefillParams& pp) {
-        if (pp.pingpong) named_bar_sync(kBarSched + kWG, 256);
-      };
-      auto sched_pass = [&](const MhaPrefillParams& pp, bool more) {
-        if (pp.pingpong && (kWG == 0 || more)) named_bar_arrive(kBarSched + (kWG ^ 1), 256);
-      };
-      if (kWG == 1 && p.pingpong) named_bar_arrive(kBarSched, 256);
       uint32_t pa[kKSteps][4];
       {
         const int n = w.n_end - 1;
+        const int st = kblk & 1, ph = (kblk >> 1) & 1;
         float s[64];
-        mbar_wait_loop(bar_k_full(bars, 0), 0);
-        sched_wait(p);
-        qk_block<T, kDQK>(s, q_rows, k_stage(0));
-        sched_pass(p, true);
+        mbar_wait_loop(bar_k_full(bars, st), ph);
+        qk_block<T, kDQK>(s, q_rows, k_stage(st));
         wgmma_wait<0>();
         fence_all(s);
-        release(bar_k_empty(bars, 0));
+        release(bar_k_empty(bars, st));
+        release_q(0);
         float sum0, sum1;
         if (needs_mask(n)) {
           softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1, pa, sum0, sum1);
@@ -323,19 +334,19 @@ __device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_
       // between two register sets (a copy between them would make ptxas serialize the wgmmas).
       auto step = [&](int i, uint32_t (&p_in)[kKSteps][4], uint32_t (&p_out)[kKSteps][4]) {
         const int n = w.n_end - 1 - i;
-        const int st = i & 1, ph = (i >> 1) & 1;
-        const int pst = st ^ 1, pph = ((i - 1) >> 1) & 1;
+        const int g = kblk + i;
+        const int st = g & 1, ph = (g >> 1) & 1;
+        const int pst = st ^ 1, pph = ((g - 1) >> 1) & 1;
         float s[64];
         mbar_wait_loop(bar_k_full(bars, st), ph);
-        mbar_wait_loop(bar_v_full(bars, pst), pph);
-        sched_wait(p);
         qk_block<T, kDQK>(s, q_rows, k_stage(st));
+        mbar_wait_loop(bar_v_full(bars, pst), pph);
         if (i == 1 && zero_from < kBlockN) zero_v_rows(v_stage(pst), zero_from, kWG);
         pv_block<T>(o, p_in, v_stage(pst));
-        sched_pass(p, true);
         wgmma_wait<1>();  // S of this block
         fence_all(s);
         release(bar_k_empty(bars, st));
+        release_q(i);
         float sum0, sum1;
         const MaxUpdate u =
             needs_mask(n)
@@ -350,12 +361,11 @@ __device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_
       };
       // The last product: O += P V of the last block walked.
       auto finish = [&](uint32_t (&p_last)[kKSteps][4]) {
-        const int st = (nb - 1) & 1, ph = ((nb - 1) >> 1) & 1;
+        const int g = kblk + nb - 1;
+        const int st = g & 1, ph = (g >> 1) & 1;
         mbar_wait_loop(bar_v_full(bars, st), ph);
         if (nb == 1 && zero_from < kBlockN) zero_v_rows(v_stage(st), zero_from, kWG);
-        sched_wait(p);
         pv_block<T>(o, p_last, v_stage(st));
-        sched_pass(p, false);
         wgmma_wait<0>();
         fence_all(o);
         fence_p(p_last);
@@ -403,40 +413,85 @@ __device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_
   }
 }
 
+// The producer: one thread fetches tiles (the first is blockIdx.x, the next ones from the launch's
+// counter), hands each id to the math warpgroups through a two-slot mailbox, and loads the tile's Q
+// (once the previous tile's last QK product has retired) and its key blocks into the ring.
 template <int kDQK>
-__device__ __forceinline__ void producer(const MhaPrefillParams& p, uint8_t* smem, const Work& w, int head,
-                                         const CUtensorMap* tq, const CUtensorMap* tk, const CUtensorMap* tv) {
+__device__ __forceinline__ void producer(const MhaPrefillParams& p, uint8_t* smem, const CUtensorMap* tq,
+                                         const CUtensorMap* tk, const CUtensorMap* tv) {
   using L = Layout<kDQK>;
-  if (threadIdx.x != 256 || w.n_end <= w.n_begin) return;
+  if (threadIdx.x != 256) return;
   const uint32_t sbase = smem_addr(smem);
   const uint32_t bars = sbase + L::kOffBar;
-  const int kv_head = head / p.group;
-  mbar_expect_tx(bar_q_full(bars), L::kTilesQK * kTileBytes);
+  int* s_tile = reinterpret_cast<int*>(smem + L::kOffTile);
+  int kblk = 0, q_load = 0;
+  for (int t = 0;; ++t) {
+    const int tile = t == 0 ? static_cast<int>(blockIdx.x) : static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+    const int slot = t & 1;
+    mbar_wait(bar_tile_empty(bars, slot), ((t >> 1) & 1) ^ 1);
+    s_tile[slot] = tile;
+    mbar_arrive(bar_tile_full(bars, slot));  // release: the id is visible to the waiting warps
+    if (tile >= p.num_tiles) break;
+    int seq, head, mblk;
+    tile_coords(p, tile, seq, head, mblk);
+    Work w;
+    if (!plan_work(p, seq, mblk, w) || w.n_end <= w.n_begin) continue;
+    const int kv_head = head / p.group;
+    mbar_wait(bar_q_empty(bars), (q_load & 1) ^ 1);
+    ++q_load;
+    mbar_expect_tx(bar_q_full(bars), L::kTilesQK * kTileBytes);
 #pragma unroll
-  for (int t = 0; t < L::kTilesQK; ++t) {
-    tma_load_3d(sbase + L::kOffQ + t * kTileBytes, tq, bar_q_full(bars), t * 64, head,
-                static_cast<int>(w.start_q + w.m0));
+    for (int c = 0; c < L::kTilesQK; ++c) {
+      tma_load_3d(sbase + L::kOffQ + c * kTileBytes, tq, bar_q_full(bars), c * 64, head,
+                  static_cast<int>(w.start_q + w.m0));
+    }
+    const int nb = w.n_end - w.n_begin;
+    for (int i = 0; i < nb; ++i) {
+      const int n = w.n_end - 1 - i;
+      const int g = kblk + i;
+      const int st = g & 1;
+      const uint32_t empty_phase = ((g >> 1) & 1) ^ 1;
+      const int row = static_cast<int>(w.start_k + (int64_t)n * kBlockN);
+      mbar_wait(bar_k_empty(bars, st), empty_phase);
+      mbar_expect_tx(bar_k_full(bars, st), L::kTilesQK * kTileBytes);
+#pragma unroll
+      for (int c = 0; c < L::kTilesQK; ++c) {
+        tma_load_3d(sbase + L::kOffK + st * (L::kTilesQK * kTileBytes) + c * kTileBytes, tk, bar_k_full(bars, st),
+                    c * 64, kv_head, row);
+      }
+      mbar_wait(bar_v_empty(bars, st), empty_phase);
+      mbar_expect_tx(bar_v_full(bars, st), L::kTilesV * kTileBytes);
+#pragma unroll
+      for (int c = 0; c < L::kTilesV; ++c) {
+        tma_load_3d(sbase + L::kOffV + st * (L::kTilesV * kTileBytes) + c * kTileBytes, tv, bar_v_full(bars, st),
+                    c * 64, kv_head, row);
+      }
+    }
+    kblk += nb;
   }
-  const int nb = w.n_end - w.n_begin;
-  for (int i = 0; i < nb; ++i) {
-    const int n = w.n_end - 1 - i;
-    const int st = i & 1;
-    const uint32_t empty_phase = ((i >> 1) & 1) ^ 1;
-    const int row = static_cast<int>(w.start_k + (int64_t)n * kBlockN);
-    mbar_wait(bar_k_empty(bars, st), empty_phase);
-    mbar_expect_tx(bar_k_full(bars, st), L::kTilesQK * kTileBytes);
-#pragma unroll
-    for (int t = 0; t < L::kTilesQK; ++t) {
-      tma_load_3d(sbase + L::kOffK + st * (L::kTilesQK * kTileBytes) + t * kTileBytes, tk, bar_k_full(bars, st),
-                  t * 64, kv_head, row);
-    }
-    mbar_wait(bar_v_empty(bars, st), empty_phase);
-    mbar_expect_tx(bar_v_full(bars, st), L::kTilesV * kTileBytes);
-#pragma unroll
-    for (int t = 0; t < L::kTilesV; ++t) {
-      tma_load_3d(sbase + L::kOffV + st * (L::kTilesV * kTileBytes) + t * kTileBytes, tv, bar_v_full(bars, st),
-                  t * 64, kv_head, row);
-    }
+}
+
+// A math warpgroup's tiles, in the order the producer hands them out.
+template <typename T, int kDQK, int kWG>
+__device__ __forceinline__ void math_warpgroup(const MhaPrefillParams& p, uint8_t* smem) {
+  using L = Layout<kDQK>;
+  const uint32_t bars = smem_addr(smem) + L::kOffBar;
+  const volatile int* s_tile = reinterpret_cast<const volatile int*>(smem + L::kOffTile);
+  int kblk = 0, q_load = 0;
+  for (int t = 0;; ++t) {
+    const int slot = t & 1;
+    mbar_wait_loop(bar_tile_full(bars, slot), (t >> 1) & 1);
+    const int tile = s_tile[slot];
+    release(bar_tile_empty(bars, slot));
+    if (tile >= p.num_tiles) break;
+    int seq, head, mblk;
+    tile_coords(p, tile, seq, head, mblk);
+    Work w;
+    if (!plan_work(p, seq, mblk, w)) continue;
+    math_tile<T, kDQK, kWG>(p, smem, w, head, kblk, q_load);
+    const int nb = w.n_end - w.n_begin;
+    kblk += nb;
+    q_load += nb > 0 ? 1 : 0;
   }
 }
 
@@ -448,18 +503,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t bars = smem_addr(smem) + L::kOffBar;
-  const int mblk = p.causal ? p.num_m_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int head = blockIdx.y, seq = blockIdx.z;
-  Work w;
-  if (!plan_work(p, seq, mblk, w)) return;  // the whole CTA: no barrier has been touched yet
-
   if (threadIdx.x == 0) {
     mbar_init(bar_q_full(bars), 1);
+    mbar_init(bar_q_empty(bars), 8);  // every math warp
     for (int s = 0; s < 2; ++s) {
       mbar_init(bar_k_full(bars, s), 1);
       mbar_init(bar_v_full(bars, s), 1);
       mbar_init(bar_k_empty(bars, s), 8);
       mbar_init(bar_v_empty(bars, s), 8);
+      mbar_init(bar_tile_full(bars, s), 1);
+      mbar_init(bar_tile_empty(bars, s), 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -468,13 +521,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128;
   if (wg == 2) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsProducer));
-    producer<kDQK>(p, smem, w, head, &tq, &tk, &tv);
+    producer<kDQK>(p, smem, &tq, &tk, &tv);
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsMath));
-    math_warpgroup<T, kDQK, 0>(p, smem, w, head);
+    math_warpgroup<T, kDQK, 0>(p, smem);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsMath));
-    math_warpgroup<T, kDQK, 1>(p, smem, w, head);
+    math_warpgroup<T, kDQK, 1>(p, smem);
   }
 }
 
@@ -485,6 +538,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T>
 __global__ void fill_unowned_rows_kernel(const MhaPrefillParams p) {
   const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r == 0) *p.tile_counter = 0;  // the attention kernel's tile counter, read after this kernel
   if (r >= p.total_q) return;
   int lo = 0, hi = p.b;  // candidate: the last sequence whose start is <= r
   while (lo < hi) {
@@ -513,7 +567,8 @@ void launch(const MhaPrefillParams& p, const CUtensorMap& tq, const CUtensorMap&
   auto kernel = mha_prefill_kernel<T, kDQK>;
   constexpr int smem = Layout<kDQK>::kSmemBytes;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<dim3(p.num_m_blocks, p.h_q, p.b), dim3(kThreads), smem, stream>>>(tq, tk, tv, p);
+  const int grid = p.num_tiles < p.num_sms ? p.num_tiles : p.num_sms;  // persistent: one CTA per SM
+  kernel<<<dim3(grid), dim3(kThreads), smem, stream>>>(tq, tk, tv, p);
 }
 
 template <typename T>
