@@ -65,7 +65,8 @@ def make_inputs(b, s_q, h_q, h_kv, s_k, *, page_size=64, varlen=False, zeros=Fal
     tok = (col * page_size)[:, :, None] + torch.arange(page_size, device=DEV)[None, None, :]
     inside = tok < lens[:, None, None]
     used = table.long()
-    data = (torch.randn(b, max_pages, page_size, h_kv, D_QK, generator=g, device=DEV) * 2).to(torch.bfloat16)
+    # unit-variance values, as the 16-bit decode tests (the abs part of the tolerance assumes that scale)
+    data = torch.randn(b, max_pages, page_size, h_kv, D_QK, generator=g, device=DEV).to(torch.bfloat16)
     cache[used] = torch.where(inside[..., None, None], data, cache[used])
     table = torch.where(tail, garbage.to(torch.int32), table).contiguous()
     dk = torch.tensor([descale_k], dtype=torch.float32, device=DEV)
@@ -164,7 +165,7 @@ def test_fp8_vs_bf16_kernel_on_dequantized_data(h_q, s_k):
     torch.cuda.synchronize()
     assert_attention_close(out8, lse8, ref_out, ref_lse)
     assert_attention_close(out16, lse16, ref_out, ref_lse)
-    # the triangle bound, relative to the reference (values up to 448 * 2^-6 = 7 here)
+    # the triangle bound, relative to the reference
     diff = (out8.double() - out16.double()).abs()
     assert (diff <= 1.6e-3 + (4 / 128) * ref_out.double().abs()).all(), f"max diff {diff.max().item():.3g}"
     fin = torch.isfinite(ref_lse)
@@ -189,7 +190,7 @@ def test_fp8_decode_cuda_graph_replay():
         lens2 = torch.minimum(lens2, lens)  # stay within the pages this cache fills
         static_lens.copy_(lens2)
         static_table.copy_(table)
-        static_dk.fill_(0.0123 * (1 + seed))
+        static_dk.fill_(0.0123 * (0.5 + 0.25 * seed))  # new values, dequantized magnitudes <= the written ones
         graph.replay()
         torch.cuda.synchronize()
         ref_out, ref_lse = reference.mla_decode(q, cache, table, lens2, D_V, SCALE, True, None, None, dq, static_dk)
