@@ -278,7 +278,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
     };
 
     mbar_wait_loop(bar_q_full(bars), q_load & 1);
-    if (max_keys <= kPreciseMaxKeys) {
+    if (max_keys <= p.precise_max_keys) {
       // ---- precise path: one block at a time, P = hi + lo ----
       for (int i = 0; i < nb; ++i) {
         const int n = w.n_end - 1 - i;
