@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include "api/decode_api.h"
@@ -105,7 +104,6 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
   p.tile_counter = tile_counter.data_ptr<int>();
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal ? 1 : 0;
-  p.precise_max_keys = std::getenv("FLASHMLA_MHA_PRECISE_KEYS") ? std::atoi(std::getenv("FLASHMLA_MHA_PRECISE_KEYS")) : 512;
   if (q.scalar_type() == at::kBFloat16) {
     mp::launch_mha_prefill_bf16(p, static_cast<int>(d_qk), tq, tk, tv, stream);
   } else {

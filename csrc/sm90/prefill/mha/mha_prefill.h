@@ -28,7 +28,6 @@ struct MhaPrefillParams {
   int* tile_counter;        // [1] int32 scratch: tiles handed out past the first wave (reset by the fill kernel)
   float scale_log2;         // softmax_scale * log2(e)
   int causal;
-  int precise_max_keys;  // A/B knob (temporary)
 };
 
 // Tensor maps (3-D, 128B swizzle, box {64, 1, 128}):

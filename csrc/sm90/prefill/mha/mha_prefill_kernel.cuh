@@ -43,9 +43,11 @@ constexpr int kKSteps = kBlockN / 16;      // k-steps of the PV product
 // Warpgroups whose rows attend at most this many keys take the precise path (P = hi + lo, two bf16/fp16
 // terms, in both PV products): with P rounded once (relative error up to 2^-9 in bf16) the output of a
 // row that averages few keys is off by up to ~2^-9 |v| (0.0029 seen at 2-key rows of a causal 4096
-// prompt, against the 8e-4 tolerance); over n keys the error falls as 1 / sqrt(n). Rows with few keys
-// are a small share of a long prompt's work (under (512 / s)^2 of a causal prompt of s tokens).
-constexpr int kPreciseMaxKeys = 512;
+// prompt, against the 8e-4 tolerance); over n keys the error falls as 1 / sqrt(n). Measured on the
+// H200 (benchmarks/NOTES_mha_prefill.md): with no precise path 742 / 1040 elements of two test cases
+// missed the tolerance, with a 256-key bound 4, with 384 and 512 none; each step of the bound costs
+// about 2% at s 4096 (the precise blocks run unpipelined).
+constexpr int kPreciseMaxKeys = 384;
 
 template <int kDQK>
 struct Layout {
@@ -278,7 +280,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
     };
 
     mbar_wait_loop(bar_q_full(bars), q_load & 1);
-    if (max_keys <= p.precise_max_keys) {
+    if (max_keys <= kPreciseMaxKeys) {
       // ---- precise path: one block at a time, P = hi + lo ----
       for (int i = 0; i < nb; ++i) {
         const int n = w.n_end - 1 - i;
