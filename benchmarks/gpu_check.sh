@@ -19,11 +19,11 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests > "$OUT/pytest_all.lo
 echo "all tests: rc=$? $(tail -1 "$OUT/pytest_all.log")"
 python3 -m torch_flashmla > "$OUT/demo.log" 2>&1; echo "demo: rc=$?"
 python3 examples/deepseek_mla_layer.py > "$OUT/example.log" 2>&1; echo "example: rc=$?"; tail -4 "$OUT/example.log"
-for bench in benchmarks/bench_kv_cache.py benchmarks/bench_sparse_decode.py benchmarks/bench_sparse_prefill.py benchmarks/bench_decode.py benchmarks/bench_decode_sq.py; do
+for bench in benchmarks/bench_kv_cache.py benchmarks/bench_sparse_decode.py benchmarks/bench_sparse_prefill.py benchmarks/bench_mha_prefill.py benchmarks/bench_decode.py benchmarks/bench_decode_sq.py; do
   [ -f "$bench" ] || continue
   timeout 300 python3 "$bench" > "$OUT/$(basename "$bench" .py).log" 2>&1; echo "$bench: rc=$?"
 done
 cat "$OUT/demo.log"
-for bench in bench_kv_cache bench_sparse_decode bench_sparse_prefill bench_decode bench_decode_sq; do
+for bench in bench_kv_cache bench_sparse_decode bench_sparse_prefill bench_mha_prefill bench_decode bench_decode_sq; do
   [ -f "$OUT/$bench.log" ] && { echo "== $bench"; tail -30 "$OUT/$bench.log"; }
 done
