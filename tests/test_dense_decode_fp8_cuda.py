@@ -30,6 +30,8 @@ from torch_flashmla import kv_cache as kvc  # noqa: E402
 from torch_flashmla.testing import capture_cuda_graph  # noqa: E402
 
 from attention_asserts import assert_attention_close  # noqa: E402
+import paged_decode_inputs as paged  # noqa: E402
+from paged_decode_inputs import poison_allocator  # noqa: E402
 from sm90 import require_sm90_kernel  # noqa: E402
 
 require_sm90_kernel("mla_decode")
@@ -41,49 +43,19 @@ SCALE = D_QK ** -0.5
 
 def make_inputs(b, s_q, h_q, h_kv, s_k, *, page_size=64, varlen=False, zeros=False, q_fp8=False, seed=0,
                 descale_k=0.0123, descale_q=0.0171, num_sm_parts=None):
-    """Paged FP8 decode inputs on the GPU, poisoned wherever the kernel must not look. Returns
-    (q, cache e4m3, table, lens, plan, descale_q or None, descale_k, bf16 cache before quantization)."""
-    g = torch.Generator(device=DEV)
-    g.manual_seed(seed)
-    if varlen:
-        lens = torch.randint(0, s_k + 1, (b,), generator=g, device=DEV)
-        lens[0] = s_k
-    else:
-        lens = torch.full((b,), s_k, device=DEV)
-    if zeros and b > 1:
-        lens[1::3] = 0
-    lens = lens.to(torch.int32)
-    max_pages = -(-s_k // page_size) + 1
-    num_blocks = b * max_pages + 3
-    cache = torch.full((num_blocks, page_size, h_kv, D_QK), float("nan"), dtype=torch.bfloat16, device=DEV)
-    perm = torch.randperm(num_blocks, generator=g, device=DEV).to(torch.int32)
-    table = perm[: b * max_pages].view(b, max_pages).clone()
-    pages_used = (lens + page_size - 1) // page_size
-    col = torch.arange(max_pages, device=DEV)[None, :]
-    garbage = torch.where(col % 3 == 0, 2 ** 30, torch.where(col % 3 == 1, -1, perm[:max_pages][None, :].expand(b, -1)))
-    tail = col >= pages_used[:, None]
-    tok = (col * page_size)[:, :, None] + torch.arange(page_size, device=DEV)[None, None, :]
-    inside = tok < lens[:, None, None]
-    used = table.long()
-    # unit-variance values, as the 16-bit decode tests (the abs part of the tolerance assumes that scale)
-    data = torch.randn(b, max_pages, page_size, h_kv, D_QK, generator=g, device=DEV).to(torch.bfloat16)
-    cache[used] = torch.where(inside[..., None, None], data, cache[used])
-    table = torch.where(tail, garbage.to(torch.int32), table).contiguous()
+    """The 16-bit decode inputs (tests/paged_decode_inputs.py, unit-variance values: the abs part of the
+    tolerance assumes that scale) with the cache quantized per tensor to e4m3 (NaN slots -> 0x7F) and q
+    optionally too. Returns (q, cache e4m3, table, lens, plan, descale_q or None, descale_k)."""
+    q, cache, table, lens, plan = paged.make_inputs(b, s_q, h_q, h_kv, s_k, page_size=page_size, varlen=varlen,
+                                                    zeros=zeros, seed=seed, num_sm_parts=num_sm_parts,
+                                                    is_fp8_kvcache=True)
     dk = torch.tensor([descale_k], dtype=torch.float32, device=DEV)
-    cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)   # NaN slots -> 0x7F
-    q = torch.randn(b, s_q, h_q, D_QK, generator=g, device=DEV).to(torch.bfloat16)
+    cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
     dq = None
     if q_fp8:
         dq = torch.tensor([descale_q], dtype=torch.float32, device=DEV)
         q = kvc.quantize_per_tensor_e4m3(q, dq).view(torch.float8_e4m3fn)
-    plan = torch_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv, h_q, is_fp8_kvcache=True,
-                                           num_sm_parts=num_sm_parts)
     return q, cache8, table, lens, plan, dq, dk
-
-
-def poison_allocator(nbytes):
-    junk = [torch.full((n,), float("nan"), dtype=torch.float32, device=DEV) for n in nbytes]
-    del junk
 
 
 def run_fp8(q, cache, table, lens, plan, causal, dq, dk):

@@ -17,9 +17,9 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 
 #include "api/decode_api.h"
+#include "api/tensor_map.h"
 #include "common/decode_common.h"
 #include "sm90/decode/dense/dense_decode.h"
 
@@ -52,19 +52,6 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqle
   return {metadata, num_splits};
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status);
-    if (err == cudaSuccess && status == cudaDriverEntryPointSuccess) fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  });
-  TORCH_CHECK(fn != nullptr, "mla_decode: cannot get cuTensorMapEncodeTiled from the CUDA driver");
-  return fn;
-}
-
 // 4-D map {576, h_kv, page_size, num_blocks} over the paged cache; box {64, 1, 64, 1}, 128B swizzle.
 // fp8 (one byte per value): box {128, 1, 64, 1} (a pair of 64-column tiles), no swizzle (docs/design.md §5.1).
 CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8) {
@@ -91,7 +78,7 @@ CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8) {
   const CUtensorMapDataType dt = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
                                  : kv.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUresult res = encode_fn()(&map, dt, 4, kv.data_ptr(), dims, strides, box, elem_strides,
+  CUresult res = flashmla::api::tensor_map_encoder("mla_decode")(&map, dt, 4, kv.data_ptr(), dims, strides, box, elem_strides,
                              CU_TENSOR_MAP_INTERLEAVE_NONE, fp8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(res == CUDA_SUCCESS, "mla_decode: cuTensorMapEncodeTiled failed (", static_cast<int>(res), ")");
