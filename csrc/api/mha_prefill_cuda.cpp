@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
                   v_in.size(1) == k_in.size(1) && k_in.device() == q_in.device() && v_in.device() == q_in.device(),
               "mha_prefill: k must be [total_k, h_k, d_qk] and v [total_k, h_k, 128], q's dtype and device");
   const int64_t total_k = k_in.size(0), h_k = k_in.size(1);
-  TORCH_CHECK(h_q >= 1 && h_k >= 1 && h_q % h_k == 0 && h_q <= 65535, "mha_prefill: h_q must be a multiple of h_k");
+  TORCH_CHECK(h_q >= 1 && h_k >= 1 && h_q % h_k == 0, "mha_prefill: h_q must be a multiple of h_k");
   TORCH_CHECK(cu_seqlens_q.is_cuda() && cu_seqlens_k.is_cuda() && cu_seqlens_q.scalar_type() == at::kInt &&
                   cu_seqlens_k.scalar_type() == at::kInt && cu_seqlens_q.dim() == 1 && cu_seqlens_q.is_contiguous() &&
                   cu_seqlens_k.is_contiguous() && cu_seqlens_k.numel() == cu_seqlens_q.numel() &&
@@ -52,7 +52,6 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
               "mha_prefill: cu_seqlens_q and cu_seqlens_k must be contiguous int32 [b + 1] on q's device");
   const int64_t b = cu_seqlens_q.numel() - 1;
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "mha_prefill: max_seqlen_q and max_seqlen_k must be >= 0");
-  TORCH_CHECK(b <= 65535, "mha_prefill: at most 65535 sequences per call");
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(total_q < kInt32Max && total_k < kInt32Max && max_seqlen_q < kInt32Max - mp::kBlockM &&
                   max_seqlen_k < kInt32Max - mp::kBlockN,
