@@ -77,9 +77,10 @@ __device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4]
 
 // Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
 // retires the products reading them (the compiler does not know wgmma reads them asynchronously).
-__device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
+template <int KK>
+__device__ __forceinline__ void fence_frags(uint32_t (&a)[KK][4]) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
+  for (int kk = 0; kk < KK; ++kk)
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) asm volatile("" : "+r"(a[kk][reg])::"memory");
 }

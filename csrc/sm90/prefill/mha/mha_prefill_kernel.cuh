@@ -80,10 +80,7 @@ static_assert(2 * kRegsMath + kRegsProducer == 3 * 168, "setmaxnreg budgets must
 // Named barriers (0 is __syncthreads): 1 + w = warpgroup w alone (zero_v_rows).
 
 // One arrival per warp on an empty barrier (count 8: every math warp once per block).
-__device__ __forceinline__ void release(uint32_t bar) {
-  __syncwarp();
-  if (threadIdx.x % 32 == 0) mbar_arrive(bar);
-}
+__device__ __forceinline__ void release(uint32_t bar) { mbar_arrive_per_warp(bar); }
 
 // What a CTA computes: its sequence's rows and the key blocks [n_begin, n_end) its rows attend to.
 struct Work {
@@ -150,14 +147,6 @@ __device__ __forceinline__ void pv_block(float (&o)[64], const uint32_t (&pa)[kK
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk) TypeOps<T>::pv128_r(o, pa[kk], desc_add(desc_v, kk * 16 * 128), 1);
   wgmma_commit();
-}
-
-template <int KK>
-__device__ __forceinline__ void fence_p(uint32_t (&a)[KK][4]) {
-#pragma unroll
-  for (int kk = 0; kk < KK; ++kk)
-#pragma unroll
-    for (int reg = 0; reg < 4; ++reg) asm volatile("" : "+r"(a[kk][reg])::"memory");
 }
 
 // Which keys of a block row r attends: lo <= t < hi_r, for this thread's columns key0 + col.
@@ -307,8 +296,8 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         pv_block<T>(o, p_lo, v_stage(st));
         wgmma_wait<0>();
         fence_all(o);
-        fence_p(p_hi);
-        fence_p(p_lo);
+        fence_frags(p_hi);
+        fence_frags(p_lo);
         release(bar_v_empty(bars, st));
       }
     } else {
@@ -357,7 +346,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
                 : softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, p_out, sum0, sum1);
         wgmma_wait<0>();  // O += P V of the previous block
         fence_all(o);
-        fence_p(p_in);
+        fence_frags(p_in);
         release(bar_v_empty(bars, pst));
         rescale_add(o, l0, l1, u, sum0, sum1);
       };
@@ -370,7 +359,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         pv_block<T>(o, p_last, v_stage(st));
         wgmma_wait<0>();
         fence_all(o);
-        fence_p(p_last);
+        fence_frags(p_last);
         release(bar_v_empty(bars, st));
       };
       uint32_t pb[kKSteps][4];

@@ -88,10 +88,7 @@ __device__ __forceinline__ uint32_t bar_empty_lo(uint32_t b, int s) { return b +
 __device__ __forceinline__ uint32_t bar_empty_hi(uint32_t b, int s) { return b + 48 + s * 8; }
 
 // One arrival per warp on an empty barrier (count 8: every math warp once per chunk and half).
-__device__ __forceinline__ void release(uint32_t bar) {
-  __syncwarp();
-  if (threadIdx.x % 32 == 0) mbar_arrive(bar);
-}
+__device__ __forceinline__ void release(uint32_t bar) { mbar_arrive_per_warp(bar); }
 
 // The number of attended index slots of query token t: topk_length clamped to [0, topk].
 __device__ __forceinline__ int token_len(const SparsePrefillParams& p, int t) {
