@@ -91,6 +91,29 @@ __device__ __forceinline__ uint32_t quant4_inf_tile(uint32_t w0, uint32_t w1) {
   return out;
 }
 
+// Eight bf16 values (bf16x2 words w) of a tile whose largest magnitude has the bf16 bits m -> eight e4m3
+// bytes. A finite tile is multiplied by recip_scale() (called only then: it may also record the tile's
+// scale); a tile with inf and no NaN keeps quant4_inf_tile's meaning; a tile with NaN is all NaN (0x7F).
+template <typename RecipScale>
+__device__ __forceinline__ uint4 quant8(const uint32_t (&w)[8], uint32_t m, RecipScale recip_scale) {
+  uint4 q;
+  if (m < 0x7F80u) {
+    const float rs = recip_scale();
+    q.x = quant4(w[0], w[1], rs);
+    q.y = quant4(w[2], w[3], rs);
+    q.z = quant4(w[4], w[5], rs);
+    q.w = quant4(w[6], w[7], rs);
+  } else if (m == 0x7F80u) {
+    q.x = quant4_inf_tile(w[0], w[1]);
+    q.y = quant4_inf_tile(w[2], w[3]);
+    q.z = quant4_inf_tile(w[4], w[5]);
+    q.w = quant4_inf_tile(w[6], w[7]);
+  } else {
+    q = make_uint4(0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu);
+  }
+  return q;
+}
+
 // Quantizes one row (512 latent + 64 rope bf16 values) into a 656-byte record; whole warp calls it.
 template <bool kStream>
 __device__ __forceinline__ void quantize_row(const __nv_bfloat16* latent, const __nv_bfloat16* rope,
@@ -111,22 +134,8 @@ __device__ __forceinline__ void quantize_row(const __nv_bfloat16* latent, const 
   m = max(m, __shfl_xor_sync(kFull, m, 4));
   const float scale = tile_scale(m);
 
-  uint4 q;
-  if (m < 0x7F80u) {
-    // 1 / 2^c exactly: exponent field 254 - (c + 127).
-    const float rs = __uint_as_float((254u << 23) - __float_as_uint(scale));
-    q.x = quant4(w[0], w[1], rs);
-    q.y = quant4(w[2], w[3], rs);
-    q.z = quant4(w[4], w[5], rs);
-    q.w = quant4(w[6], w[7], rs);
-  } else if (m == 0x7F80u) {
-    q.x = quant4_inf_tile(w[0], w[1]);
-    q.y = quant4_inf_tile(w[2], w[3]);
-    q.z = quant4_inf_tile(w[4], w[5]);
-    q.w = quant4_inf_tile(w[6], w[7]);
-  } else {
-    q = make_uint4(0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu);
-  }
+  // 1 / 2^c exactly: exponent field 254 - (c + 127).
+  const uint4 q = quant8(w, m, [&] { return __uint_as_float((254u << 23) - __float_as_uint(scale)); });
   const uint32_t sb = __float_as_uint(scale);
   const uint32_t s0 = __shfl_sync(kFull, sb, 0);
   const uint32_t s1 = __shfl_sync(kFull, sb, 8);
@@ -411,24 +420,12 @@ __device__ __forceinline__ void quantize_token_v4(const __nv_bfloat16* latent, c
   m = max(m, __shfl_xor_sync(kFull, m, 1));
   m = max(m, __shfl_xor_sync(kFull, m, 2));
 
-  uint32_t scale_byte = 0xFFu;
-  uint4 q;
-  if (m < 0x7F80u) {
+  uint32_t scale_byte = 0xFFu;  // a non-finite tile keeps 0xFF
+  const uint4 q = quant8(w, m, [&] {
     const int k = tile_scale_exp(m);
     scale_byte = static_cast<uint32_t>(k + 127);
-    const float rs = __uint_as_float(static_cast<uint32_t>(127 - k) << 23);  // 2^-k exactly
-    q.x = quant4(w[0], w[1], rs);
-    q.y = quant4(w[2], w[3], rs);
-    q.z = quant4(w[4], w[5], rs);
-    q.w = quant4(w[6], w[7], rs);
-  } else if (m == 0x7F80u) {
-    q.x = quant4_inf_tile(w[0], w[1]);
-    q.y = quant4_inf_tile(w[2], w[3]);
-    q.z = quant4_inf_tile(w[4], w[5]);
-    q.w = quant4_inf_tile(w[6], w[7]);
-  } else {
-    q = make_uint4(0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu, 0x7F7F7F7Fu);
-  }
+    return __uint_as_float(static_cast<uint32_t>(127 - k) << 23);  // 2^-k exactly
+  });
   uint32_t lo = 0, hi = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) lo |= __shfl_sync(kFull, scale_byte, 4 * j) << (8 * j);
