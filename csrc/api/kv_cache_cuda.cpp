@@ -25,6 +25,37 @@ at::Tensor rows_16b(const at::Tensor& t, int64_t width) {
   return x;
 }
 
+// A cache write's kernel arguments. kv_c ([T, latent_width]) and k_pe ([T, 64]) as the kernels read them
+// (rows_16b: copies where needed) and slot_mapping, all kept alive here until the launch; the cache's
+// block and page strides in bytes.
+struct CacheWrite {
+  at::Tensor kv_c, k_pe, slots;
+  kvc::CacheWriteArgs args;
+};
+CacheWrite cache_write(const at::Tensor& kv_c, int64_t latent_width, const at::Tensor& k_pe, at::Tensor& kv_cache,
+                       const at::Tensor& slot_mapping, int64_t block_stride, int64_t page_stride) {
+  CacheWrite w{rows_16b(kv_c, latent_width), rows_16b(k_pe, kvc::kRope), slot_mapping.contiguous(), {}};
+  w.args.kv_c = w.kv_c.data_ptr();
+  w.args.kv_c_stride = w.kv_c.stride(0);
+  w.args.k_pe = w.k_pe.data_ptr();
+  w.args.k_pe_stride = w.k_pe.stride(0);
+  w.args.cache = kv_cache.data_ptr();
+  w.args.block_stride = block_stride;
+  w.args.page_stride = page_stride;
+  w.args.slot_mapping = w.slots.data_ptr<int64_t>();
+  w.args.num_tokens = kv_c.size(0);
+  w.args.page_size = kv_cache.size(1);
+  w.args.num_slots = kv_cache.size(0) * kv_cache.size(1);
+  return w;
+}
+
+// Rows of a [num_blocks, page_size, 1, D] cache (byte strides given) start at 16-byte boundaries.
+void check_cache_rows_16b(const char* op, const at::Tensor& kv_cache, int64_t block_stride, int64_t page_stride) {
+  TORCH_CHECK(aligned16(kv_cache.data_ptr()) && (kv_cache.size(0) == 1 || block_stride % 16 == 0) &&
+                  (kv_cache.size(1) == 1 || page_stride % 16 == 0),
+              op, ": kv_cache rows must start at 16-byte boundaries");
+}
+
 bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7u) == 0; }
 
 // The V4 cache facts the kernels rely on (torch_flashmla/checks.py::check_fp8_v4_cache says the same).
@@ -56,22 +87,8 @@ void concat_and_cache_fp8_v4_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe
   if (num_tokens == 0 || kv_cache.numel() == 0) return;
   TORCH_CHECK(aligned8(kv_cache.data_ptr()), op, ": kv_cache must start at an 8-byte boundary");
   c10::cuda::CUDAGuard guard(kv_cache.device());
-  const at::Tensor c = rows_16b(kv_c, kvc::kV4Nope);
-  const at::Tensor p = rows_16b(k_pe, kvc::kRope);
-  const at::Tensor slots = slot_mapping.contiguous();
-  kvc::CacheWriteArgs args;
-  args.kv_c = c.data_ptr();
-  args.kv_c_stride = c.stride(0);
-  args.k_pe = p.data_ptr();
-  args.k_pe_stride = p.stride(0);
-  args.cache = kv_cache.data_ptr();
-  args.block_stride = kv_cache.stride(0);
-  args.page_stride = kvc::kV4Token;
-  args.slot_mapping = slots.data_ptr<int64_t>();
-  args.num_tokens = num_tokens;
-  args.page_size = kv_cache.size(1);
-  args.num_slots = kv_cache.size(0) * kv_cache.size(1);
-  kvc::launch_concat_and_cache_fp8_v4(args, c10::cuda::getCurrentCUDAStream());
+  const CacheWrite w = cache_write(kv_c, kvc::kV4Nope, k_pe, kv_cache, slot_mapping, kv_cache.stride(0), kvc::kV4Token);
+  kvc::launch_concat_and_cache_fp8_v4(w.args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -103,28 +120,12 @@ void concat_and_cache_fp8_scaled_cuda(const at::Tensor& kv_c, const at::Tensor& 
   const int64_t num_tokens = kv_c.size(0);
   if (num_tokens == 0 || kv_cache.numel() == 0) return;
   c10::cuda::CUDAGuard guard(kv_cache.device());
-  const int64_t block_stride = kv_cache.stride(0);
+  const int64_t block_stride = kv_cache.stride(0);  // one byte per element
   const int64_t page_stride = kv_cache.stride(1);
-  TORCH_CHECK(aligned16(kv_cache.data_ptr()) && (kv_cache.size(0) == 1 || block_stride % 16 == 0) &&
-                  (kv_cache.size(1) == 1 || page_stride % 16 == 0),
-              op, ": kv_cache rows must start at 16-byte boundaries");
-  const at::Tensor c = rows_16b(kv_c, kvc::kLatent);
-  const at::Tensor p = rows_16b(k_pe, kvc::kRope);
-  const at::Tensor slots = slot_mapping.contiguous();
-  kvc::CacheWriteArgs args;
-  args.kv_c = c.data_ptr();
-  args.kv_c_stride = c.stride(0);
-  args.k_pe = p.data_ptr();
-  args.k_pe_stride = p.stride(0);
-  args.cache = kv_cache.data_ptr();
-  args.block_stride = block_stride;
-  args.page_stride = page_stride;
-  args.slot_mapping = slots.data_ptr<int64_t>();
-  args.num_tokens = num_tokens;
-  args.page_size = kv_cache.size(1);
-  args.num_slots = kv_cache.size(0) * kv_cache.size(1);
-  args.scale = s.data_ptr<float>();
-  kvc::launch_concat_and_cache_fp8_scaled(args, kv_c.scalar_type() == at::kHalf, c10::cuda::getCurrentCUDAStream());
+  check_cache_rows_16b(op, kv_cache, block_stride, page_stride);
+  CacheWrite w = cache_write(kv_c, kvc::kLatent, k_pe, kv_cache, slot_mapping, block_stride, page_stride);
+  w.args.scale = s.data_ptr<float>();
+  kvc::launch_concat_and_cache_fp8_scaled(w.args, kv_c.scalar_type() == at::kHalf, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -172,30 +173,13 @@ void concat_and_cache_mla_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, a
   const int64_t esize = kv_cache.element_size();
   const int64_t block_stride = kv_cache.stride(0) * esize;
   const int64_t page_stride = kv_cache.stride(1) * esize;
-  TORCH_CHECK(aligned16(kv_cache.data_ptr()) && (kv_cache.size(0) == 1 || block_stride % 16 == 0) &&
-                  (kv_cache.size(1) == 1 || page_stride % 16 == 0),
-              "concat_and_cache_mla: kv_cache rows must start at 16-byte boundaries");
-  const at::Tensor c = rows_16b(kv_c, kvc::kLatent);
-  const at::Tensor p = rows_16b(k_pe, kvc::kRope);
-  const at::Tensor slots = slot_mapping.contiguous();
-
-  kvc::CacheWriteArgs args;
-  args.kv_c = c.data_ptr();
-  args.kv_c_stride = c.stride(0);
-  args.k_pe = p.data_ptr();
-  args.k_pe_stride = p.stride(0);
-  args.cache = kv_cache.data_ptr();
-  args.block_stride = block_stride;
-  args.page_stride = page_stride;
-  args.slot_mapping = slots.data_ptr<int64_t>();
-  args.num_tokens = num_tokens;
-  args.page_size = kv_cache.size(1);
-  args.num_slots = kv_cache.size(0) * kv_cache.size(1);
+  check_cache_rows_16b("concat_and_cache_mla", kv_cache, block_stride, page_stride);
+  const CacheWrite w = cache_write(kv_c, kvc::kLatent, k_pe, kv_cache, slot_mapping, block_stride, page_stride);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (fp8) {
-    kvc::launch_concat_and_cache_fp8(args, stream);
+    kvc::launch_concat_and_cache_fp8(w.args, stream);
   } else {
-    kvc::launch_concat_and_cache_auto(args, stream);
+    kvc::launch_concat_and_cache_auto(w.args, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
