@@ -33,11 +33,10 @@ import sys
 import torch
 
 import torch_flashmla
-from bench_timing import graph_time_us, single_call_us, sm_clock_mhz
+from bench_timing import COPY_GBS, MATMUL_TFLOPS, graph_time_us, single_call_us, sm_clock_mhz
 
 D_QK, D_V = 576, 512
 DEV = torch.device("cuda")
-COPY_GBS, MATMUL_TFLOPS = 4284.0, 799.0
 RESULTS = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 COMPUTE = [(128, s_q, s_k, 128) for s_q in (1, 2) for s_k in (4096, 8192, 16384, 32768)]

@@ -19,14 +19,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_timing import graph_time_us, sm_clock_mhz  # noqa: E402
+from bench_timing import MATMUL_TFLOPS, graph_time_us, sm_clock_mhz  # noqa: E402
 
 import torch_flashmla as F  # noqa: E402
 
 H, D_QK, D_V = 128, 192, 128
 FIXED = [(1, 4096), (1, 16384), (4, 4096)]
 RAGGED_TOTAL, RAGGED_B = 32768, 16
-MATMUL_CEILING = 799.0  # TFLOPS, the measured bf16 matmul ceiling of the H200 (docs/design.md §6)
 
 
 def ragged_lengths(total: int, b: int, seed: int = 0):
@@ -110,13 +109,13 @@ def main():
                          flex_tflops=flops / t_flex / 1e6))
         torch.cuda.empty_cache()
     print("\nmha_prefill, h 128, d_qk 192, d_v 128, causal, bf16; whole call under CUDA-graph replay (median us);"
-          f" TFLOPS = sum s^2 (d_qk + d_v) h; %mm of the {MATMUL_CEILING:.0f} TFLOPS matmul ceiling")
+          f" TFLOPS = sum s^2 (d_qk + d_v) h; %mm of the {MATMUL_TFLOPS:.0f} TFLOPS matmul ceiling")
     print(f"{'shape':>14} {'ours us':>9} {'TFLOPS':>7} {'%mm':>4} {'cuDNN us':>9} {'TFLOPS':>7} {'x cuDNN':>7} "
           f"{'Flex us':>9} {'TFLOPS':>7} {'MHz':>5} floor")
     for r in rows:
         ratio = r["cudnn_us"] / r["ours_us"]
         floor = "-" if r["cudnn_us"] != r["cudnn_us"] else ("ok" if ratio >= 1.0 else "MISS")
-        print(f"{r['shape']:>14} {r['ours_us']:9.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_CEILING:4.0f} "
+        print(f"{r['shape']:>14} {r['ours_us']:9.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} "
               f"{r['cudnn_us']:9.1f} {r['cudnn_tflops']:7.1f} {ratio:7.2f} {r['flex_us']:9.1f} "
               f"{r['flex_tflops']:7.1f} {r['mhz'] or 0:5d} {floor}")
     if args.json:

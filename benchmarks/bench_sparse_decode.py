@@ -53,11 +53,10 @@ import torch
 import torch_flashmla
 from torch_flashmla import kv_cache as kvc
 from torch_flashmla import reference
-from bench_timing import graph_time_us
+from bench_timing import COPY_GBS, MATMUL_TFLOPS, graph_time_us
 
 D_QK, D_V, RECORD = kvc.D_QK, kvc.D_V, kvc.FP8_RECORD_BYTES   # 576, 512, 656
 PAGE = 64
-COPY_GBS, MATMUL_TFLOPS = 4284.0, 799.0
 RESULTS = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # (b, h_q, s_q, s_k, topk); cases sharing (b, s_k) share one cache. The first is the --quick case.

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_timing import graph_time_us, sm_clock_mhz  # noqa: E402
+from bench_timing import MATMUL_TFLOPS, graph_time_us, sm_clock_mhz  # noqa: E402
 
 import torch_flashmla  # noqa: E402
 from torch_flashmla import _registration, reference  # noqa: E402
@@ -36,7 +36,6 @@ SHAPES = [  # s_q, s_kv, h_q, d_qk, topk
     (4096, 65536, 128, 512, 1024),
 ]
 FLOORS = {(4096, 8192, 128, 576, 2048): 530, (4096, 65536, 128, 576, 2048): 480}
-MATMUL_TFLOPS = 799.0  # bf16 matmul ceiling measured on the H200 (docs/design.md §6)
 
 
 def inputs(s_q, s_kv, h_q, d_qk, topk, seed=0):

@@ -7,6 +7,10 @@ import time
 
 import torch
 
+# The H200's ceilings measured on this machine kind (docs/design.md §6): device-to-device copy GB/s and
+# bf16 dense matmul TFLOPS. The benchmarks print their shares of these.
+COPY_GBS, MATMUL_TFLOPS = 4284.0, 799.0
+
 
 def graph_time_us(fn, iters: int = 30, reps: int = 5):
     """``iters`` calls of ``fn`` captured in one CUDA graph (after 3 warm-up calls on a side
