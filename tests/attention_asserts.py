@@ -23,3 +23,12 @@ def assert_attention_close(out, lse, ref_out, ref_lse, out_rtol=DECODE_TOL["out_
         assert 1 - cos <= cos_tol
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-6, rtol=lse_rtol)
+
+
+def assert_mha_prefill_close(out, lse, ref_out, ref_lse):
+    """mha_prefill against its reference (out [total_q, h_q, d_v], lse [total_q, h_q]): same shapes and
+    dtype, out exactly 0 where the reference lse is +inf (rows with nothing to attend), then
+    :func:`assert_attention_close` with MHA_PREFILL_TOL."""
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert torch.all(out.cpu()[torch.isposinf(ref_lse.cpu())] == 0), "rows with nothing to attend must give out = 0"
+    assert_attention_close(out, lse, ref_out, ref_lse, **MHA_PREFILL_TOL)

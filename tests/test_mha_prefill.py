@@ -15,7 +15,7 @@ import torch_flashmla as F
 from torch_flashmla import compat, reference, testing as T
 
 import oracle
-from attention_asserts import MHA_PREFILL_TOL, assert_attention_close
+from attention_asserts import assert_mha_prefill_close
 
 needs_gpu = pytest.mark.cuda
 
@@ -463,13 +463,6 @@ GPU_CASES = [
 ]
 
 
-def _assert_gpu_close(out, lse, ref_out, ref_lse):
-    """The GPU tolerances of mha_prefill (tests/attention_asserts.py, MHA_PREFILL_TOL); out exactly 0
-    where lse is +inf."""
-    assert torch.all(out.cpu()[torch.isposinf(ref_lse.cpu())] == 0)
-    assert_attention_close(out, lse, ref_out, ref_lse, **MHA_PREFILL_TOL)
-
-
 @needs_gpu
 @pytest.mark.parametrize("index", range(len(GPU_CASES)))
 def test_gpu_matches_cpu_reference(index):
@@ -477,7 +470,7 @@ def test_gpu_matches_cpu_reference(index):
     out, lse = _call(a)
     assert out.device.type == "cuda" and lse.device.type == "cuda"
     cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
-    _assert_gpu_close(out, lse, *_call(cpu))
+    assert_mha_prefill_close(out, lse, *_call(cpu))
 
 
 @needs_gpu
@@ -518,4 +511,4 @@ def test_gpu_cuda_graph_replays_with_new_cu_seqlens():
         graph.replay()
         torch.cuda.synchronize()
         cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in args()]
-        _assert_gpu_close(out, lse, *F.mha_prefill(*cpu, causal=True))
+        assert_mha_prefill_close(out, lse, *F.mha_prefill(*cpu, causal=True))
