@@ -3,8 +3,10 @@ scaled_dot_product_attention on its cuDNN backend and with FlexAttention (torch.
 
 Whole op call under CUDA-graph replay (benchmarks/bench_timing.py), median microseconds. Causal
 TFLOPS = sum over sequences of s_q * s_k * (d_qk + d_v) * h (half of the full 2 * s_q * s_k * (d_qk + d_v) * h).
-Shapes: h 128, d_qk 192, d_v 128, causal; (b, s) in {(1, 4096), (1, 16384), (4, 4096)} and a ragged
-batch of 16 sequences totalling 32k tokens (cuDNN: not run, it has no varlen form here; Flex: a
+A naive column: SDPA's math backend (plain PyTorch, the score matrix in memory) where it fits.
+The op is two launches (the fill of rows no sequence owns, then attention); the whole call is what
+is timed. Shapes: h 128, d_qk 192, d_v 128, causal; (b, s) in {(1, 4096), (1, 16384), (4, 4096)} and a
+ragged batch of 16 sequences totalling 32k tokens (cuDNN: not run, it has no varlen form here; Flex: a
 document-causal block mask over the packed tokens).
 
 Usage: python benchmarks/bench_mha_prefill.py [--json FILE] [--plot FILE.png] [--no-baselines]
@@ -26,6 +28,7 @@ import torch_flashmla as F  # noqa: E402
 H, D_QK, D_V = 128, 192, 128
 FIXED = [(1, 4096), (1, 16384), (4, 4096)]
 RAGGED_TOTAL, RAGGED_B = 32768, 16
+NAIVE_MAX_S = 4096  # the math backend's fp32 scores: b * h * s^2 * 4 bytes (8.6 GB per sequence at 4096)
 
 
 def ragged_lengths(total: int, b: int, seed: int = 0):
@@ -50,17 +53,28 @@ def ours(lens, dtype=torch.bfloat16):
     return lambda: F.mha_prefill(q, k, v, cu, cu, m, m, causal=True)
 
 
-def cudnn(b, s, dtype=torch.bfloat16):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def sdpa(b, s, backend, dtype=torch.bfloat16):
+    from torch.nn.attention import sdpa_kernel
     q = torch.randn(b, H, s, D_QK, device="cuda", dtype=dtype)
     k = torch.randn(b, H, s, D_QK, device="cuda", dtype=dtype)
     v = torch.randn(b, H, s, D_V, device="cuda", dtype=dtype)
 
     def run():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([backend]):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     run()
     return run
+
+
+def cudnn(b, s):
+    from torch.nn.attention import SDPBackend
+    return sdpa(b, s, SDPBackend.CUDNN_ATTENTION)
+
+
+def naive(b, s):
+    """Plain PyTorch: SDPA's math backend (the full score matrix in memory)."""
+    from torch.nn.attention import SDPBackend
+    return sdpa(b, s, SDPBackend.MATH)
 
 
 def flex(lens, dtype=torch.bfloat16):
@@ -104,20 +118,23 @@ def main():
         mhz = sm_clock_mhz()
         t_cudnn = timed(cudnn, *fixed) if fixed and not args.no_baselines else float("nan")
         t_flex = timed(flex, lens) if not args.no_baselines else float("nan")
-        rows.append(dict(shape=name, lens=lens, ours_us=t_ours, cudnn_us=t_cudnn, flex_us=t_flex, mhz=mhz,
-                         ours_tflops=flops / t_ours / 1e6, cudnn_tflops=flops / t_cudnn / 1e6,
-                         flex_tflops=flops / t_flex / 1e6))
+        # naive: only where the [b, h, s, s] score matrix fits (s <= NAIVE_MAX_S)
+        t_naive = (timed(naive, *fixed) if fixed and fixed[1] <= NAIVE_MAX_S and not args.no_baselines
+                   else float("nan"))
+        rows.append(dict(shape=name, lens=lens, ours_us=t_ours, cudnn_us=t_cudnn, flex_us=t_flex, naive_us=t_naive,
+                         mhz=mhz, ours_tflops=flops / t_ours / 1e6, cudnn_tflops=flops / t_cudnn / 1e6,
+                         flex_tflops=flops / t_flex / 1e6, naive_tflops=flops / t_naive / 1e6))
         torch.cuda.empty_cache()
     print("\nmha_prefill, h 128, d_qk 192, d_v 128, causal, bf16; whole call under CUDA-graph replay (median us);"
           f" TFLOPS = sum s^2 (d_qk + d_v) h; %mm of the {MATMUL_TFLOPS:.0f} TFLOPS matmul ceiling")
     print(f"{'shape':>14} {'ours us':>9} {'TFLOPS':>7} {'%mm':>4} {'cuDNN us':>9} {'TFLOPS':>7} {'x cuDNN':>7} "
-          f"{'Flex us':>9} {'TFLOPS':>7} {'MHz':>5} floor")
+          f"{'Flex us':>9} {'TFLOPS':>7} {'naive us':>9} {'TFLOPS':>7} {'MHz':>5} floor")
     for r in rows:
         ratio = r["cudnn_us"] / r["ours_us"]
         floor = "-" if r["cudnn_us"] != r["cudnn_us"] else ("ok" if ratio >= 1.0 else "MISS")
         print(f"{r['shape']:>14} {r['ours_us']:9.1f} {r['ours_tflops']:7.1f} {100 * r['ours_tflops'] / MATMUL_TFLOPS:4.0f} "
               f"{r['cudnn_us']:9.1f} {r['cudnn_tflops']:7.1f} {ratio:7.2f} {r['flex_us']:9.1f} "
-              f"{r['flex_tflops']:7.1f} {r['mhz'] or 0:5d} {floor}")
+              f"{r['flex_tflops']:7.1f} {r['naive_us']:9.1f} {r['naive_tflops']:7.1f} {r['mhz'] or 0:5d} {floor}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
