@@ -24,6 +24,15 @@ inline void check_plan(const char* op, const at::Tensor& metadata, const at::Ten
 // .contiguous() alone returns a contiguous but misaligned view unchanged.
 inline at::Tensor aligned_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
 
+// t [rows, heads, dim] as 16-byte loads (cp.async or TMA) read it: contiguous last dim, row and head
+// strides multiples of 16 bytes (where that dim has more than one entry) and a 16-byte aligned base;
+// a copy otherwise. Strides are in elements of 2 bytes (bf16/fp16).
+inline at::Tensor rows_heads_for_16b_loads(const at::Tensor& t) {
+  const bool ok = t.stride(2) == 1 && (t.size(1) == 1 || t.stride(1) % 8 == 0) &&
+                  (t.size(0) == 1 || t.stride(0) % 8 == 0) && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : aligned_copy(t);
+}
+
 // The combine kernel puts 4 query rows per CTA on grid.z.
 inline void check_combine_rows(const char* op, int64_t m_total) {
   TORCH_CHECK((m_total + 3) / 4 <= 65535, op, ": s_q * h_q / h_kv must be at most 262140 (got ", m_total, ")");

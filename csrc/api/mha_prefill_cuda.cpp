@@ -19,14 +19,8 @@
 namespace {
 
 namespace mp = flashmla::sm90::mha_prefill;
+using flashmla::api::rows_heads_for_16b_loads;
 constexpr const char* kOp = "mha_prefill";
-
-// TMA reads rows with a contiguous last dim, 16-byte multiple strides and a 16-byte aligned base.
-at::Tensor for_tma(const at::Tensor& t) {
-  const bool ok = t.stride(2) == 1 && (t.size(1) == 1 || t.stride(1) % 8 == 0) && (t.size(0) == 1 || t.stride(0) % 8 == 0) &&
-                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : flashmla::api::aligned_copy(t);
-}
 
 std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                     const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
@@ -69,9 +63,9 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
     return {out, lse};
   }
   // With no key rows at all nothing is attended: the kernel needs a map over a non-empty tensor.
-  at::Tensor k = for_tma(total_k > 0 ? k_in : at::zeros({1, h_k, d_qk}, k_in.options()));
-  at::Tensor v = for_tma(total_k > 0 ? v_in : at::zeros({1, h_k, mp::kDV}, v_in.options()));
-  at::Tensor q = for_tma(q_in);
+  at::Tensor k = rows_heads_for_16b_loads(total_k > 0 ? k_in : at::zeros({1, h_k, d_qk}, k_in.options()));
+  at::Tensor v = rows_heads_for_16b_loads(total_k > 0 ? v_in : at::zeros({1, h_k, mp::kDV}, v_in.options()));
+  at::Tensor q = rows_heads_for_16b_loads(q_in);
 
   const CUtensorMap tq = flashmla::api::make_rows_heads_map(kOp, "q", q, mp::kBlockM);
   const CUtensorMap tk = flashmla::api::make_rows_heads_map(kOp, "k", k, mp::kBlockN);

@@ -20,8 +20,6 @@ namespace fs = flashmla::sm90;
 
 constexpr int64_t kDV = 512, kBlockM = 64, kMaxHeads = 128;
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mla_prefill_cuda(
     const at::Tensor& q_in, const at::Tensor& kv_in, const at::Tensor& indices_in, double softmax_scale,
     int64_t head_dim_v, const c10::optional<at::Tensor>& attn_sink, const c10::optional<at::Tensor>& topk_length) {
@@ -57,14 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mla_prefill_cuda(
     return {out, max_logits, lse};
   }
 
-  // 16-byte cp.async of q and kv rows: last dim contiguous, rows and base 16-byte aligned.
-  at::Tensor q = q_in;
-  at::Tensor kv = kv_in;
-  // (.contiguous() would return an already contiguous but misaligned tensor unchanged: aligned_copy.)
-  if (q.stride(2) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || !aligned16(q)) {
-    q = flashmla::api::aligned_copy(q);
-  }
-  if (kv.stride(2) != 1 || kv.stride(0) % 8 != 0 || !aligned16(kv)) kv = flashmla::api::aligned_copy(kv);
+  // 16-byte cp.async of q and kv rows (a copy where strides or the base do not allow it).
+  const at::Tensor q = flashmla::api::rows_heads_for_16b_loads(q_in);
+  const at::Tensor kv = flashmla::api::rows_heads_for_16b_loads(kv_in);
   at::Tensor indices = indices_in.stride(2) == 1 ? indices_in : indices_in.contiguous();
   at::Tensor lengths, sink;
   if (topk_length.has_value()) {
