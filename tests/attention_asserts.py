@@ -32,3 +32,20 @@ def assert_mha_prefill_close(out, lse, ref_out, ref_lse):
     assert out.dtype == ref_out.dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert torch.all(out.cpu()[torch.isposinf(ref_lse.cpu())] == 0), "rows with nothing to attend must give out = 0"
     assert_attention_close(out, lse, ref_out, ref_lse, **MHA_PREFILL_TOL)
+
+
+def assert_out_rows_close(out, ref_out, full_rows, out_abs, out_rel, cos_tol, tag=""):
+    """Every element within abs ``out_abs`` + rel ``out_rel``; over the rows ``full_rows`` (a boolean
+    mask of out's leading dims: the rows that attend to something) the cosine-like distance
+    ``1 - 2<x,y>/(|x|^2 + |y|^2)`` at most ``cos_tol``. Messages start with ``tag``."""
+    o, r = out.float(), ref_out.float()
+    err = (o - r).abs()
+    bad = err > out_abs + out_rel * r.abs()
+    assert not bad.any(), (f"{tag}: out mismatch at {bad.nonzero()[:5].tolist()} ({int(bad.sum())} elements), "
+                           f"max err {err.max().item():.3g}")
+    if full_rows.any():
+        od, rd = o[full_rows].double(), r[full_rows].double()
+        denom = (od * od + rd * rd).sum().item()
+        if denom > 0:
+            diff = 1 - 2 * (od * rd).sum().item() / denom
+            assert diff <= cos_tol, f"{tag}: cosine distance {diff:.3g}"

@@ -25,6 +25,7 @@ torch_flashmla = pytest.importorskip("torch_flashmla")
 from torch_flashmla import reference  # noqa: E402
 from torch_flashmla.testing import SparsePrefillCase, capture_cuda_graph, sparse_prefill_inputs  # noqa: E402
 
+from attention_asserts import assert_out_rows_close  # noqa: E402
 from sm90 import require_sm90_kernel  # noqa: E402
 
 require_sm90_kernel("sparse_mla_prefill")
@@ -90,18 +91,9 @@ def check_close(got, ref, tag):
     assert torch.equal(torch.isneginf(r_mx), torch.isneginf(mx)), f"{tag}: -inf pattern of max_logits differs"
     assert (out[empty] == 0).all(), f"{tag}: out of empty rows is not 0"
     assert not torch.isinf(out).any(), f"{tag}: inf in out"
-    o, r = out.float(), r_out.float()
-    err = (o - r).abs()
-    bad = err > OUT_ABS + OUT_REL * r.abs()
-    assert not bad.any(), (f"{tag}: out mismatch at {bad.nonzero()[:5].tolist()} ({int(bad.sum())} elements), "
-                           f"max err {err.max().item():.3g}")
     full = ~empty
+    assert_out_rows_close(out, r_out, full, OUT_ABS, OUT_REL, COS_TOL, tag)
     if full.any():
-        od, rd = o[full].double(), r[full].double()
-        denom = (od * od + rd * rd).sum().item()
-        if denom > 0:
-            diff = 1 - 2 * (od * rd).sum().item() / denom
-            assert diff <= COS_TOL, f"{tag}: cosine distance {diff:.3g}"
         for name, a, b in (("lse", lse, r_lse), ("max_logits", mx, r_mx)):
             e = (a[full] - b[full]).abs()
             lbad = e > LSE_REL * b[full].abs().clamp_min(1.0)
