@@ -130,33 +130,24 @@ def main():
         del kv_c, k_pe, slots, cache
         torch.cuda.empty_cache()
 
-    for tokens in (1 << 20, 1 << 22):
-        kv = torch.randn(tokens, 576, device=dev).to(torch.bfloat16)
-        nbytes = tokens * (1152 + 656)
-        ours = bench_ms(lambda: ops.quantize_kv_fp8(kv))
-        refm = bench_ms(lambda: ref.quantize_kv_fp8(kv), rep_ms=300)
-        rows.append(("quantize", tokens, nbytes, ours, None, refm))
-        q = ops.quantize_kv_fp8(kv)
-        del kv
-        ours = bench_ms(lambda: ops.dequantize_kv_fp8(q))
-        refm = bench_ms(lambda: ref.dequantize_kv_fp8(q), rep_ms=300)
-        rows.append(("dequantize", tokens, nbytes, ours, None, refm))
-        del q
-        torch.cuda.empty_cache()
-
-    for tokens in (1 << 20, 1 << 22):
-        kv = torch.randn(tokens // 64, 64, 1, 512, device=dev).to(torch.bfloat16)
-        nbytes = tokens * (1024 + 584)
-        ours = bench_ms(lambda: ops.quantize_kv_fp8_v4(kv))
-        refm = bench_ms(lambda: ref.quantize_kv_fp8_v4(kv), rep_ms=300)
-        rows.append(("quantize v4", tokens, nbytes, ours, None, refm))
-        q = ops.quantize_kv_fp8_v4(kv)
-        del kv
-        ours = bench_ms(lambda: ops.dequantize_kv_fp8_v4(q))
-        refm = bench_ms(lambda: ref.dequantize_kv_fp8_v4(q), rep_ms=300)
-        rows.append(("dequantize v4", tokens, nbytes, ours, None, refm))
-        del q
-        torch.cuda.empty_cache()
+    # Whole-cache quantize / dequantize round trips: V3.2 records (576 bf16 -> 656 bytes per token) and
+    # V4 pages (512 bf16 -> 584 bytes per token).
+    for label, shape, bf16_bytes, fp8_bytes, quantize, dequantize in (
+            ("", lambda t: (t, 576), 1152, 656, "quantize_kv_fp8", "dequantize_kv_fp8"),
+            (" v4", lambda t: (t // 64, 64, 1, 512), 1024, 584, "quantize_kv_fp8_v4", "dequantize_kv_fp8_v4")):
+        for tokens in (1 << 20, 1 << 22):
+            kv = torch.randn(*shape(tokens), device=dev).to(torch.bfloat16)
+            nbytes = tokens * (bf16_bytes + fp8_bytes)
+            ours = bench_ms(lambda: getattr(ops, quantize)(kv))
+            refm = bench_ms(lambda: getattr(ref, quantize)(kv), rep_ms=300)
+            rows.append(("quantize" + label, tokens, nbytes, ours, None, refm))
+            q = getattr(ops, quantize)(kv)
+            del kv
+            ours = bench_ms(lambda: getattr(ops, dequantize)(q))
+            refm = bench_ms(lambda: getattr(ref, dequantize)(q), rep_ms=300)
+            rows.append(("dequantize" + label, tokens, nbytes, ours, None, refm))
+            del q
+            torch.cuda.empty_cache()
 
     name = torch.cuda.get_device_name()
     print(f"\n{name}, torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s (read + written)")
