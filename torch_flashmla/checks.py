@@ -18,7 +18,6 @@ from .kv_cache import V4_D_NOPE, V4_D_QK, V4_D_ROPE, V4_STRIDE_ALIGN, V4_TOKEN_B
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 FP8_CACHE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 FP8_DECODE_Q_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)  # q of mla_decode over a per-tensor e4m3 cache
-DENSE_PAGE_ALIGN = 64       # dense decode pages hold whole 64-token tiles
 MAX_HEADS_Q = 128
 DENSE_MAX_SM_PARTS = 65535  # mla_decode's partitions are the z dimension of its CUDA grid
 MAX_SM_PARTS = DENSE_MAX_SM_PARTS  # the planner's limit, so that every plan fits every decode kernel
@@ -174,8 +173,9 @@ def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softma
     c.tensor("kv_cache", kv_cache, dtypes=FP8_CACHE_DTYPES if fp8 else (q.dtype,), dim=4, device=dev)
     c.size("kv_cache", kv_cache, 3, D_QK, "[num_blocks, page_size, h_kv, 576]")
     page_size, h_kv = kv_cache.shape[1], kv_cache.shape[2]
-    c.value("kv_cache", _all(page_size % DENSE_PAGE_ALIGN == 0, page_size > 0),
-            f"paged with page_size a positive multiple of {DENSE_PAGE_ALIGN}", lambda: f"page_size {page_size}")
+    # Any page size >= 1: the SM90 kernel loads pages that are not a multiple of 64 tokens in slices
+    # (slower, docs/design.md §5.1).
+    c.value("kv_cache", page_size > 0, "paged with page_size >= 1", lambda: f"page_size {page_size}")
     c.value("kv_cache", h_kv >= 1, f"of h_kv dividing h_q={q.shape[2]}", lambda: f"h_kv {h_kv}")
     c.value("kv_cache", q.shape[2] % h_kv == 0, f"of h_kv dividing h_q={q.shape[2]}", lambda: f"h_kv {h_kv}")
     b = q.shape[0]

@@ -70,7 +70,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
     Args:
         q: [b, s_q, h_q, 576] bf16/fp16; with an FP8 cache bf16, or float8_e4m3fn with ``descale_q``.
-        kv_cache: [num_blocks, page_size, h_kv, 576], q's dtype; page_size a multiple of 64. Or the
+        kv_cache: [num_blocks, page_size, h_kv, 576], q's dtype; any page_size >= 1 (a multiple of 64
+            is fastest; smaller pages are loaded in slices, see docs/design.md §5.1). Or the
             per-tensor e4m3 cache written by ``concat_and_cache_mla(..., kv_cache_dtype="fp8", scale)``:
             float8_e4m3fn (or uint8 holding the same bytes), value = e4m3 * ``descale_k``.
         block_table: [b, max_blocks_per_seq] int32; entries past the last used page are ignored;

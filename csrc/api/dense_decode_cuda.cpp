@@ -17,6 +17,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 
 #include "api/decode_api.h"
 #include "api/tensor_map.h"
@@ -52,9 +53,10 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqle
   return {metadata, num_splits};
 }
 
-// 4-D map {576, h_kv, page_size, num_blocks} over the paged cache; box {64, 1, 64, 1}, 128B swizzle.
-// fp8 (one byte per value): box {128, 1, 64, 1} (a pair of 64-column tiles), no swizzle (docs/design.md §5.1).
-CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8) {
+// 4-D map {576, h_kv, page_size, num_blocks} over the paged cache; box {64, 1, rows, 1}, 128B swizzle.
+// fp8 (one byte per value): box {128, 1, rows, 1} (a pair of 64-column tiles), no swizzle (docs/design.md §5.1).
+// rows = gcd(page_size, 64): 64 for pages of whole chunks, else a chunk's tile is 64 / rows loads.
+CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8, int rows) {
   const int64_t es = kv.element_size();
   const int64_t row_bytes = ((fs::kDQK * es + 15) / 16) * 16;
   auto stride_bytes = [&](int dim, int64_t fallback) {
@@ -72,7 +74,7 @@ CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8) {
                         static_cast<cuuint64_t>(kv.size(1)), static_cast<cuuint64_t>(kv.size(0))};
   cuuint64_t strides[3] = {static_cast<cuuint64_t>(s_head), static_cast<cuuint64_t>(s_tok),
                            static_cast<cuuint64_t>(s_blk)};
-  cuuint32_t box[4] = {fp8 ? 128u : 64u, 1, static_cast<cuuint32_t>(fs::kBlockN), 1};
+  cuuint32_t box[4] = {fp8 ? 128u : 64u, 1, static_cast<cuuint32_t>(rows), 1};
   cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
   const CUtensorMapDataType dt = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
@@ -120,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   const int64_t b = q_in.size(0), s_q = q_in.size(1), h_q = q_in.size(2);
   const int64_t page_size = kv_cache.size(1), h_kv = kv_cache.size(2);
   TORCH_CHECK(h_kv >= 1 && h_q % h_kv == 0, "mla_decode: h_q must be a multiple of h_kv");
-  TORCH_CHECK(page_size >= fs::kBlockN && page_size % fs::kBlockN == 0, "mla_decode: page_size must be a multiple of 64");
+  TORCH_CHECK(page_size >= 1, "mla_decode: page_size must be positive");
   TORCH_CHECK(block_table_in.scalar_type() == at::kInt && block_table_in.dim() == 2 && block_table_in.size(0) == b,
               "mla_decode: block_table must be int32 [b, max_blocks]");
   TORCH_CHECK(cache_seqlens_in.scalar_type() == at::kInt && cache_seqlens_in.numel() == b,
@@ -186,6 +188,18 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   p.page_size = static_cast<int>(page_size);
   p.num_blocks = static_cast<int>(std::min<int64_t>(kv_cache.size(0), INT32_MAX));
   p.max_tokens = static_cast<int>(std::min<int64_t>(block_table.size(1) * page_size, INT32_MAX));
+  // Rows of one TMA load: a 64-token chunk is 64 / rows page slices (one when page_size is a multiple of 64).
+  const int page_rows = static_cast<int>(std::gcd<int64_t>(page_size, fs::kBlockN));
+  while ((1 << p.page_rows_log2) < page_rows) ++p.page_rows_log2;
+  // Division by page_size as a multiply: l = ceil(log2 page_size), shift = 31 + l, mul = ceil(2^shift / page_size)
+  // (< 2^32); mul * page_size - 2^shift < page_size <= 2^l, so the quotient is exact for every t < 2^31.
+  {
+    int l = 0;
+    while ((int64_t(1) << l) < page_size) ++l;
+    p.page_div_shift = 31 + l;
+    const uint64_t num = uint64_t(1) << p.page_div_shift;  // page_size < 2^31: shift <= 62
+    p.page_div_mul = static_cast<uint32_t>((num + static_cast<uint64_t>(page_size) - 1) / static_cast<uint64_t>(page_size));
+  }
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
@@ -202,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
     p.q_fp8 = q_fp8 ? 1 : 0;
   }
 
-  const CUtensorMap tmap = make_cache_map(kv_cache, fp8);
+  const CUtensorMap tmap = make_cache_map(kv_cache, fp8, page_rows);
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   if (fp8) {
     fs::launch_dense_decode_fp8(p, tmap, stream);

@@ -11,7 +11,7 @@ namespace sm90 {
 constexpr int kDQK = 576;
 constexpr int kDV = 512;
 constexpr int kBlockM = 64;   // query rows per CTA (rows = s_q * h_q / h_kv of one kv head)
-constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of one page)
+constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of one page, or of several small ones)
 
 struct DenseDecodeParams {
   // q [b, s_q, h_q, 576]; element strides (last dim contiguous)
@@ -31,6 +31,10 @@ struct DenseDecodeParams {
   const int* num_splits;   // [b + 1]
   int b, s_q, h_q, h_kv, group, m_total, page_size, num_sm_parts, num_m_tiles;
   int num_blocks;          // pages of the cache: ids outside [0, num_blocks) are skipped
+  int page_rows_log2;      // log2 gcd(page_size, 64): rows of one TMA load (6: one load per tile)
+  // t / page_size = (t * page_div_mul) >> page_div_shift for 0 <= t < 2^31 (no integer division in the kernel)
+  uint32_t page_div_mul;
+  int page_div_shift;
   int max_tokens;          // block-table capacity (max_blocks * page_size): lengths are clamped to it
   float scale_log2;        // softmax_scale * log2(e)
   int causal;
@@ -43,11 +47,12 @@ struct DenseDecodeParams {
 
 // Launches the attention kernel on `stream`. Grid m tiles x h_kv x num_sm_parts: the m-tile CTAs of a
 // partition read the same pages, so they launch together.
-// tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, 64, 1}, 128B swizzle.
+// tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, g, 1}, 128B swizzle,
+// g = gcd(page_size, 64) = 1 << p.page_rows_log2.
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 // Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out. tmap: the same 4-D map over the cache bytes (uint8),
-// box {64, 1, 64, 1}, no swizzle.
+// box {128, 1, g, 1}, no swizzle.
 void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 
 }  // namespace sm90

@@ -32,6 +32,10 @@
 // itself and multiplies P = hi + lo (two bf16/fp16 terms) with its half of V, so that P's rounding
 // does not show in outputs that average only a few tokens.
 //
+// Pages of any size (docs/design.md §5.1): with page_size a multiple of 64 a chunk is one TMA load per tile;
+// smaller pages (kSmallPages, its own instantiation) load each tile as 64 / gcd(page_size, 64) page slices,
+// and a per-token mask marks the tokens whose page id is outside the cache.
+//
 // FP8 cache (kFp8, docs/design.md §5.1): the per-tensor e4m3 cache is read by the same pipeline in fp16.
 // Each tile is loaded by TMA as 64 x 64 bytes into the upper half of its 8 KB slot; the warpgroup that
 // computes the chunk's S converts it in place (cvt e4m3x2 -> f16x2, exact) into the swizzled fp16 tile
@@ -136,8 +140,8 @@ constexpr int kOffScaleA = kOffMax + 64 * 4;            // float[64]
 constexpr int kOffScaleB = kOffScaleA + 64 * 4;         // float[64]
 constexpr int kOffSum = kOffScaleB + 64 * 4;            // float[2][64]
 constexpr int kOffBar = kOffSum + 2 * 64 * 4;           // uint64[2][9]: one mbarrier per tile and stage
-constexpr int kOffPageOk = kOffBar + 2 * kNumColTiles * 8;  // int[2]: the chunk in each stage has its page in the cache
-constexpr int kOffDescale = kOffPageOk + 2 * 4;          // float[2]: FP8 path: scale_log2 with the descales, descale_k
+constexpr int kOffPageOk = kOffBar + 2 * kNumColTiles * 8;  // uint64[2]: bit k = token k of the stage's chunk has its page in the cache
+constexpr int kOffDescale = kOffPageOk + 2 * 8;          // float[2]: FP8 path: scale_log2 with the descales, descale_k
 constexpr int kSmemUsed = kOffDescale + 2 * 4;
 constexpr int kSmemBytes = kSmemUsed + 1024;            // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
@@ -154,26 +158,94 @@ constexpr uint32_t kBarWg0 = 7;      // one warpgroup (7 + wg)
 __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
   return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
 }
+// Transaction bytes expected by an mbarrier, without an arrival.
+__device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
 
-// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` of request r into `stage`.
+// Pages smaller than a chunk (page_size not a multiple of 64): the tensor map's box has g = gcd(page_size, 64)
+// rows, and tile t of the chunk is 64 / g loads, sub-chunk j (tokens tok + j g .. tok + j g + g - 1, inside one
+// page since tok is a multiple of 64) into rows j g.. of the tile, each with its own block-table entry. The
+// 128B swizzle of a TMA write is a function of the shared-memory address, so g-row writes at 128-byte
+// steps rebuild the whole tile's layout. Called by a whole warp: lane l looks up sub-chunks l and l + 32
+// (one global-load latency for the chunk instead of one per sub-chunk) and issues their loads. Sub-chunks
+// from `end` on are not loaded (their rows are masked and zeroed like any tail) and not expected by the
+// mbarriers. Loops not unrolled and no integer division (a multiply by page_div_mul): the warp's registers
+// are full (as a called function ptxas spilled more).
+template <bool kFp8>
+static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap* tmap, const int* bt_row, uint32_t div_mul,
+                                                              int div_shift, int page_size, int rows_log2, int num_blocks,
+                                                              int tok, int end, int kvh,
+                                                              uint32_t stage_base, uint32_t bar_base, uint32_t mask_addr,
+                                                              int t_begin, int t_end) {
+  const int lane = threadIdx.x % 32;
+  const int nload = min(kBlockN >> rows_log2, (end - tok + (1 << rows_log2) - 1) >> rows_log2);
+  // The transaction bytes are expected first and the arrival comes after the page mask is stored, so that
+  // the mask is released with the arrival whatever order the loads complete in.
+  if (lane == 0) {
+    const uint32_t bytes = static_cast<uint32_t>(nload) << (rows_log2 + 7);  // 128-byte rows (e4m3 pairs too)
+#pragma unroll 1
+    for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1) mbar_expect_tx_only(bar_base + t * 8, bytes);
+  }
+  uint64_t sub = 0;  // bit j: sub-chunk j's page is in the cache
+#pragma unroll 1
+  for (int h = 0; h * 32 < nload; ++h) {
+    const int j = lane + 32 * h;
+    const int t0 = tok + (j << rows_log2);
+    int page = -1;
+    if (j < nload) {
+      const int col = static_cast<int>((static_cast<uint64_t>(t0) * div_mul) >> div_shift);  // t0 / page_size
+      page = bt_row[col];
+      const int in_page = t0 - col * page_size;
+      const uint32_t dst = stage_base + (j << (rows_log2 + 7));
+#pragma unroll 1
+      for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1)
+        tma_load_4d(dst + t * kTileBytes, tmap, bar_base + t * 8, t * 64, kvh, in_page, page);
+    }
+    sub |= uint64_t(__ballot_sync(0xffffffffu, static_cast<unsigned>(page) < static_cast<unsigned>(num_blocks))) << (32 * h);
+  }
+  if (t_begin == 0) {  // token k's bit is its sub-chunk's (k >> rows_log2)
+    const uint32_t lo = __ballot_sync(0xffffffffu, (sub >> (lane >> rows_log2)) & 1);
+    const uint32_t hi = __ballot_sync(0xffffffffu, (sub >> ((lane + 32) >> rows_log2)) & 1);
+    if (lane == 0) asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(mask_addr), "r"(lo), "r"(hi) : "memory");
+  }
+  if (lane == 0) {
+#pragma unroll 1
+    for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1) mbar_arrive(bar_base + t * 8);
+  }
+}
+
+// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` (a multiple of 64, before `end`) of request r
+// into `stage`; called by one whole warp.
 //
 // A page id outside [0, num_blocks) is skipped: its loads fall outside the tensor map and land as zeros
-// (nothing outside the cache is read, no NaN reaches the PV product), and the stage's page flag, written
-// with the first tiles of the chunk, tells the consumers to mask every score of the chunk. The flag is
-// stored before the tiles' mbarrier arrive (release) and read after their wait (acquire); it is
-// rewritten only by the refill of tiles 0-3, whose readers come after every reader of the flag.
+// (nothing outside the cache is read, no NaN reaches the PV product), and the stage's page mask, written
+// with the first tiles of the chunk, tells the consumers to mask the scores of that page's tokens. The mask
+// is stored before the tiles' mbarrier arrive (release) and read after their wait (acquire); it is
+// rewritten only by the refill of tiles 0-3, whose readers come after every reader of the mask.
+// page_size a multiple of 64: the chunk lies in one page, one load per tile (by lane 0); else
+// load_tiles_small_pages.
 // kFp8: one TMA load per pair of tiles (t, t + 1), t even: 64 rows x 128 e4m3 bytes (columns 64t..64t+127,
 // past column 575 zero-filled) into slot t, converted later into the fp16 tiles of slots t and t + 1
 // (convert_pair); the pair's mbarrier is tile t's.
-template <bool kFp8>
+template <bool kFp8, bool kSmallPages>
 __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
-                                           int tok, int kvh, int stage, int t_begin, int t_end) {
-  const int page = p.block_table[(int64_t)r * p.block_table_stride + tok / p.page_size];
+                                           int tok, int end, int kvh, int stage, int t_begin, int t_end) {
+  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
+  if constexpr (kSmallPages) {
+    load_tiles_small_pages<kFp8>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
+                                 p.num_blocks, tok, end, kvh,
+                                 stage_addr(sbase, stage), tile_bar(sbase, stage, 0), sbase + kOffPageOk + stage * 8,
+                                 t_begin, t_end);
+    return;
+  }
+  if (threadIdx.x % 32 != 0) return;
+  const int page = bt_row[tok / p.page_size];
   const int in_page = tok % p.page_size;
   if (t_begin == 0) {
-    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 1u : 0u;
-    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sbase + kOffPageOk + stage * 4), "r"(in_cache) : "memory");
+    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
+    asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(sbase + kOffPageOk + stage * 8), "r"(in_cache) : "memory");
   }
   for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1) {
     const uint32_t bar = tile_bar(sbase, stage, t);
@@ -270,10 +342,23 @@ __device__ __forceinline__ void mask_tail(float (&s)[32], int chunk_tok, int lim
   }
 }
 
-// Masks every score of the chunk (its page is outside the cache).
-__device__ __forceinline__ void mask_all(float (&s)[32]) {
+// Masks the scores of the chunk's tokens whose page is outside the cache (bit k of `ok` clear for token k;
+// the mask is the same in every thread, so the test is uniform and a chunk of in-cache pages pays one compare).
+__device__ __forceinline__ void mask_pages(float (&s)[32], uint64_t ok, int quad_col) {
+  if (ok != ~uint64_t(0)) {
+    const uint32_t lo = static_cast<uint32_t>(ok) >> quad_col, hi = static_cast<uint32_t>(ok >> 32) >> quad_col;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = -INFINITY;
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        // column j * 8 + quad_col + e, as in mask_tail
+        if (!(((j < 4 ? lo : hi) >> ((j % 4) * 8 + e)) & 1u)) {
+          s[j * 4 + e] = -INFINITY;
+          s[j * 4 + 2 + e] = -INFINITY;
+        }
+      }
+    }
+  }
 }
 
 // Row maxima over the quad of this thread's two rows, in the log2 domain (scale_log2 > 0); S is only read.
@@ -346,8 +431,10 @@ __device__ __forceinline__ float eff_scale(const DenseDecodeParams& p, uint32_t 
   }
 }
 
-// T: the 16-bit type of the products (fp16 on the FP8 path); kFp8: the cache holds per-tensor e4m3 values.
-template <typename T, bool kFp8>
+// T: the 16-bit type of the products (fp16 on the FP8 path); kFp8: the cache holds per-tensor e4m3 values;
+// kSmallPages: page_size is not a multiple of 64 (load_tiles_small_pages; a separate instantiation, so that
+// the one-load-per-tile kernel keeps its register allocation).
+template <typename T, bool kFp8, bool kSmallPages>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   using TOut = typename std::conditional<kFp8, __nv_bfloat16, T>::type;
@@ -361,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_scale_a = reinterpret_cast<float*>(smem + kOffScaleA);
   float* s_scale_b = reinterpret_cast<float*>(smem + kOffScaleB);
   float* s_sum = reinterpret_cast<float*>(smem + kOffSum);
-  const int* s_page_ok = reinterpret_cast<const int*>(smem + kOffPageOk);
+  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -406,8 +493,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     int start, end;
     request_range(p, r, begin_req, begin_tok, end_req, end_tok, start, end);
     const int len = request_len(p, r);
-    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
-    const int split_idx = r == begin_req ? begin_split : 0;
     const int n = start < end ? (end - start + kBlockN - 1) / kBlockN : 0;
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
     const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
@@ -419,9 +504,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
     if (n > 0) {
-      if (tid == 0) {
-        load_tiles<kFp8>(&tmap, p, sbase, r, start, kvh, g & 1, 0, kNumColTiles);
-        if (n > 1) load_tiles<kFp8>(&tmap, p, sbase, r, start + kBlockN, kvh, (g + 1) & 1, 0, kNumColTiles);
+      if (tid < 32) {
+        load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
       }
       // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
@@ -502,9 +587,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<0>();
         fence_all(s);
         fence_frags(q8);
-        if (s_page_ok[stage]) {  // a chunk whose page is outside the cache is skipped whole
+        const uint64_t page_ok = s_page_ok[stage];
+        if (page_ok != 0) {  // a chunk whose pages are all outside the cache is skipped whole
           float mx0, mx1;
           mask_tail(s, c, lim0, lim1, quad_col);
+          mask_pages(s, page_ok, quad_col);
           row_max(s, eff_scale<kFp8>(p, sbase, 0), mx0, mx1);
           const MaxUpdate u = update_max(run_max0, run_max1, mx0, mx1);
           run_max0 = u.max0;
@@ -522,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_frags(pa_lo);
         }
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
-        if (tid == 0 && i + 2 < n) load_tiles<kFp8>(&tmap, p, sbase, r, c + 2 * kBlockN, kvh, stage, 0, kNumColTiles);
+        if (tid < 32 && i + 2 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, c + 2 * kBlockN, end, kvh, stage, 0, kNumColTiles);
       }
       // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
       // path keeps them.
@@ -555,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // softmax of chunk a against the running max; P_a (relative to max_a) to shared memory
           float mx0, mx1;
           mask_tail(s, ca, lim0, lim1, quad_col);
-          if (!s_page_ok[stage_a]) mask_all(s);
+          mask_pages(s, s_page_ok[stage_a], quad_col);
           row_max(s, eff_scale<kFp8>(p, sbase, 0), mx0, mx1);
           SEESAW_PROBE(1);
           const MaxUpdate u = update_shared_max(s_max, s_scale_a, row0, row1, quad, mx0, mx1);
@@ -574,7 +661,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(o);
           fence_frags(pa);
           // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
-          if (tid == 0 && i + 2 < n) load_tiles<kFp8>(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 0, 4);
+          if (warp == 0 && i + 2 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
           SEESAW_PROBE(4);
           named_bar_sync(kBarScaleB, 256);
           SEESAW_PROBE(5);
@@ -593,7 +680,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (has_b) {
             wgmma_wait<0>();
             // V_b[:, :256] has no reader left: refill it with chunk b + 2.
-            if (tid == 0 && i + 3 < n) load_tiles<kFp8>(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 0, 4);
+            if (warp == 0 && i + 3 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 0, 4);
           }
           if (next_a) qk_chunk<T, 0, kFp8, kFp8>(s, sbase, stage_a, phase_next_a, q8);
           wgmma_wait<0>();
@@ -611,7 +698,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           rescale_acc(o, l0, l1, fa0, fa1);
           // S of chunk b is only read once the product is issued (without a chunk b everything is masked)
           mask_tail(s, cb, lim0, lim1, quad_col);
-          if (has_b && !s_page_ok[stage_b]) mask_all(s);
+          if (has_b) mask_pages(s, s_page_ok[stage_b], quad_col);
           named_bar_sync(kBarPa, 256);
           if (end - ca < kBlockN) zero_tail_rows_landed<kFp8>(smem, sbase, stage_a, (ga >> 1) & 1, 4, end - ca, tid_wg, 1);
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
@@ -635,7 +722,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           SEESAW_PROBE(5);
           if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
-          if (tid == 128 && i + 2 < n) load_tiles<kFp8>(&tmap, p, sbase, r, ca + 2 * kBlockN, kvh, stage_a, 4, kNumColTiles);
+          if (warp == 0 && i + 2 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
           // O1 to max_b, then O1 += P_b V_b[:, 256:]
           rescale_add(o, l0, l1, u, sum0, sum1);
           if (has_b) {
@@ -646,7 +733,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             fence_all(o);
             fence_frags(pa);
             // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-            if (tid == 128 && i + 3 < n) load_tiles<kFp8>(&tmap, p, sbase, r, cb + 2 * kBlockN, kvh, stage_b, 4, kNumColTiles);
+            if (warp == 0 && i + 3 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 4, kNumColTiles);
           }
           // S_{b+2} from tile 0: tiles 0-3 were refilled after WG0's product with P_b, which ran before
           // this warpgroup's (+1-5% over starting at tile 4, NOTES.md).
@@ -681,6 +768,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_bar_sync(kBarAll, 256);
     const float max0 = n > 0 ? s_max[row0] : -INFINITY;
     const float max1 = n > 0 ? s_max[row1] : -INFINITY;
+    // Read here, not with the request's range: no register holds them across the chunk loop.
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
+    const int split_idx = r == begin_req ? begin_split : 0;
 #ifdef FLASHMLA_DENSE_PROFILE
     if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
 #endif
@@ -691,7 +781,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T, bool kFp8 = false>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  auto kernel = dense_decode_kernel<T, kFp8>;
+  auto kernel = p.page_rows_log2 < 6 ? dense_decode_kernel<T, kFp8, true> : dense_decode_kernel<T, kFp8, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
