@@ -19,9 +19,10 @@
 //       walks the blocks one at a time with P = hi + lo instead (see kPreciseMaxKeys).
 // Masking: key t of a sequence is attended by its query row j iff k_lo <= t < k_hi and, when causal,
 // t < n_k - n_q + j + 1 (bottom-right aligned), where [k_lo, k_hi) is the part of [0, n_k) whose rows
-// lie inside the k / v tensors. Masked scores are left out of the max and give P = 0 by selection, so
-// NaN in masked keys never reaches a result; V rows past k_hi in the last block are zeroed in shared memory before the PV
-// product (0 * NaN would be NaN). Rows owned by no sequence are written by a small fill kernel first.
+// lie inside the k / v tensors. Masked scores are set to -inf in place where no product is in flight
+// (the first block walked, the precise path) and selected away in the softmax elsewhere; either way
+// they leave the max and give P = 0, so NaN in masked keys never reaches a result. V rows past k_hi
+// in the last block are zeroed in shared memory before the PV product (0 * NaN would be NaN). Rows owned by no sequence are written by a small fill kernel first.
 // Outputs: out = O / l, lse = (max + log2 l) ln 2 (+inf when nothing is attended).
 // Semantics: torch_flashmla/reference.py (mha_prefill). Design: docs/design.md.
 #pragma once
@@ -149,14 +150,24 @@ __device__ __forceinline__ void pv_block(float (&o)[64], const uint32_t (&pa)[kK
   wgmma_commit();
 }
 
-// Which keys of a block row r attends: lo <= t < hi_r, for this thread's columns key0 + col.
+// Which keys of a block this thread's rows attend, relative to its first column (key0 = block start +
+// 2 quad): column col of row row0 (row_half 0) or row0 + 8 (1) is attended iff lo <= col < hi0 / hi1.
 struct KeyRange {
-  int key0, lo, hi0, hi1;
+  int lo, hi0, hi1;
   __device__ __forceinline__ bool operator()(int col, int row_half) const {
-    const int t = key0 + col;
-    return t >= lo && t < (row_half ? hi1 : hi0);
+    return col >= lo && col < (row_half ? hi1 : hi0);
   }
 };
+
+// Scores of keys the row does not attend -> -inf, in place (only while no product that writes S is in
+// flight), so that one softmax instantiation (AllValid) serves every block: -inf is left out of the max
+// and gives P = exp2(-inf) = 0, and a NaN in a masked key never reaches a result.
+__device__ __forceinline__ void mask_in_place(float (&s)[64], KeyRange valid) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    if (!valid((i / 4) * 8 + i % 2, (i % 4) < 2 ? 0 : 1)) s[i] = -INFINITY;
+  }
+}
 
 // Raw row maxima of this thread's two rows over its quad, of the scores `valid` keeps. S is only read:
 // it is the accumulator of a finished product while the PV product is in flight, and writing it there
@@ -254,6 +265,10 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
     const uint32_t q_rows = sbase + L::kOffQ + kWG * 64 * 128;
     auto k_stage = [&](int st) { return sbase + L::kOffK + st * (L::kTilesQK * kTileBytes); };
     auto v_stage = [&](int st) { return sbase + L::kOffV + st * (L::kTilesV * kTileBytes); };
+    auto key_range = [&](int n) {
+      const int key0 = n * kBlockN + quad * 2;
+      return KeyRange{w.k_lo - key0, hi0 - key0, hi1 - key0};
+    };
     auto needs_mask = [&](int n) {
       return n * kBlockN < w.k_lo || (n + 1) * kBlockN > min(w.k_hi, causal_free_end);
     };
@@ -282,10 +297,8 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         release(bar_k_empty(bars, st));
         release_q(i);
         float sum0, sum1;
-        const MaxUpdate u =
-            needs_mask(n) ? softmax_block_in_place(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2,
-                                                   run0, run1, sum0, sum1)
-                          : softmax_block_in_place(s, AllValid{}, p.scale_log2, run0, run1, sum0, sum1);
+        if (needs_mask(n)) mask_in_place(s, key_range(n));
+        const MaxUpdate u = softmax_block_in_place(s, AllValid{}, p.scale_log2, run0, run1, sum0, sum1);
         rescale_add(o, l0, l1, u, sum0, sum1);
         uint32_t p_hi[kKSteps][4], p_lo[kKSteps][4];
         pack_p<T, false>(p_hi, s);
@@ -313,21 +326,22 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         release(bar_k_empty(bars, st));
         release_q(0);
         float sum0, sum1;
-        if (needs_mask(n)) {
-          softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1, pa, sum0, sum1);
-        } else {
-          softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, pa, sum0, sum1);
-        }
+        if (needs_mask(n)) mask_in_place(s, key_range(n));
+        softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, pa, sum0, sum1);
         l0 = sum0;
         l1 = sum1;
       }
       // Block i: S_i = Q K_i^T and O += P_{i-1} V_{i-1} in flight together; P_i goes to p_out. P alternates
-      // between two register sets (a copy between them would make ptxas serialize the wgmmas).
+      // between two register sets (a copy between them would make ptxas serialize the wgmmas). S is only
+      // read here (a product is in flight), so a block that needs a mask (the second diagonal block when
+      // s_k - s_q is not a multiple of 128, or the block holding k_lo) selects in the softmax instead of
+      // masking in place. (Waiting for both products and masking in place made ptxas spill 72 bytes.)
       auto step = [&](int i, uint32_t (&p_in)[kKSteps][4], uint32_t (&p_out)[kKSteps][4]) {
         const int n = w.n_end - 1 - i;
         const int g = kblk + i;
         const int st = g & 1, ph = (g >> 1) & 1;
         const int pst = st ^ 1, pph = ((g - 1) >> 1) & 1;
+        const bool masked = needs_mask(n);
         float s[64];
         mbar_wait_loop(bar_k_full(bars, st), ph);
         qk_block<T, kDQK>(s, q_rows, k_stage(st));
@@ -339,11 +353,8 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         release(bar_k_empty(bars, st));
         release_q(i);
         float sum0, sum1;
-        const MaxUpdate u =
-            needs_mask(n)
-                ? softmax_block<T>(s, KeyRange{n * kBlockN + quad * 2, w.k_lo, hi0, hi1}, p.scale_log2, run0, run1,
-                                   p_out, sum0, sum1)
-                : softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, p_out, sum0, sum1);
+        const MaxUpdate u = masked ? softmax_block<T>(s, key_range(n), p.scale_log2, run0, run1, p_out, sum0, sum1)
+                                   : softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, p_out, sum0, sum1);
         wgmma_wait<0>();  // O += P V of the previous block
         fence_all(o);
         fence_frags(p_in);
