@@ -19,7 +19,13 @@ FP8 rows (--fp8): the same shapes over the per-tensor e4m3 cache (the bf16 cache
 count one byte per cache value: bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576 + s_q*h_q*512*2). Floors (issue
 20): ratio >= 1.7 on the memory-bound shapes (h_q <= 64), >= 1.2 on the compute-bound ones (h_q 128).
 
+Page sizes (--page-sizes, only these rows): the op (BF16 and FP8 cache) on b 128, s_q 1, s_k 8192, h_q 128
+(compute-bound) and h_q 16 (memory-bound) with pages of 64, 32, 16, 4 and 1 tokens (random-permutation
+tables); "x64" = op us / op us of the same shape with pages of 64. Pages that are not a multiple of 64 are
+loaded in 64 / gcd(page_size, 64) slices per tile (docs/design.md §5.1).
+
 Usage: python benchmarks/bench_decode.py [--quick] [--no-naive] [--sequential-tables] [--fp8] [--fp8-only-rows]
+       python benchmarks/bench_decode.py --page-sizes [--pages=64,16,...]
 --fp8-only-rows: only the op timings of the BF16 and FP8 rows (no step/plan/naive/FlashMLA timing).
 Block tables are a random permutation of the cache's pages unless --sequential-tables (in order, as in
 FlashMLA's benchmark); results then go to bench_decode_seq.{json,png}.
@@ -66,6 +72,49 @@ def inputs(b, s_q, s_k, h_q, h_kv=1, page_size=64, dtype=torch.bfloat16, l2_page
     return q, cache, table, lens
 
 
+
+
+PAGE_SHAPES = [(128, 1, 8192, 128), (128, 1, 8192, 16)]
+PAGE_SIZES = (64, 32, 16, 4, 1)
+
+
+def page_size_rows(page_sizes=PAGE_SIZES):
+    """Op time per page size, BF16 and FP8 cache, next to pages of 64 (the one-load-per-tile kernel)."""
+    from torch_flashmla import kv_cache as kvc
+    scale = D_QK ** -0.5
+    dk = torch.tensor([FP8_DESCALE], device=DEV)
+    rows = []
+    for b, s_q, s_k, h_q in PAGE_SHAPES:
+        base = {}
+        for page in page_sizes:
+            q, cache, table, lens = inputs(b, s_q, s_k, h_q, page_size=page)
+            meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+            cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
+            us, _, _ = graph_time_us(
+                lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, meta, splits))
+            clock = sm_clock_mhz()
+            us8, _, _ = graph_time_us(
+                lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta, splits, None, dk))
+            base.setdefault("bf16", us)
+            base.setdefault("fp8", us8)
+            rows.append(dict(kind="page", b=b, s_q=s_q, s_k=s_k, h_q=h_q, page_size=page, ours_us=us, fp8_us=us8,
+                             sustained_sm_mhz=clock, slowdown=us / base["bf16"], fp8_slowdown=us8 / base["fp8"],
+                             ours_tflops=decode_flops(b, s_q, s_k, h_q) / us / 1e6,
+                             ours_gbs=decode_bytes(b, s_q, s_k, h_q) / us / 1e3,
+                             fp8_gbs=decode_bytes(b, s_q, s_k, h_q, cache_bytes=1) / us8 / 1e3))
+            del q, cache, cache8, table, lens
+            torch.cuda.empty_cache()
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "bench_decode_pages.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    print()
+    print("page sizes: op us (30 calls back to back per replay, median of 5), x64 = vs pages of 64, same shape")
+    print(f"{'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'page':>4} {'bf16 us':>8} {'x64':>5} {'TFLOPS':>7} {'GB/s':>6} "
+          f"{'MHz':>5} {'fp8 us':>8} {'x64':>5} {'fp8 GB/s':>8}")
+    for r in rows:
+        print(f"{r['b']:4d} {r['s_q']:3d} {r['s_k']:6d} {r['h_q']:4d} {r['page_size']:4d} {r['ours_us']:8.1f} "
+              f"{r['slowdown']:5.2f} {r['ours_tflops']:7.1f} {r['ours_gbs']:6.0f} {r['sustained_sm_mhz'] or float('nan'):5.0f} "
+              f"{r['fp8_us']:8.1f} {r['fp8_slowdown']:5.2f} {r['fp8_gbs']:8.0f}")
 
 
 def decode_flops(b, s_q, s_k, h_q):
@@ -147,6 +196,11 @@ def plot(rows, path):
 
 
 def main():
+    if "--page-sizes" in sys.argv:
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+        pages = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--pages=")]
+        page_size_rows(tuple(int(x) for x in pages[0].split(",")) if pages else PAGE_SIZES)
+        return
     quick = "--quick" in sys.argv
     with_naive = "--no-naive" not in sys.argv
     sequential = "--sequential-tables" in sys.argv

@@ -12,8 +12,13 @@ D_QK = 576
 
 
 def make_inputs(b, s_q, h_q, h_kv, s_k, *, page_size=64, varlen=False, zeros=False, dtype=torch.bfloat16, seed=0,
-                num_sm_parts=None, is_fp8_kvcache=False):
-    """Paged decode inputs on the GPU, poisoned wherever the kernel must not look."""
+                num_sm_parts=None, is_fp8_kvcache=False, bad_pages=0.0):
+    """Paged decode inputs on the GPU, poisoned wherever the kernel must not look.
+
+    bad_pages > 0: that fraction of the used block-table entries (inside the sequences) becomes an id
+    outside the cache (-1, 2^30 or num_blocks), whose tokens are skipped; request 0 also gets every page of
+    its tokens 64..127 out of range (a whole 64-token chunk skipped). With pages under 64 tokens this puts
+    chunks with some tokens skipped and others attended in front of the kernel."""
     g = torch.Generator(device=DEV)
     g.manual_seed(seed)
     if varlen:
@@ -44,6 +49,13 @@ def make_inputs(b, s_q, h_q, h_kv, s_k, *, page_size=64, varlen=False, zeros=Fal
     current = flat_cache[used_ids]                                                         # [b, P, page, h, d]
     flat_cache[used_ids] = torch.where(inside[..., None, None], data, current)
     table = torch.where(tail, garbage.to(torch.int32), table).contiguous()
+    if bad_pages > 0:
+        out_of_range = torch.tensor([-1, 2 ** 30, num_blocks], device=DEV, dtype=torch.int32)
+        pick = torch.rand(b, max_pages, generator=g, device=DEV) < bad_pages
+        pick[0, 64 // page_size: -(-128 // page_size)] = True
+        pick &= ~tail
+        ids = out_of_range[torch.randint(0, 3, (b, max_pages), generator=g, device=DEV)]
+        table = torch.where(pick, ids, table).contiguous()
     q = torch.randn(b, s_q, h_q, D_QK, generator=g, device=DEV).to(dtype)
     plan = torch_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv, h_q, is_fp8_kvcache=is_fp8_kvcache,
                                            num_sm_parts=num_sm_parts)

@@ -58,15 +58,18 @@ def check_close(out, lse, ref_out, ref_lse, tag=""):
     assert not lbad.any(), f"{tag}: lse mismatch, max err {lerr.max().item():.3g}"
 
 
-def check_case(b, s_q, h_q, h_kv, s_k, causal, dtype, varlen, zeros, seed, num_sm_parts=None, page_size=64):
+def check_case(b, s_q, h_q, h_kv, s_k, causal, dtype, varlen, zeros, seed, num_sm_parts=None, page_size=64,
+               bad_pages=0.0):
     q, cache, table, lens, plan = make_inputs(b, s_q, h_q, h_kv, s_k, varlen=varlen, zeros=zeros, dtype=dtype,
-                                              seed=seed, num_sm_parts=num_sm_parts, page_size=page_size)
+                                              seed=seed, num_sm_parts=num_sm_parts, page_size=page_size,
+                                              bad_pages=bad_pages)
     scale = D_QK ** -0.5
     out, lse = run_kernel(q, cache, table, lens, plan, causal, scale)
     ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, D_V, scale, causal)
     torch.cuda.synchronize()
     check_close(out, lse, ref_out, ref_lse, tag=f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} s_k={s_k} causal={causal} "
-                                                f"{dtype} varlen={varlen} zeros={zeros}")
+                                                f"{dtype} varlen={varlen} zeros={zeros} page={page_size} "
+                                                f"bad_pages={bad_pages}")
 
 
 def test_path_is_sm90():
@@ -131,6 +134,39 @@ def test_decode_page_sizes(page_size):
     check_case(6, 1, 32, 1, 900, False, torch.bfloat16, True, True, seed=page_size, page_size=page_size)
 
 
+# Pages that are not a multiple of 64 tokens: each tile of a 64-token chunk is 64 / gcd(page_size, 64) TMA
+# loads (writes of 1-32 rows into the 128B-swizzled tile), the page mask is per token. Short requests
+# (<= 1024 tokens, the precise path) and long ones (the seesaw path), varlen with zero lengths, causal,
+# h_kv > 1, out-of-range ids inside the sequences (whole chunks and single pages skipped), odd partitions.
+SMALL_PAGES = [1, 2, 3, 4, 5, 16, 32, 48, 96, 100, 128]
+PAGE_CASES = [
+    # b, s_q, h_q, h_kv, s_k, causal, dtype, varlen, zeros, bad_pages, num_sm_parts
+    (6, 1, 32, 1, 900, False, torch.bfloat16, True, True, 0.0, None),
+    (4, 2, 64, 1, 3000, True, torch.float16, True, True, 0.0, None),
+    (3, 1, 128, 2, 2000, False, torch.bfloat16, True, False, 0.3, None),
+    (5, 2, 16, 1, 700, True, torch.float16, True, True, 0.3, 7),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PAGE_CASES)))
+@pytest.mark.parametrize("page_size", SMALL_PAGES)
+def test_decode_small_pages(page_size, case):
+    b, s_q, h_q, h_kv, s_k, causal, dtype, varlen, zeros, bad, parts = PAGE_CASES[case]
+    check_case(b, s_q, h_q, h_kv, s_k, causal, dtype, varlen, zeros, seed=page_size * 10 + case,
+               num_sm_parts=parts, page_size=page_size, bad_pages=bad)
+
+
+def test_decode_small_pages_long():
+    """Page size 16 over 32k-token sequences (many chunks per partition, splits and combine)."""
+    check_case(8, 1, 128, 1, 32768, False, torch.bfloat16, True, True, seed=3, page_size=16, bad_pages=0.05)
+
+
+@pytest.mark.parametrize("page_size", [64, 16])
+def test_decode_bad_page_ids_inside_sequences(page_size):
+    """Out-of-range ids in used block-table entries: those pages' tokens are skipped (never read)."""
+    check_case(6, 2, 64, 1, 2500, True, torch.bfloat16, True, True, seed=5, page_size=page_size, bad_pages=0.3)
+
+
 def test_decode_padded_cache_rows():
     """A cache whose row stride is padded (a view of a wider buffer)."""
     q, cache, table, lens, plan = make_inputs(4, 1, 16, 1, 300, varlen=True, seed=5)
@@ -143,10 +179,11 @@ def test_decode_padded_cache_rows():
     check_close(out, lse, ref_out, ref_lse, "padded rows")
 
 
-def test_decode_cuda_graph_replay():
+@pytest.mark.parametrize("page_size", [64, 16, 1])
+def test_decode_cuda_graph_replay(page_size):
     """Plan + decode captured once, replayed with new lengths and block tables."""
     b, s_q, h_q, s_k = 8, 2, 64, 2000
-    q, cache, table, lens, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, seed=11)
+    q, cache, table, lens, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, seed=11, page_size=page_size)
     scale = D_QK ** -0.5
     static_lens = lens.clone()
     static_table = table.clone()
@@ -156,7 +193,8 @@ def test_decode_cuda_graph_replay():
 
     graph, (out, lse) = capture_cuda_graph(step, warmup_iters=2)
     for seed in range(3):
-        _, _, table2, lens2, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=(seed != 1), seed=100 + seed)
+        _, _, table2, lens2, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=(seed != 1), seed=100 + seed,
+                                             page_size=page_size)
         # keep the cache (same shape): new lengths must stay within the pages this cache fills
         lens2 = torch.minimum(lens2, lens)
         if seed == 2:  # move every page elsewhere and rewrite the block table accordingly

@@ -42,13 +42,13 @@ SCALE = D_QK ** -0.5
 
 
 def make_inputs(b, s_q, h_q, h_kv, s_k, *, page_size=64, varlen=False, zeros=False, q_fp8=False, seed=0,
-                descale_k=0.0123, descale_q=0.0171, num_sm_parts=None):
+                descale_k=0.0123, descale_q=0.0171, num_sm_parts=None, bad_pages=0.0):
     """The 16-bit decode inputs (tests/paged_decode_inputs.py, unit-variance values: the abs part of the
     tolerance assumes that scale) with the cache quantized per tensor to e4m3 (NaN slots -> 0x7F) and q
     optionally too. Returns (q, cache e4m3, table, lens, plan, descale_q or None, descale_k)."""
     q, cache, table, lens, plan = paged.make_inputs(b, s_q, h_q, h_kv, s_k, page_size=page_size, varlen=varlen,
                                                     zeros=zeros, seed=seed, num_sm_parts=num_sm_parts,
-                                                    is_fp8_kvcache=True)
+                                                    is_fp8_kvcache=True, bad_pages=bad_pages)
     dk = torch.tensor([descale_k], dtype=torch.float32, device=DEV)
     cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
     dq = None
@@ -116,6 +116,25 @@ def test_fp8_decode_page_sizes(page_size):
     check_case(6, 1, 32, 1, 2900, False, True, True, True, seed=page_size, page_size=page_size)
 
 
+# Pages that are not a multiple of 64 tokens (e4m3 pairs loaded in page slices, then converted): short
+# (precise path) and long requests, out-of-range ids inside the sequences, q bf16 and e4m3.
+SMALL_PAGES = [1, 2, 3, 4, 16, 32, 48, 96]
+PAGE_CASES = [
+    # b, s_q, h_q, h_kv, s_k, causal, q_fp8, bad_pages
+    (6, 1, 32, 1, 900, False, True, 0.0),
+    (4, 2, 64, 1, 2900, True, False, 0.3),
+    (3, 1, 128, 1, 1500, False, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PAGE_CASES)))
+@pytest.mark.parametrize("page_size", SMALL_PAGES)
+def test_fp8_decode_small_pages(page_size, case):
+    b, s_q, h_q, h_kv, s_k, causal, q_fp8, bad = PAGE_CASES[case]
+    check_case(b, s_q, h_q, h_kv, s_k, causal, q_fp8, varlen=True, zeros=True, seed=page_size * 10 + case,
+               page_size=page_size, bad_pages=bad)
+
+
 def test_fp8_uint8_cache_same_as_float8():
     q, cache, table, lens, plan, dq, dk = make_inputs(4, 1, 64, 1, 3000, varlen=True, zeros=True, seed=3)
     a = run_fp8(q, cache, table, lens, plan, False, dq, dk)
@@ -144,11 +163,13 @@ def test_fp8_vs_bf16_kernel_on_dequantized_data(h_q, s_k):
     assert ((lse8 - lse16)[fin].abs() <= (16 / 65536) * ref_lse[fin].abs().clamp_min(1.0)).all()
 
 
-def test_fp8_decode_cuda_graph_replay():
+@pytest.mark.parametrize("page_size", [64, 2])
+def test_fp8_decode_cuda_graph_replay(page_size):
     """Plan + FP8 decode captured once, replayed with new lengths, block tables and a new descale_k value
     (read on the device at replay)."""
     b, s_q, h_q, s_k = 8, 2, 64, 2000
-    q, cache, table, lens, _, dq, dk = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, q_fp8=True, seed=11)
+    q, cache, table, lens, _, dq, dk = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, q_fp8=True, seed=11,
+                                                   page_size=page_size)
     static_lens, static_table, static_dk = lens.clone(), table.clone(), dk.clone()
 
     def step():
@@ -158,7 +179,8 @@ def test_fp8_decode_cuda_graph_replay():
 
     graph, (out, lse) = capture_cuda_graph(step, warmup_iters=2)
     for seed in range(3):
-        _, _, table2, lens2, _, _, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=(seed != 1), seed=100 + seed)
+        _, _, table2, lens2, _, _, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=(seed != 1), seed=100 + seed,
+                                                   page_size=page_size)
         lens2 = torch.minimum(lens2, lens)  # stay within the pages this cache fills
         static_lens.copy_(lens2)
         static_table.copy_(table)
