@@ -283,6 +283,17 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
       if (i == nb - 1) release(bar_q_empty(bars));
     };
 
+    // S of the i-th block walked (ring stage st, phase ph), computed alone and retired: its K stage (and
+    // Q, after the last block) is released. Used where nothing else is in flight.
+    auto qk_retired = [&](float(&s)[64], int i, int st, int ph) {
+      mbar_wait_loop(bar_k_full(bars, st), ph);
+      qk_block<T, kDQK>(s, q_rows, k_stage(st));
+      wgmma_wait<0>();
+      fence_all(s);
+      release(bar_k_empty(bars, st));
+      release_q(i);
+    };
+
     mbar_wait_loop(bar_q_full(bars), q_load & 1);
     if (max_keys <= kPreciseMaxKeys) {
       // ---- precise path: one block at a time, P = hi + lo ----
@@ -290,12 +301,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         const int n = w.n_end - 1 - i;
         const int st = (kblk + i) & 1, ph = ((kblk + i) >> 1) & 1;
         float s[64];
-        mbar_wait_loop(bar_k_full(bars, st), ph);
-        qk_block<T, kDQK>(s, q_rows, k_stage(st));
-        wgmma_wait<0>();
-        fence_all(s);
-        release(bar_k_empty(bars, st));
-        release_q(i);
+        qk_retired(s, i, st, ph);
         float sum0, sum1;
         if (needs_mask(n)) mask_in_place(s, key_range(n));
         const MaxUpdate u = softmax_block_in_place(s, AllValid{}, p.scale_log2, run0, run1, sum0, sum1);
@@ -319,12 +325,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
         const int n = w.n_end - 1;
         const int st = kblk & 1, ph = (kblk >> 1) & 1;
         float s[64];
-        mbar_wait_loop(bar_k_full(bars, st), ph);
-        qk_block<T, kDQK>(s, q_rows, k_stage(st));
-        wgmma_wait<0>();
-        fence_all(s);
-        release(bar_k_empty(bars, st));
-        release_q(0);
+        qk_retired(s, 0, st, ph);
         float sum0, sum1;
         if (needs_mask(n)) mask_in_place(s, key_range(n));
         softmax_block<T>(s, AllValid{}, p.scale_log2, run0, run1, pa, sum0, sum1);
