@@ -232,6 +232,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def time_reference(row: dict, ref, out_ours: torch.Tensor, flops: int, opts) -> None:
+    """The reference path's time (CUDA events, no warm-up: it is slow) and its largest difference from ours."""
+    out_ref = ref()[0]
+    ref_us, _, _ = events_time_us(ref, iters=opts.ref_iters, warmup=0)
+    row.update(ref_us=ref_us, ref_tflops=tflops(flops, ref_us), ours_vs_ref_maxdiff=max_diff(out_ours, out_ref))
+
+
 def run_case(case, cache, table, opts, ours_graph: bool, ours_is_ref: bool, notes: list):
     b, h_q, s_q, s_k, topk = case
     device = cache.device
@@ -268,11 +275,8 @@ def run_case(case, cache, table, opts, ours_graph: bool, ours_is_ref: bool, note
     if ours_is_ref:
         row.update(ref_us=med, ref_tflops=row["ours_tflops"], ref_note="ours is the reference path")
     elif opts.reference:
-        def ref():
-            return reference.sparse_mla_decode(q, cache, indices, None, None, None, None, None, D_V, scale)
-        out_ref = ref()[0]
-        ref_us, _, _ = events_time_us(ref, iters=opts.ref_iters, warmup=0)
-        row.update(ref_us=ref_us, ref_tflops=tflops(flops, ref_us), ours_vs_ref_maxdiff=max_diff(out_ours, out_ref))
+        time_reference(row, lambda: reference.sparse_mla_decode(q, cache, indices, None, None, None, None, None, D_V,
+                                                                 scale), out_ours, flops, opts)
 
     # (d) FlashMLA
     if opts.flashmla:
@@ -355,12 +359,8 @@ def run_case_v4(case, caches, opts, notes: list):
                ours_gbs=gbs(nbytes, med), step_tflops=tflops(flops, step_us), floor_tflops=None,
                flashmla_doc_tflops=None)
     if opts.reference:
-        def ref():
-            return reference.sparse_mla_decode(q, cache, indices, None, None, extra_cache, extra_indices, None, D_V,
-                                               scale)
-        out_ref = ref()[0]
-        ref_us, _, _ = events_time_us(ref, iters=opts.ref_iters, warmup=0)
-        row.update(ref_us=ref_us, ref_tflops=tflops(flops, ref_us), ours_vs_ref_maxdiff=max_diff(out_ours, out_ref))
+        time_reference(row, lambda: reference.sparse_mla_decode(q, cache, indices, None, None, extra_cache,
+                                                                 extra_indices, None, D_V, scale), out_ours, flops, opts)
     if opts.flashmla:
         try:
             fm_op, _, api = flashmla_fns_v4(q, cache, indices, extra_cache, extra_indices, total, scale)
