@@ -1,8 +1,9 @@
 """Bandwidth of the CUDA KV-cache kernels vs the PyTorch reference (torch_flashmla/kv_cache.py).
 
 Rows: paged-cache writes (concat_and_cache_mla, "auto" bf16, "fp8_ds_mla", "fp8_ds_mla_v4" and the
-per-tensor e4m3 "fp8" with a scale tensor, random distinct slots; "fp8" also as a whole-cache-sized write) and whole-tensor quantize/dequantize (V3.2 records and DeepSeek V4 pages of 64
-tokens). GB/s counts the fewest bytes each op must move: bf16 input rows read (1152 B/token, V4 1024)
+per-tensor e4m3 "fp8" with a scale tensor) into random distinct slots, plus one whole cache written in
+slot order per layout ("(all)"; "fp8": a whole-cache-sized write in random order), and whole-tensor
+quantize/dequantize (V3.2 records and DeepSeek V4 pages of 64 tokens). GB/s counts the fewest bytes each op must move: bf16 input rows read (1152 B/token, V4 1024)
 + cache rows written (1152, 656, 584 or 576 B) + slot ids (8 B); quantize reads 1152 and writes 656 B/token
 (V4: 1024 and 584), dequantize the reverse. Times are medians (triton.testing.do_bench, CUDA
 events); "graph" is the per-call time of 20 writes captured in one CUDA graph (no launch gaps).
@@ -92,14 +93,20 @@ def main():
     ceiling = 2 * buf.numel() / (bench_ms(lambda: dst.copy_(buf)) * 1e-3) / 1e9
     del buf, dst
 
+    # Writes into random distinct slots of a cache twice the size (a decode step's 4,096 tokens; 65,536), and
+    # a whole cache written in slot order (a prefill filling its pages: the rows of a page and its scale
+    # sectors are written by neighbouring warps).
     for mode in ("auto", "fp8_ds_mla", "fp8_ds_mla_v4"):
-        for tokens in (4096, 65536):
+        for tokens, in_order in ((4096, False), (65536, False), (1 << 20, True)):
             page = 64
-            num_blocks = 2 * tokens // page
+            num_blocks = (1 if in_order else 2) * tokens // page
             v4 = mode == "fp8_ds_mla_v4"
             kv_c = torch.randn(tokens, 448 if v4 else 512, device=dev).to(torch.bfloat16)
             k_pe = torch.randn(tokens, 64, device=dev).to(torch.bfloat16)
-            slots = torch.randperm(num_blocks * page, device=dev)[:tokens].contiguous()
+            if in_order:
+                slots = torch.arange(tokens, device=dev)
+            else:
+                slots = torch.randperm(num_blocks * page, device=dev)[:tokens].contiguous()
             if v4:
                 cache = ref.new_fp8_v4_cache(num_blocks, page, device=dev)
                 nbytes = tokens * (1024 + 584 + 8)
@@ -110,8 +117,10 @@ def main():
                 nbytes = tokens * (1152 + (1152 if mode == "auto" else 656) + 8)
             ours = bench_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
             graph = graph_ms(lambda: ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
-            refm = bench_ms(lambda: ref.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode))
-            rows.append((f"write {mode}", tokens, nbytes, ours, graph, refm))
+            refm = bench_ms(lambda: ref.concat_and_cache_mla(kv_c, k_pe, cache, slots, mode), rep_ms=300)
+            rows.append((f"write {mode}" + (" (all)" if in_order else ""), tokens, nbytes, ours, graph, refm))
+            del kv_c, k_pe, slots, cache
+            torch.cuda.empty_cache()
 
     # Per-tensor e4m3 ("fp8"): a 4,096-token decode-step write into a cache twice that size, and a
     # whole-cache-sized write (2^20 tokens filling every slot of the cache, in random order).
@@ -151,12 +160,12 @@ def main():
 
     name = torch.cuda.get_device_name()
     print(f"\n{name}, torch {torch.__version__}; copy ceiling {ceiling:.0f} GB/s (read + written)")
-    print(f"{'op':<20} {'tokens':>8} {'ours us':>9} {'GB/s':>7} {'%ceil':>6} {'graph us':>9} {'ref us':>10} {'ref GB/s':>9} {'speedup':>8}")
+    print(f"{'op':<26} {'tokens':>8} {'ours us':>9} {'GB/s':>7} {'%ceil':>6} {'graph us':>9} {'ref us':>10} {'ref GB/s':>9} {'speedup':>8}")
     for op, tokens, nbytes, ours, graph, refm in rows:
         gbs = nbytes / (ours * 1e-3) / 1e9
         rgbs = nbytes / (refm * 1e-3) / 1e9
         g = f"{graph * 1e3:9.2f}" if graph is not None else f"{'-':>9}"
-        print(f"{op:<20} {tokens:>8} {ours * 1e3:9.2f} {gbs:7.0f} {100 * gbs / ceiling:5.0f}% {g} "
+        print(f"{op:<26} {tokens:>8} {ours * 1e3:9.2f} {gbs:7.0f} {100 * gbs / ceiling:5.0f}% {g} "
               f"{refm * 1e3:10.1f} {rgbs:9.0f} {refm / ours:7.1f}x")
 
 

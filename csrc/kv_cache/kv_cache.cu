@@ -115,14 +115,18 @@ __device__ __forceinline__ uint4 quant8(const uint32_t (&w)[8], uint32_t m, Reci
 }
 
 // Quantizes one row (512 latent + 64 rope bf16 values) into a 656-byte record; whole warp calls it.
-template <bool kStream>
-__device__ __forceinline__ void quantize_row(const __nv_bfloat16* latent, const __nv_bfloat16* rope,
-                                             uint8_t* out, int lane) {
+// dest() gives the record's address, or nullptr to skip the row (warp-uniform); it is called after the
+// row's loads are issued, so that a write's slot lookup and its input loads are in flight together.
+template <bool kStream, typename Dest>
+__device__ __forceinline__ void quantize_row(const __nv_bfloat16* latent, const __nv_bfloat16* rope, Dest dest,
+                                             int lane) {
   const uint4* src = reinterpret_cast<const uint4*>(latent) + 2 * lane;
   const uint4 a = load16<kStream>(src);
   const uint4 b = load16<kStream>(src + 1);
   uint4 r = make_uint4(0, 0, 0, 0);
   if (lane < 8) r = load16<kStream>(reinterpret_cast<const uint4*>(rope) + lane);
+  uint8_t* const out = dest();
+  if (out == nullptr) return;
 
   const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
   uint32_t m = 0;
@@ -215,7 +219,8 @@ __device__ __forceinline__ void dequantize_row(const uint8_t* in, __nv_bfloat16*
   if (lane < 8) store16<kStream>(o + 2 * kLatent + 16 * lane, r);
 }
 
-// Destination of a token, or nullptr when its slot is skipped (warp-uniform).
+// Destination of a token, or nullptr when its slot is skipped (warp-uniform). The write kernels call it
+// after issuing the token's input loads: the slot load then overlaps them instead of preceding them.
 __device__ __forceinline__ uint8_t* slot_address(const CacheWriteArgs& a, int64_t token) {
   const int64_t slot = a.slot_mapping[token];
   if (slot < 0 || slot >= a.num_slots) return nullptr;
@@ -228,8 +233,6 @@ __global__ void __launch_bounds__(kThreads) concat_auto_kernel(const CacheWriteA
   const int lane = threadIdx.x & 31;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (token >= a.num_tokens) return;
-  uint8_t* dst = slot_address(a, token);
-  if (dst == nullptr) return;
   const uint8_t* c = static_cast<const uint8_t*>(a.kv_c) + token * a.kv_c_stride * 2;
   const uint8_t* p = static_cast<const uint8_t*>(a.k_pe) + token * a.k_pe_stride * 2;
   // 72 chunks of 16 bytes: 64 latent, 8 rope.
@@ -237,6 +240,8 @@ __global__ void __launch_bounds__(kThreads) concat_auto_kernel(const CacheWriteA
   const uint4 x1 = load16<false>(c + 16 * (lane + 32));
   uint4 x2 = make_uint4(0, 0, 0, 0);
   if (lane < 8) x2 = load16<false>(p + 16 * lane);
+  uint8_t* dst = slot_address(a, token);
+  if (dst == nullptr) return;
   store16<false>(dst + 16 * lane, x0);
   store16<false>(dst + 16 * (lane + 32), x1);
   if (lane < 8) store16<false>(dst + 2 * kLatent + 16 * lane, x2);
@@ -246,11 +251,9 @@ __global__ void __launch_bounds__(kThreads) concat_fp8_kernel(const CacheWriteAr
   const int lane = threadIdx.x & 31;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (token >= a.num_tokens) return;
-  uint8_t* dst = slot_address(a, token);
-  if (dst == nullptr) return;
   const auto* c = static_cast<const __nv_bfloat16*>(a.kv_c) + token * a.kv_c_stride;
   const auto* p = static_cast<const __nv_bfloat16*>(a.k_pe) + token * a.k_pe_stride;
-  quantize_row<false>(c, p, dst, lane);
+  quantize_row<false>(c, p, [&] { return slot_address(a, token); }, lane);
 }
 
 // ---------------------------------------------------------------- per-tensor e4m3 ("fp8")
@@ -326,8 +329,6 @@ __global__ void __launch_bounds__(kThreads) concat_fp8_scaled_kernel(const Cache
   const int lane = threadIdx.x & 31;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (token >= a.num_tokens) return;
-  uint8_t* dst = slot_address(a, token);
-  if (dst == nullptr) return;
   const float s = *a.scale;
   const uint8_t* c = static_cast<const uint8_t*>(a.kv_c) + token * a.kv_c_stride * 2;
   const uint8_t* p = static_cast<const uint8_t*>(a.k_pe) + token * a.k_pe_stride * 2;
@@ -338,6 +339,8 @@ __global__ void __launch_bounds__(kThreads) concat_fp8_scaled_kernel(const Cache
     r0 = load16<false>(p + 32 * lane);
     r1 = load16<false>(p + 32 * lane + 16);
   }
+  uint8_t* dst = slot_address(a, token);
+  if (dst == nullptr) return;
   store16<false>(dst + 16 * lane, quant16_scaled<kHalf>(x0, x1, s));
   if (lane < kRope / 16) store16<false>(dst + kLatent + 16 * lane, quant16_scaled<kHalf>(r0, r1, s));
 }
@@ -349,7 +352,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= num_rows) return;
   const __nv_bfloat16* x = in + row * in_stride;
-  quantize_row<true>(x, x + kLatent, out + row * kRecord, lane);
+  quantize_row<true>(x, x + kLatent, [&] { return out + row * kRecord; }, lane);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -402,14 +405,30 @@ __device__ __forceinline__ int tile_scale_exp(uint32_t amax16) {
   return k < kMinScaleExp ? kMinScaleExp : k;                     // k in [-13, 120]
 }
 
-// One token: latent [448] and rope [64] bf16 (16-byte aligned) -> 576 bytes at data, 8 at scales.
-template <bool kStream>
-__device__ __forceinline__ void quantize_token_v4(const __nv_bfloat16* latent, const __nv_bfloat16* rope,
-                                                  uint8_t* data, uint8_t* scales, int lane) {
+// Where a V4 token goes: its 576 data bytes and its 8 scale bytes (data == nullptr: skipped).
+struct V4Dest {
+  uint8_t* data;
+  uint8_t* scales;
+};
+
+// Token `off` of the page at `page` (page_size tokens).
+__device__ __forceinline__ V4Dest v4_dest(uint8_t* page, int64_t page_size, int64_t off) {
+  return {page + off * kV4Data, page + page_size * kV4Data + off * kV4Scales};
+}
+
+// One token: latent [448] and rope [64] bf16 (16-byte aligned) -> 576 bytes at dest().data, 8 at
+// dest().scales. dest() is called after the loads are issued (see quantize_row).
+template <bool kStream, typename Dest>
+__device__ __forceinline__ void quantize_token_v4(const __nv_bfloat16* latent, const __nv_bfloat16* rope, Dest dest,
+                                                  int lane) {
   const uint4* src = lane < kV4Lanes ? reinterpret_cast<const uint4*>(latent) + 2 * lane
                                      : reinterpret_cast<const uint4*>(rope) + 2 * (lane - kV4Lanes);
   const uint4 a = load16<kStream>(src);
   const uint4 b = load16<kStream>(src + 1);
+  const V4Dest d = dest();
+  if (d.data == nullptr) return;
+  uint8_t* const data = d.data;
+  uint8_t* const scales = d.scales;
   const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
   uint32_t m = 0;
   if (lane < kV4Lanes) {
@@ -484,14 +503,14 @@ __global__ void __launch_bounds__(kThreads) concat_fp8_v4_kernel(const CacheWrit
   const int lane = threadIdx.x & 31;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (token >= a.num_tokens) return;
-  const int64_t slot = a.slot_mapping[token];
-  if (slot < 0 || slot >= a.num_slots) return;
-  const int64_t block = slot / a.page_size;
-  const int64_t off = slot - block * a.page_size;
-  uint8_t* page = static_cast<uint8_t*>(a.cache) + block * a.block_stride;
   const auto* c = static_cast<const __nv_bfloat16*>(a.kv_c) + token * a.kv_c_stride;
   const auto* p = static_cast<const __nv_bfloat16*>(a.k_pe) + token * a.k_pe_stride;
-  quantize_token_v4<false>(c, p, page + off * kV4Data, page + a.page_size * kV4Data + off * kV4Scales, lane);
+  quantize_token_v4<false>(c, p, [&] {
+    const int64_t slot = a.slot_mapping[token];
+    if (slot < 0 || slot >= a.num_slots) return V4Dest{nullptr, nullptr};
+    const int64_t block = slot / a.page_size;
+    return v4_dest(static_cast<uint8_t*>(a.cache) + block * a.block_stride, a.page_size, slot - block * a.page_size);
+  }, lane);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -504,7 +523,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t off = row - block * page_size;
   uint8_t* page = cache + block * page_stride;
   const __nv_bfloat16* x = in + row * in_stride;
-  quantize_token_v4<true>(x, x + kV4Nope, page + off * kV4Data, page + page_size * kV4Data + off * kV4Scales, lane);
+  quantize_token_v4<true>(x, x + kV4Nope, [&] { return v4_dest(page, page_size, off); }, lane);
   if (off == page_size - 1 && block + 1 < num_blocks) {  // zero the padding up to the next page
     for (int64_t i = page_size * kV4Token + 8 * lane; i < page_stride; i += 8 * 32) {
       *reinterpret_cast<uint2*>(page + i) = make_uint2(0, 0);
@@ -521,8 +540,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t block = row / page_size;
   const int64_t off = row - block * page_size;
   const uint8_t* page = cache + block * page_stride;
-  dequantize_token_v4<true>(page + off * kV4Data, page + page_size * kV4Data + off * kV4Scales, out + row * kV4Qk,
-                            lane);
+  const V4Dest src = v4_dest(const_cast<uint8_t*>(page), page_size, off);
+  dequantize_token_v4<true>(src.data, src.scales, out + row * kV4Qk, lane);
 }
 
 inline unsigned grid_for(int64_t rows) {
