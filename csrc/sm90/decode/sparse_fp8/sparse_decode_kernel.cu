@@ -54,7 +54,11 @@ constexpr int kDV = 512;
 constexpr int kBlockM = 64;  // heads per CTA
 constexpr int kBlockN = 64;  // tokens per chunk
 constexpr int kThreads = 384;
-constexpr int kPreciseMaxLen = 1024;
+// Requests attending to at most this many tokens multiply P = hi + lo (see the top of the file). 512, not
+// the dense kernel's 1024: above it the single bf16 rounding of P passes the decode tolerances (its
+// error averages over the attended rows), and the second PV term is what held DeepSeek V4's
+// 128 + 512-token requests below FlashMLA (benchmarks/NOTES_sparse_decode.md).
+constexpr int kPreciseMaxLen = 512;
 constexpr int kTileBytes = 64 * 128;  // 64 rows x 64 bf16
 
 // What depends on the cache layout (kV4: DeepSeek V4 pages, else V3.2 records). Only the producer's
@@ -218,10 +222,32 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   const bool ok0 = head0 < p.h_q, ok1 = head1 < p.h_q;
   const int quad_col = (lane % 4) * 2;
   uint8_t* sp = smem + L::kOffP;
-  const T* qbase = reinterpret_cast<const T*>(p.q);
 
   uint32_t g = 0;   // chunks consumed
   uint32_t pi = 0;  // P tiles handed over (one or two per chunk)
+
+  // The load of request r + 1 is issued when WG0 is done with request r's chunks, so that it lands while
+  // that request's epilogue runs; q_issued is the request whose load was issued last.
+  int q_issued = -1;
+  // The loop reads its pointers and strides from the kernel parameters and the token and head tile from
+  // blockIdx (no live registers): with them in registers, ptxas spilled where O is live.
+  auto load_q = [&](int r) {
+#pragma unroll 1
+    for (int it = 0; it < kBlockM * (L::kDQK / 8) / 128; ++it) {
+      const int idx = threadIdx.x % 128 + it * 128;
+      const int row = idx / (L::kDQK / 8);
+      const int ch = idx % (L::kDQK / 8);
+      const int head = blockIdx.z * kBlockM + row;
+      const bool in = head < p.h_q;
+      const T* src = reinterpret_cast<const T*>(p.q) + (int64_t)r * p.q_batch_stride +
+                     (int64_t)blockIdx.y * p.q_seq_stride + (int64_t)(in ? head : 0) * p.q_head_stride + ch * 8;
+      const uint32_t dst = smem_addr(smem) + L::kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+                   : "memory");
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    q_issued = r;
+  };
 
   for (int r = begin_req; r <= end_req; ++r) {
     const RequestWork w = request_work(p, r);
@@ -235,22 +261,11 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
     float run_sum0 = 0.f, run_sum1 = 0.f;
 
     if (wg == 0 && pc.start < pc.end) {
-      // Q tile of (request r, token t) -> shared memory; heads past h_q are zero rows.
-      named_bar_sync(kBarQ, 128);  // every WG0 wgmma reading the previous Q tile is complete
-#pragma unroll 1
-      for (int it = 0; it < kBlockM * (L::kDQK / 8) / 128; ++it) {
-        const int idx = wtid + it * 128;
-        const int row = idx / (L::kDQK / 8);
-        const int ch = idx % (L::kDQK / 8);
-        const int head = mtile * kBlockM + row;
-        const bool in = head < p.h_q;
-        const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
-                       (int64_t)(in ? head : 0) * p.q_head_stride + ch * 8;
-        const uint32_t dst = sbase + L::kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
-                     : "memory");
+      if (q_issued != r) {  // first request, or the load issued went to a request with nothing to attend
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // no earlier load may land after this one
+        named_bar_sync(kBarQ, 128);  // every WG0 wgmma reading the previous Q tile is complete
+        load_q(r);
       }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
       fence_proxy_async();
       named_bar_sync(kBarQ, 128);
@@ -366,6 +381,10 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         }
       }
       release_stage(stage);  // this warpgroup no longer reads the stage
+    }
+    if (wg == 0 && pc.start < pc.end && r < end_req) {
+      named_bar_sync(kBarQ, 128);  // every WG0 wgmma of this request (the last reader of Q) is complete
+      load_q(r + 1);
     }
 
     // ---- epilogue: WG0 owns the row statistics and publishes the output scale ----
