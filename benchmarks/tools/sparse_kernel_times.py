@@ -3,8 +3,11 @@ from the PyTorch profiler, over V3.2 shapes with the same number of 64-token chu
 a different number of requests (b x topk constant), so that the fixed and per-request costs separate
 from the per-chunk cost.
 
-Run on the GPU machine: python benchmarks/tools/sparse_kernel_times.py [--calls N]
-Prints one line per (shape, implementation, kernel): mean us per call.
+Run on the GPU machine: python benchmarks/tools/sparse_kernel_times.py [--calls N] [--shape B,H_Q,TOPK] [--plain]
+Prints one line per (shape, implementation, kernel): mean us per call. --shape runs one shape only;
+--plain only calls each implementation N times (no profiler), for a run under Nsight Compute, e.g.
+  ncu -k regex:"sparse_decode_kernel|splitkv_mla" -c 4 --section SpeedOfLight --section WarpStateStats \
+      python benchmarks/tools/sparse_kernel_times.py --shape 128,64,2048 --plain --calls 2
 """
 from __future__ import annotations
 
@@ -41,7 +44,13 @@ def kernel_times(fn, calls: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--shape", help="B,H_Q,TOPK: this shape only")
+    ap.add_argument("--plain", action="store_true", help="call each implementation --calls times, no profiler")
     opts = ap.parse_args()
+    shapes = SHAPES
+    if opts.shape:
+        b, h_q, topk = (int(x) for x in opts.shape.split(","))
+        shapes = [(b, h_q, 2, S_K, topk)]
     dev = torch.device("cuda")
     try:
         import flash_mla  # noqa: F401
@@ -50,7 +59,7 @@ def main() -> int:
         have_fm = False
     caches = {}
     print(f"{'b':>4} {'h_q':>4} {'topk':>6} {'impl':<6} {'us/call':>9}  kernel")
-    for b, h_q, s_q, s_k, topk in SHAPES:
+    for b, h_q, s_q, s_k, topk in shapes:
         if b not in caches:
             caches.clear()
             torch.cuda.empty_cache()
@@ -64,6 +73,11 @@ def main() -> int:
         if have_fm:
             impls.append(("fm", flashmla_fns(q, cache, table, indices, s_k, topk, scale)[0]))
         for label, fn in impls:
+            if opts.plain:
+                for _ in range(opts.calls):
+                    fn()
+                torch.cuda.synchronize()
+                continue
             times = kernel_times(fn, opts.calls)
             for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
                 print(f"{b:>4} {h_q:>4} {topk:>6} {label:<6} {us:9.1f}  {name[:90]}")
