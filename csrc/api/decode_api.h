@@ -33,6 +33,21 @@ inline at::Tensor rows_heads_for_16b_loads(const at::Tensor& t) {
   return ok ? t : aligned_copy(t);
 }
 
+// t / page_size as a multiply for 0 <= t < 2^31 (no integer division in the kernels): t / page_size =
+// (t * mul) >> shift. l = ceil(log2 page_size), shift = 31 + l, mul = ceil(2^shift / page_size) (< 2^32);
+// mul * page_size - 2^shift < page_size <= 2^l, so the quotient is exact for every such t.
+struct PageDivider {
+  uint32_t mul;
+  int shift;
+};
+inline PageDivider page_divider(int64_t page_size) {
+  int l = 0;
+  while ((int64_t(1) << l) < page_size) ++l;
+  const int shift = 31 + l;
+  const uint64_t num = uint64_t(1) << shift;  // page_size < 2^31: shift <= 62
+  return {static_cast<uint32_t>((num + static_cast<uint64_t>(page_size) - 1) / static_cast<uint64_t>(page_size)), shift};
+}
+
 // The combine kernel puts 4 query rows per CTA on grid.z.
 inline void check_combine_rows(const char* op, int64_t m_total) {
   TORCH_CHECK((m_total + 3) / 4 <= 65535, op, ": s_q * h_q / h_kv must be at most 262140 (got ", m_total, ")");

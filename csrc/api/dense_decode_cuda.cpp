@@ -191,15 +191,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   // Rows of one TMA load: a 64-token chunk is 64 / rows page slices (one when page_size is a multiple of 64).
   const int page_rows = static_cast<int>(std::gcd<int64_t>(page_size, fs::kBlockN));
   while ((1 << p.page_rows_log2) < page_rows) ++p.page_rows_log2;
-  // Division by page_size as a multiply: l = ceil(log2 page_size), shift = 31 + l, mul = ceil(2^shift / page_size)
-  // (< 2^32); mul * page_size - 2^shift < page_size <= 2^l, so the quotient is exact for every t < 2^31.
-  {
-    int l = 0;
-    while ((int64_t(1) << l) < page_size) ++l;
-    p.page_div_shift = 31 + l;
-    const uint64_t num = uint64_t(1) << p.page_div_shift;  // page_size < 2^31: shift <= 62
-    p.page_div_mul = static_cast<uint32_t>((num + static_cast<uint64_t>(page_size) - 1) / static_cast<uint64_t>(page_size));
-  }
+  const flashmla::api::PageDivider div = flashmla::api::page_divider(page_size);
+  p.page_div_mul = div.mul;
+  p.page_div_shift = div.shift;
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);

@@ -25,6 +25,8 @@ struct SparseKVSource {
   int64_t token_stride;        // bytes: 656 (V3.2), 576 (V4: the latent + RoPE part)
   int64_t scale_offset;        // V4 only: scales of slot i at page + scale_offset + (i % page_size) * 8
   int page_size;
+  uint32_t page_div_mul;       // i / page_size = (i * page_div_mul) >> page_div_shift for 0 <= i < 2^31
+  int page_div_shift;
   int64_t num_slots;           // num_blocks * page_size; indices outside [0, num_slots) are skipped
   const int* indices;          // [b, s_q, topk] int32, last dim contiguous; -1 = skip
   int64_t indices_batch_stride, indices_seq_stride;  // elements
