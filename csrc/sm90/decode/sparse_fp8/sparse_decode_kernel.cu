@@ -150,23 +150,6 @@ __device__ __forceinline__ uint2 dequant4(uint32_t fp8x4, __nv_bfloat162 scale2)
   return r;
 }
 
-// dequant4 with the 2^120 folded into the scale: one bf16 multiply per pair by scale2_2p120 = scale *
-// 2^120, which must be a finite normal bf16 (scale at most 2^7; at least 2^-126, or 2^-100 for an fp32
-// scale so that the fold's multiply stays clear of flush-to-zero). The product is then the same real
-// number as dequant4's, rounded once to bf16 the same way.
-__device__ __forceinline__ uint2 dequant4_folded(uint32_t fp8x4, __nv_bfloat162 scale2_2p120) {
-  uint2 r;
-  const uint32_t lo = __byte_perm(fp8x4, 0, 0x1404);
-  const uint32_t hi = __byte_perm(fp8x4, 0, 0x3424);
-  const uint32_t blo = (lo & 0x80008000u) | ((lo >> 4) & 0x07F007F0u);
-  const uint32_t bhi = (hi & 0x80008000u) | ((hi >> 4) & 0x07F007F0u);
-  __nv_bfloat162 vlo = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&blo), scale2_2p120);
-  __nv_bfloat162 vhi = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&bhi), scale2_2p120);
-  r.x = *reinterpret_cast<uint32_t*>(&vlo);
-  r.y = *reinterpret_cast<uint32_t*>(&vhi);
-  return r;
-}
-
 // The attended token ranges of one request: main indices [0, n_main), padded to a chunk, then the
 // extra indices [0, n_extra). total = virtual length walked in chunks.
 struct RequestWork {
@@ -650,29 +633,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
         const int row = row0 + 32 * k;
 #pragma unroll
         for (int i = 0; i < L::kLatentGroups; ++i) {
-          // The scale with 2^120 folded in (one multiply per pair) when that is a finite bf16 (every scale
-          // the quantizers write for values below 57344), else dequant4's two multiplies.
           __nv_bfloat162 scale;
-          bool fold;
           if constexpr (kV4) {
-            const uint32_t sb = __byte_perm(i < 4 ? ld.scl[k].x : ld.scl[k].y, 0, 0x4440 + (i % 4));
-            fold = sb - 1u < 134u;  // 2^(sb - 127) in [2^-126, 2^7]
-            scale = ue8m0_scale2(fold ? sb + 120u : sb);
+            scale = ue8m0_scale2(__byte_perm(i < 4 ? ld.scl[k].x : ld.scl[k].y, 0, 0x4440 + (i % 4)));
           } else {
             const float scale_f =
                 __uint_as_float(i < 2 ? ld.scl[k].x : i < 4 ? ld.scl[k].y : i < 6 ? ld.scl[k].z : ld.scl[k].w);
-            fold = fabsf(scale_f) >= 0x1p-100f && fabsf(scale_f) <= 128.f;
-            const float s = fold ? scale_f * 0x1p120f : scale_f;
-            scale = __floats2bfloat162_rn(s, s);
+            scale = __floats2bfloat162_rn(scale_f, scale_f);
           }
-          uint2 a, b, c, d;
-          if (fold) {
-            a = dequant4_folded(ld.lat[k][i].x, scale), b = dequant4_folded(ld.lat[k][i].y, scale);
-            c = dequant4_folded(ld.lat[k][i].z, scale), d = dequant4_folded(ld.lat[k][i].w, scale);
-          } else {
-            a = dequant4(ld.lat[k][i].x, scale), b = dequant4(ld.lat[k][i].y, scale);
-            c = dequant4(ld.lat[k][i].z, scale), d = dequant4(ld.lat[k][i].w, scale);
-          }
+          const uint2 a = dequant4(ld.lat[k][i].x, scale), b = dequant4(ld.lat[k][i].y, scale);
+          const uint2 c = dequant4(ld.lat[k][i].z, scale), d = dequant4(ld.lat[k][i].w, scale);
           store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
           store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
         }
