@@ -2,6 +2,8 @@
 # On the H200 machine: build with the SM90 kernels, run every GPU test, the benchmarks, the demo and
 # the example, and print the short tables last. Logs and JSON/PNG results go to $OUT (or ./gpu_logs).
 # Usage: benchmarks/gpu_check.sh [pytest -k expression]
+# With .flashmla prepared (benchmarks/tools/flashmla_baseline/prepare.sh) and carried, FlashMLA is built there
+# (or taken from FLASHMLA_PREBUILT=DIR) and the benchmarks fill their FlashMLA columns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-gpu_logs}"; mkdir -p "$OUT"
@@ -11,6 +13,14 @@ start=$(date +%s)
 FLASHMLA_PTXAS_VERBOSE=1 python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { grep -E "error" "$OUT/build.log" | head -20; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
+# FlashMLA as the benchmarks' baseline, when .flashmla was prepared (benchmarks/tools/flashmla_baseline/)
+if [ -f .flashmla/build.sh ]; then
+  if bash .flashmla/build.sh ${FLASHMLA_PREBUILT:+--use-prebuilt "$FLASHMLA_PREBUILT"} > "$OUT/flashmla_build.log" 2>&1; then
+    export PYTHONPATH="$PWD/.flashmla/src${PYTHONPATH:+:$PYTHONPATH}"; echo "FlashMLA baseline: importable"
+  else
+    echo "FlashMLA baseline: build failed (see flashmla_build.log); benchmarks run without it"
+  fi
+fi
 # ptxas resource report of every kernel (registers, spills, shared memory)
 grep -E "Compiling entry function|registers|spill" "$OUT/build.log" | sed 's/^ptxas info *: //' > "$OUT/ptxas.txt"
 timeout 420 python3 -m pytest -q -p no:cacheprovider --tb=short -m cuda tests ${1:+-k "$1"} > "$OUT/pytest_cuda.log" 2>&1
