@@ -56,8 +56,8 @@ constexpr int kBlockN = 64;  // tokens per chunk
 constexpr int kThreads = 384;
 // Requests attending to at most this many tokens multiply P = hi + lo (see the top of the file). 512, not
 // the dense kernel's 1024: above it the single bf16 rounding of P passes the decode tolerances (its
-// error averages over the attended rows), and the second PV term is what held DeepSeek V4's
-// 128 + 512-token requests below FlashMLA (benchmarks/NOTES_sparse_decode.md).
+// error averages over the attended rows), and the second PV term made DeepSeek V4's 128 + 512-token
+// requests 16-25% slower (benchmarks/NOTES_sparse_decode.md).
 constexpr int kPreciseMaxLen = 512;
 constexpr int kTileBytes = 64 * 128;  // 64 rows x 64 bf16
 
