@@ -221,7 +221,6 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   const int head1 = mtile * kBlockM + row1;
   const bool ok0 = head0 < p.h_q, ok1 = head1 < p.h_q;
   const int quad_col = (lane % 4) * 2;
-  uint8_t* sp = smem + L::kOffP;
 
   uint32_t g = 0;   // chunks consumed
   uint32_t pi = 0;  // P tiles handed over (one or two per chunk)
@@ -338,24 +337,26 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
             s_alpha[row0] = alpha0;
             s_alpha[row1] = alpha1;
           }
+          // P (term 0) or its rounding residue (term 1), one branch per term (not per element), stored with
+          // 32-bit shared addresses: 16 generic ones, held across the chunk loop, took 32 registers of the
+          // kernel's allocation and the single-CTA producer spilled.
+          auto store_p_tile = [&](auto residue) {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const uint32_t top = term == 0 ? TypeOps<T>::pack(s[j * 4], s[j * 4 + 1])
-                                           : TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1]);
-            const uint32_t bot = term == 0 ? TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3])
-                                           : TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3]);
-            if constexpr (kCluster == 1) {
-              // 32-bit shared addresses: the 16 generic ones, held across the chunk loop, took 32
-              // registers of the kernel's allocation and the producer spilled. (The cluster kernel
-              // fits with them and keeps its measured code.)
+            for (int j = 0; j < 8; ++j) {
+              const uint32_t top = residue ? TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1])
+                                           : TypeOps<T>::pack(s[j * 4], s[j * 4 + 1]);
+              const uint32_t bot = residue ? TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3])
+                                           : TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
               const uint32_t p0 = sbase + L::kOffP + swz(row0, j) + quad_col * 2;
               const uint32_t p1 = p0 + 8 * 128;  // row1 = row0 + 8: the same swizzle phase
               asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p0), "r"(top) : "memory");
               asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p1), "r"(bot) : "memory");
-            } else {
-              *reinterpret_cast<uint32_t*>(sp + swz(row0, j) + quad_col * 2) = top;
-              *reinterpret_cast<uint32_t*>(sp + swz(row1, j) + quad_col * 2) = bot;
             }
+          };
+          if (term == 0) {
+            store_p_tile(std::false_type{});
+          } else {
+            store_p_tile(std::true_type{});
           }
           fence_proxy_async();
           mbar_arrive(bar_p_full);
@@ -458,7 +459,10 @@ template <int kCluster, bool kV4>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeParams p) {
   using L = Layout<kV4>;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // 1024-byte alignment by an offset into the __shared__ array (not by integer casts), so that the compiler
+  // still knows every pointer below is shared memory and emits LDS/STS with 32-bit addresses (after the
+  // integer-cast form, the cluster kernel's P tile, row flags and factors went through generic accesses).
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_addr(smem);
   const uint32_t bar_full = sbase + L::kOffBar;        // [2]
   const uint32_t bar_empty = sbase + L::kOffBar + 16;  // [2]
