@@ -5,7 +5,8 @@ back to back per replay (sustained load; the floors are checked on it); "step us
 (the whole call of a decode step); "MHz" = SM clock right after the sustained replays (the H200 holds
 its 700 W power cap there on the compute-bound shapes); "1call us" = the op alone in a graph, replayed
 after the GPU idled (full clock), and "1call" its TFLOPS (compute rows) or GB/s (memory rows).
-"FM us", "FM" (TFLOPS or GB/s), "FM MHz", "FM 1call": FlashMLA's call timed the same ways, when importable.
+"FM us", "FM" (TFLOPS or GB/s), "FM MHz", "FM 1call": FlashMLA's call timed the same ways, when importable;
+"vs FM" = FM us / op us (1.00 = parity, above 1 ours is faster).
 FLOPs and bytes use FlashMLA's formulas:
   FLOPs = b*s_q*h_q*s_k*2*(576+512)
   bytes = b*(s_q*h_q*576*2 + s_k*h_kv*576*2 + s_q*h_q*512*2)
@@ -268,7 +269,7 @@ def main():
     print()
     print(f"{'kind':8} {'b':>4} {'s_q':>3} {'s_k':>6} {'h_q':>4} {'op us':>8} {'step us':>8} {'TFLOPS':>7} "
           f"{'%mm':>4} {'GB/s':>6} {'%cp':>4} {'MHz':>5} {'1call us':>8} {'1call':>6} {'naive us':>9} {'naive TF':>8} "
-          f"{'FM us':>8} {'FM':>6} {'FM MHz':>6} {'FM 1call':>8} floor")
+          f"{'FM us':>8} {'FM':>6} {'FM MHz':>6} {'FM 1call':>8} {'vs FM':>6} floor")
     for r in rows:
         floor = r.get("floor_met")
         unit = "gbs" if r["kind"] == "memory" else "tflops"
@@ -279,6 +280,7 @@ def main():
               f"{r.get('naive_us', float('nan')):9.1f} {r.get('naive_tflops', float('nan')):8.1f} "
               f"{r.get('flashmla_us', float('nan')):8.1f} {r.get('flashmla_' + unit, float('nan')):6.0f} "
               f"{r.get('flashmla_mhz') or float('nan'):6.0f} {r.get('flashmla_single_' + unit, float('nan')):8.0f} "
+              f"{r.get('flashmla_us', float('nan')) / r['ours_us']:6.2f} "
               f"{'-' if floor is None else 'ok' if floor else 'MISS'}")
     if with_fp8:
         print()

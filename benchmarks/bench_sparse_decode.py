@@ -7,7 +7,8 @@ Columns:
   "step us" = planner (get_mla_metadata) + op, the whole call of a decode step, same timing;
   "ref us"  = torch_flashmla.reference.sparse_mla_decode called directly on the GPU tensors (the path
               the op takes without an SM90 kernel), CUDA events, few calls (it is slow);
-  "FM us"   = FlashMLA's flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...), CUDA graphs.
+  "FM us"   = FlashMLA's flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...), CUDA graphs;
+  "vs FM"   = FM us / op us (1.00 = parity, above 1 ours is faster).
 FLOPs and bytes use FlashMLA's formulas (only the topk selected tokens are read, 656 B each):
   FLOPs = b*s_q*h_q*topk*2*(576+512)
   bytes = b*s_q*topk*656 + b*s_q*h_q*576*2 (q) + b*s_q*h_q*512*2 (out)
@@ -430,7 +431,7 @@ def fmt(v, spec, width) -> str:
 def table(rows) -> str:
     head = (f"{'b':>4} {'h_q':>4} {'s_q':>3} {'s_k':>6} {'topk':>6} {'op us':>8} {'step us':>8} {'plan us':>7} "
             f"{'TFLOPS':>7} {'%mm':>4} {'GB/s':>6} {'floor':>5} {'ok':>4} {'ref us':>9} {'diff':>7} "
-            f"{'FM us':>8} {'FM TF':>6} {'FM doc TF':>9}")
+            f"{'FM us':>8} {'FM TF':>6} {'vs FM':>6} {'FM doc TF':>9}")
     lines = [head]
     for r in rows:
         floor = r.get("floor_met")
@@ -442,6 +443,7 @@ def table(rows) -> str:
             f"{fmt(r.get('floor_tflops'), '.0f', 5)} {'-' if floor is None else 'ok' if floor else 'MISS':>4} "
             f"{fmt(r.get('ref_us'), '.0f', 9)} {fmt(r.get('ours_vs_ref_maxdiff'), '.1e', 7)} "
             f"{fmt(r.get('flashmla_us'), '.1f', 8)} {fmt(r.get('flashmla_tflops'), '.0f', 6)} "
+            f"{fmt(r['flashmla_us'] / r['ours_us'] if r.get('flashmla_us') else None, '.2f', 6)} "
             f"{fmt(r.get('flashmla_doc_tflops'), '.0f', 9)}")
     return "\n".join(lines)
 
