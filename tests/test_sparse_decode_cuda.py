@@ -274,6 +274,19 @@ def test_topk_length_all_zero(extra):
     assert_all_empty(out, lse, "topk_length = 0")
 
 
+@pytest.mark.parametrize("extra", [False, True])
+def test_main_cache_of_empty_pages(extra):
+    """A main cache of pages with no tokens ([num_blocks, 0, 1, 656]: no slot, every index skipped), alone or
+    next to a real extra cache: as the reference (nothing attended, or only the extra cache)."""
+    case = SparseDecodeCase(b=4, h_q=64, s_q=2, topk=128, num_blocks=16, page_size=32, with_topk_length=True,
+                            with_attn_sink=True, extra_topk=128 if extra else 0)
+    inp = make_inputs(case, seed=8)
+    inp["kv_cache"] = torch.empty(16, 0, 1, kvc.FP8_RECORD_BYTES, dtype=torch.uint8, device=DEV)
+    out, lse, _, _ = check_inputs(inp, f"empty main pages, extra={extra}")
+    if not extra:
+        assert_all_empty(out, lse, "empty main pages")
+
+
 def test_empty_rows_mixed():
     """Some requests (and one query of request 0) with all -1 next to full ones, one plan."""
     case = SparseDecodeCase(b=9, h_q=128, s_q=2, topk=2048, num_blocks=128, with_attn_sink=True)

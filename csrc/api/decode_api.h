@@ -41,6 +41,8 @@ struct PageDivider {
   int shift;
 };
 inline PageDivider page_divider(int64_t page_size) {
+  TORCH_CHECK(page_size >= 1 && page_size < (int64_t(1) << 31), "page_divider: page_size must be in [1, 2^31), got ",
+              page_size);
   int l = 0;
   while ((int64_t(1) << l) < page_size) ++l;
   const int shift = 31 + l;

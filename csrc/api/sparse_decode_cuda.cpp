@@ -86,9 +86,11 @@ fs::SparseKVSource make_source(const char* name, const at::Tensor& cache_in, con
   keep.push_back(indices);
   src.records = reinterpret_cast<const uint8_t*>(cache.data_ptr());
   src.page_size = static_cast<int>(cache_in.size(1));  // not cache.size(1): a V4 copy is [num_blocks, page stride]
-  const flashmla::api::PageDivider div = flashmla::api::page_divider(src.page_size);
-  src.page_div_mul = div.mul;
-  src.page_div_shift = div.shift;
+  if (src.page_size >= 1) {  // a cache of empty pages has no slots: its indices are all skipped
+    const flashmla::api::PageDivider div = flashmla::api::page_divider(src.page_size);
+    src.page_div_mul = div.mul;
+    src.page_div_shift = div.shift;
+  }
   src.num_slots = cache_in.size(0) * cache_in.size(1);
   src.indices = indices.data_ptr<int>();
   src.indices_batch_stride = indices.stride(0);

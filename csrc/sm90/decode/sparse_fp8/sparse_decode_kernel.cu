@@ -449,6 +449,9 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
       }
     }
   }
+  // A Q load issued for a request whose piece turned out empty (the partition's last requests attend to
+  // nothing) is still landing: no load outlives the warpgroup.
+  if (wg == 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
 // kCluster = 2 (h_q > 64): the two head tiles of one query token form a cluster; each CTA's
