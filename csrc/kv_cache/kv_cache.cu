@@ -221,12 +221,21 @@ __device__ __forceinline__ void dequantize_row(const uint8_t* in, __nv_bfloat16*
 
 // Destination of a token, or nullptr when its slot is skipped (warp-uniform). The write kernels call it
 // after issuing the token's input loads: the slot load then overlaps them instead of preceding them.
-__device__ __forceinline__ uint8_t* slot_address(const CacheWriteArgs& a, int64_t token) {
+// Page and position in the page of a token's slot (block < 0: the slot is skipped; warp-uniform).
+struct SlotPosition {
+  int64_t block, off;
+};
+__device__ __forceinline__ SlotPosition slot_position(const CacheWriteArgs& a, int64_t token) {
   const int64_t slot = a.slot_mapping[token];
-  if (slot < 0 || slot >= a.num_slots) return nullptr;
+  if (slot < 0 || slot >= a.num_slots) return {-1, 0};
   const int64_t block = slot / a.page_size;
-  const int64_t off = slot - block * a.page_size;
-  return static_cast<uint8_t*>(a.cache) + block * a.block_stride + off * a.page_stride;
+  return {block, slot - block * a.page_size};
+}
+
+__device__ __forceinline__ uint8_t* slot_address(const CacheWriteArgs& a, int64_t token) {
+  const SlotPosition s = slot_position(a, token);
+  if (s.block < 0) return nullptr;
+  return static_cast<uint8_t*>(a.cache) + s.block * a.block_stride + s.off * a.page_stride;
 }
 
 __global__ void __launch_bounds__(kThreads) concat_auto_kernel(const CacheWriteArgs a) {
@@ -506,10 +515,9 @@ __global__ void __launch_bounds__(kThreads) concat_fp8_v4_kernel(const CacheWrit
   const auto* c = static_cast<const __nv_bfloat16*>(a.kv_c) + token * a.kv_c_stride;
   const auto* p = static_cast<const __nv_bfloat16*>(a.k_pe) + token * a.k_pe_stride;
   quantize_token_v4<false>(c, p, [&] {
-    const int64_t slot = a.slot_mapping[token];
-    if (slot < 0 || slot >= a.num_slots) return V4Dest{nullptr, nullptr};
-    const int64_t block = slot / a.page_size;
-    return v4_dest(static_cast<uint8_t*>(a.cache) + block * a.block_stride, a.page_size, slot - block * a.page_size);
+    const SlotPosition s = slot_position(a, token);
+    if (s.block < 0) return V4Dest{nullptr, nullptr};
+    return v4_dest(static_cast<uint8_t*>(a.cache) + s.block * a.block_stride, a.page_size, s.off);
   }, lane);
 }
 
