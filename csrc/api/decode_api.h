@@ -55,10 +55,12 @@ inline void check_combine_rows(const char* op, int64_t m_total) {
   TORCH_CHECK((m_total + 3) / 4 <= 65535, op, ": s_q * h_q / h_kv must be at most 262140 (got ", m_total, ")");
 }
 
-// q [b, s_q, h_q, 576] as the kernels load it with 16-byte cp.async: contiguous last dim, every
-// row 16-byte aligned (a copy otherwise).
+// q [b, s_q, h_q, d] as the kernels load it (16-byte cp.async, or TMA in sparse decode): contiguous last
+// dim, every row 16-byte aligned, no broadcast (stride 0) dim (a copy otherwise).
 inline at::Tensor q_for_kernel(const at::Tensor& q) {
-  if (q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
+  bool broadcast = false;
+  for (int d = 0; d < 3; ++d) broadcast = broadcast || (q.stride(d) == 0 && q.size(d) > 1);
+  if (broadcast || q.stride(3) != 1 || q.stride(0) % 8 != 0 || q.stride(1) % 8 != 0 || q.stride(2) % 8 != 0 ||
       reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) {
     return aligned_copy(q);
   }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "api/decode_api.h"
+#include "api/tensor_map.h"
 #include "common/decode_common.h"
 #include "sm90/decode/sparse_fp8/sparse_decode.h"
 
@@ -166,10 +167,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   at::Tensor oacc = at::empty({acc_rows, m_total, kDV}, q.options().dtype(at::kFloat));
   at::Tensor lseacc = at::empty({acc_rows, m_total}, q.options().dtype(at::kFloat));
 
-  p.q = q.data_ptr();
-  p.q_batch_stride = q.stride(0);
-  p.q_seq_stride = q.stride(1);
-  p.q_head_stride = q.stride(2);
   p.attn_sink = attn_sink.has_value() ? sink.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -184,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
-  fs::launch_sparse_decode(p, stream);
+  const CUtensorMap tmap_q = flashmla::api::make_q_heads_map("sparse_mla_decode", q, kBlockM);
+  fs::launch_sparse_decode(p, tmap_q, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   flashmla::api::combine_splits(oacc, lseacc, num_splits, out, lse, p.attn_sink, /*h_kv=*/1, stream);

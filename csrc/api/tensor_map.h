@@ -50,5 +50,35 @@ inline CUtensorMap make_rows_heads_map(const char* op, const char* arg, const at
   return map;
 }
 
+// A 4-D map over q [b, s_q, h_q, d] (bf16/fp16, last dim contiguous, other strides multiples of 16
+// bytes or of size-1 dims, base 16-byte aligned): dims {d, h_q, s_q, b}, box {64, box_heads, 1, 1}, 128B
+// swizzle, zeros for heads past h_q. One load is a 64-column tile of box_heads heads of one query token.
+inline CUtensorMap make_q_heads_map(const char* op, const at::Tensor& q, int box_heads) {
+  const int64_t es = q.element_size();
+  // A size-1 dim's stride is never used to address: give it a valid one (the next inner extent).
+  const int64_t s_head = q.size(2) == 1 ? q.size(3) * es : q.stride(2) * es;
+  const int64_t s_seq = q.size(1) == 1 ? s_head * q.size(2) : q.stride(1) * es;
+  const int64_t s_batch = q.size(0) == 1 ? s_seq * q.size(1) : q.stride(0) * es;
+  TORCH_CHECK(q.stride(3) == 1 && s_head > 0 && s_seq > 0 && s_batch > 0 && s_head % 16 == 0 && s_seq % 16 == 0 &&
+                  s_batch % 16 == 0 && s_batch < (int64_t(1) << 40) && s_seq < (int64_t(1) << 40) &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              op, ": q must have a contiguous last dim, positive strides that are multiples of 16 bytes and a "
+              "16-byte aligned base (got strides ", q.strides(), ")");
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(q.size(3)), static_cast<cuuint64_t>(q.size(2)),
+                        static_cast<cuuint64_t>(q.size(1)), static_cast<cuuint64_t>(q.size(0))};
+  cuuint64_t strides[3] = {static_cast<cuuint64_t>(s_head), static_cast<cuuint64_t>(s_seq),
+                           static_cast<cuuint64_t>(s_batch)};
+  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_heads), 1, 1};
+  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt =
+      q.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap map;
+  CUresult res = tensor_map_encoder(op)(&map, dt, 4, q.data_ptr(), dims, strides, box, elem_strides,
+                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed for q (", static_cast<int>(res), ")");
+  return map;
+}
+
 }  // namespace api
 }  // namespace flashmla

@@ -2,6 +2,7 @@
 // sparse_decode_kernel.cu).
 #pragma once
 #include <cstdint>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 namespace flashmla {
@@ -36,9 +37,7 @@ struct SparseKVSource {
 
 struct SparseDecodeParams {
   bool v4;                     // false: V3.2 records, d_qk 576; true: V4 pages, d_qk 512 (both caches)
-  // q [b, s_q, h_q, d_qk] bf16; element strides (last dim contiguous)
-  const void* q;
-  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  // q [b, s_q, h_q, d_qk] bf16 is read through the tensor map passed to the launcher
   SparseKVSource main, extra;  // extra.topk == 0 when there is no extra cache
   const float* attn_sink;      // [h_q] or nullptr
   // out [b, s_q, h_q, 512] bf16 contiguous; lse [b, h_q, s_q] fp32 contiguous
@@ -56,7 +55,8 @@ struct SparseDecodeParams {
 
 // Grid (num_sm_parts, s_q, ceil(h_q / 64)), 384 threads, on `stream`.
 // h_q > 64: clusters of the two 64-head tiles of a query token share the gathered chunks.
-void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream);
+// tmap_q: 4-D map over q {d_qk, h_q, s_q, b}, box {64, 64, 1, 1}, 128B swizzle (api/tensor_map.h, make_q_heads_map).
+void launch_sparse_decode(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream);
 
 }  // namespace sm90
 }  // namespace flashmla

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "common/decode_common.h"
+#include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 #include "sm90/decode/sparse_fp8/sparse_decode.h"
 
@@ -79,12 +80,12 @@ struct Layout {
   static constexpr int kOffValid = kOffP + kTileBytes;        // uint32 [2][64]: row flags of each stage
   static constexpr int kOffAlpha = kOffValid + 2 * 64 * 4;    // float [64]: WG0's rescale factors of the chunk
   static constexpr int kOffOutScale = kOffAlpha + 64 * 4;     // float [64]: 1 / row sum (x sink factor) of the request
-  static constexpr int kOffBar = kOffOutScale + 64 * 4;       // uint64: full[2], empty[2], p_full, p_empty
-  static constexpr int kSmemBytes = kOffBar + 6 * 8 + 1024;   // + slack for 1024-byte alignment
+  static constexpr int kOffBar = kOffOutScale + 64 * 4;       // uint64: full[2], empty[2], p_full, p_empty, q_full
+  static constexpr int kSmemBytes = kOffBar + 7 * 8 + 1024;   // + slack for 1024-byte alignment
 };
 
 // Named barriers (0 is __syncthreads).
-constexpr uint32_t kBarQ = 1;         // WG0 only (128): Q tile reload
+constexpr uint32_t kBarQ = 1;         // WG0 only (128): every WG0 read of the Q tile is complete before its reload
 constexpr uint32_t kBarEpilogue = 2;  // WG0 + WG1 (256): per-row output scales
 // Producer (128), one per stage: its rows are in shared memory before the copy to the peer. One
 // barrier per stage, because warps 1-3 only arrive and may reach the next chunk before warp 0 syncs;
@@ -95,13 +96,6 @@ constexpr uint32_t kBarProducer = 3;  // + stage
 // thread slot), so the three budgets must sum to 504. WG0 holds O (128) and S (32).
 constexpr int kRegsWG0 = 216, kRegsWG1 = 160, kRegsWG2 = 128;
 static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
-
-// Returns x, hidden from the optimizer: what is derived from it is recomputed where it is used
-// instead of being hoisted out of the loop into live registers.
-__device__ __forceinline__ uint32_t opaque(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
 
 // 16-byte record loads, cached in L1: the 64-byte column groups of a record start at 16-byte
 // alignment (656-byte records), so neighbouring loads share 32-byte sectors that L1 then serves
@@ -190,7 +184,8 @@ __device__ __forceinline__ Piece request_piece(const SparseDecodeParams& p, int 
 // The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
 // Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
 template <int kWG, int kCluster, bool kV4>
-__device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint8_t* smem, int tid, int t, int mtile,
+__device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, const CUtensorMap* tmap_q, uint8_t* smem,
+                                               int tid, int t, int mtile,
                                                int begin_req, int begin_tok, int end_req, int end_tok,
                                                int begin_split) {
   using L = Layout<kV4>;
@@ -203,6 +198,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   const uint32_t bar_empty = sbase + L::kOffBar + 16;
   const uint32_t bar_p_full = sbase + L::kOffBar + 32;
   const uint32_t bar_p_empty = sbase + L::kOffBar + 40;
+  const uint32_t bar_q = sbase + L::kOffBar + 48;
   // One arrival per warp (its wgmma reads are complete) on the stage's empty barrier of every CTA
   // of the cluster: a producer refills a stage in both CTAs.
   auto release_stage = [&](int stage) {
@@ -226,26 +222,26 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   uint32_t pi = 0;  // P tiles handed over (one or two per chunk)
 
   // The load of request r + 1 is issued when WG0 is done with request r's chunks, so that it lands while
-  // that request's epilogue runs; q_issued is the request whose load was issued last.
+  // that request's epilogue runs; q_issued is the request whose load was issued last, q_pending whether
+  // WG0 has not yet waited for it. One thread loads the 64 x d_qk tile by TMA (a 128-thread cp.async loop
+  // issued 32-36 loads per thread on WG0's path), heads past h_q as zeros.
   int q_issued = -1;
-  // The loop reads its pointers and strides from the kernel parameters and the token and head tile from
-  // blockIdx (no live registers): with them in registers, ptxas spilled where O is live.
+  bool q_pending = false;
+  uint32_t q_phase = 0;
   auto load_q = [&](int r) {
+    if (threadIdx.x == 0) {  // token and head tile from blockIdx: no registers held across the loop
+      mbar_expect_tx(bar_q, kBlockM * L::kDQK * 2);
 #pragma unroll 1
-    for (int it = 0; it < kBlockM * (L::kDQK / 8) / 128; ++it) {
-      const int idx = threadIdx.x % 128 + it * 128;
-      const int row = idx / (L::kDQK / 8);
-      const int ch = idx % (L::kDQK / 8);
-      const int head = blockIdx.z * kBlockM + row;
-      const bool in = head < p.h_q;
-      const T* src = reinterpret_cast<const T*>(p.q) + (int64_t)r * p.q_batch_stride +
-                     (int64_t)blockIdx.y * p.q_seq_stride + (int64_t)(in ? head : 0) * p.q_head_stride + ch * 8;
-      const uint32_t dst = smem_addr(smem) + L::kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
-                   : "memory");
+      for (int i = 0; i < L::kNumColTiles; ++i)
+        tma_load_4d(sbase + L::kOffQ + i * kTileBytes, tmap_q, bar_q, i * 64, blockIdx.z * kBlockM, blockIdx.y, r);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
     q_issued = r;
+    q_pending = true;
+  };
+  auto wait_q = [&]() {
+    mbar_wait(bar_q, q_phase);
+    q_phase ^= 1;
+    q_pending = false;
   };
 
   for (int r = begin_req; r <= end_req; ++r) {
@@ -261,13 +257,11 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
 
     if (wg == 0 && pc.start < pc.end) {
       if (q_issued != r) {  // first request, or the load issued went to a request with nothing to attend
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // no earlier load may land after this one
-        named_bar_sync(kBarQ, 128);  // every WG0 wgmma reading the previous Q tile is complete
+        if (q_pending) wait_q();  // that load lands before this one is issued
+        named_bar_sync(kBarQ, 128);  // every WG0 thread has seen the previous phase of bar_q complete
         load_q(r);
       }
-      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-      fence_proxy_async();
-      named_bar_sync(kBarQ, 128);
+      wait_q();
     }
 
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
@@ -328,42 +322,28 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
         run_sum0 = run_sum0 * alpha0 + sum0;
         run_sum1 = run_sum1 * alpha1 + sum1;
         rescale_rows(o, alpha0, alpha1);
-        // ---- hand P (and the rescale factors) to WG1, then O[:, 0:256] += P V ----
+        // ---- hand P (and the rescale factors) to WG1, then O[:, 0:256] += P V with P from registers ----
+        // WG0's own product reads P from its registers (not from the tile), so it waits for nobody:
+        // only WG1 waits for the tile.
         for (int term = 0; term < (precise ? 2 : 1); ++term) {
-          // WG1 is done with the previous P tile. Other WG0 warps may still run their PV on it:
-          // safe only because each warp rewrites exactly the 16 rows it reads as the A operand.
-          mbar_wait(bar_p_empty, (pi & 1) ^ 1);
+          uint32_t pa[4][4];  // P (term 0) or its rounding residue (term 1) as A fragments
+          if (term == 0) {
+            pack_p<T, false>(pa, s);
+          } else {
+            pack_p<T, true>(pa, s);
+          }
+          mbar_wait(bar_p_empty, (pi & 1) ^ 1);  // WG1 is done with the previous P tile
           if (term == 0 && lane % 4 == 0) {
             s_alpha[row0] = alpha0;
             s_alpha[row1] = alpha1;
           }
-          // P (term 0) or its rounding residue (term 1), one branch per term (not per element), stored with
-          // 32-bit shared addresses: 16 generic ones, held across the chunk loop, took 32 registers of the
-          // kernel's allocation and the single-CTA producer spilled.
-          auto store_p_tile = [&](auto residue) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              const uint32_t top = residue ? TypeOps<T>::pack_residue(s[j * 4], s[j * 4 + 1])
-                                           : TypeOps<T>::pack(s[j * 4], s[j * 4 + 1]);
-              const uint32_t bot = residue ? TypeOps<T>::pack_residue(s[j * 4 + 2], s[j * 4 + 3])
-                                           : TypeOps<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
-              const uint32_t p0 = sbase + L::kOffP + swz(row0, j) + quad_col * 2;
-              const uint32_t p1 = p0 + 8 * 128;  // row1 = row0 + 8: the same swizzle phase
-              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p0), "r"(top) : "memory");
-              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p1), "r"(bot) : "memory");
-            }
-          };
-          if (term == 0) {
-            store_p_tile(std::false_type{});
-          } else {
-            store_p_tile(std::true_type{});
-          }
+          store_p(sbase + L::kOffP, pa, row0, lane % 4);
           fence_proxy_async();
           mbar_arrive(bar_p_full);
-          mbar_wait(bar_p_full, pi & 1);  // every WG0 thread's part of P is in place
-          pv_smem<T>(o, sbase + L::kOffP, kv);
+          pv_regs<T>(o, pa, kv);
           wgmma_wait<0>();
           fence_all(o);
+          fence_frags(pa);
           ++pi;
         }
       } else {
@@ -451,7 +431,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
   }
   // A Q load issued for a request whose piece turned out empty (the partition's last requests attend to
   // nothing) is still landing: no load outlives the warpgroup.
-  if (wg == 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  if (wg == 0 && q_pending) wait_q();
 }
 
 // kCluster = 2 (h_q > 64): the two head tiles of one query token form a cluster; each CTA's
@@ -459,7 +439,8 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, uint
 // every record is loaded and converted once.
 // kV4: DeepSeek V4 pages (d_qk 512), else V3.2 records (d_qk 576); both caches of a call share it.
 template <int kCluster, bool kV4>
-__global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const SparseDecodeParams p) {
   using L = Layout<kV4>;
   extern __shared__ uint8_t smem_raw[];
   // 1024-byte alignment by an offset into the __shared__ array (not by integer casts), so that the compiler
@@ -490,6 +471,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     mbar_init(bar_empty + 8, 8 * kCluster);
     mbar_init(bar_p_full, 128);
     mbar_init(bar_p_empty, 128);
+    mbar_init(sbase + L::kOffBar + 48, 1);  // q_full: WG0's thread 0 arrives with the tile's bytes
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if constexpr (kCluster == 2) {
@@ -739,10 +721,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     }
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
-    math_warpgroup<0, kCluster, kV4>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<0, kCluster, kV4>(p, &tmap_q, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   } else {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
-    math_warpgroup<1, kCluster, kV4>(p, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
+    math_warpgroup<1, kCluster, kV4>(p, &tmap_q, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
   }
   // The peer may still store into this CTA's shared memory or arrive on its barriers until it is done.
   if constexpr (kCluster == 2) cluster_sync();
@@ -754,7 +736,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
 
 namespace {
 template <int kCluster, bool kV4>
-void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
+void launch_kernel(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream) {
   auto kernel = sparse::sparse_decode_kernel<kCluster, kV4>;
   constexpr int kSmemBytes = sparse::Layout<kV4>::kSmemBytes;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -770,21 +752,21 @@ void launch_kernel(const SparseDecodeParams& p, cudaStream_t stream) {
   attr[0].val.clusterDim.z = kCluster;
   config.attrs = attr;
   config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, kernel, p);
+  cudaLaunchKernelEx(&config, kernel, tmap_q, p);
 }
 }  // namespace
 
-void launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t stream) {
+void launch_sparse_decode(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream) {
   if (p.v4) {
     if (p.num_m_tiles == 2) {
-      launch_kernel<2, true>(p, stream);
+      launch_kernel<2, true>(p, tmap_q, stream);
     } else {
-      launch_kernel<1, true>(p, stream);
+      launch_kernel<1, true>(p, tmap_q, stream);
     }
   } else if (p.num_m_tiles == 2) {
-    launch_kernel<2, false>(p, stream);
+    launch_kernel<2, false>(p, tmap_q, stream);
   } else {
-    launch_kernel<1, false>(p, stream);
+    launch_kernel<1, false>(p, tmap_q, stream);
   }
 }
 
