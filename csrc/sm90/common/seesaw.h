@@ -75,6 +75,34 @@ __device__ __forceinline__ void pv_regs(float (&o)[128], const uint32_t (&pa)[4]
   wgmma_commit();
 }
 
+// Output stores from the accumulator layout. In an m64nN accumulator, the 4 lanes of a quad hold 8
+// adjacent columns of a row, 2 per lane: as bf16, a 4-byte piece each, so a warp's store instruction
+// touches 8 rows with 16 bytes (half a sector) per row. Exchanging the pieces inside the quad first gives
+// each lane 16 contiguous bytes: 4x fewer store instructions, full 32-byte sectors.
+
+// 4x4 transpose of 32-bit words across the lanes of a quad: afterwards word k of lane q is what word q
+// of lane k was. With w[k] = lane q's bf16 pair of column block j0 + k, lane q then holds the 16 bytes
+// (8 columns) of block j0 + q in column order.
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int quad) {
+  const bool hi = quad & 2, odd = quad & 1;
+  // Over lane bit 1: a lane replaces its words whose index bit 1 differs from its lane bit 1 by the
+  // partner's words of index ^ 2; then the same over bit 0.
+  uint32_t x = __shfl_xor_sync(0xffffffffu, hi ? w[0] : w[2], 2);
+  uint32_t y = __shfl_xor_sync(0xffffffffu, hi ? w[1] : w[3], 2);
+  if (hi) {
+    w[0] = x, w[1] = y;
+  } else {
+    w[2] = x, w[3] = y;
+  }
+  x = __shfl_xor_sync(0xffffffffu, odd ? w[0] : w[1], 1);
+  y = __shfl_xor_sync(0xffffffffu, odd ? w[2] : w[3], 1);
+  if (odd) {
+    w[0] = x, w[2] = y;
+  } else {
+    w[1] = x, w[3] = y;
+  }
+}
+
 // Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
 // retires the products reading them (the compiler does not know wgmma reads them asynchronously).
 template <int KK>

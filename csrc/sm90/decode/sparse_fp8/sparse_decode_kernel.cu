@@ -144,20 +144,33 @@ __device__ __forceinline__ uint2 dequant4(uint32_t fp8x4, __nv_bfloat162 scale2)
   return r;
 }
 
+// What a request's schedule reads from global memory: its attended lengths (topk_length or topk of
+// each cache) and its split range num_splits[r], num_splits[r + 1]. The math warpgroups load them one
+// request ahead, so that the loads' latency is not on their path at a request boundary.
+struct RequestLoads {
+  int len_main, len_extra, split_lo, split_hi;
+};
+
+__device__ __forceinline__ RequestLoads request_loads(const SparseDecodeParams& p, int r) {
+  RequestLoads l;
+  l.len_main = p.main.topk_length != nullptr ? p.main.topk_length[r] : p.main.topk;
+  l.len_extra = p.extra.topk > 0 && p.extra.topk_length != nullptr ? p.extra.topk_length[r] : p.extra.topk;
+  l.split_lo = p.num_splits[r];
+  l.split_hi = p.num_splits[r + 1];
+  return l;
+}
+
 // The attended token ranges of one request: main indices [0, n_main), padded to a chunk, then the
 // extra indices [0, n_extra). total = virtual length walked in chunks.
 struct RequestWork {
   int n_main, main_pad, n_extra, total;
 };
 
-__device__ __forceinline__ RequestWork request_work(const SparseDecodeParams& p, int r) {
+__device__ __forceinline__ RequestWork request_work(const SparseDecodeParams& p, const RequestLoads& l) {
   RequestWork w;
-  w.n_main = p.main.topk_length != nullptr ? min(max(p.main.topk_length[r], 0), p.main.topk) : p.main.topk;
+  w.n_main = min(max(l.len_main, 0), p.main.topk);
   w.main_pad = (w.n_main + kBlockN - 1) / kBlockN * kBlockN;
-  w.n_extra = 0;
-  if (p.extra.topk > 0) {
-    w.n_extra = p.extra.topk_length != nullptr ? min(max(p.extra.topk_length[r], 0), p.extra.topk) : p.extra.topk;
-  }
+  w.n_extra = p.extra.topk > 0 ? min(max(l.len_extra, 0), p.extra.topk) : 0;
   w.total = w.main_pad + w.n_extra;
   return w;
 }
@@ -169,10 +182,10 @@ struct Piece {
   int start, end, split_idx, n_splits;
 };
 
-__device__ __forceinline__ Piece request_piece(const SparseDecodeParams& p, int r, int begin_req, int begin_tok,
-                                               int end_req, int end_tok, int begin_split, int total) {
+__device__ __forceinline__ Piece request_piece(const RequestLoads& l, int r, int begin_req, int begin_tok, int end_req,
+                                               int end_tok, int begin_split, int total) {
   Piece pc;
-  pc.n_splits = p.num_splits[r + 1] - p.num_splits[r];
+  pc.n_splits = l.split_hi - l.split_lo;
   pc.split_idx = r == begin_req ? begin_split : 0;
   const bool last = pc.split_idx >= pc.n_splits - 1;
   pc.start = r == begin_req ? max(begin_tok, 0) : 0;
@@ -244,9 +257,12 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
     q_pending = false;
   };
 
+  RequestLoads next_loads = request_loads(p, begin_req);
   for (int r = begin_req; r <= end_req; ++r) {
-    const RequestWork w = request_work(p, r);
-    const Piece pc = request_piece(p, r, begin_req, begin_tok, end_req, end_tok, begin_split, w.total);
+    const RequestLoads loads = next_loads;
+    if (r < end_req) next_loads = request_loads(p, r + 1);
+    const RequestWork w = request_work(p, loads);
+    const Piece pc = request_piece(loads, r, begin_req, begin_tok, end_req, end_tok, begin_split, w.total);
     const bool precise = w.n_main + w.n_extra <= kPreciseMaxLen;
 
     float o[128];
@@ -396,15 +412,26 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
     named_bar_sync(kBarEpilogue, 256);
     const float scale0 = s_out_scale[row0], scale1 = s_out_scale[row1];
     named_bar_sync(kBarEpilogue, 256);  // s_out_scale may be rewritten for the next request after this
-    const int col0 = wg * 256 + quad_col;
+    // Stores of 16 contiguous bytes per lane after an exchange inside each quad (seesaw.h): the 4-byte
+    // stores straight from the accumulator layout half-filled their sectors and took 4x the instructions.
+    const int quad = lane % 4;
     if (!split) {
-      T* out = reinterpret_cast<T*>(p.out);
-      T* dst0 = out + (((int64_t)r * p.s_q + t) * p.h_q + head0) * kDV + col0;
-      T* dst1 = out + (((int64_t)r * p.s_q + t) * p.h_q + head1) * kDV + col0;
+      T* out = reinterpret_cast<T*>(p.out) + wg * 256 + quad * 8;
+      uint4* dst0 = reinterpret_cast<uint4*>(out + (((int64_t)r * p.s_q + t) * p.h_q + head0) * kDV);
+      uint4* dst1 = reinterpret_cast<uint4*>(out + (((int64_t)r * p.s_q + t) * p.h_q + head1) * kDV);
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
-        if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
+      for (int g4 = 0; g4 < 8; ++g4) {  // column blocks 4 g4 .. 4 g4 + 3 (8 columns each) of this half
+        uint32_t w0[4], w1[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int j = 4 * g4 + k;
+          w0[k] = TypeOps<T>::pack(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
+          w1[k] = TypeOps<T>::pack(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
+        }
+        quad_transpose(w0, quad);
+        quad_transpose(w1, quad);
+        if (ok0) dst0[g4 * 4] = make_uint4(w0[0], w0[1], w0[2], w0[3]);  // columns 32 g4 + 8 quad .. + 7
+        if (ok1) dst1[g4 * 4] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
       }
       if (wg == 0 && lane % 4 == 0) {
         if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t] = lse0;
@@ -412,12 +439,13 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
       }
     } else {
       // Scratch row of this piece: see mla_decode_cuda (rows never overlap between requests).
-      int row = 2 * (p.num_splits[r] - r) + pc.split_idx;
+      int row = 2 * (loads.split_lo - r) + pc.split_idx;
       row = max(0, min(row, p.acc_rows - 1));
       const int64_t m_total = (int64_t)p.s_q * p.h_q;
       const int64_t m0 = (int64_t)t * p.h_q + head0, m1 = (int64_t)t * p.h_q + head1;
-      float* acc0 = p.oacc + ((int64_t)row * m_total + m0) * kDV + col0;
-      float* acc1 = p.oacc + ((int64_t)row * m_total + m1) * kDV + col0;
+      // fp32: a quad's 8-byte pieces already fill a 32-byte sector per row
+      float* acc0 = p.oacc + ((int64_t)row * m_total + m0) * kDV + wg * 256 + quad * 2;
+      float* acc1 = p.oacc + ((int64_t)row * m_total + m1) * kDV + wg * 256 + quad * 2;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         if (ok0) *reinterpret_cast<float2*>(acc0 + j * 8) = make_float2(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
@@ -500,8 +528,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     RequestWork cw{};
     Piece cpc{};
     auto enter = [&](int r) {
-      cw = request_work(p, r);
-      cpc = request_piece(p, r, begin_req, begin_tok, end_req, end_tok, begin_split, cw.total);
+      const RequestLoads l = request_loads(p, r);
+      cw = request_work(p, l);
+      cpc = request_piece(l, r, begin_req, begin_tok, end_req, end_tok, begin_split, cw.total);
       cc = cpc.start;
     };
     auto seek = [&]() {  // move to a chunk inside a non-empty piece, or past end_req
