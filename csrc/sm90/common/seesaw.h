@@ -103,6 +103,45 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int quad) {
   }
 }
 
+// This thread's two rows of an m64nN accumulator o (N = 2 * len(o) columns; quad = lane % 4), scaled by
+// scale0 / scale1, as 16-bit values (TypeOps<T>::pack) into rows dst0 / dst1 (the accumulator's first
+// column; 16-byte aligned), after quad_transpose: 16-byte stores, one per 8 columns of a row. A row whose ok
+// flag is false is not written (the exchange still runs in every lane).
+template <typename T, typename OutT, int NO>
+__device__ __forceinline__ void store_rows_16bit(OutT* dst0, OutT* dst1, const float (&o)[NO], float scale0,
+                                                 float scale1, bool ok0, bool ok1, int quad) {
+  static_assert(NO % 16 == 0, "whole groups of 4 column blocks");
+  uint4* row0 = reinterpret_cast<uint4*>(dst0 + quad * 8);
+  uint4* row1 = reinterpret_cast<uint4*>(dst1 + quad * 8);
+#pragma unroll
+  for (int g4 = 0; g4 < NO / 16; ++g4) {  // column blocks 4 g4 .. 4 g4 + 3 (8 columns each)
+    uint32_t w0[4], w1[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int j = 4 * g4 + k;
+      w0[k] = TypeOps<T>::pack(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
+      w1[k] = TypeOps<T>::pack(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
+    }
+    quad_transpose(w0, quad);
+    quad_transpose(w1, quad);
+    if (ok0) row0[g4 * 4] = make_uint4(w0[0], w0[1], w0[2], w0[3]);  // columns 32 g4 + 8 quad .. + 7
+    if (ok1) row1[g4 * 4] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
+  }
+}
+
+// The same rows as fp32 (split partials): a quad's 8-byte pieces already fill a 32-byte sector per row,
+// so they are stored as they are (an exchange there spilled in the sparse decode kernel).
+__device__ __forceinline__ void store_rows_f32(float* dst0, float* dst1, const float (&o)[128], float scale0,
+                                               float scale1, bool ok0, bool ok1, int quad) {
+  dst0 += quad * 2;
+  dst1 += quad * 2;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    if (ok0) *reinterpret_cast<float2*>(dst0 + j * 8) = make_float2(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
+    if (ok1) *reinterpret_cast<float2*>(dst1 + j * 8) = make_float2(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
+  }
+}
+
 // Keeps register A operands alive and unchanged up to this point: call after the wgmma_wait that
 // retires the products reading them (the compiler does not know wgmma reads them asynchronously).
 template <int KK>

@@ -85,7 +85,7 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r,
 // out_mult: a factor applied to every output value (descale_k on the FP8 path, else 1).
 template <typename T>
 __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const float (&o)[128], int r, int kvh, int wg,
-                                              int m0, int m1, int t0, int t1, int quad_col, float l0, float l1,
+                                              int m0, int m1, int t0, int t1, float l0, float l1,
                                               float max0, float max1, int n_splits, int split_idx,
                                               float out_mult = 1.f) {
   const float inv0 = l0 > 0.f ? out_mult / l0 : 0.f;
@@ -100,14 +100,9 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
   const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
   const int lane4 = threadIdx.x % 4;
   if (n_splits == 1) {
-    T* out = reinterpret_cast<T*>(p.out);
-    T* dst0 = out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV + wg * 256 + quad_col;
-    T* dst1 = out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV + wg * 256 + quad_col;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * inv0, o[j * 4 + 1] * inv0);
-      if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * inv1, o[j * 4 + 3] * inv1);
-    }
+    T* out = reinterpret_cast<T*>(p.out) + wg * 256;
+    store_rows_16bit<T>(out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV,
+                        out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
     if (wg == 0 && lane4 == 0) {
       if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
       if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
@@ -116,20 +111,14 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
     int row = 2 * (p.num_splits[r] - r) + split_idx;
     row = max(0, min(row, p.acc_rows - 1));
     const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
-    float* acc0 = p.oacc + (base + m0) * kDV + wg * 256 + quad_col;
-    float* acc1 = p.oacc + (base + m1) * kDV + wg * 256 + quad_col;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      if (ok0) *reinterpret_cast<float2*>(acc0 + j * 8) = make_float2(o[j * 4] * inv0, o[j * 4 + 1] * inv0);
-      if (ok1) *reinterpret_cast<float2*>(acc1 + j * 8) = make_float2(o[j * 4 + 2] * inv1, o[j * 4 + 3] * inv1);
-    }
+    float* acc = p.oacc + wg * 256;
+    store_rows_f32(acc + (base + m0) * kDV, acc + (base + m1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
     if (wg == 0 && lane4 == 0) {
       if (ok0) p.lseacc[base + m0] = lse0;
       if (ok1) p.lseacc[base + m1] = lse1;
     }
   }
 }
-
 
 constexpr int kOffQ = 0;                                // Q tiles 0-7
 constexpr int kOffPb = 8 * kTileBytes;                  // Q tile 8 while Q loads, then P_b
@@ -774,7 +763,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef FLASHMLA_DENSE_PROFILE
     if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
 #endif
-    store_outputs<TOut>(p, o, r, kvh, wg, m0, m1, t0, t1, quad_col, s_sum[row0] + s_sum[64 + row0],
+    store_outputs<TOut>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
                         s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx, eff_scale<kFp8>(p, sbase, 1));
   }
 }

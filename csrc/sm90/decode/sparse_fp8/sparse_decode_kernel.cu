@@ -412,27 +412,13 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
     named_bar_sync(kBarEpilogue, 256);
     const float scale0 = s_out_scale[row0], scale1 = s_out_scale[row1];
     named_bar_sync(kBarEpilogue, 256);  // s_out_scale may be rewritten for the next request after this
-    // Stores of 16 contiguous bytes per lane after an exchange inside each quad (seesaw.h): the 4-byte
-    // stores straight from the accumulator layout half-filled their sectors and took 4x the instructions.
+    // Rows of 16 contiguous bytes per lane (seesaw.h): the 4-byte stores straight from the accumulator
+    // layout half-filled their sectors and took 4x the instructions.
     const int quad = lane % 4;
     if (!split) {
-      T* out = reinterpret_cast<T*>(p.out) + wg * 256 + quad * 8;
-      uint4* dst0 = reinterpret_cast<uint4*>(out + (((int64_t)r * p.s_q + t) * p.h_q + head0) * kDV);
-      uint4* dst1 = reinterpret_cast<uint4*>(out + (((int64_t)r * p.s_q + t) * p.h_q + head1) * kDV);
-#pragma unroll
-      for (int g4 = 0; g4 < 8; ++g4) {  // column blocks 4 g4 .. 4 g4 + 3 (8 columns each) of this half
-        uint32_t w0[4], w1[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int j = 4 * g4 + k;
-          w0[k] = TypeOps<T>::pack(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
-          w1[k] = TypeOps<T>::pack(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
-        }
-        quad_transpose(w0, quad);
-        quad_transpose(w1, quad);
-        if (ok0) dst0[g4 * 4] = make_uint4(w0[0], w0[1], w0[2], w0[3]);  // columns 32 g4 + 8 quad .. + 7
-        if (ok1) dst1[g4 * 4] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
-      }
+      T* out = reinterpret_cast<T*>(p.out) + wg * 256;
+      store_rows_16bit<T>(out + (((int64_t)r * p.s_q + t) * p.h_q + head0) * kDV,
+                          out + (((int64_t)r * p.s_q + t) * p.h_q + head1) * kDV, o, scale0, scale1, ok0, ok1, quad);
       if (wg == 0 && lane % 4 == 0) {
         if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t] = lse0;
         if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t] = lse1;
@@ -443,14 +429,8 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
       row = max(0, min(row, p.acc_rows - 1));
       const int64_t m_total = (int64_t)p.s_q * p.h_q;
       const int64_t m0 = (int64_t)t * p.h_q + head0, m1 = (int64_t)t * p.h_q + head1;
-      // fp32: a quad's 8-byte pieces already fill a 32-byte sector per row
-      float* acc0 = p.oacc + ((int64_t)row * m_total + m0) * kDV + wg * 256 + quad * 2;
-      float* acc1 = p.oacc + ((int64_t)row * m_total + m1) * kDV + wg * 256 + quad * 2;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (ok0) *reinterpret_cast<float2*>(acc0 + j * 8) = make_float2(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
-        if (ok1) *reinterpret_cast<float2*>(acc1 + j * 8) = make_float2(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
-      }
+      float* acc = p.oacc + (int64_t)row * m_total * kDV + wg * 256;
+      store_rows_f32(acc + m0 * kDV, acc + m1 * kDV, o, scale0, scale1, ok0, ok1, quad);
       if (wg == 0 && lane % 4 == 0) {
         if (ok0) p.lseacc[(int64_t)row * m_total + m0] = lse0;
         if (ok1) p.lseacc[(int64_t)row * m_total + m1] = lse1;

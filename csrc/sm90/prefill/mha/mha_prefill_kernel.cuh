@@ -407,13 +407,7 @@ __device__ __forceinline__ void math_tile(const MhaPrefillParams& p, uint8_t* sm
     if (ok1) p.lse[r1] = l1 > 0.f ? (base1 + log2f(l1)) * kLn2 : INFINITY;
   }
   T* out = reinterpret_cast<T*>(p.out);
-  T* dst0 = out + r0 * kDV + quad * 2;
-  T* dst1 = out + r1 * kDV + quad * 2;
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * sc0, o[j * 4 + 1] * sc0);
-    if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * sc1, o[j * 4 + 3] * sc1);
-  }
+  store_rows_16bit<T>(out + r0 * kDV, out + r1 * kDV, o, sc0, sc1, ok0, ok1, quad);
 }
 
 // The producer: one thread fetches tiles (the first is blockIdx.x, the next ones from the launch's

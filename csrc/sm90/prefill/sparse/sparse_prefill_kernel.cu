@@ -398,14 +398,9 @@ __device__ __forceinline__ void math_warpgroup(const SparsePrefillParams& p, uin
   }
   named_bar_sync(kBarMath, 256);
   const float sc0 = s_fin[128 + row0], sc1 = s_fin[128 + row1];
-  T* out = reinterpret_cast<T*>(p.out);
-  T* dst0 = out + ((int64_t)t * p.h_q + head0) * kDV + kWG * 256 + quad_col;
-  T* dst1 = out + ((int64_t)t * p.h_q + head1) * kDV + kWG * 256 + quad_col;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    if (ok0) *reinterpret_cast<uint32_t*>(dst0 + j * 8) = TypeOps<T>::pack(o[j * 4] * sc0, o[j * 4 + 1] * sc0);
-    if (ok1) *reinterpret_cast<uint32_t*>(dst1 + j * 8) = TypeOps<T>::pack(o[j * 4 + 2] * sc1, o[j * 4 + 3] * sc1);
-  }
+  T* out = reinterpret_cast<T*>(p.out) + kWG * 256;
+  store_rows_16bit<T>(out + ((int64_t)t * p.h_q + head0) * kDV, out + ((int64_t)t * p.h_q + head1) * kDV, o, sc0, sc1,
+                      ok0, ok1, quad_col / 2);
 }
 
 // The producer warpgroup: 16 groups of 8 threads; group g gathers rows g, g + 16, g + 32, g + 48 of
