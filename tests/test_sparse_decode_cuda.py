@@ -467,3 +467,26 @@ def test_strided_inputs():
     ref_out, ref_lse = run_reference(inp)
     torch.cuda.synchronize()
     check_close(out, lse, ref_out, ref_lse, "strided inputs")
+
+
+def test_broadcast_and_single_row_q():
+    """q with a broadcast (stride 0) dim is copied before the kernel's TMA map is made; q of one request
+    and one query token (size-1 dims, whatever their strides) maps without a copy."""
+    case = SparseDecodeCase(b=4, h_q=128, s_q=2, topk=256, num_blocks=32, with_topk_length=True)
+    inp = make_inputs(case, seed=21)
+    one = inp["q"][:1].clone()
+    inp["q"] = one.expand(case.b, -1, -1, -1)  # every request asks the same question
+    assert inp["q"].stride(0) == 0
+    out, lse = run_kernel(inp)
+    ref_out, ref_lse = run_reference(dict(inp, q=inp["q"].contiguous()))
+    torch.cuda.synchronize()
+    check_close(out, lse, ref_out, ref_lse, "broadcast q")
+
+    single = SparseDecodeCase(b=1, h_q=64, s_q=1, topk=192, num_blocks=16)
+    inp1 = make_inputs(single, seed=22)
+    wide = torch.full((1, 1, 64, 2 * D_QK), float("nan"), dtype=inp1["q"].dtype, device=DEV)
+    wide[..., :D_QK] = inp1["q"]
+    inp1_view = dict(inp1, q=wide[..., :D_QK])  # head stride 2 * 576, size-1 batch and token dims
+    out1, lse1 = run_kernel(inp1_view)
+    torch.cuda.synchronize()
+    check_close(out1, lse1, *run_reference(inp1), "single-row q")
