@@ -24,6 +24,21 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(const char* op) {
   return fn;
 }
 
+// A tiled map of rank `rank` over the bf16/fp16 tensor t: dims / strides (bytes, rank - 1 of them) / box
+// innermost first, 128B swizzle, zeros outside the tensor.
+inline CUtensorMap encode_16bit_map(const char* op, const char* arg, const at::Tensor& t, cuuint32_t rank,
+                                    const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  const CUtensorMapDataType dt =
+      t.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap map;
+  CUresult res = tensor_map_encoder(op)(&map, dt, rank, t.data_ptr(), dims, strides, box, elem_strides,
+                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed for ", arg, " (", static_cast<int>(res), ")");
+  return map;
+}
+
 // A 3-D map over t [rows, heads, dim] (bf16/fp16, last dim contiguous, other strides multiples of 16
 // bytes, base 16-byte aligned): dims {dim, heads, rows}, box {64, 1, box_rows}, 128B swizzle, zeros
 // outside the tensor.
@@ -39,15 +54,7 @@ inline CUtensorMap make_rows_heads_map(const char* op, const char* arg, const at
                         static_cast<cuuint64_t>(t.size(0))};
   cuuint64_t strides[2] = {static_cast<cuuint64_t>(s_head), static_cast<cuuint64_t>(s_row)};
   cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
-  cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUtensorMapDataType dt =
-      t.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUtensorMap map;
-  CUresult res = tensor_map_encoder(op)(&map, dt, 3, t.data_ptr(), dims, strides, box, elem_strides,
-                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(res == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed for ", arg, " (", static_cast<int>(res), ")");
-  return map;
+  return encode_16bit_map(op, arg, t, 3, dims, strides, box);
 }
 
 // A 4-D map over q [b, s_q, h_q, d] (bf16/fp16, last dim contiguous, other strides multiples of 16
@@ -69,15 +76,7 @@ inline CUtensorMap make_q_heads_map(const char* op, const at::Tensor& q, int box
   cuuint64_t strides[3] = {static_cast<cuuint64_t>(s_head), static_cast<cuuint64_t>(s_seq),
                            static_cast<cuuint64_t>(s_batch)};
   cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_heads), 1, 1};
-  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dt =
-      q.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUtensorMap map;
-  CUresult res = tensor_map_encoder(op)(&map, dt, 4, q.data_ptr(), dims, strides, box, elem_strides,
-                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(res == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed for q (", static_cast<int>(res), ")");
-  return map;
+  return encode_16bit_map(op, "q", q, 4, dims, strides, box);
 }
 
 }  // namespace api
