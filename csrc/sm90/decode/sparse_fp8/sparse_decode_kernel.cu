@@ -8,8 +8,8 @@
 //
 // Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
 //   WG2 (producer): per chunk, gathers the 656-byte records with 16-byte loads (indices read two
-//       chunks ahead, records prefetched into L2 one chunk ahead, and in clusters the loads of
-//       the next chunk in flight while this one is converted), dequantizes e4m3 * scale to bf16
+//       chunks ahead, records prefetched into L2 one chunk ahead, the loads of one row in flight while
+//       another is converted: see the producer loop), dequantizes e4m3 * scale to bf16
 //       and writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that
 //       wgmma reads (rows of skipped indices are zero, so masked probabilities never meet NaN),
 //       with one valid flag per row: st.shared + proxy fence + arrive. In a cluster, one thread then
@@ -17,9 +17,9 @@
 //       counted as transaction bytes on the peer's full barrier (per-thread st.async of the same
 //       rows took 15% longer overall: benchmarks/NOTES_sparse_decode.md). Two stages, on
 //       full/empty mbarriers (a stage is empty when the math warps of both CTAs are done with it).
-//   WG0: S = Q K^T (m64n64k16 x 36), masked online softmax, P (bf16) -> shared memory, then its half
-//       of O += P V (columns 0..255).
-//   WG1: the other half of O += P V (columns 256..511), rescaled by WG0's factors.
+//   WG0: S = Q K^T (m64n64k16 x 36; Q by TMA, one request ahead), masked online softmax, P (bf16) ->
+//       shared memory for WG1, and its half of O += P V (columns 0..255) with P from its registers.
+//   WG1: the other half of O += P V (columns 256..511) from the P tile, rescaled by WG0's factors.
 // P is handed from WG0 to WG1 through one shared-memory tile on the p_full / p_empty mbarriers,
 // so WG0 computes S of chunk g+1 while WG1 still multiplies chunk g. Requests attending to at most
 // kPreciseMaxLen tokens add a second PV term with P's rounding residue (as the dense kernel does).
