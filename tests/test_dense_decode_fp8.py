@@ -30,7 +30,12 @@ def fp8_args(q_fp8=False, seed=0, **case):
 
 
 def dequantized_reference(a):
-    q = a["q"].float() * a["descale_q"] if "descale_q" in a else a["q"].float()
+    """Attention over the dequantized values; a bf16 q quantized per row first (the FP8 kernel's QK is e4m3 x e4m3)."""
+    if "descale_q" in a:
+        q = a["q"].float() * a["descale_q"]
+    else:
+        q8, factor = kvc.quantize_rows_e4m3_pow2(a["q"])
+        q = q8.float() / factor
     kv = kvc.dequantize_per_tensor_e4m3(a["kv_cache"], a["descale_k"])
     return reference.mla_decode(q, kv, a["block_table"], a["cache_seqlens"], 512, SCALE, a["causal"])
 
@@ -47,6 +52,25 @@ def test_reference_is_attention_over_dequantized_values(q_fp8, causal, s_q, h_kv
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
     assert torch.isposinf(lse[a["cache_seqlens"] == 0]).all()
     assert (out[a["cache_seqlens"] == 0] == 0).all()
+
+
+def test_row_quantization_of_q():
+    """quantize_rows_e4m3_pow2: a power-of-two factor per row, the row's largest |value| lands in (224, 448]
+    (as large as possible), values are the nearest e4m3; zero rows take factor 1."""
+    x = torch.randn(5, 3, 576, dtype=torch.bfloat16) * torch.tensor([1e-3, 1.0, 37.0])[None, :, None]
+    x[0, 0] = 0
+    x[1, 1, 7] = 7.0   # 1.75 * 2^2: 1.m == 1.75 exactly, the larger factor (2^6) still fits
+    q8, factor = kvc.quantize_rows_e4m3_pow2(x)
+    assert q8.dtype == torch.float8_e4m3fn and factor.shape == (5, 3, 1)
+    mant, _ = torch.frexp(factor)
+    assert (mant == 0.5).all(), "factors are powers of two"
+    amax = x.float().abs().amax(-1, keepdim=True)
+    scaled = amax * factor
+    nonzero = amax > 0
+    assert (scaled[nonzero] <= 448).all() and (scaled[nonzero] > 224).all()
+    assert (factor[~nonzero] == 1).all()
+    torch.testing.assert_close(q8.float(), (x.float() * factor).to(torch.float8_e4m3fn).float(), atol=0, rtol=0)
+    assert (q8.float()[1, 1, 7] == 448)
 
 
 def test_uint8_cache_and_scalar_descales():

@@ -120,6 +120,24 @@ def dequantize_per_tensor_e4m3(kv_cache: torch.Tensor, scale: torch.Tensor) -> t
     return kv_cache.view(torch.uint8).view(torch.float8_e4m3fn).float() * scale.float().reshape(())
 
 
+def quantize_rows_e4m3_pow2(x: torch.Tensor):
+    """``x [..., d]`` -> ``(values float8_e4m3fn [..., d], factor float32 [..., 1])``: ``x * factor`` rounded to
+    e4m3 (nearest even, saturating at 448), ``factor`` the power of two that brings the row's largest finite
+    ``|x|`` (amax = 1.m * 2^e) closest to 448 from below: 2^(8 - e) when 1.m <= 1.75, else 2^(7 - e), exponent
+    clamped to [-126, 127]; 1 for rows without a positive finite maximum. The FP8 dense decode quantizes a
+    bf16 q this way (csrc/sm90/decode/dense/dense_decode_fp8.cu); dequantize as ``values.float() / factor``.
+    No host sync."""
+    xf = x.float()
+    amax = xf.abs().nan_to_num(nan=0.0).amax(dim=-1, keepdim=True)
+    bits = amax.view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127
+    k = (torch.where((bits & 0x7FFFFF) <= 0x600000, 8, 7) - e).clamp(-126, 127)
+    ok = (amax > 0) & torch.isfinite(amax)
+    factor = torch.where(ok, torch.ldexp(torch.ones_like(amax), k), torch.ones_like(amax))
+    values = (xf * factor).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return values, factor
+
+
 def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                          slot_mapping: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor = None) -> None:
     """Write tokens into a paged cache in place (reference, any device, no host sync).

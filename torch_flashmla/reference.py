@@ -99,28 +99,17 @@ def _sink_scale(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # dense decode
 # --------------------------------------------------------------------------------------------
-def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-               head_dim_v: int, softmax_scale: float, causal: bool,
-               tile_scheduler_metadata: Optional[torch.Tensor] = None, num_splits: Optional[torch.Tensor] = None,
-               descale_q: Optional[torch.Tensor] = None, descale_k: Optional[torch.Tensor] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense MLA decode over a paged cache. q [b, s_q, h_q, 576]; kv_cache [num_blocks, page_size,
-    h_kv, 576]; block_table [b, max_blocks] int32; cache_seqlens [b] int32.
-    Returns out [b, s_q, h_q, head_dim_v] (q's dtype; bf16 with an FP8 cache) and lse [b, h_q, s_q] fp32.
-    The plan arguments only matter to the kernels; the reference reads every request whole.
-
-    Values that cannot be refused without a host sync have a defined meaning (the SM90 kernel agrees):
-    a length below 0 counts as 0 and one above the table's capacity ``max_blocks * page_size`` as
-    that capacity (``causal`` aligns to the clamped length); the tokens of a used page whose id is
-    outside ``[0, num_blocks)`` are skipped, like masked keys, and that page is never read.
-
-    FP8 cache (``float8_e4m3fn`` or its ``uint8`` bytes, per-tensor scale): attention over the dequantized
-    values ``e4m3 * descale_k`` and ``q * descale_q`` (a float8_e4m3fn q) or q (bf16), in float32; bf16 out.
-    The descales are 1-element tensors, used as tensors (no host read)."""
+def _dense_decode_requests(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                           descale_q, descale_k, abs_scores=False):
+    """The attention of mla_decode request by request: yields (i, probs [h_kv, s_q, group, S],
+    values [h_kv, S, head_dim_v], lse [h_kv, s_q, group]) in float32, and with abs_scores the largest
+    softmax_scale * sum_k |q_k| |key_k| over the attended keys of each row [h_kv, s_q, group]."""
     fp8 = kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
     if fp8:
         kv_cache = kv_cache.view(torch.uint8)  # gathered as bytes, dequantized below
-    out_dtype = torch.bfloat16 if fp8 else q.dtype
+        if descale_q is None:  # a bf16 q is quantized per row, as the FP8 kernel does
+            q8, factor = kvc.quantize_rows_e4m3_pow2(q)
+            q = q8.float() / factor
     b, s_q, h_q, d_qk = q.shape
     num_blocks, page_size, h_kv, _ = kv_cache.shape
     group = h_q // h_kv
@@ -130,8 +119,6 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     positions = torch.arange(capacity, device=device)                            # [S]
     page_starts = torch.arange(max_blocks, device=device) * page_size            # [max_blocks]
     query_offsets = torch.arange(s_q, device=device)                             # [s_q]
-    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=out_dtype, device=device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
     for i in range(b):
         seqlen = cache_seqlens[i].long().clamp(0, capacity)
         # Pages past the sequence end may hold garbage ids, and ids out of range are skipped: neither is
@@ -152,10 +139,80 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         keys = kv.transpose(0, 1)                                                # [h_kv, S, d]
         scores = torch.einsum("ktgd,ksd->ktgs", qi, keys) * softmax_scale       # [h_kv, s_q, group, S]
         probs, l = _masked_softmax(scores, valid[None, :, None, :].expand_as(scores))
-        o = torch.einsum("ktgs,ksd->ktgd", probs, keys[..., :head_dim_v])        # [h_kv, s_q, group, d_v]
+        if not abs_scores:
+            yield i, probs, keys[..., :head_dim_v], l
+            continue
+        mags = torch.einsum("ktgd,ksd->ktgs", qi.abs(), keys.abs()) * softmax_scale
+        mags = mags.masked_fill(~valid[None, :, None, :], 0.0).amax(dim=-1)
+        yield i, probs, keys[..., :head_dim_v], l, mags
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+               head_dim_v: int, softmax_scale: float, causal: bool,
+               tile_scheduler_metadata: Optional[torch.Tensor] = None, num_splits: Optional[torch.Tensor] = None,
+               descale_q: Optional[torch.Tensor] = None, descale_k: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense MLA decode over a paged cache. q [b, s_q, h_q, 576]; kv_cache [num_blocks, page_size,
+    h_kv, 576]; block_table [b, max_blocks] int32; cache_seqlens [b] int32.
+    Returns out [b, s_q, h_q, head_dim_v] (q's dtype; bf16 with an FP8 cache) and lse [b, h_q, s_q] fp32.
+    The plan arguments only matter to the kernels; the reference reads every request whole.
+
+    Values that cannot be refused without a host sync have a defined meaning (the SM90 kernel agrees):
+    a length below 0 counts as 0 and one above the table's capacity ``max_blocks * page_size`` as
+    that capacity (``causal`` aligns to the clamped length); the tokens of a used page whose id is
+    outside ``[0, num_blocks)`` are skipped, like masked keys, and that page is never read.
+
+    FP8 cache (``float8_e4m3fn`` or its ``uint8`` bytes, per-tensor scale): attention over the dequantized
+    values ``e4m3 * descale_k`` and ``q * descale_q`` (a float8_e4m3fn q), in float32; bf16 out. A bf16 q is
+    first quantized per query row (``kv_cache.quantize_rows_e4m3_pow2``: e4m3 with a power-of-two factor),
+    as the FP8 kernel multiplies e4m3 by e4m3. The descales are 1-element tensors, used as tensors (no host
+    read)."""
+    fp8 = kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+    out_dtype = torch.bfloat16 if fp8 else q.dtype
+    b, s_q, h_q, _ = q.shape
+    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=out_dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    for i, probs, values, l in _dense_decode_requests(q, kv_cache, block_table, cache_seqlens, head_dim_v,
+                                                      softmax_scale, causal, descale_q, descale_k):
+        o = torch.einsum("ktgs,ksd->ktgd", probs, values)                        # [h_kv, s_q, group, d_v]
         out[i] = o.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v).to(out_dtype)
         lse[i] = l.permute(0, 2, 1).reshape(h_q, s_q)
     return out, lse
+
+
+def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                               cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool,
+                               descale_q: Optional[torch.Tensor] = None,
+                               descale_k: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-element bounds on the FP8 kernel's difference from mla_decode over an FP8 cache (docs/design.md
+    §5.1, "FP8 cache"): out [b, s_q, h_q, head_dim_v] and lse [b, h_q, s_q], float32.
+
+    Scores: e4m3 x e4m3 products are exact, but Hopper's FP8 tensor cores add them with a short (about
+    13-bit) accumulator, so a score may be off by a few units of 2^-13 of the sum of its products' magnitudes
+    A = softmax_scale * sum_k |q_k| |k_k|; bound: 2^-11 A (the largest A over the row's keys). lse moves by
+    at most that; each probability by twice that (relative).
+    P = exp(s - running max) <= 2^8 is rounded to e4m3 before P V: relative error <= 2^-4 per weight,
+    absolute <= 2^-10 in the subnormal range (in units of a running max, at most the row max). With the
+    reference's probs p_j and 1 / max_j p_j = the row sum:
+
+        out: 2^-4 sum_j p_j |v_j| + 2^-10 max_j p_j sum_j |v_j|     (P's rounding)
+             + 2 * lse bound * sum_j p_j |v_j|                        (the scores)
+             + 2^-8 |out|                                             (bf16 output, both sides)"""
+    b, s_q, h_q, _ = q.shape
+    out_bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse_bound = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    for i, probs, values, _, mags in _dense_decode_requests(q, kv_cache, block_table, cache_seqlens, head_dim_v,
+                                                            softmax_scale, causal, descale_q, descale_k, True):
+        av = values.abs()
+        weighted = torch.einsum("ktgs,ksd->ktgd", probs, av)
+        pmax = probs.amax(dim=-1, keepdim=True)
+        out = torch.einsum("ktgs,ksd->ktgd", probs, values).abs()
+        score_err = 2.0 ** -11 * mags                                           # [h_kv, s_q, group]
+        e = ((2.0 ** -4 + 2 * score_err[..., None]) * weighted + 2.0 ** -10 * pmax * av.sum(dim=1)[:, None, None, :]
+             + 2.0 ** -8 * out)
+        out_bound[i] = e.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
+        lse_bound[i] = score_err.permute(0, 2, 1).reshape(h_q, s_q)
+    return out_bound, lse_bound
 
 
 # --------------------------------------------------------------------------------------------

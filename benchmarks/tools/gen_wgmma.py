@@ -2,8 +2,9 @@
 import pathlib
 
 
-def gen(n, dt, name, transb, a_regs):
-    """m64n{n}k16 wgmma; A from a shared-memory descriptor, or from 4 registers when a_regs."""
+def gen(n, dt, name, transb, a_regs, k=16):
+    """m64n{n}k{k} wgmma; A from a shared-memory descriptor, or from 4 registers when a_regs.
+    8-bit types (k 32) take no transpose operands: both A and B are K-major (transb None)."""
     nreg = n // 2
     regl = [f"%{i}" for i in range(nreg)]
     n_in = 5 if a_regs else 2  # A (4 registers or 1 descriptor) + B descriptor
@@ -13,16 +14,18 @@ def gen(n, dt, name, transb, a_regs):
              "  asm volatile(",
              '      "{\\n.reg .pred p;\\n"',
              f'      "setp.ne.b32 p, %{pred}, 0;\\n"',
-             f'      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dt}.{dt} "',
+             f'      "wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{dt}.{dt} "',
              '      "{"']
     for i in range(0, nreg, 16):
         sep = ", " if i + 16 < nreg else ""
         lines.append(f'      "{", ".join(regl[i:i + 16])}{sep}"')
     if a_regs:
         # Register A: no transpose flag for A (PTX: scale-d, imm-scale-a, imm-scale-b, imm-trans-b).
-        lines.append(f'      "}}, {{%{nreg}, %{nreg + 1}, %{nreg + 2}, %{nreg + 3}}}, %{nreg + 4}, p, 1, 1, {transb};\\n}}\\n"')
+        trans = "" if transb is None else f", {transb}"
+        lines.append(f'      "}}, {{%{nreg}, %{nreg + 1}, %{nreg + 2}, %{nreg + 3}}}, %{nreg + 4}, p, 1, 1{trans};\\n}}\\n"')
     else:
-        lines.append(f'      "}}, %{nreg}, %{nreg + 1}, p, 1, 1, 0, {transb};\\n}}\\n"')
+        trans = "" if transb is None else f", 0, {transb}"
+        lines.append(f'      "}}, %{nreg}, %{nreg + 1}, p, 1, 1{trans};\\n}}\\n"')
     outs = [", ".join(f'"+f"(d[{k}])' for k in range(i, min(i + 8, nreg))) for i in range(0, nreg, 8)]
     lines.append("      : " + ",\n        ".join(outs))
     if a_regs:
@@ -36,7 +39,7 @@ def gen(n, dt, name, transb, a_regs):
 out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 kernels.",
        "// fp32 accumulators in registers; B from shared memory (matrix descriptor).",
        "// *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).  A from a shared-memory",
-       "// descriptor, or (*_r*) from four registers in the m64k16 A-fragment layout.",
+       "// descriptor, or (*_r*) from four registers in the m64k16 A-fragment layout (m64k32 for e4m3).",
        "#pragma once", "#include <cstdint>", "", "namespace flashmla {", "namespace sm90 {", ""]
 for dt in ("bf16", "f16"):
     out += [gen(64, dt, f"wgmma_m64n64k16_{dt}_kk", 0, False), "",
@@ -46,6 +49,10 @@ for dt in ("bf16", "f16"):
             # MHA prefill: S = Q K^T over 128-key blocks, O += P V with d_v 128.
             gen(128, dt, f"wgmma_m64n128k16_{dt}_kk", 0, False), "",
             gen(128, dt, f"wgmma_m64n128k16_{dt}_rmn", 1, True), ""]
+# FP8 dense decode: S = Q K^T and O += P V^T-in-shared-memory on e4m3 tiles (both operands K-major).
+out += [gen(64, "e4m3", "wgmma_m64n64k32_e4m3_kk", None, False, k=32), "",
+        gen(256, "e4m3", "wgmma_m64n256k32_e4m3_kk", None, False, k=32), "",
+        gen(256, "e4m3", "wgmma_m64n256k32_e4m3_rk", None, True, k=32), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
 (root / "csrc/sm90/common/wgmma_ops.h").write_text("\n".join(out) + "\n")

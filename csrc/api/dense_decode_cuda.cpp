@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& seqle
 }
 
 // 4-D map {576, h_kv, page_size, num_blocks} over the paged cache; box {64, 1, rows, 1}, 128B swizzle.
-// fp8 (one byte per value): box {128, 1, rows, 1} (a pair of 64-column tiles), no swizzle (docs/design.md §5.1).
+// fp8 (one byte per value): box {128, 1, rows, 1} (128 e4m3 columns), 128B swizzle: the FP8 kernel's QK reads
+// the landed tile directly (docs/design.md §5.1).
 // rows = gcd(page_size, 64): 64 for pages of whole chunks, else a chunk's tile is 64 / rows loads.
 CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8, int rows) {
   const int64_t es = kv.element_size();
@@ -81,7 +82,7 @@ CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8, int rows) {
                                  : kv.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   CUresult res = flashmla::api::tensor_map_encoder("mla_decode")(&map, dt, 4, kv.data_ptr(), dims, strides, box, elem_strides,
-                             CU_TENSOR_MAP_INTERLEAVE_NONE, fp8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
+                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(res == CUDA_SUCCESS, "mla_decode: cuTensorMapEncodeTiled failed (", static_cast<int>(res), ")");
   return map;

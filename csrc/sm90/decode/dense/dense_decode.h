@@ -1,5 +1,5 @@
-// Dense MLA decode on SM90: parameters and launchers (kernel in dense_decode_kernel.cuh, instantiated
-// per dtype in dense_decode_{bf16,fp16}.cu).
+// Dense MLA decode on SM90: parameters and launchers (16-bit kernel in dense_decode_kernel.cuh, instantiated
+// per dtype in dense_decode_{bf16,fp16}.cu; FP8 kernel in dense_decode_fp8.cu).
 #pragma once
 #include <cstdint>
 #include <cuda.h>
@@ -52,7 +52,7 @@ struct DenseDecodeParams {
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 // Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out. tmap: the same 4-D map over the cache bytes (uint8),
-// box {128, 1, g, 1}, no swizzle.
+// box {128, 1, g, 1}, 128B swizzle.
 void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 
 }  // namespace sm90

@@ -1,10 +1,556 @@
-#include "sm90/decode/dense/dense_decode_kernel.cuh"
+// Dense MLA decode over a per-tensor e4m3 cache for SM90 (sm_90a): both products on FP8 tensor cores.
+//
+// One CTA = (SM partition of the plan, kv head, 64-row query tile), as in the 16-bit kernel
+// (dense_decode_kernel.cuh), with the same plan, split scratch and epilogue (dense_decode_common.cuh).
+// Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
+//   WG0: S = Q K^T (m64n64k32 e4m3, Q and K both K-major in shared memory: the TMA'd cache tile is used
+//        as it lands), masked online softmax, P rounded to e4m3 into the A fragments of its PV steps and
+//        into shared memory for WG1, O[:, 0:256] += P V.
+//   WG1: O[:, 256:512] += P V with P from shared memory, rescaled by WG0's factors; its warp 0 issues
+//        the cache loads (TMA, one 64-token chunk per stage, kStages stages).
+//   WG2: writes Q (quantized, below) and transposes V of each chunk into V^T: an FP8 wgmma reads B
+//        K-major only, so V (tokens x 512) must be 512 rows of 64 tokens in shared memory.
+// The token order of V^T's rows is the order of P's register fragments: the m64k32 A fragment of an
+// 8-bit type holds, per thread, columns 4q..4q+3 and 16+4q..16+4q+3 of its rows (q = lane % 4), while
+// the QK accumulator holds columns 8j+2q, 8j+2q+1. Position 16G + 4q + c of a V^T row (c = 0..3) holds
+// token 16G + 8(c >> 1) + 2q + (c & 1), so the accumulator registers become the A fragment without any
+// exchange between threads (the contraction over tokens does not depend on their order).
+//
+// Quantization and error model (docs/design.md §5.1, "FP8 cache"):
+//   - an e4m3 q is used as given (descale_q); a bf16 q is quantized per query row with a power-of-two
+//     factor f (|q| * f <= 448, as large as possible): the row's scores are exact products of the
+//     quantized q and the cache, times 1 / f;
+//   - P = exp2(S - running max) <= 2^8 is rounded to e4m3 (relative error <= 2^-4, absolute <= 2^-10 in
+//     the subnormal range); the row sums are taken from the unrounded values;
+//   - descale_q * descale_k (or descale_k / f) enter the softmax scale, descale_k the output factor;
+//     outputs are bf16, lse fp32.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "sm90/common/seesaw.h"
+#include "sm90/common/sm90_ptx.h"
+#include "sm90/decode/dense/dense_decode.h"
+#include "sm90/decode/dense/dense_decode_common.cuh"
 
 namespace flashmla {
 namespace sm90 {
-// Per-tensor e4m3 cache: converted to fp16 in shared memory, products in fp16, bf16 output.
-void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  dense::launch<__half, true>(p, tmap, stream);
+namespace dense_fp8 {
+
+using namespace dense;
+
+constexpr int kThreads = 384;
+constexpr int kStages = 3;
+constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
+constexpr int kStageBytes = 5 * kSlotBytes;         // + columns 512..639 (576.. zero-filled by the TMA)
+constexpr int kQRopeBytes = 64 * 64;                // Q columns 512..575: 64 rows x 64 bytes, 64B swizzle
+constexpr int kVtBytes = kDV * 64;                  // V^T: 512 rows x 64 tokens, 64B swizzle
+constexpr int kPBytes = 64 * 64;                    // P: 64 rows x 64 tokens, 64B swizzle
+
+constexpr int kOffQ = 0;
+constexpr int kOffQRope = kOffQ + kLatentSlots * kSlotBytes;
+constexpr int kOffKV = kOffQRope + kQRopeBytes;
+constexpr int kOffVt = kOffKV + kStages * kStageBytes;  // two buffers
+constexpr int kOffP = kOffVt + 2 * kVtBytes;
+constexpr int kOffQScale = kOffP + kPBytes;          // float[64]: dequantization factor of each Q row
+constexpr int kOffAlpha = kOffQScale + 64 * 4;       // float[64]: WG0's rescale factors of the chunk
+constexpr int kOffRowSum = kOffAlpha + 64 * 4;       // float[2][64]: row sums of a request (by request parity)
+constexpr int kOffRowMax = kOffRowSum + 2 * 64 * 4;  // float[2][64]: final row maxima (log2 domain)
+constexpr int kOffPageOk = kOffRowMax + 2 * 64 * 4;  // uint64[kStages]: bit k = token k's page is in the cache
+constexpr int kOffBar = kOffPageOk + kStages * 8;
+// mbarriers, by index from kOffBar
+constexpr int kKvFull = 0;               // [kStages]: the chunk's bytes landed (TMA transactions)
+constexpr int kVtFull = kStages;         // [2]: V^T written (4 WG2 warps)
+constexpr int kVtEmpty = kStages + 2;    // [2]: both PV products of the buffer done (8 math warps)
+constexpr int kPFull = kStages + 4;      // P and the factors written (4 WG0 warps)
+constexpr int kPEmpty = kStages + 5;     // WG1's product with P done (4 WG1 warps)
+constexpr int kQFull = kStages + 6;      // Q and its row factors written (4 WG2 warps)
+constexpr int kQEmpty = kStages + 7;     // WG0's last QK of the request done (4 WG0 warps)
+constexpr int kNumBars = kStages + 8;
+constexpr int kSmemUsed = kOffBar + kNumBars * 8;
+constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
+static_assert(kSmemBytes <= 232448, "shared memory per block");
+static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 && kOffP % 512 == 0,
+              "swizzle atoms: 1024 bytes (128B swizzle), 512 bytes (64B)");
+
+constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums are in shared memory for WG1
+
+// setmaxnreg budgets: they must sum to the launch allotment (3 x 168). WG0 holds O (128), S (32) and P (8);
+// WG1 holds O and, with small pages, the page-slice loads of load_tiles_small_pages (below 224 ptxas spills there).
+constexpr int kRegsWG0 = 200, kRegsWG1 = 224, kRegsWG2 = 80;
+static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+
+__device__ __forceinline__ uint32_t bar_addr(uint32_t sbase, int idx) { return sbase + kOffBar + idx * 8; }
+
+// Shared-memory matrix descriptor, 64-byte swizzle, K-major: rows of 64 bytes, SBO = 512 (8-row groups).
+__device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16;
+  d |= static_cast<uint64_t>(512 >> 4) << 32;
+  d |= 2ull << 62;
+  return d;
 }
+// Byte offset of (row, byte) in a tile of 64-byte rows with the 64B swizzle (16-byte chunk ^= (row >> 1) & 3).
+__device__ __forceinline__ uint32_t swz64(int row, int byte) {
+  return static_cast<uint32_t>(row * 64 + ((((byte >> 4) ^ (row >> 1)) & 3) << 4) + (byte & 15));
+}
+
+// Four floats -> four e4m3 (round to nearest even, saturating), a in the low byte.
+__device__ __forceinline__ uint32_t f32x4_to_e4m3x4(float a, float b, float c, float d) {
+  uint16_t lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(b), "f"(a));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(d), "f"(c));
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// The power of two f that brings a row of |values| <= amax to at most 448 (e4m3's largest) with the least
+// headroom: amax = 1.m * 2^e gives f = 2^(8 - e) when 1.m <= 1.75, else 2^(7 - e). Rows of zeros (or no
+// finite maximum) take 1. Exact integer arithmetic, so that torch_flashmla.reference can repeat it.
+__device__ __forceinline__ float e4m3_row_factor(float amax) {
+  if (!(amax > 0.f) || !(amax < INFINITY)) return 1.f;
+  const uint32_t bits = __float_as_uint(amax);
+  const int e = static_cast<int>((bits >> 23) & 0xFF) - 127;
+  int k = ((bits & 0x7FFFFFu) <= 0x600000u ? 8 : 7) - e;
+  k = max(-126, min(127, k));
+  return __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
+}
+
+// Query row `row` of the tile (request r) -> e4m3 in the Q tiles, its dequantization factor -> s_qscale.
+// One warp per row: lane l takes the 8-value pieces l, l + 32, l + 64 (< 72) of the 576 values.
+__device__ __forceinline__ void fill_q_row(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r, int row,
+                                           int mtile, int kvh, int lane, float descale_q) {
+  const int m = mtile * kBlockM + row;
+  const bool in = m < p.m_total;
+  const int mm = in ? m : 0;
+  const int t = mm / p.group;
+  const int head = kvh * p.group + mm % p.group;
+  const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
+  uint2 packed[3];
+  float dequant = descale_q;
+  if (p.q_fp8) {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(p.q) + off;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int c = lane + 32 * k;
+      packed[k] = in && c < kDQK / 8 ? *reinterpret_cast<const uint2*>(src + 8 * c) : make_uint2(0, 0);
+    }
+  } else {
+    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(p.q) + off;
+    float v[3][8];
+    float amax = 0.f;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int c = lane + 32 * k;
+      const uint4 raw = in && c < kDQK / 8 ? *reinterpret_cast<const uint4*>(src + 8 * c) : make_uint4(0, 0, 0, 0);
+      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+        v[k][2 * i] = f.x;
+        v[k][2 * i + 1] = f.y;
+        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    }
+#pragma unroll
+    for (int o_ = 16; o_ >= 1; o_ /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o_));
+    const float f = e4m3_row_factor(amax);
+    dequant = 1.f / f;  // a power of two: exact
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      packed[k].x = f32x4_to_e4m3x4(v[k][0] * f, v[k][1] * f, v[k][2] * f, v[k][3] * f);
+      packed[k].y = f32x4_to_e4m3x4(v[k][4] * f, v[k][5] * f, v[k][6] * f, v[k][7] * f);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    const int c = lane + 32 * k;
+    if (c < kDQK / 8) {
+      const int col = 8 * c;
+      const uint32_t dst = col < kDV ? sbase + kOffQ + (col >> 7) * kSlotBytes + swz(row, (col & 127) >> 4) + (col & 8)
+                                     : sbase + kOffQRope + swz64(row, col - kDV);
+      asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(dst), "r"(packed[k].x), "r"(packed[k].y) : "memory");
+    }
+  }
+  if (lane == 0) s_qscale[row] = in ? dequant : 0.f;
+}
+
+// V of a chunk (columns 0..511 of the 64 token rows in `stage`) -> V^T (512 rows of 64 e4m3, 64B swizzle,
+// tokens in the P-fragment order above); tokens from `valid` on -> 0 (the cache there may hold NaN, which
+// P = 0 must not meet). Lane (q, G, dp) = (lane % 4, lane / 4 % 4, lane / 16) reads tokens 16G + 2q + {0, 1,
+// 8, 9} (16 bytes each) and writes the 4-byte groups at position 16G + 4q of its rows; the two halves of
+// the warp write rows of opposite parity at each step, so that the 32 stores of a step hit 32 banks.
+__device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int valid, int warp, int lane) {
+  const int q = lane & 3, grp = (lane >> 2) & 3, dp = lane >> 4;
+  const int tok = 16 * grp + 2 * q;
+  const uint32_t sel_even = dp ? 0x7632u : 0x5410u, sel_odd = dp ? 0x5410u : 0x7632u;
+#pragma unroll 1
+  for (int x = warp * 4; x < warp * 4 + 4; ++x) {
+    const int d0 = 32 * x + 16 * dp;
+    const uint32_t slot = stage + (d0 >> 7) * kSlotBytes;
+    const int ch = (d0 & 127) >> 4;
+    uint4 rows[4];
+    const int toks[4] = {tok, tok + 1, tok + 8, tok + 9};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(rows[k].x), "=r"(rows[k].y), "=r"(rows[k].z), "=r"(rows[k].w)
+                   : "r"(slot + swz(toks[k], ch))
+                   : "memory");
+    }
+    if (valid < kBlockN) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (toks[k] >= valid) rows[k] = make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t a = (&rows[0].x)[j], b = (&rows[1].x)[j], c = (&rows[2].x)[j], e = (&rows[3].x)[j];
+      const uint32_t ab_lo = __byte_perm(a, b, 0x5140), ab_hi = __byte_perm(a, b, 0x7362);  // {a0 b0 a1 b1}, {a2 b2 a3 b3}
+      const uint32_t ce_lo = __byte_perm(c, e, 0x5140), ce_hi = __byte_perm(c, e, 0x7362);
+      const uint32_t words[4] = {__byte_perm(ab_lo, ce_lo, sel_even), __byte_perm(ab_lo, ce_lo, sel_odd),
+                                 __byte_perm(ab_hi, ce_hi, sel_even), __byte_perm(ab_hi, ce_hi, sel_odd)};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int d = d0 + 4 * j + (i ^ dp);  // words[i] holds column d: {a_d, b_d, c_d, e_d}
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vt + swz64(d, 16 * grp + 4 * q)), "r"(words[i]) : "memory");
+      }
+    }
+  }
+}
+
+// TMA loads of the chunk at `tok` (a multiple of 64, before `end`) of request r into `stage`, one mbarrier
+// for the chunk; called by one whole warp. Five loads of 64 rows x 128 bytes (128B swizzle); page ids
+// outside the cache land as zeros and clear the chunk's page-mask bits (as in the 16-bit kernel).
+template <bool kSmallPages>
+__device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
+                                           int tok, int end, int kvh, int stage) {
+  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
+  const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
+  const uint32_t bar = bar_addr(sbase, kKvFull + stage);
+  const uint32_t mask = sbase + kOffPageOk + stage * 8;
+  if constexpr (kSmallPages) {
+    load_tiles_small_pages<128, false>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
+                                       p.num_blocks, tok, end, kvh, dst, bar, mask, 0, 5);
+  } else {
+    if (threadIdx.x % 32 != 0) return;
+    const int page = bt_row[tok / p.page_size];
+    const int in_page = tok % p.page_size;
+    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
+    asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask), "r"(in_cache) : "memory");
+    mbar_expect_tx(bar, 5 * kSlotBytes);
+#pragma unroll
+    for (int u = 0; u < 5; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * 128, kvh, in_page, page);
+  }
+}
+
+// The partition's chunks in the order every warpgroup consumes them: tokens [tok, min(tok + 64, end)) of
+// request r; r > end_req once all are walked.
+struct ChunkWalk {
+  int r, tok, end;
+};
+struct Partition {
+  int begin_req, begin_tok, end_req, end_tok;
+};
+__device__ __forceinline__ void walk_skip_empty(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
+  for (; w.r <= pt.end_req; ++w.r) {
+    int start, end;
+    request_range(p, w.r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    if (start < end) {
+      w.tok = start;
+      w.end = end;
+      return;
+    }
+  }
+}
+__device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
+  w.tok += kBlockN;
+  if (w.tok >= w.end) {
+    ++w.r;
+    walk_skip_empty(p, pt, w);
+  }
+}
+
+// S = Q K^T of the chunk in `stage` once it has landed: 16 steps over the latent slots, 2 over the RoPE
+// columns. Committed as one wgmma group, not waited for.
+__device__ __forceinline__ void qk_fp8(float (&s)[32], uint32_t sbase, int stage, uint32_t phase) {
+  const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
+  const uint64_t desc_k = desc_sw128(kv, 16, 1024);
+  const uint64_t desc_q_rope = desc_sw64(sbase + kOffQRope);
+  mbar_wait_loop(bar_addr(sbase, kKvFull + stage), phase);
+  fence_all(s);
+  wgmma_fence();
+#pragma unroll
+  for (int slot = 0; slot < kLatentSlots; ++slot) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_m64n64k32_e4m3_kk(s, desc_add(desc_q, slot * kSlotBytes + kk * 32),
+                              desc_add(desc_k, slot * kSlotBytes + kk * 32), slot > 0 || kk > 0);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk)
+    wgmma_m64n64k32_e4m3_kk(s, desc_add(desc_q_rope, kk * 32), desc_add(desc_k, kLatentSlots * kSlotBytes + kk * 32), 1);
+  wgmma_commit();
+}
+
+// P = exp2(S * sl - base) per row, rounded to e4m3 straight into the A fragments of the two m64k32 PV
+// steps (V^T's token order: see the top of the file), and this thread's row sums of the unrounded values.
+// pa[kb][0] / [1]: rows row0 / row1, positions 4q..4q+3 of k-block kb (tokens 32kb + 2q + {0, 1, 8, 9});
+// pa[kb][2] / [3]: positions 16 + 4q.. (tokens 32kb + 16 + 2q + {0, 1, 8, 9}).
+__device__ __forceinline__ void exp_pack_e4m3(uint32_t (&pa)[2][4], float (&s)[32], float sl0, float sl1, float base0,
+                                              float base1, float& sum0, float& sum1) {
+  sum0 = 0.f;
+  sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const bool top = (i % 4) < 2;
+    s[i] = exp2f(fmaf(s[i], top ? sl0 : sl1, -(top ? base0 : base1)));
+    if (top) sum0 += s[i]; else sum1 += s[i];
+  }
+#pragma unroll
+  for (int kb = 0; kb < 2; ++kb) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // accumulator column groups j = 4kb + 2h, 4kb + 2h + 1
+      const int j = 4 * kb + 2 * h;
+      pa[kb][2 * h] = f32x4_to_e4m3x4(s[4 * j], s[4 * j + 1], s[4 * j + 4], s[4 * j + 5]);
+      pa[kb][2 * h + 1] = f32x4_to_e4m3x4(s[4 * j + 2], s[4 * j + 3], s[4 * j + 6], s[4 * j + 7]);
+    }
+  }
+}
+
+template <bool kSmallPages>
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_decode_fp8_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t sbase = smem_addr(smem);
+  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
+  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
+  float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
+  float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
+  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int tid_wg = tid % 128;
+  const int warp = tid_wg / 32;
+  const int lane = tid % 32;
+  const int quad = lane % 4;
+  const int quad_col = quad * 2;
+  const int kvh = blockIdx.y;
+  const int mtile = blockIdx.x;
+
+  const int* meta = p.metadata + blockIdx.z * 8;
+  const Partition pt{meta[0], meta[1], min(meta[2], p.b - 1), meta[3]};
+  const int begin_split = meta[4];
+  if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(bar_addr(sbase, kVtFull + b), 4);
+      mbar_init(bar_addr(sbase, kVtEmpty + b), 8);
+    }
+    mbar_init(bar_addr(sbase, kPFull), 4);
+    mbar_init(bar_addr(sbase, kPEmpty), 4);
+    mbar_init(bar_addr(sbase, kQFull), 4);
+    mbar_init(bar_addr(sbase, kQEmpty), 4);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
+  }
+  __syncthreads();
+
+  if (wg == 2) {
+    // ======================= WG2: Q and the V transposes =======================
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG2));
+    const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+    uint32_t g = 0, qi = 0;
+    for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+      int start, end;
+      request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+      if (start >= end) continue;
+      mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
+#pragma unroll 1
+      for (int row = warp * 16; row < warp * 16 + 16; ++row) fill_q_row(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kQFull));
+      ++qi;
+#pragma unroll 1
+      for (int c = start; c < end; c += kBlockN, ++g) {
+        const int stage = g % kStages, buf = g & 1;
+        mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kStages) & 1);
+        mbar_wait(bar_addr(sbase, kVtEmpty + buf), ((g >> 1) & 1) ^ 1);
+        transpose_v(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
+        fence_proxy_async();
+        mbar_arrive_per_warp(bar_addr(sbase, kVtFull + buf));
+      }
+    }
+    return;
+  }
+
+  // Rows owned by this thread in the wgmma accumulator layout.
+  const int row0 = warp * 16 + lane / 4;
+  const int row1 = row0 + 8;
+  const int m0 = mtile * kBlockM + row0;
+  const int m1 = mtile * kBlockM + row1;
+  const int t0 = min(m0, p.m_total - 1) / p.group;
+  const int t1 = min(m1, p.m_total - 1) / p.group;
+  const float descale_k = *p.descale_k;
+
+  if (wg == 0) {
+    // ======================= WG0: S, softmax, O[:, 0:256] =======================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
+    uint32_t g = 0, qi = 0;
+    for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+      int start, end;
+      request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+      const int len = request_len(p, r);
+      const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
+      const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
+      float o[128];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
+      float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
+      if (start < end) {
+        mbar_wait(bar_addr(sbase, kQFull), qi & 1);
+        const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
+        const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];
+#pragma unroll 1
+        for (int c = start; c < end; c += kBlockN, ++g) {
+          const int stage = g % kStages, buf = g & 1;
+          float s[32];
+          qk_fp8(s, sbase, stage, (g / kStages) & 1);
+          wgmma_wait<0>();
+          fence_all(s);
+          if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
+          float mx0, mx1;
+          mask_tail(s, c, lim0, lim1, quad_col);
+          mask_pages(s, s_page_ok[stage], quad_col);
+          row_max(s, 1.f, mx0, mx1);
+          const MaxUpdate u = update_max(max0, max1, mx0 * sl0, mx1 * sl1);
+          max0 = u.max0;
+          max1 = u.max1;
+          uint32_t pa[2][4];
+          float sum0, sum1;
+          exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
+          rescale_add(o, l0, l1, u, sum0, sum1);
+          // P and the factors for WG1, once its product with the previous P is done.
+          mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
+#pragma unroll
+          for (int kb = 0; kb < 2; ++kb) {
+#pragma unroll
+            for (int reg = 0; reg < 4; ++reg) {
+              const int row = reg & 1 ? row1 : row0;
+              const uint32_t dst = sbase + kOffP + swz64(row, 32 * kb + 16 * (reg >> 1) + 4 * quad);
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(pa[kb][reg]) : "memory");
+            }
+          }
+          if (quad == 0) {
+            s_alpha[row0] = u.scale0;
+            s_alpha[row1] = u.scale1;
+          }
+          fence_proxy_async();
+          mbar_arrive_per_warp(bar_addr(sbase, kPFull));
+          mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
+          const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
+          wgmma_fence();
+          wgmma_m64n256k32_e4m3_rk(o, pa[0], desc_vt, 1);
+          wgmma_m64n256k32_e4m3_rk(o, pa[1], desc_add(desc_vt, 32), 1);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_all(o);
+          mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
+        }
+        // row sums over the quad; WG1 takes them (and the maxima) from shared memory
+#pragma unroll
+        for (int o_ = 1; o_ <= 2; o_ *= 2) {
+          l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+          l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
+        }
+        if (quad == 0) {
+          const int b = (qi & 1) * 64;
+          s_rowsum[b + row0] = l0;
+          s_rowsum[b + row1] = l1;
+          s_rowmax[b + row0] = max0;
+          s_rowmax[b + row1] = max1;
+        }
+        named_bar_arrive(kBarEpilogue, 256);
+        ++qi;
+      }
+      const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
+      store_outputs<__nv_bfloat16>(p, o, r, kvh, 0, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
+                                   r == pt.begin_req ? begin_split : 0, descale_k);
+    }
+  } else {
+    // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
+    ChunkWalk lw{pt.begin_req, 0, 0};
+    walk_skip_empty(p, pt, lw);
+    if (warp == 0) {
+#pragma unroll 1
+      for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
+        load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
+        walk_next(p, pt, lw);
+      }
+    }
+    uint32_t g = 0, qi = 0;
+    for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+      int start, end;
+      request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+      float o[128];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
+      float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
+      if (start < end) {
+#pragma unroll 1
+        for (int c = start; c < end; c += kBlockN, ++g) {
+          const int buf = g & 1;
+          mbar_wait(bar_addr(sbase, kPFull), g & 1);
+          rescale_rows(o, s_alpha[row0], s_alpha[row1]);
+          mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
+          // The stage of chunk g is free: its QK is done (P is written) and so is its transpose.
+          if (warp == 0 && lw.r <= pt.end_req) {
+            load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, g % kStages);
+            walk_next(p, pt, lw);
+          }
+          const uint64_t desc_p = desc_sw64(sbase + kOffP);
+          const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes + 256 * 64);
+          fence_all(o);
+          wgmma_fence();
+          wgmma_m64n256k32_e4m3_kk(o, desc_p, desc_vt, 1);
+          wgmma_m64n256k32_e4m3_kk(o, desc_add(desc_p, 32), desc_add(desc_vt, 32), 1);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_all(o);
+          mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
+          mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
+        }
+        named_bar_sync(kBarEpilogue, 256);
+        const int b = (qi & 1) * 64;
+        l0 = s_rowsum[b + row0];
+        l1 = s_rowsum[b + row1];
+        max0 = s_rowmax[b + row0];
+        max1 = s_rowmax[b + row1];
+        ++qi;
+      }
+      const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
+      store_outputs<__nv_bfloat16>(p, o, r, kvh, 1, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
+                                   r == pt.begin_req ? begin_split : 0, descale_k);
+    }
+  }
+}
+
+}  // namespace dense_fp8
+
+// Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out.
+void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
+  using namespace dense_fp8;
+  auto kernel = p.page_rows_log2 < 6 ? dense_decode_fp8_kernel<true> : dense_decode_fp8_kernel<false>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+}
+
 }  // namespace sm90
 }  // namespace flashmla

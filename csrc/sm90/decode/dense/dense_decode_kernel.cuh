@@ -36,20 +36,13 @@
 // smaller pages (kSmallPages, its own instantiation) load each tile as 64 / gcd(page_size, 64) page slices,
 // and a per-token mask marks the tokens whose page id is outside the cache.
 //
-// FP8 cache (kFp8, docs/design.md §5.1): the per-tensor e4m3 cache is read by the same pipeline in fp16.
-// Each tile is loaded by TMA as 64 x 64 bytes into the upper half of its 8 KB slot; the warpgroup that
-// computes the chunk's S converts it in place (cvt e4m3x2 -> f16x2, exact) into the swizzled fp16 tile
-// just before its QK steps on that tile, so every later reader (both PV halves, the tail zeroing) sees
-// fp16 values. Q (bf16 or e4m3) is converted to fp16 when it is loaded. descale_q * descale_k is folded
-// into the softmax scale and descale_k into the output normalisation; outputs are bf16.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
 
-#include <type_traits>
-
 #include "sm90/decode/dense/dense_decode.h"
+#include "sm90/decode/dense/dense_decode_common.cuh"
 #include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 
@@ -64,62 +57,6 @@ constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 byte
 constexpr int kNumColTiles = kDQK / 64;          // 9
 constexpr int kStageBytes = kNumColTiles * kTileBytes;  // 73728
 
-// Length of request r as attended: below 0 counts as 0, past the block table's capacity as the capacity
-// (so no block-table entry past the row is ever read); the reference mla_decode defines the same.
-__device__ __forceinline__ int request_len(const DenseDecodeParams& p, int r) {
-  return min(max(p.seqlens[r], 0), p.max_tokens);
-}
-
-// Token range [start, end) of request r inside partition (begin_req..end_req).
-__device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r, int begin_req, int begin_tok,
-                                              int end_req, int end_tok, int& start, int& end) {
-  const int len = request_len(p, r);
-  start = r == begin_req ? begin_tok : 0;
-  end = r == end_req ? end_tok : len;
-  end = min(end, len);
-  start = max(start, 0);
-}
-
-// Epilogue of one request: O / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
-// l0 / l1: full row sums of this thread's rows; max0 / max1: their final maxima (log2 domain).
-// out_mult: a factor applied to every output value (descale_k on the FP8 path, else 1).
-template <typename T>
-__device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const float (&o)[128], int r, int kvh, int wg,
-                                              int m0, int m1, int t0, int t1, float l0, float l1,
-                                              float max0, float max1, int n_splits, int split_idx,
-                                              float out_mult = 1.f) {
-  const float inv0 = l0 > 0.f ? out_mult / l0 : 0.f;
-  const float inv1 = l1 > 0.f ? out_mult / l1 : 0.f;
-  constexpr float kLn2 = 0.6931471805599453f;
-  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
-  const float lse0 = l0 > 0.f ? (max0 + log2f(l0)) * kLn2 : empty_lse;
-  const float lse1 = l1 > 0.f ? (max1 + log2f(l1)) * kLn2 : empty_lse;
-
-  const bool ok0 = m0 < p.m_total, ok1 = m1 < p.m_total;
-  const int head0 = kvh * p.group + min(m0, p.m_total - 1) % p.group;
-  const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
-  const int lane4 = threadIdx.x % 4;
-  if (n_splits == 1) {
-    T* out = reinterpret_cast<T*>(p.out) + wg * 256;
-    store_rows_16bit<T>(out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV,
-                        out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
-    if (wg == 0 && lane4 == 0) {
-      if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
-      if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
-    }
-  } else {
-    int row = 2 * (p.num_splits[r] - r) + split_idx;
-    row = max(0, min(row, p.acc_rows - 1));
-    const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
-    float* acc = p.oacc + wg * 256;
-    store_rows_f32(acc + (base + m0) * kDV, acc + (base + m1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
-    if (wg == 0 && lane4 == 0) {
-      if (ok0) p.lseacc[base + m0] = lse0;
-      if (ok1) p.lseacc[base + m1] = lse1;
-    }
-  }
-}
-
 constexpr int kOffQ = 0;                                // Q tiles 0-7
 constexpr int kOffPb = 8 * kTileBytes;                  // Q tile 8 while Q loads, then P_b
 constexpr int kOffKV = 9 * kTileBytes;                  // 2 stages x 9 tiles
@@ -130,8 +67,7 @@ constexpr int kOffScaleB = kOffScaleA + 64 * 4;         // float[64]
 constexpr int kOffSum = kOffScaleB + 64 * 4;            // float[2][64]
 constexpr int kOffBar = kOffSum + 2 * 64 * 4;           // uint64[2][9]: one mbarrier per tile and stage
 constexpr int kOffPageOk = kOffBar + 2 * kNumColTiles * 8;  // uint64[2]: bit k = token k of the stage's chunk has its page in the cache
-constexpr int kOffDescale = kOffPageOk + 2 * 8;          // float[2]: FP8 path: scale_log2 with the descales, descale_k
-constexpr int kSmemUsed = kOffDescale + 2 * 4;
+constexpr int kSmemUsed = kOffPageOk + 2 * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;            // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
 
@@ -147,63 +83,7 @@ constexpr uint32_t kBarWg0 = 7;      // one warpgroup (7 + wg)
 __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
   return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
 }
-// Transaction bytes expected by an mbarrier, without an arrival.
-__device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
-
-// Pages smaller than a chunk (page_size not a multiple of 64): the tensor map's box has g = gcd(page_size, 64)
-// rows, and tile t of the chunk is 64 / g loads, sub-chunk j (tokens tok + j g .. tok + j g + g - 1, inside one
-// page since tok is a multiple of 64) into rows j g.. of the tile, each with its own block-table entry. The
-// 128B swizzle of a TMA write is a function of the shared-memory address, so g-row writes at 128-byte
-// steps rebuild the whole tile's layout. Called by a whole warp: lane l looks up sub-chunks l and l + 32
-// (one global-load latency for the chunk instead of one per sub-chunk) and issues their loads. Sub-chunks
-// from `end` on are not loaded (their rows are masked and zeroed like any tail) and not expected by the
-// mbarriers. Loops not unrolled and no integer division (a multiply by page_div_mul): the warp's registers
-// are full (as a called function ptxas spilled more).
-template <bool kFp8>
-static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap* tmap, const int* bt_row, uint32_t div_mul,
-                                                              int div_shift, int page_size, int rows_log2, int num_blocks,
-                                                              int tok, int end, int kvh,
-                                                              uint32_t stage_base, uint32_t bar_base, uint32_t mask_addr,
-                                                              int t_begin, int t_end) {
-  const int lane = threadIdx.x % 32;
-  const int nload = min(kBlockN >> rows_log2, (end - tok + (1 << rows_log2) - 1) >> rows_log2);
-  // The transaction bytes are expected first and the arrival comes after the page mask is stored, so that
-  // the mask is released with the arrival whatever order the loads complete in.
-  if (lane == 0) {
-    const uint32_t bytes = static_cast<uint32_t>(nload) << (rows_log2 + 7);  // 128-byte rows (e4m3 pairs too)
-#pragma unroll 1
-    for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1) mbar_expect_tx_only(bar_base + t * 8, bytes);
-  }
-  uint64_t sub = 0;  // bit j: sub-chunk j's page is in the cache
-#pragma unroll 1
-  for (int h = 0; h * 32 < nload; ++h) {
-    const int j = lane + 32 * h;
-    const int t0 = tok + (j << rows_log2);
-    int page = -1;
-    if (j < nload) {
-      const int col = static_cast<int>((static_cast<uint64_t>(t0) * div_mul) >> div_shift);  // t0 / page_size
-      page = bt_row[col];
-      const int in_page = t0 - col * page_size;
-      const uint32_t dst = stage_base + (j << (rows_log2 + 7));
-#pragma unroll 1
-      for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1)
-        tma_load_4d(dst + t * kTileBytes, tmap, bar_base + t * 8, t * 64, kvh, in_page, page);
-    }
-    sub |= uint64_t(__ballot_sync(0xffffffffu, static_cast<unsigned>(page) < static_cast<unsigned>(num_blocks))) << (32 * h);
-  }
-  if (t_begin == 0) {  // token k's bit is its sub-chunk's (k >> rows_log2)
-    const uint32_t lo = __ballot_sync(0xffffffffu, (sub >> (lane >> rows_log2)) & 1);
-    const uint32_t hi = __ballot_sync(0xffffffffu, (sub >> ((lane + 32) >> rows_log2)) & 1);
-    if (lane == 0) asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(mask_addr), "r"(lo), "r"(hi) : "memory");
-  }
-  if (lane == 0) {
-#pragma unroll 1
-    for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1) mbar_arrive(bar_base + t * 8);
-  }
-}
 
 // TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` (a multiple of 64, before `end`) of request r
 // into `stage`; called by one whole warp.
@@ -215,15 +95,12 @@ static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap*
 // rewritten only by the refill of tiles 0-3, whose readers come after every reader of the mask.
 // page_size a multiple of 64: the chunk lies in one page, one load per tile (by lane 0); else
 // load_tiles_small_pages.
-// kFp8: one TMA load per pair of tiles (t, t + 1), t even: 64 rows x 128 e4m3 bytes (columns 64t..64t+127,
-// past column 575 zero-filled) into slot t, converted later into the fp16 tiles of slots t and t + 1
-// (convert_pair); the pair's mbarrier is tile t's.
-template <bool kFp8, bool kSmallPages>
+template <bool kSmallPages>
 __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
                                            int tok, int end, int kvh, int stage, int t_begin, int t_end) {
   const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
   if constexpr (kSmallPages) {
-    load_tiles_small_pages<kFp8>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
+    load_tiles_small_pages<64, true>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
                                  p.num_blocks, tok, end, kvh,
                                  stage_addr(sbase, stage), tile_bar(sbase, stage, 0), sbase + kOffPageOk + stage * 8,
                                  t_begin, t_end);
@@ -236,58 +113,16 @@ __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseD
     const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
     asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(sbase + kOffPageOk + stage * 8), "r"(in_cache) : "memory");
   }
-  for (int t = t_begin; t < t_end; t += kFp8 ? 2 : 1) {
+  for (int t = t_begin; t < t_end; ++t) {
     const uint32_t bar = tile_bar(sbase, stage, t);
     mbar_expect_tx(bar, kTileBytes);
     tma_load_4d(stage_addr(sbase, stage) + t * kTileBytes, tmap, bar, t * 64, kvh, in_page, page);
   }
 }
 
-// Four e4m3 values -> four fp16 values (exact), in memory order.
-__device__ __forceinline__ uint2 e4m3x4_to_f16x4(uint32_t x) {
-  uint2 r;
-  asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}\n"
-      : "=r"(r.x), "=r"(r.y)
-      : "r"(x));
-  return r;
-}
-
-// The e4m3 pair in slot `slot` (line r = 128 bytes of row r, no swizzle) -> the fp16 tiles (64 rows x 128
-// bytes, 128B swizzle) of slots `slot` and `slot` + 1 (only the first when !two: tile 8), by the 128 threads
-// of warpgroup `wg`. Sixteen threads per row, 8 values (one 16-byte fp16 chunk) each: values 0-63 of the
-// row go to line r of the first tile, over the row's own source line, so the warp reads before it writes
-// (__syncwarp); no other row is touched. Visible to the async proxy (wgmma) when it returns.
-// Not inlined: inlined into the QK loops (five pairs, four call sites) ptxas spilled 24 bytes of the
-// kernel's registers; as a call (whole-program, no ABI saves) the kernel has no spills.
-static __device__ __noinline__ void convert_pair(uint32_t slot, bool two) {
-  const int tid_wg = threadIdx.x % 128, wg = threadIdx.x / 128;  // from the special register: no live registers
-  const int j = tid_wg % 16;              // 8-byte piece of the row: chunk j & 7 of tile j / 8
-  const bool active = two || j < 8;
-  const uint32_t base = opaque(slot + (tid_wg / 16) * 128);
-  const uint32_t dst = opaque(slot + (j >= 8 ? kTileBytes : 0) + (tid_wg / 16) * 128);
-#pragma unroll
-  for (int it = 0; it < 8; ++it) {        // rows it * 8 + tid_wg / 16: the swizzle phase is (tid_wg / 16) & 7
-    uint2 v = make_uint2(0, 0);
-    if (active) {
-      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(base + it * 1024 + j * 8) : "memory");
-    }
-    __syncwarp();  // the row's source line is read before any of its writes
-    if (active) {
-      const uint2 f0 = e4m3x4_to_f16x4(v.x), f1 = e4m3x4_to_f16x4(v.y);
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + it * 1024 + (((j & 7) ^ ((tid_wg / 16) & 7)) << 4)),
-                   "r"(f0.x), "r"(f0.y), "r"(f1.x), "r"(f1.y)
-                   : "memory");
-    }
-  }
-  fence_proxy_async();
-  named_bar_sync(kBarWg0 + wg, 128);
-}
-
 // S = Q K^T over the 9 tiles of the chunk in `stage`, starting at tile kFirst, each after its mbarrier.
 // Tile 8 of Q comes from registers. Committed as one wgmma group, not waited for.
-// kFp8: the chunk was loaded as e4m3 pairs (only even tiles have a load and an mbarrier to wait for);
-// kConvert: this warpgroup converts each pair (convert_pair) before the pair's steps.
-template <typename T, int kFirst, bool kFp8 = false, bool kConvert = false>
+template <typename T, int kFirst>
 __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int stage, uint32_t phase,
                                          const uint32_t (&q8)[4][4]) {
   const uint64_t desc_kv = desc_sw128(stage_addr(sbase, stage), 16, 1024);
@@ -296,10 +131,7 @@ __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int sta
 #pragma unroll
   for (int j = 0; j < kNumColTiles; ++j) {
     const int t = (j + kFirst) % kNumColTiles;
-    if (!kFp8 || t % 2 == 0) mbar_wait_loop(tile_bar(sbase, stage, t), phase);
-    if constexpr (kConvert) {
-      if (t % 2 == 0) convert_pair(stage_addr(sbase, stage) + t * kTileBytes, t + 1 < kNumColTiles);
-    }
+    mbar_wait_loop(tile_bar(sbase, stage, t), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -313,59 +145,6 @@ __device__ __forceinline__ void qk_chunk(float (&s)[32], uint32_t sbase, int sta
     }
   }
   wgmma_commit();
-}
-
-// Masks the raw scores of tokens at or past each row's limit (-inf; only chunks that reach a limit pay
-// for the compares).
-__device__ __forceinline__ void mask_tail(float (&s)[32], int chunk_tok, int lim0, int lim1, int quad_col) {
-  if (chunk_tok + kBlockN > min(lim0, lim1)) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = chunk_tok + j * 8 + quad_col + e;
-        if (tok >= lim0) s[j * 4 + e] = -INFINITY;
-        if (tok >= lim1) s[j * 4 + 2 + e] = -INFINITY;
-      }
-    }
-  }
-}
-
-// Masks the scores of the chunk's tokens whose page is outside the cache (bit k of `ok` clear for token k;
-// the mask is the same in every thread, so the test is uniform and a chunk of in-cache pages pays one compare).
-__device__ __forceinline__ void mask_pages(float (&s)[32], uint64_t ok, int quad_col) {
-  if (ok != ~uint64_t(0)) {
-    const uint32_t lo = static_cast<uint32_t>(ok) >> quad_col, hi = static_cast<uint32_t>(ok >> 32) >> quad_col;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        // column j * 8 + quad_col + e, as in mask_tail
-        if (!(((j < 4 ? lo : hi) >> ((j % 4) * 8 + e)) & 1u)) {
-          s[j * 4 + e] = -INFINITY;
-          s[j * 4 + 2 + e] = -INFINITY;
-        }
-      }
-    }
-  }
-}
-
-// Row maxima over the quad of this thread's two rows, in the log2 domain (scale_log2 > 0); S is only read.
-__device__ __forceinline__ void row_max(const float (&s)[32], float scale_log2, float& mx0, float& mx1) {
-  mx0 = -INFINITY;
-  mx1 = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    mx0 = fmaxf(mx0, fmaxf(s[j * 4], s[j * 4 + 1]));
-    mx1 = fmaxf(mx1, fmaxf(s[j * 4 + 2], s[j * 4 + 3]));
-  }
-#pragma unroll
-  for (int o_ = 1; o_ <= 2; o_ *= 2) {
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
-  }
-  mx0 *= scale_log2;
-  mx1 *= scale_log2;
 }
 
 // Both, in place.
@@ -388,12 +167,9 @@ __device__ __forceinline__ void zero_tail_rows(uint8_t* stage, int t_begin, int 
 }
 
 // The same for tiles the other warpgroup's QK waits for: they may still be landing, so wait first.
-// (kFp8: only even tiles have an mbarrier; their pairs were converted by the chunk's QK, which came first.)
-template <bool kFp8>
 __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sbase, int stage, uint32_t phase,
                                                       int t_begin, int valid, int tid_wg, int wg) {
-  for (int t = t_begin; t < t_begin + 4; ++t)
-    if (!kFp8 || t % 2 == 0) mbar_wait(tile_bar(sbase, stage, t), phase);
+  for (int t = t_begin; t < t_begin + 4; ++t) mbar_wait(tile_bar(sbase, stage, t), phase);
   zero_tail_rows(smem + kOffKV + stage * kStageBytes, t_begin, valid, tid_wg, wg);
 }
 
@@ -407,27 +183,11 @@ __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sb
 #define SEESAW_PROBE(k)
 #endif
 
-// The softmax scale (log2 domain; which = 0) or the output factor (which = 1): constants of the launch on the
-// 16-bit paths, the values with the descales from shared memory on the FP8 path.
-template <bool kFp8>
-__device__ __forceinline__ float eff_scale(const DenseDecodeParams& p, uint32_t sbase, int which) {
-  if constexpr (kFp8) {
-    float x;
-    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(sbase + kOffDescale + which * 4));
-    return x;
-  } else {
-    return which == 0 ? p.scale_log2 : 1.f;
-  }
-}
-
-// T: the 16-bit type of the products (fp16 on the FP8 path); kFp8: the cache holds per-tensor e4m3 values;
-// kSmallPages: page_size is not a multiple of 64 (load_tiles_small_pages; a separate instantiation, so that
+// T: the 16-bit type of q, the cache and the output; kSmallPages: page_size is not a multiple of 64 (load_tiles_small_pages; a separate instantiation, so that
 // the one-load-per-tile kernel keeps its register allocation).
-template <typename T, bool kFp8, bool kSmallPages>
+template <typename T, bool kSmallPages>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
-  using TOut = typename std::conditional<kFp8, __nv_bfloat16, T>::type;
-  static_assert(!kFp8 || std::is_same<T, __half>::value, "the FP8 path computes in fp16 (e4m3 -> fp16 is exact)");
   extern __shared__ uint8_t smem_raw[];
   // 1024-byte alignment by an offset into the __shared__ array (not by integer casts), so that the compiler
   // still knows the pointers below are shared memory and emits LDS/STS with 32-bit addresses.
@@ -455,13 +215,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (begin_req > end_req || begin_req < 0) return;
 
   if (tid == 0) {
-    if constexpr (kFp8) {
-      // Raw scores are q' . k' of the stored values: the descales (read on the device) enter the softmax
-      // scale and the output normalisation. Kept in shared memory, read at each use (no live registers).
-      const float dk = *p.descale_k;
-      reinterpret_cast<float*>(smem + kOffDescale)[0] = p.scale_log2 * dk * (p.descale_q != nullptr ? *p.descale_q : 1.f);
-      reinterpret_cast<float*>(smem + kOffDescale)[1] = dk;
-    }
     for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
@@ -494,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
     if (n > 0) {
       if (tid < 32) {
-        load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
-        if (n > 1) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
+        load_tiles<kSmallPages>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles<kSmallPages>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
       }
       // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
@@ -511,33 +264,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
                             (int64_t)head * p.q_head_stride + ch * 8;
         const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
-        if constexpr (kFp8) {
-          // bf16 or e4m3 q -> fp16 (e4m3 exactly; bf16 exactly inside fp16's normal range)
-          uint4 h = make_uint4(0, 0, 0, 0);
-          if (in && p.q_fp8) {
-            const uint2 v = *reinterpret_cast<const uint2*>(reinterpret_cast<const uint8_t*>(p.q) + off);
-            const uint2 a = e4m3x4_to_f16x4(v.x), b = e4m3x4_to_f16x4(v.y);
-            h = make_uint4(a.x, a.y, b.x, b.y);
-          } else if (in) {
-            const uint4 v = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(p.q) + off);
-            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-            uint32_t o4[4];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[k]));
-              const __half2 hh = __floats2half2_rn(f.x, f.y);
-              o4[k] = *reinterpret_cast<const uint32_t*>(&hh);
-            }
-            h = make_uint4(o4[0], o4[1], o4[2], o4[3]);
-          }
-          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(h.x), "r"(h.y), "r"(h.z),
-                       "r"(h.w)
-                       : "memory");
-        } else {
-          const T* src = qbase + off;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
-                       : "memory");
-        }
+        const T* src = qbase + off;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+                     : "memory");
       }
       asm volatile("cp.async.commit_group;\n" ::: "memory");
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -564,15 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t gi = g + i;
         const int stage = gi & 1;
         const int c = start + i * kBlockN;
-        if constexpr (kFp8) {
-          // both warpgroups read every tile: WG0 converts tiles 0-5, WG1 tiles 6-8, before either QK
-          for (int t = wg * 6; t < (wg == 0 ? 6 : kNumColTiles); t += 2) {
-            mbar_wait_loop(tile_bar(sbase, stage, t), (gi >> 1) & 1);
-            convert_pair(stage_addr(sbase, stage) + t * kTileBytes, t + 1 < kNumColTiles);
-          }
-          named_bar_sync(kBarAll, 256);
-        }
-        qk_chunk<T, 0, kFp8>(s, sbase, stage, (gi >> 1) & 1, q8);
+        qk_chunk<T, 0>(s, sbase, stage, (gi >> 1) & 1, q8);
         wgmma_wait<0>();
         fence_all(s);
         fence_frags(q8);
@@ -581,11 +302,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           float mx0, mx1;
           mask_tail(s, c, lim0, lim1, quad_col);
           mask_pages(s, page_ok, quad_col);
-          row_max(s, eff_scale<kFp8>(p, sbase, 0), mx0, mx1);
+          row_max(s, p.scale_log2, mx0, mx1);
           const MaxUpdate u = update_max(run_max0, run_max1, mx0, mx1);
           run_max0 = u.max0;
           run_max1 = u.max1;
-          exp_rescale(s, o, l0, l1, eff_scale<kFp8>(p, sbase, 0), u);
+          exp_rescale(s, o, l0, l1, p.scale_log2, u);
           pack_p<T, false>(pa, s);
           pack_p<T, true>(pa_lo, s);
           const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
@@ -598,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_frags(pa_lo);
         }
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
-        if (tid < 32 && i + 2 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, c + 2 * kBlockN, end, kvh, stage, 0, kNumColTiles);
+        if (tid < 32 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, c + 2 * kBlockN, end, kvh, stage, 0, kNumColTiles);
       }
       // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
       // path keeps them.
@@ -610,9 +331,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else if (n > 0) {
       // ---- seesaw: WG0 takes the even chunks a, WG1 the odd chunks b ----
       if (wg == 0) {
-        qk_chunk<T, 0, kFp8, kFp8>(s, sbase, g & 1, (g >> 1) & 1, q8);
+        qk_chunk<T, 0>(s, sbase, g & 1, (g >> 1) & 1, q8);
       } else if (n > 1) {
-        qk_chunk<T, 4, kFp8, kFp8>(s, sbase, (g + 1) & 1, ((g + 1) >> 1) & 1, q8);
+        qk_chunk<T, 4>(s, sbase, (g + 1) & 1, ((g + 1) >> 1) & 1, q8);
       }
       wgmma_wait<0>();
       fence_all(s);
@@ -632,12 +353,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           float mx0, mx1;
           mask_tail(s, ca, lim0, lim1, quad_col);
           mask_pages(s, s_page_ok[stage_a], quad_col);
-          row_max(s, eff_scale<kFp8>(p, sbase, 0), mx0, mx1);
+          row_max(s, p.scale_log2, mx0, mx1);
           SEESAW_PROBE(1);
           const MaxUpdate u = update_shared_max(s_max, s_scale_a, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleA, 256);
           SEESAW_PROBE(2);
-          exp_rescale(s, o, l0, l1, eff_scale<kFp8>(p, sbase, 0), u);
+          exp_rescale(s, o, l0, l1, p.scale_log2, u);
           pack_p<T, false>(pa, s);
           if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
           store_p(sbase + kOffPa, pa, row0, quad);
@@ -650,14 +371,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(o);
           fence_frags(pa);
           // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
-          if (warp == 0 && i + 2 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
+          if (warp == 0 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
           SEESAW_PROBE(4);
           named_bar_sync(kBarScaleB, 256);
           SEESAW_PROBE(5);
           rescale_acc(o, l0, l1, s_scale_b[row0], s_scale_b[row1]);
           if (has_b) {
             named_bar_sync(kBarPb, 256);
-            if (end - cb < kBlockN) zero_tail_rows_landed<kFp8>(smem, sbase, stage_b, (gb >> 1) & 1, 0, end - cb, tid_wg, 0);
+            if (end - cb < kBlockN) zero_tail_rows_landed(smem, sbase, stage_b, (gb >> 1) & 1, 0, end - cb, tid_wg, 0);
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
           SEESAW_PROBE(6);
@@ -669,9 +390,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (has_b) {
             wgmma_wait<0>();
             // V_b[:, :256] has no reader left: refill it with chunk b + 2.
-            if (warp == 0 && i + 3 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 0, 4);
+            if (warp == 0 && i + 3 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 0, 4);
           }
-          if (next_a) qk_chunk<T, 0, kFp8, kFp8>(s, sbase, stage_a, phase_next_a, q8);
+          if (next_a) qk_chunk<T, 0>(s, sbase, stage_a, phase_next_a, q8);
           wgmma_wait<0>();
           fence_all(o);
           fence_all(s);
@@ -689,18 +410,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           mask_tail(s, cb, lim0, lim1, quad_col);
           if (has_b) mask_pages(s, s_page_ok[stage_b], quad_col);
           named_bar_sync(kBarPa, 256);
-          if (end - ca < kBlockN) zero_tail_rows_landed<kFp8>(smem, sbase, stage_a, (ga >> 1) & 1, 4, end - ca, tid_wg, 1);
+          if (end - ca < kBlockN) zero_tail_rows_landed(smem, sbase, stage_a, (ga >> 1) & 1, 4, end - ca, tid_wg, 1);
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
           SEESAW_PROBE(2);
           // softmax of chunk b against max_a (all masked when there is no chunk b) while it runs
           float mx0, mx1;
-          row_max(s, eff_scale<kFp8>(p, sbase, 0), mx0, mx1);
+          row_max(s, p.scale_log2, mx0, mx1);
           const MaxUpdate u = update_shared_max(s_max, s_scale_b, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleB, 256);
           SEESAW_PROBE(3);
           float sum0 = 0.f, sum1 = 0.f;
           if (has_b) {
-            exp_pack<T>(pa, s, eff_scale<kFp8>(p, sbase, 0), u.base0, u.base1, sum0, sum1);
+            exp_pack<T>(pa, s, p.scale_log2, u.base0, u.base1, sum0, sum1);
             store_p(sbase + kOffPb, pa, row0, quad);
             fence_proxy_async();
             named_bar_arrive(kBarPb, 256);
@@ -711,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           SEESAW_PROBE(5);
           if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
-          if (warp == 0 && i + 2 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
+          if (warp == 0 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
           // O1 to max_b, then O1 += P_b V_b[:, 256:]
           rescale_add(o, l0, l1, u, sum0, sum1);
           if (has_b) {
@@ -722,12 +443,12 @@ __global__ void __launch_bounds__(kThreads, 1)
             fence_all(o);
             fence_frags(pa);
             // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-            if (warp == 0 && i + 3 < n) load_tiles<kFp8, kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 4, kNumColTiles);
+            if (warp == 0 && i + 3 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 4, kNumColTiles);
           }
           // S_{b+2} from tile 0: tiles 0-3 were refilled after WG0's product with P_b, which ran before
           // this warpgroup's (+1-5% over starting at tile 4, NOTES.md).
           if (i + 3 < n) {
-            qk_chunk<T, 0, kFp8, kFp8>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
+            qk_chunk<T, 0>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
             wgmma_wait<0>();
             fence_all(s);
             fence_frags(q8);
@@ -763,14 +484,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef FLASHMLA_DENSE_PROFILE
     if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
 #endif
-    store_outputs<TOut>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
-                        s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx, eff_scale<kFp8>(p, sbase, 1));
+    store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
+                     s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }
 }
 
-template <typename T, bool kFp8 = false>
+template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  auto kernel = p.page_rows_log2 < 6 ? dense_decode_kernel<T, kFp8, true> : dense_decode_kernel<T, kFp8, false>;
+  auto kernel = p.page_rows_log2 < 6 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);

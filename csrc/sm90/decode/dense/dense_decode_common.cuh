@@ -1,0 +1,194 @@
+// Device helpers shared by the two dense decode kernels (16-bit seesaw: dense_decode_kernel.cuh; FP8:
+// dense_decode_fp8.cu): request ranges of a partition, the chunk loads of small pages, score masks and row
+// maxima, and the output epilogue.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "sm90/common/seesaw.h"
+#include "sm90/common/sm90_ptx.h"
+#include "sm90/decode/dense/dense_decode.h"
+
+namespace flashmla {
+namespace sm90 {
+namespace dense {
+
+constexpr int kSlotBytes = 64 * 128;  // one TMA destination: 64 rows x 128 bytes (64 bf16/fp16 or 128 e4m3 values)
+
+// Transaction bytes expected by an mbarrier, without an arrival.
+__device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Length of request r as attended: below 0 counts as 0, past the block table's capacity as the capacity
+// (so no block-table entry past the row is ever read); the reference mla_decode defines the same.
+__device__ __forceinline__ int request_len(const DenseDecodeParams& p, int r) {
+  return min(max(p.seqlens[r], 0), p.max_tokens);
+}
+
+// Token range [start, end) of request r inside partition (begin_req..end_req).
+__device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r, int begin_req, int begin_tok,
+                                              int end_req, int end_tok, int& start, int& end) {
+  const int len = request_len(p, r);
+  start = r == begin_req ? begin_tok : 0;
+  end = r == end_req ? end_tok : len;
+  end = min(end, len);
+  start = max(start, 0);
+}
+
+// Epilogue of one request: O / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
+// l0 / l1: full row sums of this thread's rows; max0 / max1: their final maxima (log2 domain).
+// out_mult: a factor applied to every output value (descale_k on the FP8 path, else 1).
+template <typename T>
+__device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const float (&o)[128], int r, int kvh, int wg,
+                                              int m0, int m1, int t0, int t1, float l0, float l1,
+                                              float max0, float max1, int n_splits, int split_idx,
+                                              float out_mult = 1.f) {
+  const float inv0 = l0 > 0.f ? out_mult / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? out_mult / l1 : 0.f;
+  constexpr float kLn2 = 0.6931471805599453f;
+  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
+  const float lse0 = l0 > 0.f ? (max0 + log2f(l0)) * kLn2 : empty_lse;
+  const float lse1 = l1 > 0.f ? (max1 + log2f(l1)) * kLn2 : empty_lse;
+
+  const bool ok0 = m0 < p.m_total, ok1 = m1 < p.m_total;
+  const int head0 = kvh * p.group + min(m0, p.m_total - 1) % p.group;
+  const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
+  const int lane4 = threadIdx.x % 4;
+  if (n_splits == 1) {
+    T* out = reinterpret_cast<T*>(p.out) + wg * 256;
+    store_rows_16bit<T>(out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV,
+                        out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
+    if (wg == 0 && lane4 == 0) {
+      if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
+      if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
+    }
+  } else {
+    int row = 2 * (p.num_splits[r] - r) + split_idx;
+    row = max(0, min(row, p.acc_rows - 1));
+    const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
+    float* acc = p.oacc + wg * 256;
+    store_rows_f32(acc + (base + m0) * kDV, acc + (base + m1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
+    if (wg == 0 && lane4 == 0) {
+      if (ok0) p.lseacc[base + m0] = lse0;
+      if (ok1) p.lseacc[base + m1] = lse1;
+    }
+  }
+}
+
+// Pages smaller than a chunk (page_size not a multiple of 64): the tensor map's box has g = gcd(page_size, 64)
+// rows, and load t of the chunk (columns t * kColsPerLoad.., into the 8 KB slot t of the stage; its own mbarrier
+// at bar_base + 8 t when kBarPerLoad, else one mbarrier for the whole chunk) is 64 / g loads, sub-chunk j (tokens tok + j g .. tok + j g + g - 1, inside one
+// page since tok is a multiple of 64) into rows j g.. of the tile, each with its own block-table entry. The
+// 128B swizzle of a TMA write is a function of the shared-memory address, so g-row writes at 128-byte
+// steps rebuild the whole tile's layout. Called by a whole warp: lane l looks up sub-chunks l and l + 32
+// (one global-load latency for the chunk instead of one per sub-chunk) and issues their loads. Sub-chunks
+// from `end` on are not loaded (their rows are masked and zeroed like any tail) and not expected by the
+// mbarriers. Loops not unrolled and no integer division (a multiply by page_div_mul): the warp's registers
+// are full (as a called function ptxas spilled more).
+template <int kColsPerLoad, bool kBarPerLoad>
+static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap* tmap, const int* bt_row, uint32_t div_mul,
+                                                              int div_shift, int page_size, int rows_log2, int num_blocks,
+                                                              int tok, int end, int kvh,
+                                                              uint32_t stage_base, uint32_t bar_base, uint32_t mask_addr,
+                                                              int t_begin, int t_end) {
+  constexpr int kBarStride = kBarPerLoad ? 8 : 0;
+  const int lane = threadIdx.x % 32;
+  const int nload = min(kBlockN >> rows_log2, (end - tok + (1 << rows_log2) - 1) >> rows_log2);
+  // The transaction bytes are expected first and the arrival comes after the page mask is stored, so that
+  // the mask is released with the arrival whatever order the loads complete in.
+  if (lane == 0) {
+    const uint32_t bytes = static_cast<uint32_t>(nload) << (rows_log2 + 7);  // 128-byte rows (both cache dtypes)
+#pragma unroll 1
+    for (int t = t_begin; t < t_end; ++t) mbar_expect_tx_only(bar_base + t * kBarStride, bytes);
+  }
+  uint64_t sub = 0;  // bit j: sub-chunk j's page is in the cache
+#pragma unroll 1
+  for (int h = 0; h * 32 < nload; ++h) {
+    const int j = lane + 32 * h;
+    const int t0 = tok + (j << rows_log2);
+    int page = -1;
+    if (j < nload) {
+      const int col = static_cast<int>((static_cast<uint64_t>(t0) * div_mul) >> div_shift);  // t0 / page_size
+      page = bt_row[col];
+      const int in_page = t0 - col * page_size;
+      const uint32_t dst = stage_base + (j << (rows_log2 + 7));
+#pragma unroll 1
+      for (int t = t_begin; t < t_end; ++t)
+        tma_load_4d(dst + t * kSlotBytes, tmap, bar_base + t * kBarStride, t * kColsPerLoad, kvh, in_page, page);
+    }
+    sub |= uint64_t(__ballot_sync(0xffffffffu, static_cast<unsigned>(page) < static_cast<unsigned>(num_blocks))) << (32 * h);
+  }
+  if (t_begin == 0) {  // token k's bit is its sub-chunk's (k >> rows_log2)
+    const uint32_t lo = __ballot_sync(0xffffffffu, (sub >> (lane >> rows_log2)) & 1);
+    const uint32_t hi = __ballot_sync(0xffffffffu, (sub >> ((lane + 32) >> rows_log2)) & 1);
+    if (lane == 0) asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(mask_addr), "r"(lo), "r"(hi) : "memory");
+  }
+  if (lane == 0) {
+    if (kBarPerLoad) {
+#pragma unroll 1
+      for (int t = t_begin; t < t_end; ++t) mbar_arrive(bar_base + t * kBarStride);
+    } else {
+      mbar_arrive(bar_base);
+    }
+  }
+}
+
+// Masks the raw scores of tokens at or past each row's limit (-inf; only chunks that reach a limit pay
+// for the compares).
+__device__ __forceinline__ void mask_tail(float (&s)[32], int chunk_tok, int lim0, int lim1, int quad_col) {
+  if (chunk_tok + kBlockN > min(lim0, lim1)) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = chunk_tok + j * 8 + quad_col + e;
+        if (tok >= lim0) s[j * 4 + e] = -INFINITY;
+        if (tok >= lim1) s[j * 4 + 2 + e] = -INFINITY;
+      }
+    }
+  }
+}
+
+// Masks the scores of the chunk's tokens whose page is outside the cache (bit k of `ok` clear for token k;
+// the mask is the same in every thread, so the test is uniform and a chunk of in-cache pages pays one compare).
+__device__ __forceinline__ void mask_pages(float (&s)[32], uint64_t ok, int quad_col) {
+  if (ok != ~uint64_t(0)) {
+    const uint32_t lo = static_cast<uint32_t>(ok) >> quad_col, hi = static_cast<uint32_t>(ok >> 32) >> quad_col;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        // column j * 8 + quad_col + e, as in mask_tail
+        if (!(((j < 4 ? lo : hi) >> ((j % 4) * 8 + e)) & 1u)) {
+          s[j * 4 + e] = -INFINITY;
+          s[j * 4 + 2 + e] = -INFINITY;
+        }
+      }
+    }
+  }
+}
+
+// Row maxima over the quad of this thread's two rows, in the log2 domain (scale_log2 > 0); S is only read.
+__device__ __forceinline__ void row_max(const float (&s)[32], float scale_log2, float& mx0, float& mx1) {
+  mx0 = -INFINITY;
+  mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    mx0 = fmaxf(mx0, fmaxf(s[j * 4], s[j * 4 + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[j * 4 + 2], s[j * 4 + 3]));
+  }
+#pragma unroll
+  for (int o_ = 1; o_ <= 2; o_ *= 2) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+  }
+  mx0 *= scale_log2;
+  mx1 *= scale_log2;
+}
+
+
+}  // namespace dense
+}  // namespace sm90
+}  // namespace flashmla
