@@ -75,10 +75,17 @@ static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 &
 
 constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums are in shared memory for WG1
 
-// setmaxnreg budgets: they must sum to the launch allotment (3 x 168). WG0 holds O (128), S (32) and P (8);
-// WG1 holds O and, with small pages, the page-slice loads of load_tiles_small_pages (below 224 ptxas spills there).
-constexpr int kRegsWG0 = 200, kRegsWG1 = 224, kRegsWG2 = 80;
-static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+// setmaxnreg budgets, per page-size instantiation; they must sum to the launch allotment (3 x 168). WG0 holds
+// O (128), S (32) and P (8). WG1 holds O and, with small pages, the page-slice loads of
+// load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
+// (12 registers each) in flight: 4 rows need 104 registers, so only the large-page instantiation, where
+// WG1 needs less, batches them.
+template <bool kSmallPages>
+struct Budget {
+  static constexpr int kRegsWG0 = 200, kRegsWG1 = kSmallPages ? 224 : 200, kRegsWG2 = kSmallPages ? 80 : 104;
+  static constexpr int kQFillRows = kSmallPages ? 1 : 4;
+  static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+};
 
 __device__ __forceinline__ uint32_t bar_addr(uint32_t sbase, int idx) { return sbase + kOffBar + idx * 8; }
 
@@ -115,89 +122,128 @@ __device__ __forceinline__ float e4m3_row_factor(float amax) {
   return __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
 }
 
-// Query row `row` of the tile (request r) -> e4m3 in the Q tiles, its dequantization factor -> s_qscale.
-// One warp per row: lane l takes the 8-value pieces l, l + 32, l + 64 (< 72) of the 576 values.
-__device__ __forceinline__ void fill_q_row(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r, int row,
-                                           int mtile, int kvh, int lane, float descale_q) {
-  const int m = mtile * kBlockM + row;
-  const bool in = m < p.m_total;
-  const int mm = in ? m : 0;
-  const int t = mm / p.group;
-  const int head = kvh * p.group + mm % p.group;
-  const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
-  uint2 packed[3];
-  float dequant = descale_q;
-  if (p.q_fp8) {
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(p.q) + off;
+// Query rows row_first..row_first + kRows - 1 of the tile (request r) -> e4m3 in the Q tiles, their
+// dequantization factors -> s_qscale. One warp per row at a time: lane l takes the 8-value pieces l, l + 32,
+// l + 64 (< 72) of the 576 values. The loads of all kRows rows are issued first, so that the fill costs one
+// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first).
+template <int kRows>
+__device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r,
+                                            int row_first, int mtile, int kvh, int lane, float descale_q) {
+  uint4 raw[kRows][3];  // bf16: 8 values per piece; e4m3: 8 values in .x, .y
+  bool in[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int m = mtile * kBlockM + row_first + i;
+    in[i] = m < p.m_total;
+    const int mm = in[i] ? m : 0;
+    const int t = mm / p.group;
+    const int head = kvh * p.group + mm % p.group;
+    const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       const int c = lane + 32 * k;
-      packed[k] = in && c < kDQK / 8 ? *reinterpret_cast<const uint2*>(src + 8 * c) : make_uint2(0, 0);
+      raw[i][k] = make_uint4(0, 0, 0, 0);
+      if (in[i] && c < kDQK / 8) {
+        if (p.q_fp8) {
+          const uint2 v = *reinterpret_cast<const uint2*>(reinterpret_cast<const uint8_t*>(p.q) + off + 8 * c);
+          raw[i][k].x = v.x;
+          raw[i][k].y = v.y;
+        } else {
+          raw[i][k] = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(p.q) + off + 8 * c);
+        }
+      }
     }
-  } else {
-    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(p.q) + off;
-    float v[3][8];
-    float amax = 0.f;
+  }
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      const int c = lane + 32 * k;
-      const uint4 raw = in && c < kDQK / 8 ? *reinterpret_cast<const uint4*>(src + 8 * c) : make_uint4(0, 0, 0, 0);
-      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  for (int i = 0; i < kRows; ++i) {
+    const int row = row_first + i;
+    uint2 packed[3];
+    float dequant = descale_q;
+    if (p.q_fp8) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-        v[k][2 * i] = f.x;
-        v[k][2 * i + 1] = f.y;
-        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+      for (int k = 0; k < 3; ++k) packed[k] = make_uint2(raw[i][k].x, raw[i][k].y);
+    } else {
+      float amax = 0.f;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        const uint32_t w[4] = {raw[i][k].x, raw[i][k].y, raw[i][k].z, raw[i][k].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+          amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+        }
+      }
+#pragma unroll
+      for (int o_ = 16; o_ >= 1; o_ /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o_));
+      const float f = e4m3_row_factor(amax);
+      dequant = 1.f / f;  // a power of two: exact
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        const uint32_t w[4] = {raw[i][k].x, raw[i][k].y, raw[i][k].z, raw[i][k].w};
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 fv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+          v[2 * e] = fv.x * f;
+          v[2 * e + 1] = fv.y * f;
+        }
+        packed[k].x = f32x4_to_e4m3x4(v[0], v[1], v[2], v[3]);
+        packed[k].y = f32x4_to_e4m3x4(v[4], v[5], v[6], v[7]);
       }
     }
 #pragma unroll
-    for (int o_ = 16; o_ >= 1; o_ /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o_));
-    const float f = e4m3_row_factor(amax);
-    dequant = 1.f / f;  // a power of two: exact
-#pragma unroll
     for (int k = 0; k < 3; ++k) {
-      packed[k].x = f32x4_to_e4m3x4(v[k][0] * f, v[k][1] * f, v[k][2] * f, v[k][3] * f);
-      packed[k].y = f32x4_to_e4m3x4(v[k][4] * f, v[k][5] * f, v[k][6] * f, v[k][7] * f);
+      const int c = lane + 32 * k;
+      if (c < kDQK / 8) {
+        const int col = 8 * c;
+        const uint32_t dst = col < kDV ? sbase + kOffQ + (col >> 7) * kSlotBytes + swz(row, (col & 127) >> 4) + (col & 8)
+                                       : sbase + kOffQRope + swz64(row, col - kDV);
+        asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(dst), "r"(packed[k].x), "r"(packed[k].y) : "memory");
+      }
     }
+    if (lane == 0) s_qscale[row] = in[i] ? dequant : 0.f;
   }
-#pragma unroll
-  for (int k = 0; k < 3; ++k) {
-    const int c = lane + 32 * k;
-    if (c < kDQK / 8) {
-      const int col = 8 * c;
-      const uint32_t dst = col < kDV ? sbase + kOffQ + (col >> 7) * kSlotBytes + swz(row, (col & 127) >> 4) + (col & 8)
-                                     : sbase + kOffQRope + swz64(row, col - kDV);
-      asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(dst), "r"(packed[k].x), "r"(packed[k].y) : "memory");
-    }
-  }
-  if (lane == 0) s_qscale[row] = in ? dequant : 0.f;
 }
 
 // V of a chunk (columns 0..511 of the 64 token rows in `stage`) -> V^T (512 rows of 64 e4m3, 64B swizzle,
 // tokens in the P-fragment order above); tokens from `valid` on -> 0 (the cache there may hold NaN, which
-// P = 0 must not meet). Lane (q, G, dp) = (lane % 4, lane / 4 % 4, lane / 16) reads tokens 16G + 2q + {0, 1,
-// 8, 9} (16 bytes each) and writes the 4-byte groups at position 16G + 4q of its rows; the two halves of
-// the warp write rows of opposite parity at each step, so that the 32 stores of a step hit 32 banks.
+// P = 0 must not meet). Warp w transposes columns 128w..128w+127 (latent slot w) in four steps of 32
+// columns; lane (q, G, dp) = (lane % 4, lane / 4 % 4, lane / 16) reads tokens 16G + 2q + {0, 1, 8, 9}
+// (16 bytes each, columns 32x + 16dp..) and writes the 4-byte groups at position 16G + 4q of its 16 rows;
+// the two halves of the warp write rows of opposite parity at each step, so that the 32 stores of a step
+// hit 32 banks.
+// All addresses are a per-lane register plus a constant: the swizzle phase of a load is (16dp / 16 + 2x)
+// ^ (token & 7) = 2(x ^ q) + (dp ^ (token & 1)), and that of a V^T row d = 32x + 16dp + 4j + (i ^ dp) is
+// (d >> 1) & 3 = (2j + (i >> 1)) & 3, the same for every x and dp. The single issuing warp per SM
+// sub-partition is instruction-bound here, so the steps carry no address arithmetic.
 __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int valid, int warp, int lane) {
   const int q = lane & 3, grp = (lane >> 2) & 3, dp = lane >> 4;
   const int tok = 16 * grp + 2 * q;
   const uint32_t sel_even = dp ? 0x7632u : 0x5410u, sel_odd = dp ? 0x5410u : 0x7632u;
-#pragma unroll 1
-  for (int x = warp * 4; x < warp * 4 + 4; ++x) {
-    const int d0 = 32 * x + 16 * dp;
-    const uint32_t slot = stage + (d0 >> 7) * kSlotBytes;
-    const int ch = (d0 & 127) >> 4;
-    uint4 rows[4];
-    const int toks[4] = {tok, tok + 1, tok + 8, tok + 9};
+  // loads: token row (+ 0 / + 8), phase bit 0 = dp ^ (token & 1)
+  const uint32_t ld_base = stage + warp * kSlotBytes + tok * 128;
+  const uint32_t ld_even = ld_base + (dp << 4), ld_odd = ld_base + ((dp ^ 1) << 4) + 128;
+  // stores: st[b][c] = row part of parity b ^ dp plus the swizzled 16-byte group of phase c
+  const uint32_t st_base = vt + warp * 4 * 2048 + dp * 1024 + 4 * q;
+  uint32_t st[2][4];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) st[b][c] = st_base + 64 * (b ^ dp) + ((grp ^ c) << 4);
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    const uint32_t xq = static_cast<uint32_t>(x ^ q) << 5;
+    uint4 rows[4];  // tokens tok, tok + 1, tok + 8, tok + 9
+    const uint32_t addr[4] = {ld_even + xq, ld_odd + xq, ld_even + xq + 1024, ld_odd + xq + 1024};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(rows[k].x), "=r"(rows[k].y), "=r"(rows[k].z), "=r"(rows[k].w)
-                   : "r"(slot + swz(toks[k], ch))
+                   : "r"(addr[k])
                    : "memory");
     }
     if (valid < kBlockN) {
+      const int toks[4] = {tok, tok + 1, tok + 8, tok + 9};
 #pragma unroll
       for (int k = 0; k < 4; ++k)
         if (toks[k] >= valid) rows[k] = make_uint4(0, 0, 0, 0);
@@ -211,8 +257,9 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
                                  __byte_perm(ab_hi, ce_hi, sel_even), __byte_perm(ab_hi, ce_hi, sel_odd)};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int d = d0 + 4 * j + (i ^ dp);  // words[i] holds column d: {a_d, b_d, c_d, e_d}
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vt + swz64(d, 16 * grp + 4 * q)), "r"(words[i]) : "memory");
+        // words[i] holds column d = 32 (4 warp + x) + 16 dp + 4j + (i ^ dp): {a_d, b_d, c_d, e_d}
+        const uint32_t dst = st[i & 1][(2 * j + (i >> 1)) & 3] + x * 2048 + j * 256 + (i >> 1) * 128;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(words[i]) : "memory");
       }
     }
   }
@@ -363,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG2));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG2));
     const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
@@ -371,8 +418,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
       if (start >= end) continue;
       mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
+      constexpr int kQFillRows = Budget<kSmallPages>::kQFillRows;
 #pragma unroll 1
-      for (int row = warp * 16; row < warp * 16 + 16; ++row) fill_q_row(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+      for (int row = warp * 16; row < warp * 16 + 16; row += kQFillRows)
+        fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kQFull));
       ++qi;
@@ -400,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ======================= WG0: S, softmax, O[:, 0:256] =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG0));
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
@@ -435,7 +484,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           float sum0, sum1;
           exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
           rescale_add(o, l0, l1, u, sum0, sum1);
-          // P and the factors for WG1, once its product with the previous P is done.
+          mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
+          const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
+          wgmma_fence();
+          wgmma_m64n256k32_e4m3_rk(o, pa[0], desc_vt, 1);
+          wgmma_m64n256k32_e4m3_rk(o, pa[1], desc_add(desc_vt, 32), 1);
+          wgmma_commit();
+          // While the product runs: P and the factors for WG1, once its product with the previous P is done
+          // (P's registers are only read here).
           mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
 #pragma unroll
           for (int kb = 0; kb < 2; ++kb) {
@@ -452,12 +508,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           fence_proxy_async();
           mbar_arrive_per_warp(bar_addr(sbase, kPFull));
-          mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
-          const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
-          wgmma_fence();
-          wgmma_m64n256k32_e4m3_rk(o, pa[0], desc_vt, 1);
-          wgmma_m64n256k32_e4m3_rk(o, pa[1], desc_add(desc_vt, 32), 1);
-          wgmma_commit();
           wgmma_wait<0>();
           fence_all(o);
           mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
@@ -484,7 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG1));
     ChunkWalk lw{pt.begin_req, 0, 0};
     walk_skip_empty(p, pt, lw);
     if (warp == 0) {
