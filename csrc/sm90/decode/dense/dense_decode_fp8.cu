@@ -205,6 +205,22 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
   }
 }
 
+// L2 prefetch of the 64 query rows of request r in this tile (one bulk prefetch per row, by threads 0..63 of
+// a warpgroup), so that the Q fill reads them from L2: while the cache streams at full bandwidth, a
+// round trip to DRAM takes microseconds, and the fill makes four of them in a row.
+__device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int r, int mtile, int kvh, int tid_wg) {
+  const int m = mtile * kBlockM + tid_wg;
+  if (tid_wg >= kBlockM || m >= p.m_total) return;
+  const int t = m / p.group;
+  const int head = kvh * p.group + m % p.group;
+  const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
+  const uint64_t begin = reinterpret_cast<uint64_t>(p.q) + static_cast<uint64_t>(off) * (p.q_fp8 ? 1 : 2);
+  const uint64_t end = begin + kDQK * (p.q_fp8 ? 1 : 2);
+  const uint64_t first = begin & ~uint64_t(15);  // the bulk prefetch takes 16-byte multiples
+  const uint32_t bytes = static_cast<uint32_t>(((end + 15) & ~uint64_t(15)) - first);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(first), "r"(bytes) : "memory");
+}
+
 // V of a chunk (columns 0..511 of the 64 token rows in `stage`) -> V^T (512 rows of 64 e4m3, 64B swizzle,
 // tokens in the P-fragment order above); tokens from `valid` on -> 0 (the cache there may hold NaN, which
 // P = 0 must not meet). Warp w transposes columns 128w..128w+127 (latent slot w) in four steps of 32
@@ -411,12 +427,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG2));
+    prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
     const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
       request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
       if (start >= end) continue;
+      // The next request's Q is prefetched 4 chunks before this one's end: early enough to land before
+      // its fill, late enough not to be evicted by the cache stream meanwhile.
+      const int prefetch_at = max(start, end - 4 * kBlockN);
       mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
       constexpr int kQFillRows = Budget<kSmallPages>::kQFillRows;
 #pragma unroll 1
@@ -428,6 +448,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll 1
       for (int c = start; c < end; c += kBlockN, ++g) {
         const int stage = g % kStages, buf = g & 1;
+        if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
         mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kStages) & 1);
         mbar_wait(bar_addr(sbase, kVtEmpty + buf), ((g >> 1) & 1) ^ 1);
         transpose_v(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
