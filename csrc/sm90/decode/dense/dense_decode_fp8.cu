@@ -224,16 +224,18 @@ __device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int 
 // V of a chunk (columns 0..511 of the 64 token rows in `stage`) -> V^T (512 rows of 64 e4m3, 64B swizzle,
 // tokens in the P-fragment order above); tokens from `valid` on -> 0 (the cache there may hold NaN, which
 // P = 0 must not meet). Warp w transposes columns 128w..128w+127 (latent slot w) in four steps of 32
-// columns; lane (q, G, dp) = (lane % 4, lane / 4 % 4, lane / 16) reads tokens 16G + 2q + {0, 1, 8, 9}
-// (16 bytes each, columns 32x + 16dp..) and writes the 4-byte groups at position 16G + 4q of its 16 rows;
-// the two halves of the warp write rows of opposite parity at each step, so that the 32 stores of a step
-// hit 32 banks.
-// All addresses are a per-lane register plus a constant: the swizzle phase of a load is (16dp / 16 + 2x)
+// columns; lane (q, dp, G) = (lane % 4, lane / 4 % 2, lane / 8) reads tokens 16G + 2q + {0, 1, 8, 9}
+// (16 bytes each, columns 32x + 16dp..) and writes the 4-byte groups at position 16G + 4q of its 16 rows.
+// Bank conflicts: a 16-byte load serves 8 lanes per pass; the 8 lanes (q, dp) of a pass read 16-byte
+// groups (2x + dp) ^ (2q + token & 1) of their rows, 8 distinct ones (with G in the low lane bits, two
+// lanes of a pass shared one: 2-way conflicts, a quarter of the kernel's shared-memory wavefronts). At
+// each store step lanes of opposite dp write rows of opposite parity, so that the 32 stores hit 32 banks.
+// Addresses are a per-lane register plus a constant: the swizzle phase of a load is (16dp / 16 + 2x)
 // ^ (token & 7) = 2(x ^ q) + (dp ^ (token & 1)), and that of a V^T row d = 32x + 16dp + 4j + (i ^ dp) is
-// (d >> 1) & 3 = (2j + (i >> 1)) & 3, the same for every x and dp. The single issuing warp per SM
-// sub-partition is instruction-bound here, so the steps carry no address arithmetic.
+// (d >> 1) & 3 = (2j + (i >> 1)) & 3, the same for every x and dp: the single warp per SM sub-partition
+// that runs this issues little besides the loads, permutes and stores.
 __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int valid, int warp, int lane) {
-  const int q = lane & 3, grp = (lane >> 2) & 3, dp = lane >> 4;
+  const int q = lane & 3, dp = (lane >> 2) & 1, grp = lane >> 3;
   const int tok = 16 * grp + 2 * q;
   const uint32_t sel_even = dp ? 0x7632u : 0x5410u, sel_odd = dp ? 0x5410u : 0x7632u;
   // loads: token row (+ 0 / + 8), phase bit 0 = dp ^ (token & 1)
@@ -246,7 +248,7 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
   for (int b = 0; b < 2; ++b)
 #pragma unroll
     for (int c = 0; c < 4; ++c) st[b][c] = st_base + 64 * (b ^ dp) + ((grp ^ c) << 4);
-#pragma unroll
+#pragma unroll 2  // fully unrolled, WG2's registers do not hold the Q fill's loads as well
   for (int x = 0; x < 4; ++x) {
     const uint32_t xq = static_cast<uint32_t>(x ^ q) << 5;
     uint4 rows[4];  // tokens tok, tok + 1, tok + 8, tok + 9
