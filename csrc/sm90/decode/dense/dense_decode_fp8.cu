@@ -226,10 +226,10 @@ __device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int 
 // P = 0 must not meet). Warp w transposes columns 128w..128w+127 (latent slot w) in four steps of 32
 // columns; lane (q, dp, G) = (lane % 4, lane / 4 % 2, lane / 8) reads tokens 16G + 2q + {0, 1, 8, 9}
 // (16 bytes each, columns 32x + 16dp..) and writes the 4-byte groups at position 16G + 4q of its 16 rows.
-// Bank conflicts: a 16-byte load serves 8 lanes per pass; the 8 lanes (q, dp) of a pass read 16-byte
-// groups (2x + dp) ^ (2q + token & 1) of their rows, 8 distinct ones (with G in the low lane bits, two
-// lanes of a pass shared one: 2-way conflicts, a quarter of the kernel's shared-memory wavefronts). At
-// each store step lanes of opposite dp write rows of opposite parity, so that the 32 stores hit 32 banks.
+// Bank conflicts: a 16-byte load serves 8 lanes per pass, and the 8 lanes (q, dp) of a pass read the
+// 16-byte groups 2(x ^ q) + (dp ^ (token & 1)) of their rows: 8 distinct ones (were G to vary inside a
+// pass, two of its lanes would share a group). At each store step lanes of opposite dp write rows of
+// opposite parity, so that the 32 stores hit 32 banks.
 // Addresses are a per-lane register plus a constant: the swizzle phase of a load is (16dp / 16 + 2x)
 // ^ (token & 7) = 2(x ^ q) + (dp ^ (token & 1)), and that of a V^T row d = 32x + 16dp + 4j + (i ^ dp) is
 // (d >> 1) & 3 = (2j + (i >> 1)) & 3, the same for every x and dp: the single warp per SM sub-partition
