@@ -50,13 +50,9 @@ for dt in ("bf16", "f16"):
             gen(128, dt, f"wgmma_m64n128k16_{dt}_kk", 0, False), "",
             gen(128, dt, f"wgmma_m64n128k16_{dt}_rmn", 1, True), ""]
 # FP8 dense decode: S = Q K^T and O += P V^T-in-shared-memory on e4m3 tiles (both operands K-major).
-# The QK's latent steps take Q from registers (rk); WG0's quarter of O is n128 (rk), WG1's three quarters
-# n256 + n128 (kk).
 out += [gen(64, "e4m3", "wgmma_m64n64k32_e4m3_kk", None, False, k=32), "",
-        gen(64, "e4m3", "wgmma_m64n64k32_e4m3_rk", None, True, k=32), "",
         gen(256, "e4m3", "wgmma_m64n256k32_e4m3_kk", None, False, k=32), "",
-        gen(128, "e4m3", "wgmma_m64n128k32_e4m3_kk", None, False, k=32), "",
-        gen(128, "e4m3", "wgmma_m64n128k32_e4m3_rk", None, True, k=32), ""]
+        gen(256, "e4m3", "wgmma_m64n256k32_e4m3_rk", None, True, k=32), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
 (root / "csrc/sm90/common/wgmma_ops.h").write_text("\n".join(out) + "\n")

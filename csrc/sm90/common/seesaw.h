@@ -131,13 +131,12 @@ __device__ __forceinline__ void store_rows_16bit(OutT* dst0, OutT* dst1, const f
 
 // The same rows as fp32 (split partials): a quad's 8-byte pieces already fill a 32-byte sector per row,
 // so they are stored as they are (an exchange there spilled in the sparse decode kernel).
-template <int NO>
-__device__ __forceinline__ void store_rows_f32(float* dst0, float* dst1, const float (&o)[NO], float scale0,
+__device__ __forceinline__ void store_rows_f32(float* dst0, float* dst1, const float (&o)[128], float scale0,
                                                float scale1, bool ok0, bool ok1, int quad) {
   dst0 += quad * 2;
   dst1 += quad * 2;
 #pragma unroll
-  for (int j = 0; j < NO / 4; ++j) {
+  for (int j = 0; j < 32; ++j) {
     if (ok0) *reinterpret_cast<float2*>(dst0 + j * 8) = make_float2(o[j * 4] * scale0, o[j * 4 + 1] * scale0);
     if (ok1) *reinterpret_cast<float2*>(dst1 + j * 8) = make_float2(o[j * 4 + 2] * scale1, o[j * 4 + 3] * scale1);
   }

@@ -39,10 +39,9 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r,
 
 // Epilogue of one request: O / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
 // l0 / l1: full row sums of this thread's rows; max0 / max1: their final maxima (log2 domain).
-// o: this thread's accumulators of output columns col0 .. col0 + NO / 2 - 1 (the warpgroup that holds column 0
-// also writes the lse); out_mult: a factor applied to every output value (descale_k on the FP8 path, else 1).
-template <typename T, int NO>
-__device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const float (&o)[NO], int r, int kvh, int col0,
+// out_mult: a factor applied to every output value (descale_k on the FP8 path, else 1).
+template <typename T>
+__device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const float (&o)[128], int r, int kvh, int wg,
                                               int m0, int m1, int t0, int t1, float l0, float l1,
                                               float max0, float max1, int n_splits, int split_idx,
                                               float out_mult = 1.f) {
@@ -58,10 +57,10 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
   const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
   const int lane4 = threadIdx.x % 4;
   if (n_splits == 1) {
-    T* out = reinterpret_cast<T*>(p.out) + col0;
+    T* out = reinterpret_cast<T*>(p.out) + wg * 256;
     store_rows_16bit<T>(out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV,
                         out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
-    if (col0 == 0 && lane4 == 0) {
+    if (wg == 0 && lane4 == 0) {
       if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
       if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
     }
@@ -69,9 +68,9 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
     int row = 2 * (p.num_splits[r] - r) + split_idx;
     row = max(0, min(row, p.acc_rows - 1));
     const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
-    float* acc = p.oacc + col0;
+    float* acc = p.oacc + wg * 256;
     store_rows_f32(acc + (base + m0) * kDV, acc + (base + m1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
-    if (col0 == 0 && lane4 == 0) {
+    if (wg == 0 && lane4 == 0) {
       if (ok0) p.lseacc[base + m0] = lse0;
       if (ok1) p.lseacc[base + m1] = lse1;
     }

@@ -3,17 +3,13 @@
 // One CTA = (SM partition of the plan, kv head, 64-row query tile), as in the 16-bit kernel
 // (dense_decode_kernel.cuh), with the same plan, split scratch and epilogue (dense_decode_common.cuh).
 // Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
-//   WG0: S = Q K^T (m64n64k32 e4m3, K-major: the TMA'd cache tile is used as it lands; Q's 512 latent
-//        columns from registers, loaded once per request, its 64 RoPE columns from shared memory), masked
-//        online softmax, P rounded to e4m3 into the A fragments of its PV steps and into shared memory for
-//        WG1, O[:, 0:128] += P V. Q in registers halves the shared-memory bytes the QK reads; shared-memory
-//        traffic, not the tensor cores, bounds this kernel (benchmarks/NOTES_fp8_decode.md), and WG0
-//        holds only a quarter of O to make room for it.
-//   WG1: writes Q (quantized, below; at the start of each request, while its O is not live) and computes
-//        O[:, 128:512] += P V with P from shared memory, rescaled by WG0's factors.
-//   WG2: issues the cache loads (TMA, one 64-token chunk per stage, kStages stages) and transposes V of each
-//        chunk into V^T: an FP8 wgmma reads B K-major only, so V (tokens x 512) must be 512 rows of 64
-//        tokens in shared memory.
+//   WG0: S = Q K^T (m64n64k32 e4m3, Q and K both K-major in shared memory: the TMA'd cache tile is used
+//        as it lands), masked online softmax, P rounded to e4m3 into the A fragments of its PV steps and
+//        into shared memory for WG1, O[:, 0:256] += P V.
+//   WG1: O[:, 256:512] += P V with P from shared memory, rescaled by WG0's factors; its warp 0 issues
+//        the cache loads (TMA, one 64-token chunk per stage, kStages stages).
+//   WG2: writes Q (quantized, below) and transposes V of each chunk into V^T: an FP8 wgmma reads B
+//        K-major only, so V (tokens x 512) must be 512 rows of 64 tokens in shared memory.
 // The token order of V^T's rows is the order of P's register fragments: the m64k32 A fragment of an
 // 8-bit type holds, per thread, columns 4q..4q+3 and 16+4q..16+4q+3 of its rows (q = lane % 4), while
 // the QK accumulator holds columns 8j+2q, 8j+2q+1. Position 16G + 4q + c of a V^T row (c = 0..3) holds
@@ -70,8 +66,7 @@ constexpr int kPFull = kStages + 4;      // P and the factors written (4 WG0 war
 constexpr int kPEmpty = kStages + 5;     // WG1's product with P done (4 WG1 warps)
 constexpr int kQFull = kStages + 6;      // Q and its row factors written (4 WG2 warps)
 constexpr int kQEmpty = kStages + 7;     // WG0's last QK of the request done (4 WG0 warps)
-constexpr int kKvEmpty = kStages + 8;    // [kStages]: the chunk's QK done and its page mask read (4 WG0 warps)
-constexpr int kNumBars = 2 * kStages + 8;
+constexpr int kNumBars = kStages + 8;
 constexpr int kSmemUsed = kOffBar + kNumBars * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
@@ -80,14 +75,17 @@ static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 &
 
 constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums are in shared memory for WG1
 
-// setmaxnreg budgets; they must sum to the launch allotment (3 x 168). WG0 holds Q's latent A fragments (64),
-// O[:, 0:128] (64), S (32) and P (8); WG1 holds O[:, 128:512] (192), or, before a request, the loads of
-// kQFillRows query rows (12 registers each); WG2 transposes and issues the loads (with small pages, the
-// page-slice loads of load_tiles_small_pages).
-constexpr int kRegsWG0 = 200, kRegsWG1 = 224, kRegsWG2 = 80;
-static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
-constexpr int kQFillRows = 8;
-constexpr int kColsWG0 = 128;  // WG0's output columns; WG1 has the other 384 (as 256 + 128)
+// setmaxnreg budgets, per page-size instantiation; they must sum to the launch allotment (3 x 168). WG0 holds
+// O (128), S (32) and P (8). WG1 holds O and, with small pages, the page-slice loads of
+// load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
+// (12 registers each) in flight: 4 rows need 104 registers, so only the large-page instantiation, where
+// WG1 needs less, batches them.
+template <bool kSmallPages>
+struct Budget {
+  static constexpr int kRegsWG0 = 200, kRegsWG1 = kSmallPages ? 224 : 200, kRegsWG2 = kSmallPages ? 80 : 104;
+  static constexpr int kQFillRows = kSmallPages ? 1 : 4;
+  static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+};
 
 __device__ __forceinline__ uint32_t bar_addr(uint32_t sbase, int idx) { return sbase + kOffBar + idx * 8; }
 
@@ -127,8 +125,7 @@ __device__ __forceinline__ float e4m3_row_factor(float amax) {
 // Query rows row_first..row_first + kRows - 1 of the tile (request r) -> e4m3 in the Q tiles, their
 // dequantization factors -> s_qscale. One warp per row at a time: lane l takes the 8-value pieces l, l + 32,
 // l + 64 (< 72) of the 576 values. The loads of all kRows rows are issued first, so that the fill costs one
-// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first:
-// under the cache stream a round trip takes microseconds).
+// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first).
 template <int kRows>
 __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r,
                                             int row_first, int mtile, int kvh, int lane, float descale_q) {
@@ -338,28 +335,11 @@ __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Part
   }
 }
 
-// Q's latent columns (the A operand of the QK's 16 latent steps) from the Q tile into registers: step
-// 4 slot + kk is the m64k32 e4m3 A fragment of bytes 32 kk.. of the slot's rows, which in a 128-byte row
-// sits where the m64k16 fragment of 16-bit k-step kk sits (frag_offset).
-__device__ __forceinline__ void load_q_frags(uint32_t (&qa)[4 * kLatentSlots][4], uint32_t sbase, int row0, int quad) {
-#pragma unroll
-  for (int slot = 0; slot < kLatentSlots; ++slot) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const uint32_t addr = sbase + kOffQ + slot * kSlotBytes + frag_offset(row0, quad, kk, reg);
-        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(qa[4 * slot + kk][reg]) : "r"(addr) : "memory");
-      }
-    }
-  }
-}
-
-// S = Q K^T of the chunk in `stage` once it has landed: 16 steps over the latent slots (Q from registers),
-// 2 over the RoPE columns (Q from shared memory). Committed as one wgmma group, not waited for.
-__device__ __forceinline__ void qk_fp8(float (&s)[32], const uint32_t (&qa)[4 * kLatentSlots][4], uint32_t sbase,
-                                       int stage, uint32_t phase) {
+// S = Q K^T of the chunk in `stage` once it has landed: 16 steps over the latent slots, 2 over the RoPE
+// columns. Committed as one wgmma group, not waited for.
+__device__ __forceinline__ void qk_fp8(float (&s)[32], uint32_t sbase, int stage, uint32_t phase) {
   const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
   const uint64_t desc_k = desc_sw128(kv, 16, 1024);
   const uint64_t desc_q_rope = desc_sw64(sbase + kOffQRope);
   mbar_wait_loop(bar_addr(sbase, kKvFull + stage), phase);
@@ -369,7 +349,8 @@ __device__ __forceinline__ void qk_fp8(float (&s)[32], const uint32_t (&qa)[4 * 
   for (int slot = 0; slot < kLatentSlots; ++slot) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n64k32_e4m3_rk(s, qa[4 * slot + kk], desc_add(desc_k, slot * kSlotBytes + kk * 32), slot > 0 || kk > 0);
+      wgmma_m64n64k32_e4m3_kk(s, desc_add(desc_q, slot * kSlotBytes + kk * 32),
+                              desc_add(desc_k, slot * kSlotBytes + kk * 32), slot > 0 || kk > 0);
     }
   }
 #pragma unroll
@@ -431,10 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
 
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_addr(sbase, kKvFull + s), 1);
-      mbar_init(bar_addr(sbase, kKvEmpty + s), 4);
-    }
+    for (int s = 0; s < kStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
     for (int b = 0; b < 2; ++b) {
       mbar_init(bar_addr(sbase, kVtFull + b), 4);
       mbar_init(bar_addr(sbase, kVtEmpty + b), 8);
@@ -449,19 +427,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (wg == 2) {
-    // ======================= WG2: the loads and the V transposes =======================
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG2));
+    // ======================= WG2: Q and the V transposes =======================
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG2));
     prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
-    ChunkWalk lw{pt.begin_req, 0, 0};
-    walk_skip_empty(p, pt, lw);
-    if (warp == 0) {
-#pragma unroll 1
-      for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-        load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
-        walk_next(p, pt, lw);
-      }
-    }
-    uint32_t g = 0;
+    const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+    uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
       request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
@@ -469,6 +439,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The next request's Q is prefetched 4 chunks before this one's end: early enough to land before
       // its fill, late enough not to be evicted by the cache stream meanwhile.
       const int prefetch_at = max(start, end - 4 * kBlockN);
+      mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
+      constexpr int kQFillRows = Budget<kSmallPages>::kQFillRows;
+#pragma unroll 1
+      for (int row = warp * 16; row < warp * 16 + 16; row += kQFillRows)
+        fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kQFull));
+      ++qi;
 #pragma unroll 1
       for (int c = start; c < end; c += kBlockN, ++g) {
         const int stage = g % kStages, buf = g & 1;
@@ -478,12 +456,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         transpose_v(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
         fence_proxy_async();
         mbar_arrive_per_warp(bar_addr(sbase, kVtFull + buf));
-        // The stage is free once WG0's QK has read it too: refill it with chunk g + kStages.
-        if (warp == 0 && lw.r <= pt.end_req) {
-          mbar_wait(bar_addr(sbase, kKvEmpty + stage), (g / kStages) & 1);
-          load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, stage);
-          walk_next(p, pt, lw);
-        }
       }
     }
     return;
@@ -499,8 +471,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float descale_k = *p.descale_k;
 
   if (wg == 0) {
-    // ======================= WG0: S, softmax, O[:, 0:128] =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
+    // ======================= WG0: S, softmax, O[:, 0:256] =======================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG0));
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
@@ -508,30 +480,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int len = request_len(p, r);
       const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
       const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
-      float o[kColsWG0 / 2];
+      float o[128];
 #pragma unroll
-      for (int i = 0; i < kColsWG0 / 2; ++i) o[i] = 0.f;
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
       float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
       if (start < end) {
         mbar_wait(bar_addr(sbase, kQFull), qi & 1);
-        uint32_t qa[4 * kLatentSlots][4];
-        load_q_frags(qa, sbase, row0, quad);
         const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
         const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];
 #pragma unroll 1
         for (int c = start; c < end; c += kBlockN, ++g) {
           const int stage = g % kStages, buf = g & 1;
           float s[32];
-          qk_fp8(s, qa, sbase, stage, (g / kStages) & 1);
+          qk_fp8(s, sbase, stage, (g / kStages) & 1);
           wgmma_wait<0>();
           fence_all(s);
-          fence_frags(qa);
-          const uint64_t page_ok = s_page_ok[stage];
-          mbar_arrive_per_warp(bar_addr(sbase, kKvEmpty + stage));
           if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
           float mx0, mx1;
           mask_tail(s, c, lim0, lim1, quad_col);
-          mask_pages(s, page_ok, quad_col);
+          mask_pages(s, s_page_ok[stage], quad_col);
           row_max(s, 1.f, mx0, mx1);
           const MaxUpdate u = update_max(max0, max1, mx0 * sl0, mx1 * sl1);
           max0 = u.max0;
@@ -542,10 +509,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           rescale_add(o, l0, l1, u, sum0, sum1);
           mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
           const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
-          fence_all(o);
           wgmma_fence();
-          wgmma_m64n128k32_e4m3_rk(o, pa[0], desc_vt, 1);
-          wgmma_m64n128k32_e4m3_rk(o, pa[1], desc_add(desc_vt, 32), 1);
+          wgmma_m64n256k32_e4m3_rk(o, pa[0], desc_vt, 1);
+          wgmma_m64n256k32_e4m3_rk(o, pa[1], desc_add(desc_vt, 32), 1);
           wgmma_commit();
           // While the product runs: P and the factors for WG1, once its product with the previous P is done
           // (P's registers are only read here).
@@ -567,7 +533,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_per_warp(bar_addr(sbase, kPFull));
           wgmma_wait<0>();
           fence_all(o);
-          fence_frags(pa);
           mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
         }
         // row sums over the quad; WG1 takes them (and the maxima) from shared memory
@@ -591,50 +556,46 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    r == pt.begin_req ? begin_split : 0, descale_k);
     }
   } else {
-    // ======================= WG1: Q, O[:, 128:512] =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG1));
-    const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+    // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG1));
+    ChunkWalk lw{pt.begin_req, 0, 0};
+    walk_skip_empty(p, pt, lw);
+    if (warp == 0) {
+#pragma unroll 1
+      for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
+        load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
+        walk_next(p, pt, lw);
+      }
+    }
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
       request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
-      if (start < end) {
-        // The request's Q, kQFillRows rows per global round trip (O is not live here); WG0 waits for it.
-        mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
-#pragma unroll 1
-        for (int row = warp * 16; row < warp * 16 + 16; row += kQFillRows)
-          fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
-        fence_proxy_async();
-        mbar_arrive_per_warp(bar_addr(sbase, kQFull));
-      }
-      float oa[128], ob[64];  // columns 128..383 and 384..511
+      float o[128];
 #pragma unroll
-      for (int i = 0; i < 128; ++i) oa[i] = 0.f;
-#pragma unroll
-      for (int i = 0; i < 64; ++i) ob[i] = 0.f;
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
       float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
       if (start < end) {
 #pragma unroll 1
         for (int c = start; c < end; c += kBlockN, ++g) {
           const int buf = g & 1;
           mbar_wait(bar_addr(sbase, kPFull), g & 1);
-          const float alpha0 = s_alpha[row0], alpha1 = s_alpha[row1];
-          rescale_rows(oa, alpha0, alpha1);
-          rescale_rows(ob, alpha0, alpha1);
+          rescale_rows(o, s_alpha[row0], s_alpha[row1]);
           mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
+          // The stage of chunk g is free: its QK is done (P is written) and so is its transpose.
+          if (warp == 0 && lw.r <= pt.end_req) {
+            load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, g % kStages);
+            walk_next(p, pt, lw);
+          }
           const uint64_t desc_p = desc_sw64(sbase + kOffP);
-          const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes + kColsWG0 * 64);
-          fence_all(oa);
-          fence_all(ob);
+          const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes + 256 * 64);
+          fence_all(o);
           wgmma_fence();
-          wgmma_m64n256k32_e4m3_kk(oa, desc_p, desc_vt, 1);
-          wgmma_m64n256k32_e4m3_kk(oa, desc_add(desc_p, 32), desc_add(desc_vt, 32), 1);
-          wgmma_m64n128k32_e4m3_kk(ob, desc_p, desc_add(desc_vt, 256 * 64), 1);
-          wgmma_m64n128k32_e4m3_kk(ob, desc_add(desc_p, 32), desc_add(desc_vt, 256 * 64 + 32), 1);
+          wgmma_m64n256k32_e4m3_kk(o, desc_p, desc_vt, 1);
+          wgmma_m64n256k32_e4m3_kk(o, desc_add(desc_p, 32), desc_add(desc_vt, 32), 1);
           wgmma_commit();
           wgmma_wait<0>();
-          fence_all(oa);
-          fence_all(ob);
+          fence_all(o);
           mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
           mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
         }
@@ -647,11 +608,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         ++qi;
       }
       const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
-      const int split_idx = r == pt.begin_req ? begin_split : 0;
-      store_outputs<__nv_bfloat16>(p, oa, r, kvh, kColsWG0, m0, m1, t0, t1, l0, l1, max0, max1, n_splits, split_idx,
-                                   descale_k);
-      store_outputs<__nv_bfloat16>(p, ob, r, kvh, kColsWG0 + 256, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
-                                   split_idx, descale_k);
+      store_outputs<__nv_bfloat16>(p, o, r, kvh, 1, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
+                                   r == pt.begin_req ? begin_split : 0, descale_k);
     }
   }
 }

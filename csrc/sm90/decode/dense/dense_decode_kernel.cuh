@@ -484,7 +484,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef FLASHMLA_DENSE_PROFILE
     if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
 #endif
-    store_outputs<T>(p, o, r, kvh, wg * 256, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
+    store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
                      s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }
 }
