@@ -8,7 +8,10 @@ Columns:
   "ref us"  = torch_flashmla.reference.sparse_mla_decode called directly on the GPU tensors (the path
               the op takes without an SM90 kernel), CUDA events, few calls (it is slow);
   "FM us"   = FlashMLA's flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...), CUDA graphs;
-  "vs FM"   = FM us / op us (1.00 = parity, above 1 ours is faster).
+  "vs FM"   = FM us / op us (1.00 = parity, above 1 ours is faster);
+  "MHz0", "MHz", "FM MHz" = SM clock before our op's timing (what the previous measurement left), after
+              it, and after FlashMLA's: the long rows run at the power cap, and a row timed right after
+              another library's long row can start from a lower clock.
 FLOPs and bytes use FlashMLA's formulas (only the topk selected tokens are read, 656 B each):
   FLOPs = b*s_q*h_q*topk*2*(576+512)
   bytes = b*s_q*topk*656 + b*s_q*h_q*576*2 (q) + b*s_q*h_q*512*2 (out)
@@ -33,11 +36,15 @@ is the attended total (main + extra); FLOPs and bytes count both caches:
 
 Usage: python benchmarks/bench_sparse_decode.py [--quick] [--no-reference] [--no-flashmla]
                                                 [--ref-iters N] [--v4 | --no-v4]
+                                                [--flashmla-first] [--settle-ms MS]
   --quick         first case only (b=128, h_q=128, s_q=2, topk=2048)
   --v4            the V4 rows only;  --no-v4: the V3.2 rows only
   --no-reference  skip the reference-path column (c) (when ours is the SM90 kernel)
   --no-flashmla   skip FlashMLA even when importable
   --ref-iters N   timed calls of the reference path (default 3, after one warm-up call)
+  --flashmla-first  time FlashMLA before ours on each shape (default: ours first)
+  --settle-ms MS  idle MS milliseconds before each op timing (ours and FlashMLA), so that each starts
+                  from an idle GPU rather than from the power state the previous timing left (default 0)
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import traceback
 
 import torch
@@ -54,7 +62,7 @@ import torch
 import torch_flashmla
 from torch_flashmla import kv_cache as kvc
 from torch_flashmla import reference
-from bench_timing import COPY_GBS, MATMUL_TFLOPS, graph_time_us
+from bench_timing import COPY_GBS, MATMUL_TFLOPS, graph_time_us, sm_clock_mhz
 
 D_QK, D_V, RECORD = kvc.D_QK, kvc.D_V, kvc.FP8_RECORD_BYTES   # 576, 512, 656
 PAGE = 64
@@ -233,6 +241,19 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def settle(opts) -> None:
+    """Idle opts.settle_ms before a timing (nothing when 0)."""
+    if opts.settle_ms > 0:
+        torch.cuda.synchronize()
+        time.sleep(opts.settle_ms / 1000)
+
+
+def timed_in_order(opts, ours, flashmla) -> None:
+    """Runs the two timing steps of a shape in the order --flashmla-first asks for."""
+    for step in ((flashmla, ours) if opts.flashmla_first else (ours, flashmla)):
+        step()
+
+
 def time_reference(row: dict, ref, out_ours: torch.Tensor, flops: int, opts) -> None:
     """The reference path's time (CUDA events, no warm-up: it is slow) and its largest difference from ours."""
     out_ref = ref()[0]
@@ -259,47 +280,55 @@ def run_case(case, cache, table, opts, ours_graph: bool, ours_is_ref: bool, note
 
     eager_iters = opts.ref_iters if ours_is_ref else 10
     out_ours = op()[0]
-    med, lo, hi = time_us(op, ours_graph, eager_iters)
-    step_us, _, _ = time_us(step, ours_graph, eager_iters)
-    plan_us, _, _ = time_us(lambda: plan(b, s_q, h_q, topk, device), ours_graph, 10)
     row = dict(b=b, h_q=h_q, s_q=s_q, s_k=s_k, topk=topk, page_size=PAGE, flops=flops, bytes=nbytes,
                ours_path="reference" if ours_is_ref else "sm90", ours_timing="graph" if ours_graph else "events",
-               ours_us=med, ours_min_us=lo, ours_max_us=hi, step_us=step_us, plan_us=plan_us,
-               ours_tflops=tflops(flops, med), ours_gbs=gbs(nbytes, med),
-               step_tflops=tflops(flops, step_us),
                floor_tflops=FLOOR_TFLOPS.get(key), flashmla_doc_tflops=FLASHMLA_DOC_TFLOPS.get(key))
-    if row["floor_tflops"] is not None:
-        row["floor_met"] = row["ours_tflops"] >= row["floor_tflops"]
+
+    def time_ours():
+        settle(opts)
+        row["ours_mhz_before"] = sm_clock_mhz()
+        med, lo, hi = time_us(op, ours_graph, eager_iters)
+        row.update(ours_us=med, ours_min_us=lo, ours_max_us=hi, ours_mhz=sm_clock_mhz(),
+                   ours_tflops=tflops(flops, med), ours_gbs=gbs(nbytes, med))
+        row["step_us"], _, _ = time_us(step, ours_graph, eager_iters)
+        row["plan_us"], _, _ = time_us(lambda: plan(b, s_q, h_q, topk, device), ours_graph, 10)
+        row["step_tflops"] = tflops(flops, row["step_us"])
+        if row["floor_tflops"] is not None:
+            row["floor_met"] = row["ours_tflops"] >= row["floor_tflops"]
+
+    timed_in_order(opts, time_ours, lambda: time_flashmla(q, cache, table, indices, s_k, topk, scale, row, flops,
+                                                          nbytes, opts, notes, case))
 
     # (c) the reference path, called directly (ours already is it when there is no SM90 kernel)
-    out_ref = None
     if ours_is_ref:
-        row.update(ref_us=med, ref_tflops=row["ours_tflops"], ref_note="ours is the reference path")
+        row.update(ref_us=row["ours_us"], ref_tflops=row["ours_tflops"], ref_note="ours is the reference path")
     elif opts.reference:
         time_reference(row, lambda: reference.sparse_mla_decode(q, cache, indices, None, None, None, None, None, D_V,
                                                                  scale), out_ours, flops, opts)
-
-    # (d) FlashMLA
-    if opts.flashmla:
-        try:
-            fm_op, fm_step, api = flashmla_fns(q, cache, table, indices, s_k, topk, scale)
-            out_fm = fm_op()[0]
-            fm_us, _, _ = graph_time_us(fm_op, iters=graph_iters(fm_op))
-            row.update(flashmla_api=api, flashmla_us=fm_us, flashmla_tflops=tflops(flops, fm_us),
-                       flashmla_gbs=gbs(nbytes, fm_us))
-            if out_ref is not None:
-                row["flashmla_vs_ref_maxdiff"] = max_diff(out_fm, out_ref)
-            try:
-                row["flashmla_step_us"], _, _ = graph_time_us(fm_step, iters=graph_iters(fm_step))
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"FlashMLA step (planner + op) {case}: {type(e).__name__}: {e}")
-        except ImportError as e:
-            row["flashmla_error"] = f"not importable ({e})"
-        except Exception as e:  # noqa: BLE001  (an API mismatch only empties the column)
-            row["flashmla_error"] = f"{type(e).__name__}: {e}"
-            notes.append(f"FlashMLA failed on {case}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            traceback.print_exc()
     return row
+
+
+def time_flashmla(q, cache, table, indices, s_k, topk, scale, row, flops, nbytes, opts, notes, case) -> None:
+    """(d) FlashMLA's op and step times of a V3.2 row into `row` (its columns stay empty when it fails)."""
+    if not opts.flashmla:
+        return
+    try:
+        fm_op, fm_step, api = flashmla_fns(q, cache, table, indices, s_k, topk, scale)
+        fm_op()
+        settle(opts)
+        fm_us, _, _ = graph_time_us(fm_op, iters=graph_iters(fm_op))
+        row.update(flashmla_api=api, flashmla_us=fm_us, flashmla_tflops=tflops(flops, fm_us),
+                   flashmla_gbs=gbs(nbytes, fm_us), flashmla_mhz=sm_clock_mhz())
+        try:
+            row["flashmla_step_us"], _, _ = graph_time_us(fm_step, iters=graph_iters(fm_step))
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"FlashMLA step (planner + op) {case}: {type(e).__name__}: {e}")
+    except ImportError as e:
+        row["flashmla_error"] = f"not importable ({e})"
+    except Exception as e:  # noqa: BLE001  (an API mismatch only empties the column)
+        row["flashmla_error"] = f"{type(e).__name__}: {e}"
+        notes.append(f"FlashMLA failed on {case}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        traceback.print_exc()
 
 
 def flashmla_fns_v4(q, cache, indices, extra_cache, extra_indices, topk, scale):
@@ -351,28 +380,41 @@ def run_case_v4(case, caches, opts, notes: list):
                                                 extra_indices=extra_indices, softmax_scale=scale)
 
     out_ours = op()[0]
-    med, lo, hi = time_us(op, True)
-    step_us, _, _ = time_us(step, True)
-    plan_us, _, _ = time_us(plan_v4, True)
     row = dict(layout="v4", b=b, h_q=h_q, s_q=s_q, s_k=s_k, topk=total, main_topk=topk, extra_topk=extra_topk,
-               page_size=PAGE, flops=flops, bytes=nbytes, ours_path="sm90", ours_timing="graph", ours_us=med,
-               ours_min_us=lo, ours_max_us=hi, step_us=step_us, plan_us=plan_us, ours_tflops=tflops(flops, med),
-               ours_gbs=gbs(nbytes, med), step_tflops=tflops(flops, step_us), floor_tflops=None,
+               page_size=PAGE, flops=flops, bytes=nbytes, ours_path="sm90", ours_timing="graph", floor_tflops=None,
                flashmla_doc_tflops=None)
-    if opts.reference:
-        time_reference(row, lambda: reference.sparse_mla_decode(q, cache, indices, None, None, extra_cache,
-                                                                 extra_indices, None, D_V, scale), out_ours, flops, opts)
-    if opts.flashmla:
+
+    def time_ours():
+        settle(opts)
+        row["ours_mhz_before"] = sm_clock_mhz()
+        med, lo, hi = time_us(op, True)
+        row.update(ours_us=med, ours_min_us=lo, ours_max_us=hi, ours_mhz=sm_clock_mhz(),
+                   ours_tflops=tflops(flops, med), ours_gbs=gbs(nbytes, med))
+        row["step_us"], _, _ = time_us(step, True)
+        row["plan_us"], _, _ = time_us(plan_v4, True)
+        row["step_tflops"] = tflops(flops, row["step_us"])
+
+    def time_fm():
+        if not opts.flashmla:
+            return
         try:
             fm_op, _, api = flashmla_fns_v4(q, cache, indices, extra_cache, extra_indices, total, scale)
+            settle(opts)
             fm_us, _, _ = graph_time_us(fm_op, iters=graph_iters(fm_op))
             row.update(flashmla_api=api, flashmla_us=fm_us, flashmla_tflops=tflops(flops, fm_us),
-                       flashmla_gbs=gbs(nbytes, fm_us), ours_vs_flashmla=fm_us / med)
+                       flashmla_gbs=gbs(nbytes, fm_us), flashmla_mhz=sm_clock_mhz())
         except ImportError as e:
             row["flashmla_error"] = f"not importable ({e})"
         except Exception as e:  # noqa: BLE001
             row["flashmla_error"] = f"{type(e).__name__}: {e}"
             notes.append(f"FlashMLA failed on V4 {case}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    timed_in_order(opts, time_ours, time_fm)
+    if row.get("flashmla_us"):
+        row["ours_vs_flashmla"] = row["flashmla_us"] / row["ours_us"]
+    if opts.reference:
+        time_reference(row, lambda: reference.sparse_mla_decode(q, cache, indices, None, None, extra_cache,
+                                                                 extra_indices, None, D_V, scale), out_ours, flops, opts)
     return row
 
 
@@ -431,7 +473,7 @@ def fmt(v, spec, width) -> str:
 def table(rows) -> str:
     head = (f"{'b':>4} {'h_q':>4} {'s_q':>3} {'s_k':>6} {'topk':>6} {'op us':>8} {'step us':>8} {'plan us':>7} "
             f"{'TFLOPS':>7} {'%mm':>4} {'GB/s':>6} {'floor':>5} {'ok':>4} {'ref us':>9} {'diff':>7} "
-            f"{'FM us':>8} {'FM TF':>6} {'vs FM':>6} {'FM doc TF':>9}")
+            f"{'FM us':>8} {'FM TF':>6} {'vs FM':>6} {'FM doc TF':>9} {'MHz0':>5} {'MHz':>5} {'FM MHz':>6}")
     lines = [head]
     for r in rows:
         floor = r.get("floor_met")
@@ -444,7 +486,8 @@ def table(rows) -> str:
             f"{fmt(r.get('ref_us'), '.0f', 9)} {fmt(r.get('ours_vs_ref_maxdiff'), '.1e', 7)} "
             f"{fmt(r.get('flashmla_us'), '.1f', 8)} {fmt(r.get('flashmla_tflops'), '.0f', 6)} "
             f"{fmt(r['flashmla_us'] / r['ours_us'] if r.get('flashmla_us') else None, '.2f', 6)} "
-            f"{fmt(r.get('flashmla_doc_tflops'), '.0f', 9)}")
+            f"{fmt(r.get('flashmla_doc_tflops'), '.0f', 9)} {fmt(r.get('ours_mhz_before'), 'd', 5)} "
+            f"{fmt(r.get('ours_mhz'), 'd', 5)} {fmt(r.get('flashmla_mhz'), 'd', 6)}")
     return "\n".join(lines)
 
 
@@ -457,6 +500,9 @@ def parse_args(argv=None):
     p.add_argument("--v4", dest="layout", action="store_const", const="v4", default="all",
                    help="the DeepSeek V4 rows only")
     p.add_argument("--no-v4", dest="layout", action="store_const", const="v32", help="the V3.2 rows only")
+    p.add_argument("--flashmla-first", action="store_true", help="time FlashMLA before ours on each shape")
+    p.add_argument("--settle-ms", type=float, default=0.0,
+                   help="idle this many milliseconds before each op timing (default 0)")
     return p.parse_args(argv)
 
 
