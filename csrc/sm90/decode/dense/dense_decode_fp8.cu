@@ -41,6 +41,7 @@ using namespace dense;
 
 constexpr int kThreads = 384;
 constexpr int kStages = 3;
+constexpr int kVtBufs = 2;                          // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead
 constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
 constexpr int kStageBytes = 5 * kSlotBytes;         // + columns 512..639 (576.. zero-filled by the TMA)
 constexpr int kQRopeBytes = 64 * 64;                // Q columns 512..575: 64 rows x 64 bytes, 64B swizzle
@@ -50,8 +51,8 @@ constexpr int kPBytes = 64 * 64;                    // P: 64 rows x 64 tokens, 6
 constexpr int kOffQ = 0;
 constexpr int kOffQRope = kOffQ + kLatentSlots * kSlotBytes;
 constexpr int kOffKV = kOffQRope + kQRopeBytes;
-constexpr int kOffVt = kOffKV + kStages * kStageBytes;  // two buffers
-constexpr int kOffP = kOffVt + 2 * kVtBytes;
+constexpr int kOffVt = kOffKV + kStages * kStageBytes;
+constexpr int kOffP = kOffVt + kVtBufs * kVtBytes;
 constexpr int kOffQScale = kOffP + kPBytes;          // float[64]: dequantization factor of each Q row
 constexpr int kOffAlpha = kOffQScale + 64 * 4;       // float[64]: WG0's rescale factors of the chunk
 constexpr int kOffRowSum = kOffAlpha + 64 * 4;       // float[2][64]: row sums of a request (by request parity)
@@ -60,13 +61,13 @@ constexpr int kOffPageOk = kOffRowMax + 2 * 64 * 4;  // uint64[kStages]: bit k =
 constexpr int kOffBar = kOffPageOk + kStages * 8;
 // mbarriers, by index from kOffBar
 constexpr int kKvFull = 0;               // [kStages]: the chunk's bytes landed (TMA transactions)
-constexpr int kVtFull = kStages;         // [2]: V^T written (4 WG2 warps)
-constexpr int kVtEmpty = kStages + 2;    // [2]: both PV products of the buffer done (8 math warps)
-constexpr int kPFull = kStages + 4;      // P and the factors written (4 WG0 warps)
-constexpr int kPEmpty = kStages + 5;     // WG1's product with P done (4 WG1 warps)
-constexpr int kQFull = kStages + 6;      // Q and its row factors written (4 WG2 warps)
-constexpr int kQEmpty = kStages + 7;     // WG0's last QK of the request done (4 WG0 warps)
-constexpr int kNumBars = kStages + 8;
+constexpr int kVtFull = kStages;                 // [kVtBufs]: V^T written (4 WG2 warps)
+constexpr int kVtEmpty = kVtFull + kVtBufs;      // [kVtBufs]: both PV products of the buffer done (8 math warps)
+constexpr int kPFull = kVtEmpty + kVtBufs;       // P and the factors written (4 WG0 warps)
+constexpr int kPEmpty = kPFull + 1;              // WG1's product with P done (4 WG1 warps)
+constexpr int kQFull = kPFull + 2;               // Q and its row factors written (4 WG2 warps)
+constexpr int kQEmpty = kPFull + 3;              // WG0's last QK of the request done (4 WG0 warps)
+constexpr int kNumBars = kPFull + 4;
 constexpr int kSmemUsed = kOffBar + kNumBars * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
@@ -413,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
-    for (int b = 0; b < 2; ++b) {
+    for (int b = 0; b < kVtBufs; ++b) {
       mbar_init(bar_addr(sbase, kVtFull + b), 4);
       mbar_init(bar_addr(sbase, kVtEmpty + b), 8);
     }
@@ -449,10 +450,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       ++qi;
 #pragma unroll 1
       for (int c = start; c < end; c += kBlockN, ++g) {
-        const int stage = g % kStages, buf = g & 1;
+        const int stage = g % kStages, buf = g % kVtBufs;
         if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
         mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kStages) & 1);
-        mbar_wait(bar_addr(sbase, kVtEmpty + buf), ((g >> 1) & 1) ^ 1);
+        mbar_wait(bar_addr(sbase, kVtEmpty + buf), ((g / kVtBufs) & 1) ^ 1);
         transpose_v(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
         fence_proxy_async();
         mbar_arrive_per_warp(bar_addr(sbase, kVtFull + buf));
@@ -490,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];
 #pragma unroll 1
         for (int c = start; c < end; c += kBlockN, ++g) {
-          const int stage = g % kStages, buf = g & 1;
+          const int stage = g % kStages, buf = g % kVtBufs;
           float s[32];
           qk_fp8(s, sbase, stage, (g / kStages) & 1);
           wgmma_wait<0>();
@@ -507,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           float sum0, sum1;
           exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
           rescale_add(o, l0, l1, u, sum0, sum1);
-          mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
+          mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
           const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
           wgmma_fence();
           wgmma_m64n256k32_e4m3_rk(o, pa[0], desc_vt, 1);
@@ -578,10 +579,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (start < end) {
 #pragma unroll 1
         for (int c = start; c < end; c += kBlockN, ++g) {
-          const int buf = g & 1;
+          const int buf = g % kVtBufs;
           mbar_wait(bar_addr(sbase, kPFull), g & 1);
           rescale_rows(o, s_alpha[row0], s_alpha[row1]);
-          mbar_wait(bar_addr(sbase, kVtFull + buf), (g >> 1) & 1);
+          mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
           // The stage of chunk g is free: its QK is done (P is written) and so is its transpose.
           if (warp == 0 && lw.r <= pt.end_req) {
             load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, g % kStages);
