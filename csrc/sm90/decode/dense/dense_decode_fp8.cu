@@ -41,7 +41,7 @@ using namespace dense;
 
 constexpr int kThreads = 384;
 constexpr int kStages = 3;
-constexpr int kVtBufs = 2;                          // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead
+constexpr int kVtBufs = 2;  // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead (3 with 2 stages: slower)
 constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
 constexpr int kStageBytes = 5 * kSlotBytes;         // + columns 512..639 (576.. zero-filled by the TMA)
 constexpr int kQRopeBytes = 64 * 64;                // Q columns 512..575: 64 rows x 64 bytes, 64B swizzle
