@@ -248,6 +248,21 @@ def settle(opts) -> None:
         time.sleep(opts.settle_ms / 1000)
 
 
+def time_ours(row: dict, op, step, plan_fn, use_graph: bool, eager_iters: int, flops: int, nbytes: int,
+              opts) -> None:
+    """Our op, step (planner + op) and planner times into `row`, with the SM clock before and after the op's."""
+    settle(opts)
+    row["ours_mhz_before"] = sm_clock_mhz()
+    med, lo, hi = time_us(op, use_graph, eager_iters)
+    row.update(ours_us=med, ours_min_us=lo, ours_max_us=hi, ours_mhz=sm_clock_mhz(),
+               ours_tflops=tflops(flops, med), ours_gbs=gbs(nbytes, med))
+    row["step_us"], _, _ = time_us(step, use_graph, eager_iters)
+    row["plan_us"], _, _ = time_us(plan_fn, use_graph, 10)
+    row["step_tflops"] = tflops(flops, row["step_us"])
+    if row.get("floor_tflops") is not None:
+        row["floor_met"] = row["ours_tflops"] >= row["floor_tflops"]
+
+
 def timed_in_order(opts, ours, flashmla) -> None:
     """Runs the two timing steps of a shape in the order --flashmla-first asks for."""
     for step in ((flashmla, ours) if opts.flashmla_first else (ours, flashmla)):
@@ -283,20 +298,8 @@ def run_case(case, cache, table, opts, ours_graph: bool, ours_is_ref: bool, note
     row = dict(b=b, h_q=h_q, s_q=s_q, s_k=s_k, topk=topk, page_size=PAGE, flops=flops, bytes=nbytes,
                ours_path="reference" if ours_is_ref else "sm90", ours_timing="graph" if ours_graph else "events",
                floor_tflops=FLOOR_TFLOPS.get(key), flashmla_doc_tflops=FLASHMLA_DOC_TFLOPS.get(key))
-
-    def time_ours():
-        settle(opts)
-        row["ours_mhz_before"] = sm_clock_mhz()
-        med, lo, hi = time_us(op, ours_graph, eager_iters)
-        row.update(ours_us=med, ours_min_us=lo, ours_max_us=hi, ours_mhz=sm_clock_mhz(),
-                   ours_tflops=tflops(flops, med), ours_gbs=gbs(nbytes, med))
-        row["step_us"], _, _ = time_us(step, ours_graph, eager_iters)
-        row["plan_us"], _, _ = time_us(lambda: plan(b, s_q, h_q, topk, device), ours_graph, 10)
-        row["step_tflops"] = tflops(flops, row["step_us"])
-        if row["floor_tflops"] is not None:
-            row["floor_met"] = row["ours_tflops"] >= row["floor_tflops"]
-
-    timed_in_order(opts, time_ours, lambda: time_flashmla(q, cache, table, indices, s_k, topk, scale, row, flops,
+    timed_in_order(opts, lambda: time_ours(row, op, step, lambda: plan(b, s_q, h_q, topk, device), ours_graph,
+                                           eager_iters, flops, nbytes, opts), lambda: time_flashmla(q, cache, table, indices, s_k, topk, scale, row, flops,
                                                           nbytes, opts, notes, case))
 
     # (c) the reference path, called directly (ours already is it when there is no SM90 kernel)
@@ -384,16 +387,6 @@ def run_case_v4(case, caches, opts, notes: list):
                page_size=PAGE, flops=flops, bytes=nbytes, ours_path="sm90", ours_timing="graph", floor_tflops=None,
                flashmla_doc_tflops=None)
 
-    def time_ours():
-        settle(opts)
-        row["ours_mhz_before"] = sm_clock_mhz()
-        med, lo, hi = time_us(op, True)
-        row.update(ours_us=med, ours_min_us=lo, ours_max_us=hi, ours_mhz=sm_clock_mhz(),
-                   ours_tflops=tflops(flops, med), ours_gbs=gbs(nbytes, med))
-        row["step_us"], _, _ = time_us(step, True)
-        row["plan_us"], _, _ = time_us(plan_v4, True)
-        row["step_tflops"] = tflops(flops, row["step_us"])
-
     def time_fm():
         if not opts.flashmla:
             return
@@ -409,7 +402,7 @@ def run_case_v4(case, caches, opts, notes: list):
             row["flashmla_error"] = f"{type(e).__name__}: {e}"
             notes.append(f"FlashMLA failed on V4 {case}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
-    timed_in_order(opts, time_ours, time_fm)
+    timed_in_order(opts, lambda: time_ours(row, op, step, plan_v4, True, 3, flops, nbytes, opts), time_fm)
     if row.get("flashmla_us"):
         row["ours_vs_flashmla"] = row["flashmla_us"] / row["ours_us"]
     if opts.reference:
