@@ -2,9 +2,9 @@
 import pathlib
 
 
-def gen(n, dt, name, transb, a_regs, k=16):
-    """m64n{n}k{k} wgmma; A from a shared-memory descriptor, or from 4 registers when a_regs.
-    8-bit types (k 32) take no transpose operands: both A and B are K-major (transb None)."""
+def gen(n, dt, name, transb, a_regs, k=16, transa=0):
+    """m64n{n}k{k} wgmma; A from a shared-memory descriptor (MN-major when transa), or from 4 registers
+    when a_regs. 8-bit types (k 32) take no transpose operands: both A and B are K-major (transb None)."""
     nreg = n // 2
     regl = [f"%{i}" for i in range(nreg)]
     n_in = 5 if a_regs else 2  # A (4 registers or 1 descriptor) + B descriptor
@@ -24,7 +24,7 @@ def gen(n, dt, name, transb, a_regs, k=16):
         trans = "" if transb is None else f", {transb}"
         lines.append(f'      "}}, {{%{nreg}, %{nreg + 1}, %{nreg + 2}, %{nreg + 3}}}, %{nreg + 4}, p, 1, 1{trans};\\n}}\\n"')
     else:
-        trans = "" if transb is None else f", 0, {transb}"
+        trans = "" if transb is None else f", {transa}, {transb}"
         lines.append(f'      "}}, %{nreg}, %{nreg + 1}, p, 1, 1{trans};\\n}}\\n"')
     outs = [", ".join(f'"+f"(d[{k}])' for k in range(i, min(i + 8, nreg))) for i in range(0, nreg, 8)]
     lines.append("      : " + ",\n        ".join(outs))
@@ -38,8 +38,9 @@ def gen(n, dt, name, transb, a_regs, k=16):
 
 out = ["// Written by benchmarks/tools/gen_wgmma.py: wgmma wrappers of the SM90 kernels.",
        "// fp32 accumulators in registers; B from shared memory (matrix descriptor).",
-       "// *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).  A from a shared-memory",
-       "// descriptor, or (*_r*) from four registers in the m64k16 A-fragment layout (m64k32 for e4m3).",
+       "// *_kk: A and B K-major.  *_kmn: A K-major, B MN-major (transposed).  *_mnk: A MN-major, B K-major.",
+       "// A from a shared-memory descriptor, or (*_r*) from four registers in the m64k16 A-fragment layout",
+       "// (m64k32 for e4m3).",
        "#pragma once", "#include <cstdint>", "", "namespace flashmla {", "namespace sm90 {", ""]
 for dt in ("bf16", "f16"):
     out += [gen(64, dt, f"wgmma_m64n64k16_{dt}_kk", 0, False), "",
@@ -53,6 +54,10 @@ for dt in ("bf16", "f16"):
 out += [gen(64, "e4m3", "wgmma_m64n64k32_e4m3_kk", None, False, k=32), "",
         gen(256, "e4m3", "wgmma_m64n256k32_e4m3_kk", None, False, k=32), "",
         gen(256, "e4m3", "wgmma_m64n256k32_e4m3_rk", None, True, k=32), ""]
+# Sparse decode with few heads (transposed products): S^T = K Q^T and O^T += V^T P^T, N = the head tile.
+for n in (16, 32):
+    out += [gen(n, "bf16", f"wgmma_m64n{n}k16_bf16_kk", 0, False), "",
+            gen(n, "bf16", f"wgmma_m64n{n}k16_bf16_mnk", 0, False, transa=1), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
 (root / "csrc/sm90/common/wgmma_ops.h").write_text("\n".join(out) + "\n")

@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   p.num_m_tiles = static_cast<int>(num_m_tiles);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
-  const CUtensorMap tmap_q = flashmla::api::make_q_heads_map("sparse_mla_decode", q, kBlockM);
+  const CUtensorMap tmap_q = flashmla::api::make_q_heads_map("sparse_mla_decode", q, fs::sparse_decode_q_box_heads(p.h_q));
   fs::launch_sparse_decode(p, tmap_q, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 

@@ -442,6 +442,271 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
   if (wg == 0 && q_pending) wait_q();
 }
 
+// The producer warpgroup(s): kProducers x 128 threads (ptid 0 .. 128 kProducers - 1) gather, dequantize and
+// store the rows of every chunk of the partition into the stages of layout L (see the top of the file).
+// One producer of a single CTA: 2 rows per thread; one producer per CTA of a cluster, or two producers
+// of one CTA (few heads): 1 row per thread.
+template <class L, int kCluster, int kProducers, bool kV4>
+__device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p, uint8_t* smem, int ptid, int t,
+                                                    int begin_req, int begin_tok, int end_req, int end_tok,
+                                                    int begin_split) {
+  const uint32_t sbase = smem_addr(smem);
+  const uint32_t bar_full = sbase + L::kOffBar;        // [2]
+  const uint32_t bar_empty = sbase + L::kOffBar + 16;  // [2]
+  static_assert(kCluster == 1 || kProducers == 1, "a cluster CTA has one producer warpgroup");
+  constexpr int kRows = kCluster == 1 && kProducers == 1 ? 2 : 1;  // rows of each chunk per thread
+  const int lane = ptid % 32;
+  const int piece = lane / 8;          // 16-byte piece of every 64-byte column group
+  const uint32_t rank = kCluster == 2 ? cluster_ctarank() : 0;
+  // Rows of this thread: row_base + 32 k (one producer of one CTA), or row_base + 32 * half (the CTA's rank
+  // in a cluster, or the producer's index among two).
+  const int half = kCluster == 2 ? static_cast<int>(rank) : kProducers == 2 ? ptid / 128 : 0;
+  const int row_base = (ptid % 128 / 32) * 8 + lane % 8 + 32 * half;
+  // One CTA: the loads of two rows (76 or 88 registers) are in flight while a chunk is converted,
+  // in 128 registers. There, values the conversion can recompute are hidden from the optimizer:
+  // hoisted out of the chunk loop, they made ptxas spill. (The cluster kernel fits as it is.)
+  auto lean = [](uint32_t x) { return kRows == 2 ? opaque(x) : x; };
+
+  // Cursor over the chunks of the partition (see the pipeline below).
+  int cr = begin_req, cc = 0;
+  RequestWork cw{};
+  Piece cpc{};
+  auto enter = [&](int r) {
+    const RequestLoads l = request_loads(p, r);
+    cw = request_work(p, l);
+    cpc = request_piece(l, r, begin_req, begin_tok, end_req, end_tok, begin_split, cw.total);
+    cc = cpc.start;
+  };
+  auto seek = [&]() {  // move to a chunk inside a non-empty piece, or past end_req
+    while (cr <= end_req && cc >= cpc.end) {
+      ++cr;
+      if (cr > end_req) break;
+      enter(cr);
+    }
+  };
+  // The raw indices of this thread's rows of the cursor's chunk (loads left in flight: the
+  // values are first used a chunk later); then the cursor moves on.
+  struct ChunkSlots {
+    int raw[kRows];  // -1 past topk_length (the index there is not read)
+    bool extra;
+  };
+  auto take_slots = [&]() {
+    ChunkSlots cs;
+    cs.extra = cc >= cw.main_pad;
+    const SparseKVSource& src = cs.extra ? p.extra : p.main;
+    const int j0 = (cs.extra ? cc - cw.main_pad : cc) + row_base;
+    const int n = cs.extra ? cw.n_extra : cw.n_main;
+    const int* ind = src.indices + (int64_t)cr * src.indices_batch_stride + (int64_t)t * src.indices_seq_stride;
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) cs.raw[k] = j0 + 32 * k < n ? __ldg(ind + j0 + 32 * k) : -1;
+    cc += kBlockN;
+    seek();
+    return cs;
+  };
+  // Record addresses of the rows (nullptr: skipped row). V3.2: the 656-byte record (scales at
+  // +512). V4: the token's 576 latent + RoPE bytes, and its 8 scale bytes in the page's scale area.
+  auto records_of = [&](const ChunkSlots& cs, const uint8_t* (&rec)[kRows], const uint8_t* (&scl)[kRows]) {
+    const SparseKVSource& src = cs.extra ? p.extra : p.main;
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) {
+      const int idx = cs.raw[k];
+      const bool ok = idx >= 0 && idx < src.num_slots;
+      // idx / page_size by the launch's multiplier, (idx * mul) >> shift with shift >= 31, in 32-bit
+      // operations: (2 idx * mul) >> 32 >> (shift - 31) (exact for 0 <= idx < 2^31; an integer division
+      // here cost about 20 instructions per row, twice per chunk)
+      // (for a skipped row, blk and tok are garbage and unused: rec is nullptr)
+      const int blk = static_cast<int>(__umulhi(static_cast<uint32_t>(idx) << 1, src.page_div_mul) >>
+                                       (src.page_div_shift - 31));
+      const int tok = idx - blk * src.page_size;
+      if constexpr (kV4) {
+        rec[k] = ok ? src.records + (int64_t)blk * src.block_stride + tok * kV4DataBytes : nullptr;
+        scl[k] = rec[k] + (src.scale_offset + tok * (kV4ScaleBytes - kV4DataBytes));  // page + scale_offset + 8 tok
+      } else {
+        const uint8_t* page = src.records + (int64_t)blk * src.block_stride;
+        rec[k] = ok ? page + (int64_t)tok * src.token_stride : nullptr;
+        scl[k] = rec[k] + kFp8ScaleOffset;
+      }
+    }
+  };
+  auto prefetch_l2 = [&](const ChunkSlots& cs) {
+    const uint8_t* rec[kRows];
+    const uint8_t* scl[kRows];
+    records_of(cs, rec, scl);
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) {
+      if (piece == 0 && rec[k] != nullptr) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(rec[k]), "n"(L::kPrefetchBytes) : "memory");
+        if constexpr (kV4) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(scl[k]) : "memory");
+      }
+    }
+  };
+  // A 16-byte store into this CTA's stage (the peer gets the finished rows by bulk copy).
+  const uint32_t peer_offset = kCluster == 2 ? mapa_shared(sbase, rank ^ 1) - sbase : 0;
+  uint32_t full_bar = 0;  // full barrier of the stage being written (this CTA's shared address)
+  auto store16 = [&](uint32_t addr, const uint4& v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+  };
+
+  // Registers of one row's record: V3.2 4 fp32 scales (one per 128 values); V4 7 UE8M0 bytes + pad
+  // (one per 64 values).
+  using ScaleWords = typename std::conditional<kV4, uint2, uint4>::type;
+  struct RowLoads {
+    uint4 lat[L::kLatentGroups];
+    ScaleWords scl;
+    uint4 rope[2];
+    bool valid;
+  };
+  // Issues the loads of row k (of this thread's rows) of a chunk; the values are first used at its conversion.
+  auto issue_row = [&](const ChunkSlots& cs, int k, RowLoads& ld) {
+    const uint8_t* rec[kRows];
+    const uint8_t* scl[kRows];
+    records_of(cs, rec, scl);
+    // A flag: compared at the flag store instead, it kept both 64-bit pointers live (one CTA).
+    ld.valid = lean(rec[k] != nullptr) != 0;
+    if (rec[k] != nullptr) {
+#pragma unroll
+      for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
+      if constexpr (kV4) {
+        ld.scl = ld_nc_v2(scl[k]);
+      } else {
+        ld.scl = ld_nc_v4(scl[k]);
+      }
+      ld.rope[0] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32);
+      ld.rope[1] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32 + 16);
+    } else {
+#pragma unroll
+      for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[i] = make_uint4(0, 0, 0, 0);
+      ld.scl = ScaleWords{};
+      ld.rope[0] = ld.rope[1] = make_uint4(0, 0, 0, 0);
+    }
+  };
+  // Waits until the stage of chunk g is free (in both CTAs of a cluster).
+  auto acquire_stage = [&](uint32_t g) {
+    const int stage = g & 1;
+    mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
+    full_bar = bar_full + stage * 8;
+  };
+  // Dequantizes row k of chunk g into its stage (rows of skipped indices are zero) and sets its flag.
+  auto write_row = [&](uint32_t g, int k, const RowLoads& ld) {
+    const int stage = g & 1;
+    const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
+    const int row = static_cast<int>(lean(row_base)) + 32 * k;  // the store offsets are recomputed per row
+#pragma unroll
+    for (int i = 0; i < L::kLatentGroups; ++i) {
+      __nv_bfloat162 scale;
+      if constexpr (kV4) {
+        scale = ue8m0_scale2(__byte_perm(i < 4 ? ld.scl.x : ld.scl.y, 0, 0x4440 + (i % 4)));
+      } else {
+        const float scale_f = __uint_as_float(i < 2 ? ld.scl.x : i < 4 ? ld.scl.y : i < 6 ? ld.scl.z : ld.scl.w);
+        scale = __floats2bfloat162_rn(scale_f, scale_f);
+      }
+      const uint2 a = dequant4(ld.lat[i].x, scale), b = dequant4(ld.lat[i].y, scale);
+      const uint2 c = dequant4(ld.lat[i].z, scale), d = dequant4(ld.lat[i].w, scale);
+      store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
+      store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
+    }
+    store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece), ld.rope[0]);
+    store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece + 1), ld.rope[1]);
+    if (piece == 0) {
+      const uint32_t flag = ld.valid ? 1 : 0;
+      const uint32_t vaddr = sbase + L::kOffValid + (stage * 64 + row) * 4;
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
+    }
+  };
+  // Chunk g's rows are written: signal its stage full (in a cluster, after copying this CTA's rows to the peer).
+  auto finish_chunk = [&](uint32_t g) {
+    const int stage = g & 1;
+    const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
+    // Local rows: generic stores, made visible to wgmma and to the bulk copy by the proxy fence.
+    // The peer's rows land as transaction bytes of its bulk copies, announced by thread 0.
+    fence_proxy_async();
+    if constexpr (kCluster == 2) {
+      // This CTA's 32 rows (4 KB of every column tile, and their flags) go to the same place in the
+      // peer's stage as bulk copies, counted as transaction bytes on the peer's full barrier. The
+      // source is free again when this stage's empty barrier completes: the peer's math warps
+      // arrive on it only after their full barrier, i.e. after the copy.
+      if (ptid < 32) {
+        named_bar_sync(kBarProducer + stage, 128);
+      } else {
+        named_bar_arrive(kBarProducer + stage, 128);
+      }
+      if (ptid == 0) {
+        const uint32_t rows = 32 * rank * 128;
+#pragma unroll 1
+        for (int i = 0; i < L::kNumColTiles; ++i) {
+          const uint32_t src = kv + i * kTileBytes + rows;
+          bulk_copy_to_peer(src + peer_offset, src, 32 * 128, full_bar + peer_offset);
+        }
+        const uint32_t flags = sbase + L::kOffValid + (stage * 64 + 32 * rank) * 4;
+        bulk_copy_to_peer(flags + peer_offset, flags, 32 * 4, full_bar + peer_offset);
+      }
+    }
+    if (kCluster == 2 && ptid == 0) {
+      mbar_expect_tx(full_bar, (kBlockN / 2) * L::kStageRowBytes);
+    } else {
+      mbar_arrive(full_bar);
+    }
+  };
+
+  // Indices are read two chunks ahead of the register loads; records are prefetched into L2 one
+  // chunk ahead of them. The registers hold the loads of two rows: while one row is converted, the
+  // loads of the next one (the peer's half of the next chunk in a cluster: one row per thread; the
+  // second row of the chunk, or the first of the next chunk, in one CTA) are in flight.
+  enter(cr);
+  seek();
+  ChunkSlots q0{}, q1{}, q2{};
+  bool has0 = cr <= end_req;
+  if (has0) q0 = take_slots();
+  bool has1 = cr <= end_req;
+  if (has1) q1 = take_slots();
+  bool has2 = cr <= end_req;
+  if (has2) q2 = take_slots();
+  if (has0) prefetch_l2(q0);
+  uint32_t g = 0;
+  RowLoads cur;
+  if (has0 && (kRows == 1 || !kV4)) issue_row(q0, 0, cur);
+  if constexpr (kRows == 1) {
+    if (has1) prefetch_l2(q1);
+    while (has0) {
+      RowLoads nxt;
+      if (has1) issue_row(q1, 0, nxt);
+      if (has2) prefetch_l2(q2);
+      ChunkSlots q3{};
+      const bool has3 = cr <= end_req;
+      if (has3) q3 = take_slots();
+      acquire_stage(g);
+      write_row(g, 0, cur);
+      finish_chunk(g);
+      ++g;
+      cur = nxt;
+      q0 = q1, q1 = q2, q2 = q3;
+      has0 = has1, has1 = has2, has2 = has3;
+    }
+  } else {
+    while (has0) {
+      RowLoads second;
+      if (kV4) issue_row(q0, 0, cur);
+      issue_row(q0, 1, second);
+      if (has1) prefetch_l2(q1);
+      ChunkSlots q3{};
+      const bool has3 = cr <= end_req;
+      if (has3) q3 = take_slots();
+      acquire_stage(g);
+      write_row(g, 0, cur);
+      // V3.2: the next chunk's first row lands while this one's second is converted (5-8% faster at h_q 64).
+      // V4: that order measured neutral to 1% slower and spilled 16 B here (ptxas): both rows of a chunk are
+      // loaded at its start instead.
+      if (!kV4 && has1) issue_row(q1, 0, cur);
+      write_row(g, 1, second);
+      finish_chunk(g);
+      ++g;
+      q0 = q1, q1 = q2, q2 = q3;
+      has0 = has1, has1 = has2, has2 = has3;
+    }
+  }
+}
+
 // kCluster = 2 (h_q > 64): the two head tiles of one query token form a cluster; each CTA's
 // producer gathers half of every chunk (32 rows) and writes it into both CTAs' shared memory, so
 // every record is loaded and converted once.
@@ -491,256 +756,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ================================ producer ================================
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsWG2));
-    constexpr int kRows = 2 / kCluster;  // rows of each chunk per thread
-    const int ptid = tid - 256;
-    const int lane = ptid % 32;
-    const int piece = lane / 8;          // 16-byte piece of every 64-byte column group
-    const uint32_t rank = kCluster == 2 ? cluster_ctarank() : 0;
-    // Rows of this thread: row_base + 32 k (one CTA), or row_base + 32 * rank (cluster).
-    const int row_base = (ptid / 32) * 8 + lane % 8 + (kCluster == 2 ? 32 * static_cast<int>(rank) : 0);
-    // One CTA: the loads of two rows (76 or 88 registers) are in flight while a chunk is converted,
-    // in 128 registers. There, values the conversion can recompute are hidden from the optimizer:
-    // hoisted out of the chunk loop, they made ptxas spill. (The cluster kernel fits as it is.)
-    auto lean = [](uint32_t x) { return kCluster == 1 ? opaque(x) : x; };
-
-    // Cursor over the chunks of the partition (see the pipeline below).
-    int cr = begin_req, cc = 0;
-    RequestWork cw{};
-    Piece cpc{};
-    auto enter = [&](int r) {
-      const RequestLoads l = request_loads(p, r);
-      cw = request_work(p, l);
-      cpc = request_piece(l, r, begin_req, begin_tok, end_req, end_tok, begin_split, cw.total);
-      cc = cpc.start;
-    };
-    auto seek = [&]() {  // move to a chunk inside a non-empty piece, or past end_req
-      while (cr <= end_req && cc >= cpc.end) {
-        ++cr;
-        if (cr > end_req) break;
-        enter(cr);
-      }
-    };
-    // The raw indices of this thread's rows of the cursor's chunk (loads left in flight: the
-    // values are first used a chunk later); then the cursor moves on.
-    struct ChunkSlots {
-      int raw[kRows];  // -1 past topk_length (the index there is not read)
-      bool extra;
-    };
-    auto take_slots = [&]() {
-      ChunkSlots cs;
-      cs.extra = cc >= cw.main_pad;
-      const SparseKVSource& src = cs.extra ? p.extra : p.main;
-      const int j0 = (cs.extra ? cc - cw.main_pad : cc) + row_base;
-      const int n = cs.extra ? cw.n_extra : cw.n_main;
-      const int* ind = src.indices + (int64_t)cr * src.indices_batch_stride + (int64_t)t * src.indices_seq_stride;
-#pragma unroll
-      for (int k = 0; k < kRows; ++k) cs.raw[k] = j0 + 32 * k < n ? __ldg(ind + j0 + 32 * k) : -1;
-      cc += kBlockN;
-      seek();
-      return cs;
-    };
-    // Record addresses of the rows (nullptr: skipped row). V3.2: the 656-byte record (scales at
-    // +512). V4: the token's 576 latent + RoPE bytes, and its 8 scale bytes in the page's scale area.
-    auto records_of = [&](const ChunkSlots& cs, const uint8_t* (&rec)[kRows], const uint8_t* (&scl)[kRows]) {
-      const SparseKVSource& src = cs.extra ? p.extra : p.main;
-#pragma unroll
-      for (int k = 0; k < kRows; ++k) {
-        const int idx = cs.raw[k];
-        const bool ok = idx >= 0 && idx < src.num_slots;
-        // idx / page_size by the launch's multiplier, (idx * mul) >> shift with shift >= 31, in 32-bit
-        // operations: (2 idx * mul) >> 32 >> (shift - 31) (exact for 0 <= idx < 2^31; an integer division
-        // here cost about 20 instructions per row, twice per chunk)
-        // (for a skipped row, blk and tok are garbage and unused: rec is nullptr)
-        const int blk = static_cast<int>(__umulhi(static_cast<uint32_t>(idx) << 1, src.page_div_mul) >>
-                                         (src.page_div_shift - 31));
-        const int tok = idx - blk * src.page_size;
-        if constexpr (kV4) {
-          rec[k] = ok ? src.records + (int64_t)blk * src.block_stride + tok * kV4DataBytes : nullptr;
-          scl[k] = rec[k] + (src.scale_offset + tok * (kV4ScaleBytes - kV4DataBytes));  // page + scale_offset + 8 tok
-        } else {
-          const uint8_t* page = src.records + (int64_t)blk * src.block_stride;
-          rec[k] = ok ? page + (int64_t)tok * src.token_stride : nullptr;
-          scl[k] = rec[k] + kFp8ScaleOffset;
-        }
-      }
-    };
-    auto prefetch_l2 = [&](const ChunkSlots& cs) {
-      const uint8_t* rec[kRows];
-      const uint8_t* scl[kRows];
-      records_of(cs, rec, scl);
-#pragma unroll
-      for (int k = 0; k < kRows; ++k) {
-        if (piece == 0 && rec[k] != nullptr) {
-          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(rec[k]), "n"(L::kPrefetchBytes) : "memory");
-          if constexpr (kV4) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(scl[k]) : "memory");
-        }
-      }
-    };
-    // A 16-byte store into this CTA's stage (the peer gets the finished rows by bulk copy).
-    const uint32_t peer_offset = kCluster == 2 ? mapa_shared(sbase, rank ^ 1) - sbase : 0;
-    uint32_t full_bar = 0;  // full barrier of the stage being written (this CTA's shared address)
-    auto store16 = [&](uint32_t addr, const uint4& v) {
-      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                   : "memory");
-    };
-
-    // Registers of one row's record: V3.2 4 fp32 scales (one per 128 values); V4 7 UE8M0 bytes + pad
-    // (one per 64 values).
-    using ScaleWords = typename std::conditional<kV4, uint2, uint4>::type;
-    struct RowLoads {
-      uint4 lat[L::kLatentGroups];
-      ScaleWords scl;
-      uint4 rope[2];
-      bool valid;
-    };
-    // Issues the loads of row k (of this thread's rows) of a chunk; the values are first used at its conversion.
-    auto issue_row = [&](const ChunkSlots& cs, int k, RowLoads& ld) {
-      const uint8_t* rec[kRows];
-      const uint8_t* scl[kRows];
-      records_of(cs, rec, scl);
-      // A flag: compared at the flag store instead, it kept both 64-bit pointers live (one CTA).
-      ld.valid = lean(rec[k] != nullptr) != 0;
-      if (rec[k] != nullptr) {
-#pragma unroll
-        for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[i] = ld_nc_v4(rec[k] + i * 64 + piece * 16);
-        if constexpr (kV4) {
-          ld.scl = ld_nc_v2(scl[k]);
-        } else {
-          ld.scl = ld_nc_v4(scl[k]);
-        }
-        ld.rope[0] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32);
-        ld.rope[1] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32 + 16);
-      } else {
-#pragma unroll
-        for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[i] = make_uint4(0, 0, 0, 0);
-        ld.scl = ScaleWords{};
-        ld.rope[0] = ld.rope[1] = make_uint4(0, 0, 0, 0);
-      }
-    };
-    // Waits until the stage of chunk g is free (in both CTAs of a cluster).
-    auto acquire_stage = [&](uint32_t g) {
-      const int stage = g & 1;
-      mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
-      full_bar = bar_full + stage * 8;
-    };
-    // Dequantizes row k of chunk g into its stage (rows of skipped indices are zero) and sets its flag.
-    auto write_row = [&](uint32_t g, int k, const RowLoads& ld) {
-      const int stage = g & 1;
-      const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
-      const int row = static_cast<int>(lean(row_base)) + 32 * k;  // the store offsets are recomputed per row
-#pragma unroll
-      for (int i = 0; i < L::kLatentGroups; ++i) {
-        __nv_bfloat162 scale;
-        if constexpr (kV4) {
-          scale = ue8m0_scale2(__byte_perm(i < 4 ? ld.scl.x : ld.scl.y, 0, 0x4440 + (i % 4)));
-        } else {
-          const float scale_f = __uint_as_float(i < 2 ? ld.scl.x : i < 4 ? ld.scl.y : i < 6 ? ld.scl.z : ld.scl.w);
-          scale = __floats2bfloat162_rn(scale_f, scale_f);
-        }
-        const uint2 a = dequant4(ld.lat[i].x, scale), b = dequant4(ld.lat[i].y, scale);
-        const uint2 c = dequant4(ld.lat[i].z, scale), d = dequant4(ld.lat[i].w, scale);
-        store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
-        store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
-      }
-      store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece), ld.rope[0]);
-      store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece + 1), ld.rope[1]);
-      if (piece == 0) {
-        const uint32_t flag = ld.valid ? 1 : 0;
-        const uint32_t vaddr = sbase + L::kOffValid + (stage * 64 + row) * 4;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(vaddr), "r"(flag) : "memory");
-      }
-    };
-    // Chunk g's rows are written: signal its stage full (in a cluster, after copying this CTA's rows to the peer).
-    auto finish_chunk = [&](uint32_t g) {
-      const int stage = g & 1;
-      const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
-      // Local rows: generic stores, made visible to wgmma and to the bulk copy by the proxy fence.
-      // The peer's rows land as transaction bytes of its bulk copies, announced by thread 0.
-      fence_proxy_async();
-      if constexpr (kCluster == 2) {
-        // This CTA's 32 rows (4 KB of every column tile, and their flags) go to the same place in the
-        // peer's stage as bulk copies, counted as transaction bytes on the peer's full barrier. The
-        // source is free again when this stage's empty barrier completes: the peer's math warps
-        // arrive on it only after their full barrier, i.e. after the copy.
-        if (ptid < 32) {
-          named_bar_sync(kBarProducer + stage, 128);
-        } else {
-          named_bar_arrive(kBarProducer + stage, 128);
-        }
-        if (ptid == 0) {
-          const uint32_t rows = 32 * rank * 128;
-#pragma unroll 1
-          for (int i = 0; i < L::kNumColTiles; ++i) {
-            const uint32_t src = kv + i * kTileBytes + rows;
-            bulk_copy_to_peer(src + peer_offset, src, 32 * 128, full_bar + peer_offset);
-          }
-          const uint32_t flags = sbase + L::kOffValid + (stage * 64 + 32 * rank) * 4;
-          bulk_copy_to_peer(flags + peer_offset, flags, 32 * 4, full_bar + peer_offset);
-        }
-      }
-      if (kCluster == 2 && ptid == 0) {
-        mbar_expect_tx(full_bar, (kBlockN / 2) * L::kStageRowBytes);
-      } else {
-        mbar_arrive(full_bar);
-      }
-    };
-
-    // Indices are read two chunks ahead of the register loads; records are prefetched into L2 one
-    // chunk ahead of them. The registers hold the loads of two rows: while one row is converted, the
-    // loads of the next one (the peer's half of the next chunk in a cluster: one row per thread; the
-    // second row of the chunk, or the first of the next chunk, in one CTA) are in flight.
-    enter(cr);
-    seek();
-    ChunkSlots q0{}, q1{}, q2{};
-    bool has0 = cr <= end_req;
-    if (has0) q0 = take_slots();
-    bool has1 = cr <= end_req;
-    if (has1) q1 = take_slots();
-    bool has2 = cr <= end_req;
-    if (has2) q2 = take_slots();
-    if (has0) prefetch_l2(q0);
-    uint32_t g = 0;
-    RowLoads cur;
-    if (has0 && (kCluster == 2 || !kV4)) issue_row(q0, 0, cur);
-    if constexpr (kCluster == 2) {
-      if (has1) prefetch_l2(q1);
-      while (has0) {
-        RowLoads nxt;
-        if (has1) issue_row(q1, 0, nxt);
-        if (has2) prefetch_l2(q2);
-        ChunkSlots q3{};
-        const bool has3 = cr <= end_req;
-        if (has3) q3 = take_slots();
-        acquire_stage(g);
-        write_row(g, 0, cur);
-        finish_chunk(g);
-        ++g;
-        cur = nxt;
-        q0 = q1, q1 = q2, q2 = q3;
-        has0 = has1, has1 = has2, has2 = has3;
-      }
-    } else {
-      while (has0) {
-        RowLoads second;
-        if (kV4) issue_row(q0, 0, cur);
-        issue_row(q0, 1, second);
-        if (has1) prefetch_l2(q1);
-        ChunkSlots q3{};
-        const bool has3 = cr <= end_req;
-        if (has3) q3 = take_slots();
-        acquire_stage(g);
-        write_row(g, 0, cur);
-        // V3.2: the next chunk's first row lands while this one's second is converted (5-8% faster at h_q 64).
-        // V4: that order measured neutral to 1% slower and spilled 16 B here (ptxas): both rows of a chunk are
-        // loaded at its start instead.
-        if (!kV4 && has1) issue_row(q1, 0, cur);
-        write_row(g, 1, second);
-        finish_chunk(g);
-        ++g;
-        q0 = q1, q1 = q2, q2 = q3;
-        has0 = has1, has1 = has2, has2 = has3;
-      }
-    }
+    producer_warpgroups<L, kCluster, 1, kV4>(p, smem, tid - 256, t, begin_req, begin_tok, end_req, end_tok, begin_split);
   } else if (wg == 0) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsWG0));
     math_warpgroup<0, kCluster, kV4>(p, &tmap_q, smem, tid, t, mtile, begin_req, begin_tok, end_req, end_tok, begin_split);
@@ -750,6 +766,418 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // The peer may still store into this CTA's shared memory or arrive on its barriers until it is done.
   if constexpr (kCluster == 2) cluster_sync();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few heads (h_q <= 32, as tensor parallelism leaves them): transposed products
+// ---------------------------------------------------------------------------------------------
+// With h_q <= 32 a 64-row head tile is mostly padding, and the kernel above is bound by its one
+// producer warpgroup, which does the same work per index whatever h_q is. Here the chunk's tokens are
+// the M side of the products and the heads the N side (kN = 16 or 32 columns):
+//   S^T = K Q^T    (m64 tokens x kN heads, k over d_qk; A = the stage, K-major; B = Q, K-major)
+//   O^T += V^T P^T (8 products of m64 latent columns x kN heads, k over the 64 tokens; A = the stage
+//                   read MN-major; B = P^T, a [kN heads][64 tokens] tile written by stmatrix.trans)
+// so that one math warpgroup holds O^T (8 x kN / 2 accumulators per thread) and the other two
+// warpgroups both gather (one row per thread each, the cluster producer's loop): twice the gather
+// throughput per SM. The softmax runs down the accumulator's columns: each thread's heads are
+// 8 j + 2 (lane % 4) + e, its tokens warp * 16 + lane / 4 (+ 8); the chunk maximum of a head is
+// reduced over the quads of a warp by shuffles and over the 4 warps through shared memory.
+template <int kN, bool kV4>
+struct NarrowLayout {
+  using Base = Layout<kV4>;
+  static constexpr int kDQK = Base::kDQK;
+  static constexpr int kNumColTiles = Base::kNumColTiles;
+  static constexpr int kLatentGroups = Base::kLatentGroups;
+  static constexpr int kRopeOffset = Base::kRopeOffset;
+  static constexpr int kPrefetchBytes = Base::kPrefetchBytes;
+  static constexpr int kStageBytes = Base::kStageBytes;
+  static constexpr int kStageRowBytes = Base::kStageRowBytes;
+  static constexpr int kHeadTileBytes = kN * 128;             // kN rows x 64 bf16, 128B-swizzled
+  static constexpr int kEpiRow = 20;                          // floats per head row of the epilogue buffer (16 + 4: no bank conflicts)
+  static constexpr int kOffQ = 0;                             // Q: kNumColTiles head tiles
+  static constexpr int kOffKV = (kNumColTiles * kHeadTileBytes + 1023) / 1024 * 1024;
+  static constexpr int kOffP = kOffKV + 2 * kStageBytes;      // P^T and its rounding residue: 2 head tiles
+  static constexpr int kOffValid = kOffP + 2 * kHeadTileBytes;  // uint32 [2][64]: row flags of each stage
+  static constexpr int kOffMax = kOffValid + 2 * 64 * 4;      // float [2][4][kN]: each warp's chunk maxima (by chunk parity)
+  static constexpr int kOffSum = kOffMax + 2 * 4 * kN * 4;    // float [4][kN]: each warp's row sums at a request's end
+  static constexpr int kOffEpi = kOffSum + 4 * kN * 4;        // float [4][kN][kEpiRow]: each warp's output staging
+  static constexpr int kOffBar = kOffEpi + 4 * kN * kEpiRow * 4;  // uint64: full[2], empty[2], q_full
+  static constexpr int kSmemBytes = kOffBar + 5 * 8 + 1024;   // + slack for 1024-byte alignment
+  static_assert(kOffBar % 8 == 0, "mbarriers are 8-byte aligned");
+};
+
+// Named barriers of the few-head kernel's math warpgroup (128 threads).
+constexpr uint32_t kBarNarrowQ = 1;     // every read of the Q tile is complete before its reload
+constexpr uint32_t kBarNarrowMax = 2;   // the warps' chunk maxima / row sums are in shared memory
+constexpr uint32_t kBarNarrowP = 3;     // P^T is in shared memory before the PV products read it
+// Registers: the math warpgroup holds O^T (up to 128), S^T (up to 16) and 2 x 8 head statistics.
+constexpr int kRegsNarrowMath = 248, kRegsNarrowProducer = 128;
+static_assert(kRegsNarrowMath + 2 * kRegsNarrowProducer == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+
+// Four 8x8 bf16 matrices stored transposed (stmatrix .trans): lane l gives the row address of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
+template <int kN>
+struct NarrowOps;
+template <>
+struct NarrowOps<16> {
+  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n16k16_bf16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n16k16_bf16_mnk(d, a, b, 1); }
+};
+template <>
+struct NarrowOps<32> {
+  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n32k16_bf16_mnk(d, a, b, 1); }
+};
+
+// The few-head math warpgroup (WG0): S^T, the softmax, O^T and the epilogue of every request of the
+// partition. Accumulator element 4 j + 2 half + e of a thread is (row warp * 16 + lane / 4 + 8 half,
+// head 8 j + 2 (lane % 4) + e); the per-head statistics are indexed 2 j + e.
+template <int kN, bool kV4>
+__device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& p, const CUtensorMap* tmap_q,
+                                                      uint8_t* smem, int tid, int t, int begin_req, int begin_tok,
+                                                      int end_req, int end_tok, int begin_split) {
+  using L = NarrowLayout<kN, kV4>;
+  constexpr int kJ = kN / 8;    // 8-head column blocks
+  constexpr int kH = kN / 4;    // heads of one thread
+  constexpr int kAcc = kN / 2;  // accumulators of one thread per m64 product
+  const uint32_t sbase = smem_addr(smem);
+  const uint32_t* s_valid = reinterpret_cast<const uint32_t*>(smem + L::kOffValid);
+  float* s_max = reinterpret_cast<float*>(smem + L::kOffMax);
+  float* s_sum = reinterpret_cast<float*>(smem + L::kOffSum);
+  const uint32_t bar_full = sbase + L::kOffBar;
+  const uint32_t bar_empty = sbase + L::kOffBar + 16;
+  const uint32_t bar_q = sbase + L::kOffBar + 32;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int quad = lane % 4;
+  const int tok0 = warp * 16 + lane / 4;  // this thread's tokens of a chunk: tok0, tok0 + 8
+  auto head_of = [&](int k) { return 8 * (k / 2) + 2 * quad + k % 2; };  // k = 2 j + e
+  float* epi = reinterpret_cast<float*>(smem + L::kOffEpi) + warp * kN * L::kEpiRow;
+
+  // stmatrix .trans row addresses of this lane in the P^T tile: matrices (token block 2 warp + m % 2,
+  // head block j0 + m / 2) for m = lane / 8, row lane % 8 = the head inside its block.
+  const int st_m = lane / 8, st_c = lane % 8;
+  auto pt_addr = [&](uint32_t tile, int j0) {
+    return tile + swz(8 * (j0 + st_m / 2) + st_c, 2 * warp + st_m % 2);
+  };
+
+  uint32_t g = 0;  // chunks consumed
+  int q_issued = -1;
+  bool q_pending = false;
+  uint32_t q_phase = 0;
+  auto load_q = [&](int r) {
+    if (tid == 0) {
+      mbar_expect_tx(bar_q, kN * L::kDQK * 2);
+#pragma unroll 1
+      for (int i = 0; i < L::kNumColTiles; ++i)
+        tma_load_4d(sbase + L::kOffQ + i * L::kHeadTileBytes, tmap_q, bar_q, i * 64, 0, t, r);
+    }
+    q_issued = r;
+    q_pending = true;
+  };
+  auto wait_q = [&]() {
+    mbar_wait(bar_q, q_phase);
+    q_phase ^= 1;
+    q_pending = false;
+  };
+
+  RequestLoads next_loads = request_loads(p, begin_req);
+  for (int r = begin_req; r <= end_req; ++r) {
+    const RequestLoads loads = next_loads;
+    if (r < end_req) next_loads = request_loads(p, r + 1);
+    const RequestWork w = request_work(p, loads);
+    const Piece pc = request_piece(loads, r, begin_req, begin_tok, end_req, end_tok, begin_split, w.total);
+    const bool precise = w.n_main + w.n_extra <= kPreciseMaxLen;
+
+    float o[8][kAcc];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int k = 0; k < kAcc; ++k) o[i][k] = 0.f;
+    float run_max[kH], run_sum[kH];
+#pragma unroll
+    for (int k = 0; k < kH; ++k) run_max[k] = -INFINITY, run_sum[k] = 0.f;
+
+    if (pc.start < pc.end) {
+      if (q_issued != r) {
+        if (q_pending) wait_q();
+        named_bar_sync(kBarNarrowQ, 128);
+        load_q(r);
+      }
+      wait_q();
+    }
+
+    for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
+      const int stage = g & 1;
+      const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
+      mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+      fence_proxy_async();  // generic stores of the producers -> wgmma reads
+      // ---- S^T = K Q^T ----
+      float s[kAcc];
+#pragma unroll
+      for (int k = 0; k < kAcc; ++k) s[k] = 0.f;
+      // (the Q and P^T descriptors are rebuilt per chunk from hidden bases: hoisted, their 40 per-k-step
+      // values took registers the accumulators need)
+      const uint64_t desc_kv = desc_sw128(kv, 16, 1024), desc_q = desc_sw128(opaque(sbase + L::kOffQ), 16, 1024);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < L::kDQK / 16; ++kk) {
+        NarrowOps<kN>::qk(s, desc_add(desc_kv, (kk / 4) * kTileBytes + (kk % 4) * 32),
+                          desc_add(desc_q, (kk / 4) * L::kHeadTileBytes + (kk % 4) * 32), kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_all(s);
+      // ---- masked online softmax down the columns (log2 domain) ----
+      const bool v0 = s_valid[stage * 64 + tok0] != 0, v1 = s_valid[stage * 64 + tok0 + 8] != 0;
+      float mx[kH];
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& a = s[4 * j + e];
+          float& b = s[4 * j + 2 + e];
+          a = v0 ? a * p.scale_log2 : -INFINITY;
+          b = v1 ? b * p.scale_log2 : -INFINITY;
+          mx[2 * j + e] = fmaxf(a, b);
+        }
+#pragma unroll
+      for (int sh = 4; sh <= 16; sh *= 2)
+#pragma unroll
+        for (int k = 0; k < kH; ++k) mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], sh));
+      float* chunk_max = s_max + (g & 1) * 4 * kN;  // by chunk parity: a warp writes chunk g + 2's maxima only
+                                                    // after every warp has passed chunk g + 1's barrier
+      if (lane < 4) {
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+          *reinterpret_cast<float2*>(chunk_max + warp * kN + 8 * j + 2 * quad) = make_float2(mx[2 * j], mx[2 * j + 1]);
+      }
+      named_bar_sync(kBarNarrowMax, 128);
+      float base[kH], alpha[kH];
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
+#pragma unroll
+        for (int w2 = 0; w2 < 4; ++w2) {
+          const float2 m2 = *reinterpret_cast<const float2*>(chunk_max + w2 * kN + 8 * j + 2 * quad);
+          mx[2 * j] = fmaxf(mx[2 * j], m2.x);
+          mx[2 * j + 1] = fmaxf(mx[2 * j + 1], m2.y);
+        }
+      }
+      bool rescale = false;
+#pragma unroll
+      for (int k = 0; k < kH; ++k) {
+        const float new_max = fmaxf(run_max[k], mx[k]);
+        base[k] = new_max == -INFINITY ? 0.f : new_max;
+        alpha[k] = exp2f(run_max[k] - base[k]);
+        rescale |= alpha[k] != 1.f;
+        run_max[k] = new_max;
+      }
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = 2 * j + e;
+          s[4 * j + e] = exp2f(s[4 * j + e] - base[k]);
+          s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base[k]);
+          run_sum[k] = run_sum[k] * alpha[k] + (s[4 * j + e] + s[4 * j + 2 + e]);
+        }
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < kJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              o[i][4 * j + e] *= alpha[2 * j + e];
+              o[i][4 * j + 2 + e] *= alpha[2 * j + e];
+            }
+      }
+      // ---- P^T (and its rounding residue) -> shared memory, then O^T += V^T P^T ----
+      const int terms = precise ? 2 : 1;
+      for (int term = 0; term < terms; ++term) {
+        const uint32_t tile = sbase + L::kOffP + term * L::kHeadTileBytes;
+#pragma unroll
+        for (int j0 = 0; j0 < kJ; j0 += 2) {
+          uint32_t rg[4];
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {  // matrix m: token block 2 warp + m % 2, head block j0 + m / 2
+            const int base_idx = 4 * (j0 + m / 2) + 2 * (m % 2);
+            rg[m] = term == 0 ? TypeOps<T>::pack(s[base_idx], s[base_idx + 1])
+                              : TypeOps<T>::pack_residue(s[base_idx], s[base_idx + 1]);
+          }
+          stmatrix_x4_trans(pt_addr(tile, j0), rg[0], rg[1], rg[2], rg[3]);
+        }
+      }
+      fence_proxy_async();
+      named_bar_sync(kBarNarrowP, 128);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) fence_all(o[i]);
+      wgmma_fence();
+      auto pv_term = [&](int term) {
+        const uint64_t desc_pt = desc_sw128(opaque(sbase + L::kOffP + term * L::kHeadTileBytes), 16, 1024);
+        const uint64_t desc_v = desc_sw128(kv, kTileBytes, 1024);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            NarrowOps<kN>::pv(o[i], desc_add(desc_v, i * kTileBytes + kk * 16 * 128), desc_add(desc_pt, kk * 32));
+        wgmma_commit();
+      };
+      // The residue term is its own batch after a wait: a branch between products into the same
+      // accumulators in flight made ptxas insert warpgroup waits (C7519) and spill.
+      pv_term(0);
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 8; ++i) fence_all(o[i]);
+      if (precise) {
+        wgmma_fence();
+        pv_term(1);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 8; ++i) fence_all(o[i]);
+      }
+      // this warp no longer reads the stage (nor P^T: the next chunk rewrites it after its barriers)
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty + stage * 8);
+    }
+    if (pc.start < pc.end && r < end_req) {
+      named_bar_sync(kBarNarrowQ, 128);  // every wgmma of this request (the last reader of Q) is complete
+      load_q(r + 1);
+    }
+
+    // ---- epilogue: row sums over the 64 token rows, then O^T scaled and stored as rows of heads ----
+    constexpr float kLn2 = 0.6931471805599453f;
+    const bool split = pc.n_splits > 1;
+#pragma unroll
+    for (int sh = 4; sh <= 16; sh *= 2)
+#pragma unroll
+      for (int k = 0; k < kH; ++k) run_sum[k] += __shfl_xor_sync(0xffffffffu, run_sum[k], sh);
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+        *reinterpret_cast<float2*>(s_sum + warp * kN + 8 * j + 2 * quad) = make_float2(run_sum[2 * j], run_sum[2 * j + 1]);
+    }
+    named_bar_sync(kBarNarrowMax, 128);
+    float scale[kH], lse[kH];
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      float2 tot = make_float2(0.f, 0.f);
+#pragma unroll
+      for (int w2 = 0; w2 < 4; ++w2) {
+        const float2 s2 = *reinterpret_cast<const float2*>(s_sum + w2 * kN + 8 * j + 2 * quad);
+        tot.x += s2.x;
+        tot.y += s2.y;
+      }
+      run_sum[2 * j] = tot.x;
+      run_sum[2 * j + 1] = tot.y;
+    }
+    named_bar_sync(kBarNarrowMax, 128);  // s_sum may be rewritten for the next request after this
+    const float empty_lse = split ? -INFINITY : INFINITY;  // nothing attended: out 0, lse +inf (final) / -inf (partial)
+#pragma unroll
+    for (int k = 0; k < kH; ++k) {
+      const int head = head_of(k);
+      lse[k] = run_sum[k] > 0.f ? (run_max[k] + log2f(run_sum[k])) * kLn2 : empty_lse;
+      scale[k] = run_sum[k] > 0.f ? 1.f / run_sum[k] : 0.f;
+      if (!split && p.attn_sink != nullptr && run_sum[k] > 0.f && head < p.h_q)
+        scale[k] /= 1.f + __expf(p.attn_sink[head] - lse[k]);
+    }
+    int acc_row = 0;
+    if (split) {  // scratch row of this piece: see mla_decode_cuda (rows never overlap between requests)
+      acc_row = 2 * (loads.split_lo - r) + pc.split_idx;
+      acc_row = max(0, min(acc_row, p.acc_rows - 1));
+    }
+    const int64_t m_total = (int64_t)p.s_q * p.h_q;
+    if (warp == 0 && lane < 4) {
+#pragma unroll
+      for (int k = 0; k < kH; ++k) {
+        const int head = head_of(k);
+        if (head >= p.h_q) continue;
+        if (split) {
+          p.lseacc[(int64_t)acc_row * m_total + (int64_t)t * p.h_q + head] = lse[k];
+        } else {
+          p.lse[((int64_t)r * p.h_q + head) * p.s_q + t] = lse[k];
+        }
+      }
+    }
+    // Per m64 product: this warp's 16 latent columns x kN heads go through its staging rows (one row of
+    // 16 floats per head), then leave as 16-byte pieces of head rows (full 32-byte sectors).
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float* row = epi + (8 * j + 2 * quad + e) * L::kEpiRow + lane / 4;
+          row[0] = o[i][4 * j + e] * scale[2 * j + e];
+          row[8] = o[i][4 * j + 2 + e] * scale[2 * j + e];
+        }
+      __syncwarp();
+      // first latent column of this warp's rows; hidden from the optimizer, so that the 64-bit addresses
+      // below are formed here and not hoisted out of the request loop (ptxas spilled 448 B at kN = 32)
+      const int col = static_cast<int>(opaque(i * 64 + warp * 16));
+      if (!split) {
+#pragma unroll
+        for (int piece = lane; piece < kN * 2; piece += 32) {  // 8 columns of one head
+          const int head = piece / 2, half = piece % 2;
+          if (head >= p.h_q) continue;
+          const float4 a = *reinterpret_cast<const float4*>(epi + head * L::kEpiRow + half * 8);
+          const float4 b = *reinterpret_cast<const float4*>(epi + head * L::kEpiRow + half * 8 + 4);
+          const uint4 v = make_uint4(TypeOps<T>::pack(a.x, a.y), TypeOps<T>::pack(a.z, a.w), TypeOps<T>::pack(b.x, b.y),
+                                     TypeOps<T>::pack(b.z, b.w));
+          T* out = reinterpret_cast<T*>(p.out) + (((int64_t)r * p.s_q + t) * p.h_q + head) * kDV + col + half * 8;
+          *reinterpret_cast<uint4*>(out) = v;
+        }
+      } else {
+        float* acc = p.oacc + (int64_t)acc_row * m_total * kDV;
+#pragma unroll
+        for (int piece = lane; piece < kN * 4; piece += 32) {  // 4 columns of one head
+          const int head = piece / 4, part = piece % 4;
+          if (head >= p.h_q) continue;
+          const float4 a = *reinterpret_cast<const float4*>(epi + head * L::kEpiRow + part * 4);
+          *reinterpret_cast<float4*>(acc + ((int64_t)t * p.h_q + head) * kDV + col + part * 4) = a;
+        }
+      }
+    }
+  }
+  if (q_pending) wait_q();  // no Q load outlives the warpgroup (see math_warpgroup)
+}
+
+// Grid (num_sm_parts, s_q, 1): WG0 the math above, WG1 and WG2 producers of rows 0-31 and 32-63.
+template <int kN, bool kV4>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap_q, const SparseDecodeParams p) {
+  using L = NarrowLayout<kN, kV4>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);  // see sparse_decode_kernel
+  const uint32_t sbase = smem_addr(smem);
+  const int tid = threadIdx.x;
+  const int t = blockIdx.y;
+  const int* meta = p.metadata + blockIdx.x * 8;
+  const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
+  const int begin_split = meta[4];
+  if (begin_req > end_req || begin_req < 0) return;
+  if (tid == 0) {
+    mbar_init(sbase + L::kOffBar, 256);      // full: both producers' threads
+    mbar_init(sbase + L::kOffBar + 8, 256);
+    mbar_init(sbase + L::kOffBar + 16, 4);   // empty: the 4 math warps
+    mbar_init(sbase + L::kOffBar + 24, 4);
+    mbar_init(sbase + L::kOffBar + 32, 1);   // q_full
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (tid < 128) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsNarrowMath));
+    narrow_math_warpgroup<kN, kV4>(p, &tmap_q, smem, tid, t, begin_req, begin_tok, end_req, end_tok, begin_split);
+  } else {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsNarrowProducer));
+    producer_warpgroups<L, 1, 2, kV4>(p, smem, tid - 128, t, begin_req, begin_tok, end_req, end_tok, begin_split);
+  }
 }
 
 }  // namespace
@@ -776,19 +1204,25 @@ void launch_kernel(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaS
   config.numAttrs = 1;
   cudaLaunchKernelEx(&config, kernel, tmap_q, p);
 }
+template <int kN, bool kV4>
+void launch_narrow(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream) {
+  auto kernel = sparse::sparse_decode_narrow_kernel<kN, kV4>;
+  constexpr int kSmemBytes = sparse::NarrowLayout<kN, kV4>::kSmemBytes;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  kernel<<<dim3(p.num_sm_parts, p.s_q, 1), sparse::kThreads, kSmemBytes, stream>>>(tmap_q, p);
+}
 }  // namespace
 
 void launch_sparse_decode(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream) {
-  if (p.v4) {
-    if (p.num_m_tiles == 2) {
-      launch_kernel<2, true>(p, tmap_q, stream);
-    } else {
-      launch_kernel<1, true>(p, tmap_q, stream);
-    }
+  const int box = sparse_decode_q_box_heads(p.h_q);
+  if (box == 16) {
+    p.v4 ? launch_narrow<16, true>(p, tmap_q, stream) : launch_narrow<16, false>(p, tmap_q, stream);
+  } else if (box == 32) {
+    p.v4 ? launch_narrow<32, true>(p, tmap_q, stream) : launch_narrow<32, false>(p, tmap_q, stream);
   } else if (p.num_m_tiles == 2) {
-    launch_kernel<2, false>(p, tmap_q, stream);
+    p.v4 ? launch_kernel<2, true>(p, tmap_q, stream) : launch_kernel<2, false>(p, tmap_q, stream);
   } else {
-    launch_kernel<1, false>(p, tmap_q, stream);
+    p.v4 ? launch_kernel<1, true>(p, tmap_q, stream) : launch_kernel<1, false>(p, tmap_q, stream);
   }
 }
 
