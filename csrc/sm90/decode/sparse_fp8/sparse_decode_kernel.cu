@@ -769,11 +769,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Few heads (h_q <= 32, as tensor parallelism leaves them): transposed products
+// Few heads (h_q <= 16, as tensor parallelism leaves them): transposed products
 // ---------------------------------------------------------------------------------------------
-// With h_q <= 32 a 64-row head tile is mostly padding, and the kernel above is bound by its one
+// With h_q <= 16 a 64-row head tile is mostly padding, and the kernel above is bound by its one
 // producer warpgroup, which does the same work per index whatever h_q is. Here the chunk's tokens are
-// the M side of the products and the heads the N side (kN = 16 or 32 columns):
+// the M side of the products and the heads the N side (kN = 16 columns):
 //   S^T = K Q^T    (m64 tokens x kN heads, k over d_qk; A = the stage, K-major; B = Q, K-major)
 //   O^T += V^T P^T (8 products of m64 latent columns x kN heads, k over the 64 tokens; A = the stage
 //                   read MN-major; B = P^T, a [kN heads][64 tokens] tile written by stmatrix.trans)
@@ -782,6 +782,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // throughput per SM. The softmax runs down the accumulator's columns: each thread's heads are
 // 8 j + 2 (lane % 4) + e, its tokens warp * 16 + lane / 4 (+ 8); the chunk maximum of a head is
 // reduced over the quads of a warp by shuffles and over the 4 warps through shared memory.
+// The code is written for any kN that is a multiple of 16; only kN = 16 is built: at kN = 32 (h_q 17..32)
+// the math warpgroup's chain per chunk grows by a third and the call was no faster than the 64-head
+// kernel (benchmarks/NOTES_sparse_decode.md, few heads), so those head counts use the kernel above.
 template <int kN, bool kV4>
 struct NarrowLayout {
   using Base = Layout<kV4>;
@@ -827,11 +830,6 @@ template <>
 struct NarrowOps<16> {
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n16k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n16k16_bf16_mnk(d, a, b, 1); }
-};
-template <>
-struct NarrowOps<32> {
-  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
-  static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n32k16_bf16_mnk(d, a, b, 1); }
 };
 
 // The few-head math warpgroup (WG0): S^T, the softmax, O^T and the epilogue of every request of the
@@ -1119,7 +1117,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
         }
       __syncwarp();
       // first latent column of this warp's rows; hidden from the optimizer, so that the 64-bit addresses
-      // below are formed here and not hoisted out of the request loop (ptxas spilled 448 B at kN = 32)
+      // below are formed here and not hoisted out of the request loop (hoisted, they spilled 448 B at kN = 32)
       const int col = static_cast<int>(opaque(i * 64 + warp * 16));
       if (!split) {
 #pragma unroll
@@ -1214,11 +1212,8 @@ void launch_narrow(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaS
 }  // namespace
 
 void launch_sparse_decode(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream) {
-  const int box = sparse_decode_q_box_heads(p.h_q);
-  if (box == 16) {
-    p.v4 ? launch_narrow<16, true>(p, tmap_q, stream) : launch_narrow<16, false>(p, tmap_q, stream);
-  } else if (box == 32) {
-    p.v4 ? launch_narrow<32, true>(p, tmap_q, stream) : launch_narrow<32, false>(p, tmap_q, stream);
+  if (sparse_decode_q_box_heads(p.h_q) == kNarrowHeads) {
+    p.v4 ? launch_narrow<kNarrowHeads, true>(p, tmap_q, stream) : launch_narrow<kNarrowHeads, false>(p, tmap_q, stream);
   } else if (p.num_m_tiles == 2) {
     p.v4 ? launch_kernel<2, true>(p, tmap_q, stream) : launch_kernel<2, false>(p, tmap_q, stream);
   } else {
