@@ -194,6 +194,69 @@ __device__ __forceinline__ Piece request_piece(const RequestLoads& l, int r, int
   return pc;
 }
 
+// What the math warpgroups know of request r of their partition.
+struct RequestStep {
+  RequestLoads loads;
+  RequestWork work;
+  Piece piece;
+  bool precise;  // P = hi + lo (two PV terms): at most kPreciseMaxLen attended tokens
+};
+
+__device__ __forceinline__ RequestStep request_step(const SparseDecodeParams& p, const RequestLoads& loads, int r,
+                                                    int begin_req, int begin_tok, int end_req, int end_tok,
+                                                    int begin_split) {
+  RequestStep st;
+  st.loads = loads;
+  st.work = request_work(p, loads);
+  st.piece = request_piece(loads, r, begin_req, begin_tok, end_req, end_tok, begin_split, st.work.total);
+  st.precise = st.work.n_main + st.work.n_extra <= kPreciseMaxLen;
+  return st;
+}
+
+// The Q tile of a request, loaded by TMA by one thread (issue_tiles(r): expect_tx and the tile loads) on the
+// q_full mbarrier `bar`. The load of request r + 1 is issued when the math is done with request r's chunks,
+// so that it lands while that request's epilogue runs. issued: the request whose load was issued last;
+// pending: not yet waited for.
+template <class IssueTiles>
+struct QTileLoads {
+  IssueTiles issue_tiles;
+  uint32_t bar;
+  int issued = -1;
+  bool pending = false;
+  uint32_t phase = 0;
+
+  __device__ __forceinline__ void load(int r) {
+    issue_tiles(r);
+    issued = r;
+    pending = true;
+  }
+  __device__ __forceinline__ void wait() {
+    mbar_wait(bar, phase);
+    phase ^= 1;
+    pending = false;
+  }
+  // Before request r's first chunk: r's tile is in shared memory. named_bar (128 threads): every thread of
+  // the warpgroup has seen the previous phase of bar complete before the tile is reloaded.
+  __device__ __forceinline__ void ready(int r, uint32_t named_bar) {
+    if (issued != r) {  // first request, or the load issued went to a request with nothing to attend
+      if (pending) wait();  // that load lands before this one is issued
+      named_bar_sync(named_bar, 128);
+      load(r);
+    }
+    wait();
+  }
+  // After request r's last product that reads Q: the next request's load.
+  __device__ __forceinline__ void next(int r, uint32_t named_bar) {
+    named_bar_sync(named_bar, 128);  // every wgmma of this request (the last reader of Q) is complete
+    load(r + 1);
+  }
+};
+template <class IssueTiles>
+__device__ __forceinline__ QTileLoads<IssueTiles> q_tile_loads(IssueTiles issue, uint32_t bar) {
+  QTileLoads<IssueTiles> q{issue, bar};
+  return q;
+}
+
 // The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
 // Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
 template <int kWG, int kCluster, bool kV4>
@@ -234,36 +297,24 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
   uint32_t g = 0;   // chunks consumed
   uint32_t pi = 0;  // P tiles handed over (one or two per chunk)
 
-  // The load of request r + 1 is issued when WG0 is done with request r's chunks, so that it lands while
-  // that request's epilogue runs; q_issued is the request whose load was issued last, q_pending whether
-  // WG0 has not yet waited for it. One thread loads the 64 x d_qk tile by TMA (a 128-thread cp.async loop
-  // issued 32-36 loads per thread on WG0's path), heads past h_q as zeros.
-  int q_issued = -1;
-  bool q_pending = false;
-  uint32_t q_phase = 0;
-  auto load_q = [&](int r) {
+  // WG0 loads Q: the 64 x d_qk tile (a 128-thread cp.async loop issued 32-36 loads per thread on WG0's
+  // path), heads past h_q as zeros.
+  auto q = q_tile_loads([&](int r) {
     if (threadIdx.x == 0) {  // token and head tile from blockIdx: no registers held across the loop
       mbar_expect_tx(bar_q, kBlockM * L::kDQK * 2);
 #pragma unroll 1
       for (int i = 0; i < L::kNumColTiles; ++i)
         tma_load_4d(sbase + L::kOffQ + i * kTileBytes, tmap_q, bar_q, i * 64, blockIdx.z * kBlockM, blockIdx.y, r);
     }
-    q_issued = r;
-    q_pending = true;
-  };
-  auto wait_q = [&]() {
-    mbar_wait(bar_q, q_phase);
-    q_phase ^= 1;
-    q_pending = false;
-  };
+  }, bar_q);
 
   RequestLoads next_loads = request_loads(p, begin_req);
   for (int r = begin_req; r <= end_req; ++r) {
-    const RequestLoads loads = next_loads;
+    const RequestStep step = request_step(p, next_loads, r, begin_req, begin_tok, end_req, end_tok, begin_split);
     if (r < end_req) next_loads = request_loads(p, r + 1);
-    const RequestWork w = request_work(p, loads);
-    const Piece pc = request_piece(loads, r, begin_req, begin_tok, end_req, end_tok, begin_split, w.total);
-    const bool precise = w.n_main + w.n_extra <= kPreciseMaxLen;
+    const RequestLoads& loads = step.loads;
+    const Piece& pc = step.piece;
+    const bool precise = step.precise;
 
     float o[128];
 #pragma unroll
@@ -271,14 +322,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
     float run_max0 = -INFINITY, run_max1 = -INFINITY;
     float run_sum0 = 0.f, run_sum1 = 0.f;
 
-    if (wg == 0 && pc.start < pc.end) {
-      if (q_issued != r) {  // first request, or the load issued went to a request with nothing to attend
-        if (q_pending) wait_q();  // that load lands before this one is issued
-        named_bar_sync(kBarQ, 128);  // every WG0 thread has seen the previous phase of bar_q complete
-        load_q(r);
-      }
-      wait_q();
-    }
+    if (wg == 0 && pc.start < pc.end) q.ready(r, kBarQ);
 
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
@@ -379,10 +423,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
       }
       release_stage(stage);  // this warpgroup no longer reads the stage
     }
-    if (wg == 0 && pc.start < pc.end && r < end_req) {
-      named_bar_sync(kBarQ, 128);  // every WG0 wgmma of this request (the last reader of Q) is complete
-      load_q(r + 1);
-    }
+    if (wg == 0 && pc.start < pc.end && r < end_req) q.next(r, kBarQ);
 
     // ---- epilogue: WG0 owns the row statistics and publishes the output scale ----
     constexpr float kLn2 = 0.6931471805599453f;
@@ -439,7 +480,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
   }
   // A Q load issued for a request whose piece turned out empty (the partition's last requests attend to
   // nothing) is still landing: no load outlives the warpgroup.
-  if (wg == 0 && q_pending) wait_q();
+  if (wg == 0 && q.pending) q.wait();
 }
 
 // The producer warpgroup(s): kProducers x 128 threads (ptid 0 .. 128 kProducers - 1) gather, dequantize and
@@ -865,32 +906,22 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
   };
 
   uint32_t g = 0;  // chunks consumed
-  int q_issued = -1;
-  bool q_pending = false;
-  uint32_t q_phase = 0;
-  auto load_q = [&](int r) {
+  auto q = q_tile_loads([&](int r) {  // the kN x d_qk tile of heads 0..kN-1, heads past h_q as zeros
     if (tid == 0) {
       mbar_expect_tx(bar_q, kN * L::kDQK * 2);
 #pragma unroll 1
       for (int i = 0; i < L::kNumColTiles; ++i)
         tma_load_4d(sbase + L::kOffQ + i * L::kHeadTileBytes, tmap_q, bar_q, i * 64, 0, t, r);
     }
-    q_issued = r;
-    q_pending = true;
-  };
-  auto wait_q = [&]() {
-    mbar_wait(bar_q, q_phase);
-    q_phase ^= 1;
-    q_pending = false;
-  };
+  }, bar_q);
 
   RequestLoads next_loads = request_loads(p, begin_req);
   for (int r = begin_req; r <= end_req; ++r) {
-    const RequestLoads loads = next_loads;
+    const RequestStep step = request_step(p, next_loads, r, begin_req, begin_tok, end_req, end_tok, begin_split);
     if (r < end_req) next_loads = request_loads(p, r + 1);
-    const RequestWork w = request_work(p, loads);
-    const Piece pc = request_piece(loads, r, begin_req, begin_tok, end_req, end_tok, begin_split, w.total);
-    const bool precise = w.n_main + w.n_extra <= kPreciseMaxLen;
+    const RequestLoads& loads = step.loads;
+    const Piece& pc = step.piece;
+    const bool precise = step.precise;
 
     float o[8][kAcc];
 #pragma unroll
@@ -901,14 +932,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
 #pragma unroll
     for (int k = 0; k < kH; ++k) run_max[k] = -INFINITY, run_sum[k] = 0.f;
 
-    if (pc.start < pc.end) {
-      if (q_issued != r) {
-        if (q_pending) wait_q();
-        named_bar_sync(kBarNarrowQ, 128);
-        load_q(r);
-      }
-      wait_q();
-    }
+    if (pc.start < pc.end) q.ready(r, kBarNarrowQ);
 
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
@@ -1043,10 +1067,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty + stage * 8);
     }
-    if (pc.start < pc.end && r < end_req) {
-      named_bar_sync(kBarNarrowQ, 128);  // every wgmma of this request (the last reader of Q) is complete
-      load_q(r + 1);
-    }
+    if (pc.start < pc.end && r < end_req) q.next(r, kBarNarrowQ);
 
     // ---- epilogue: row sums over the 64 token rows, then O^T scaled and stored as rows of heads ----
     constexpr float kLn2 = 0.6931471805599453f;
@@ -1143,7 +1164,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
       }
     }
   }
-  if (q_pending) wait_q();  // no Q load outlives the warpgroup (see math_warpgroup)
+  if (q.pending) q.wait();  // no Q load outlives the warpgroup (see math_warpgroup)
 }
 
 // Grid (num_sm_parts, s_q, 1): WG0 the math above, WG1 and WG2 producers of rows 0-31 and 32-63.
