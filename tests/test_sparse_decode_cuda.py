@@ -227,8 +227,9 @@ def test_sparse_decode_small_heads(case):
 
 ODD = [SparseDecodeCase(b=3, h_q=h, s_q=s, topk=k, num_blocks=64, **flags_of(i + 5))
        for i, (h, s, k) in enumerate([(1, 1, 128), (3, 2, 512), (63, 2, 256), (126, 1, 2048),
-                                      # either side of the few-head kernel's 16-head tile (h_q <= 16)
-                                      (15, 2, 1024), (16, 1, 640), (17, 1, 512), (31, 2, 2048)])]
+                                      # either side of the few-head kernel's 16-head tile (h_q <= 16; the
+                                      # 64-head kernel above) and of h_q 32
+                                      (15, 2, 1024), (16, 1, 640), (17, 1, 512), (31, 2, 2048), (33, 1, 640)])]
 
 
 @pytest.mark.parametrize("case", ODD, ids=[case_id(c) for c in ODD])
@@ -345,10 +346,11 @@ def test_out_of_range_indices(with_topk_length):
 SPLIT_CASES = [SparseDecodeCase(b=2, h_q=128, s_q=2, topk=2048, num_blocks=512, with_topk_length=True,
                                 with_attn_sink=True, extra_topk=256),
                SparseDecodeCase(b=74, h_q=64, s_q=1, topk=512, num_blocks=64, with_topk_length=True),
-               # few heads (the transposed kernel): split partials of a 16-head tile
+               # few heads: split partials of the transposed kernel's 16-head tile, and h_q 24 (64-head kernel)
                SparseDecodeCase(b=9, h_q=16, s_q=2, topk=2048, num_blocks=256, with_topk_length=True,
                                 with_attn_sink=True, extra_topk=256),
-               SparseDecodeCase(b=33, h_q=12, s_q=1, topk=512, num_blocks=64, with_topk_length=True)]
+               SparseDecodeCase(b=33, h_q=24, s_q=1, topk=512, num_blocks=64, with_topk_length=True,
+                                with_attn_sink=True)]
 
 
 @pytest.mark.parametrize("num_sm_parts", [1, 7, 64, 132, 200])
@@ -364,7 +366,7 @@ def test_plan_split_invariance(case, num_sm_parts):
 # barrier before the bulk copy to the peer) only meets its rare interleavings over long walks.
 LONG_CASES = [SparseDecodeCase(b=16, h_q=128, s_q=2, topk=2048, num_blocks=512),
               SparseDecodeCase(b=16, h_q=64, s_q=1, topk=2048, num_blocks=512, with_topk_length=True),
-              SparseDecodeCase(b=16, h_q=16, s_q=2, topk=2048, num_blocks=512, with_topk_length=True),
+              SparseDecodeCase(b=16, h_q=32, s_q=2, topk=2048, num_blocks=512, with_topk_length=True),
               SparseDecodeCase(b=16, h_q=8, s_q=1, topk=2048, num_blocks=512)]
 
 
@@ -382,7 +384,8 @@ GRAPH_CASES = [SparseDecodeCase(b=8, h_q=64, s_q=2, topk=512, num_blocks=64, wit
                                 with_attn_sink=True, extra_topk=128),
                SparseDecodeCase(b=5, h_q=128, s_q=1, topk=2048, num_blocks=128),
                SparseDecodeCase(b=8, h_q=16, s_q=2, topk=512, num_blocks=64, with_topk_length=True,
-                                with_attn_sink=True, extra_topk=128)]
+                                with_attn_sink=True, extra_topk=128),
+               SparseDecodeCase(b=6, h_q=32, s_q=1, topk=2048, num_blocks=128, with_topk_length=True)]
 
 
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=[case_id(c) for c in GRAPH_CASES])
