@@ -881,6 +881,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
                                                       uint8_t* smem, int tid, int t, int begin_req, int begin_tok,
                                                       int end_req, int end_tok, int begin_split) {
   using L = NarrowLayout<kN, kV4>;
+  static_assert(kN % 16 == 0, "P^T leaves in pairs of 8-head blocks (stmatrix x4)");
   constexpr int kJ = kN / 8;    // 8-head column blocks
   constexpr int kH = kN / 4;    // heads of one thread
   constexpr int kAcc = kN / 2;  // accumulators of one thread per m64 product
