@@ -213,20 +213,28 @@ __device__ __forceinline__ RequestStep request_step(const SparseDecodeParams& p,
   return st;
 }
 
-// The Q tile of a request, loaded by TMA by one thread (issue_tiles(r): expect_tx and the tile loads) on the
-// q_full mbarrier `bar`. The load of request r + 1 is issued when the math is done with request r's chunks,
-// so that it lands while that request's epilogue runs. issued: the request whose load was issued last;
-// pending: not yet waited for.
-template <class IssueTiles>
+// The Q tile of a request: kTiles boxes of 64 columns x kHeads heads (the CTA's head tile blockIdx.z, query
+// token blockIdx.y; heads past h_q as zeros) at `dst`, loaded by TMA by thread 0 on the q_full mbarrier `bar`
+// (a 128-thread cp.async loop issued 32-36 loads per thread on the math warpgroup's path). The coordinates
+// come from blockIdx at each load: no registers held across the request loop. The load of request r + 1 is
+// issued when the math is done with request r's chunks, so that it lands while that request's epilogue
+// runs. issued: the request whose load was issued last; pending: not yet waited for.
+template <int kTiles, int kHeads>
 struct QTileLoads {
-  IssueTiles issue_tiles;
+  const CUtensorMap* map;
+  uint32_t dst;
   uint32_t bar;
   int issued = -1;
   bool pending = false;
   uint32_t phase = 0;
 
   __device__ __forceinline__ void load(int r) {
-    issue_tiles(r);
+    if (threadIdx.x == 0) {
+      mbar_expect_tx(bar, kTiles * kHeads * 128);
+#pragma unroll 1
+      for (int i = 0; i < kTiles; ++i)
+        tma_load_4d(dst + i * kHeads * 128, map, bar, i * 64, blockIdx.z * kHeads, blockIdx.y, r);
+    }
     issued = r;
     pending = true;
   }
@@ -251,11 +259,6 @@ struct QTileLoads {
     load(r + 1);
   }
 };
-template <class IssueTiles>
-__device__ __forceinline__ QTileLoads<IssueTiles> q_tile_loads(IssueTiles issue, uint32_t bar) {
-  QTileLoads<IssueTiles> q{issue, bar};
-  return q;
-}
 
 // The math warpgroups: kWG = 0 computes S, the softmax and O[:, 0:256]; kWG = 1 computes O[:, 256:512].
 // Separate instantiations, so that each is register-allocated under its own setmaxnreg budget.
@@ -297,16 +300,7 @@ __device__ __forceinline__ void math_warpgroup(const SparseDecodeParams& p, cons
   uint32_t g = 0;   // chunks consumed
   uint32_t pi = 0;  // P tiles handed over (one or two per chunk)
 
-  // WG0 loads Q: the 64 x d_qk tile (a 128-thread cp.async loop issued 32-36 loads per thread on WG0's
-  // path), heads past h_q as zeros.
-  auto q = q_tile_loads([&](int r) {
-    if (threadIdx.x == 0) {  // token and head tile from blockIdx: no registers held across the loop
-      mbar_expect_tx(bar_q, kBlockM * L::kDQK * 2);
-#pragma unroll 1
-      for (int i = 0; i < L::kNumColTiles; ++i)
-        tma_load_4d(sbase + L::kOffQ + i * kTileBytes, tmap_q, bar_q, i * 64, blockIdx.z * kBlockM, blockIdx.y, r);
-    }
-  }, bar_q);
+  QTileLoads<L::kNumColTiles, kBlockM> q{tmap_q, sbase + L::kOffQ, bar_q};  // WG0 loads Q
 
   RequestLoads next_loads = request_loads(p, begin_req);
   for (int r = begin_req; r <= end_req; ++r) {
@@ -907,14 +901,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
   };
 
   uint32_t g = 0;  // chunks consumed
-  auto q = q_tile_loads([&](int r) {  // the kN x d_qk tile of heads 0..kN-1, heads past h_q as zeros
-    if (tid == 0) {
-      mbar_expect_tx(bar_q, kN * L::kDQK * 2);
-#pragma unroll 1
-      for (int i = 0; i < L::kNumColTiles; ++i)
-        tma_load_4d(sbase + L::kOffQ + i * L::kHeadTileBytes, tmap_q, bar_q, i * 64, 0, t, r);
-    }
-  }, bar_q);
+  QTileLoads<L::kNumColTiles, kN> q{tmap_q, sbase + L::kOffQ, bar_q};  // grid z is 1: heads 0..kN-1
 
   RequestLoads next_loads = request_loads(p, begin_req);
   for (int r = begin_req; r <= end_req; ++r) {
