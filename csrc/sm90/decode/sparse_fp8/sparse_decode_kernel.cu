@@ -925,8 +925,8 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
       const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
+      // (no proxy fence here: each producer thread fences its stores before it arrives on the full barrier)
       mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
-      fence_proxy_async();  // generic stores of the producers -> wgmma reads
       // ---- S^T = K Q^T ----
       float s[kAcc];
 #pragma unroll
