@@ -653,16 +653,20 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
   auto finish_chunk = [&](uint32_t g) {
     const int stage = g & 1;
     const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
-    // Local rows: generic stores, made visible to wgmma and to the bulk copy by the proxy fence.
-    // The peer's rows land as transaction bytes of its bulk copies, announced by thread 0.
-    fence_proxy_async();
+    // Local rows: generic stores. The math warpgroups order them before their wgmma reads with a proxy
+    // fence after the full-barrier wait (docs/design.md §5.2, proxy fences): a fence here would also
+    // wait for the next chunk's loads, in flight in this thread's registers. The peer's rows land as
+    // transaction bytes of its bulk copies, announced by thread 0.
     if constexpr (kCluster == 2) {
       // This CTA's 32 rows (4 KB of every column tile, and their flags) go to the same place in the
       // peer's stage as bulk copies, counted as transaction bytes on the peer's full barrier. The
       // source is free again when this stage's empty barrier completes: the peer's math warps
-      // arrive on it only after their full barrier, i.e. after the copy.
+      // arrive on it only after their full barrier, i.e. after the copy. The copies read the rows
+      // through the async proxy: warp 0 fences once the barrier has ordered every producer's stores
+      // before it.
       if (ptid < 32) {
         named_bar_sync(kBarProducer + stage, 128);
+        fence_proxy_async();
       } else {
         named_bar_arrive(kBarProducer + stage, 128);
       }
@@ -925,8 +929,8 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
     for (int c = pc.start; c < pc.end; c += kBlockN, ++g) {
       const int stage = g & 1;
       const uint32_t kv = sbase + L::kOffKV + stage * L::kStageBytes;
-      // (no proxy fence here: each producer thread fences its stores before it arrives on the full barrier)
       mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+      fence_proxy_async();  // generic stores of the producers -> wgmma reads (the producers do not fence)
       // ---- S^T = K Q^T ----
       float s[kAcc];
 #pragma unroll
