@@ -707,27 +707,20 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
   if (has0 && (kRows == 1 || !kV4)) issue_row(q0, 0, cur);
   if constexpr (kRows == 1) {
     if (has1) prefetch_l2(q1);
-    // One chunk per step. A register copy of a value still being loaded waits for the load, so the
-    // loop never copies one: the row buffers and the slot of the indices just read alternate between
-    // two variables (two steps per loop iteration). q1's slot is copied only once it has landed.
-    RowLoads other;
-    ChunkSlots q3{};
-    auto step = [&](RowLoads& now, RowLoads& next, ChunkSlots& ahead, ChunkSlots& fresh) {
-      if (has1) issue_row(q1, 0, next);
-      if (has2) prefetch_l2(ahead);
+    while (has0) {
+      RowLoads nxt;
+      if (has1) issue_row(q1, 0, nxt);
+      if (has2) prefetch_l2(q2);
+      ChunkSlots q3{};
       const bool has3 = cr <= end_req;
-      if (has3) fresh = take_slots();
+      if (has3) q3 = take_slots();
       acquire_stage(g);
-      write_row(g, 0, now);
+      write_row(g, 0, cur);
       finish_chunk(g);
       ++g;
-      q1 = ahead;
+      cur = nxt;
+      q0 = q1, q1 = q2, q2 = q3;
       has0 = has1, has1 = has2, has2 = has3;
-    };
-    while (has0) {
-      step(cur, other, q2, q3);
-      if (!has0) break;
-      step(other, cur, q3, q2);
     }
   } else {
     while (has0) {
