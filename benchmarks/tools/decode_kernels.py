@@ -1,5 +1,6 @@
 """Device time of each kernel of one dense decode call (development tool): the attention kernel, the
-combine and the planner, averaged over eager calls under torch.profiler, for the shapes given.
+combine and the planner, averaged over eager calls under torch.profiler, for the shapes given; the
+same for FlashMLA's call (its attention and combine kernels) when ``flash_mla`` is importable.
 Usage: python3 benchmarks/tools/decode_kernels.py [b s_q s_k h_q ...]   (groups of four numbers)
 """
 import sys
@@ -10,12 +11,29 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "benchmarks")
 import torch_flashmla  # noqa: E402
-from bench_decode import D_QK, D_V, inputs  # noqa: E402
+from bench_decode import D_QK, D_V, flashmla_fn, inputs  # noqa: E402
 
 CALLS = 20
 
 
+def profiled_kernels(fn) -> dict:
+    """{kernel name: mean device us per call of fn} over CALLS eager calls (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            fn()
+        torch.cuda.synchronize()
+    total = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time
+    return {name: us / CALLS for name, us in total.items()}
+
+
 def kernel_times(b, s_q, s_k, h_q):
+    """(our kernels, FlashMLA's kernels or None, extra split pieces of our plan) for one shape."""
     q, cache, table, lens = inputs(b, s_q, s_k, h_q)
     meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
 
@@ -23,28 +41,23 @@ def kernel_times(b, s_q, s_k, h_q):
         torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
         torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            step()
-        torch.cuda.synchronize()
-    total = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time
-    return {name: us / CALLS for name, us in total.items()}, int(splits[-1].item()) - b
+    ours = profiled_kernels(step)
+    fm = flashmla_fn(q, cache, table, lens, h_q, s_q)
+    return ours, (profiled_kernels(fm) if fm is not None else None), int(splits[-1].item()) - b
 
 
 def main():
     args = [int(x) for x in sys.argv[1:]] or [128, 1, 4096, 128, 128, 1, 32768, 128, 64, 1, 8192, 16]
     for i in range(0, len(args), 4):
         shape = tuple(args[i:i + 4])
-        times, extra = kernel_times(*shape)
+        ours, theirs, extra = kernel_times(*shape)
         print(f"b={shape[0]} s_q={shape[1]} s_k={shape[2]} h_q={shape[3]}: {extra} extra split pieces")
-        for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
-            print(f"  {us:9.1f} us  {name[:90]}")
+        for tag, times in (("ours", ours), ("FlashMLA", theirs)):
+            if times is None:
+                continue
+            print(f"  {tag}:")
+            for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
+                print(f"  {us:9.1f} us  {name[:90]}")
 
 
 if __name__ == "__main__":
