@@ -895,6 +895,33 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
   const int quad = lane % 4;
   const int tok0 = warp * 16 + lane / 4;  // this thread's tokens of a chunk: tok0, tok0 + 8
   auto head_of = [&](int k) { return 8 * (k / 2) + 2 * quad + k % 2; };  // k = 2 j + e
+  // Combines each of this thread's kH per-head values over the 64 tokens of the chunk with op (max or +):
+  // over the quads of the warp by shuffles, then over the 4 warps through buf ([4][kN] floats, written
+  // by lanes 0-3). Every thread ends with the totals of its heads; callers keep reuses of buf apart.
+  auto reduce_over_tokens = [&](float (&v)[kH], float* buf, auto op) {
+#pragma unroll
+    for (int sh = 4; sh <= 16; sh *= 2)
+#pragma unroll
+      for (int k = 0; k < kH; ++k) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], sh));
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+        *reinterpret_cast<float2*>(buf + warp * kN + 8 * j + 2 * quad) = make_float2(v[2 * j], v[2 * j + 1]);
+    }
+    named_bar_sync(kBarNarrowMax, 128);
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      float2 acc = *reinterpret_cast<const float2*>(buf + 8 * j + 2 * quad);
+#pragma unroll
+      for (int w2 = 1; w2 < 4; ++w2) {
+        const float2 x = *reinterpret_cast<const float2*>(buf + w2 * kN + 8 * j + 2 * quad);
+        acc.x = op(acc.x, x.x);
+        acc.y = op(acc.y, x.y);
+      }
+      v[2 * j] = acc.x;
+      v[2 * j + 1] = acc.y;
+    }
+  };
   float* epi = reinterpret_cast<float*>(smem + L::kOffEpi) + warp * kN * L::kEpiRow;
 
   // stmatrix .trans row addresses of this lane in the P^T tile: matrices (token block 2 warp + m % 2,
@@ -960,28 +987,9 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
           b = v1 ? b * p.scale_log2 : -INFINITY;
           mx[2 * j + e] = fmaxf(a, b);
         }
-#pragma unroll
-      for (int sh = 4; sh <= 16; sh *= 2)
-#pragma unroll
-        for (int k = 0; k < kH; ++k) mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], sh));
-      float* chunk_max = s_max + (g & 1) * 4 * kN;  // by chunk parity: a warp writes chunk g + 2's maxima only
-                                                    // after every warp has passed chunk g + 1's barrier
-      if (lane < 4) {
-#pragma unroll
-        for (int j = 0; j < kJ; ++j)
-          *reinterpret_cast<float2*>(chunk_max + warp * kN + 8 * j + 2 * quad) = make_float2(mx[2 * j], mx[2 * j + 1]);
-      }
-      named_bar_sync(kBarNarrowMax, 128);
+      // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
+      reduce_over_tokens(mx, s_max + (g & 1) * 4 * kN, [](float a, float b) { return fmaxf(a, b); });
       float base[kH], alpha[kH];
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-#pragma unroll
-        for (int w2 = 0; w2 < 4; ++w2) {
-          const float2 m2 = *reinterpret_cast<const float2*>(chunk_max + w2 * kN + 8 * j + 2 * quad);
-          mx[2 * j] = fmaxf(mx[2 * j], m2.x);
-          mx[2 * j + 1] = fmaxf(mx[2 * j + 1], m2.y);
-        }
-      }
       bool rescale = false;
 #pragma unroll
       for (int k = 0; k < kH; ++k) {
@@ -1064,29 +1072,8 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
     // ---- epilogue: row sums over the 64 token rows, then O^T scaled and stored as rows of heads ----
     constexpr float kLn2 = 0.6931471805599453f;
     const bool split = pc.n_splits > 1;
-#pragma unroll
-    for (int sh = 4; sh <= 16; sh *= 2)
-#pragma unroll
-      for (int k = 0; k < kH; ++k) run_sum[k] += __shfl_xor_sync(0xffffffffu, run_sum[k], sh);
-    if (lane < 4) {
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-        *reinterpret_cast<float2*>(s_sum + warp * kN + 8 * j + 2 * quad) = make_float2(run_sum[2 * j], run_sum[2 * j + 1]);
-    }
-    named_bar_sync(kBarNarrowMax, 128);
+    reduce_over_tokens(run_sum, s_sum, [](float a, float b) { return a + b; });
     float scale[kH], lse[kH];
-#pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      float2 tot = make_float2(0.f, 0.f);
-#pragma unroll
-      for (int w2 = 0; w2 < 4; ++w2) {
-        const float2 s2 = *reinterpret_cast<const float2*>(s_sum + w2 * kN + 8 * j + 2 * quad);
-        tot.x += s2.x;
-        tot.y += s2.y;
-      }
-      run_sum[2 * j] = tot.x;
-      run_sum[2 * j + 1] = tot.y;
-    }
     named_bar_sync(kBarNarrowMax, 128);  // s_sum may be rewritten for the next request after this
     const float empty_lse = split ? -INFINITY : INFINITY;  // nothing attended: out 0, lse +inf (final) / -inf (partial)
 #pragma unroll
