@@ -45,49 +45,64 @@ def _cutlass_include():
     return None
 
 
-def _extension():
-    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
-    op_library = ["csrc/ops.cpp"]
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
-    if not _want_cuda():
-        print("torch_flashmla: building the C++ op library only (no CUDA kernels)")
-        return CppExtension("torch_flashmla._C", op_library, extra_compile_args={"cxx": cxx_flags})
+# Flags of the SM90 kernels, shared with the compile check (.ci/compile_cuda.py).
+NVCC_FLAGS = [
+    "-O3",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "--expt-relaxed-constexpr",
+    "--expt-extended-lambda",
+    "--use_fast_math",
+    "-lineinfo",
+    "-DNDEBUG",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+]
+CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+OP_LIBRARY = ["csrc/ops.cpp"]
+DEFINE_MACROS = [("FLASHMLA_WITH_CUDA", "1")]
 
-    kernel_sources = sorted(
-        rel(p)
+
+def kernel_sources():
+    """The CUDA kernels and their C++ entry points, relative to the repository root."""
+    return sorted(
+        os.path.relpath(p, ROOT)
         for pattern in ("csrc/**/*.cu", "csrc/**/*_cuda.cpp")
         for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
     )
-    include_dirs = [os.path.join(ROOT, "csrc")]
+
+
+def include_dirs():
+    dirs = [os.path.join(ROOT, "csrc")]
     cutlass = _cutlass_include()
     if cutlass:
-        include_dirs.append(cutlass)
-    nvcc_flags = [
-        "-O3",
-        "-gencode=arch=compute_90a,code=sm_90a",
-        "--expt-relaxed-constexpr",
-        "--expt-extended-lambda",
-        "--use_fast_math",
-        "-lineinfo",
-        "-DNDEBUG",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    ]
+        dirs.append(cutlass)
+    return dirs
+
+
+def _extension():
+    if not _want_cuda():
+        print("torch_flashmla: building the C++ op library only (no CUDA kernels)")
+        return CppExtension("torch_flashmla._C", OP_LIBRARY, extra_compile_args={"cxx": CXX_FLAGS})
+
+    sources = kernel_sources()
+    nvcc_flags = list(NVCC_FLAGS)
     if os.environ.get("FLASHMLA_PTXAS_VERBOSE"):
         nvcc_flags.append("-Xptxas=-v")
-    print(f"torch_flashmla: building the op library and {len(kernel_sources)} CUDA sources for sm_90a")
+    print(f"torch_flashmla: building the op library and {len(sources)} CUDA sources for sm_90a")
     return CUDAExtension(
         "torch_flashmla._C",
-        op_library + kernel_sources,
-        include_dirs=include_dirs,
-        define_macros=[("FLASHMLA_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        OP_LIBRARY + sources,
+        include_dirs=include_dirs(),
+        define_macros=DEFINE_MACROS,
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
     )
 
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# setuptools runs this file as __main__ (pip's build backend too); the compile check imports it for the flags.
+if __name__ == "__main__":
+    setup(
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
