@@ -99,6 +99,29 @@ def test_planner_sizes_checked_before_defaults(tokens, heads_k, arg):
             plan(seqlens, tokens, heads_k)
 
 
+@pytest.mark.parametrize("s_q,h_q,topk,parts", [
+    (1, 128, None, 66), (2, 128, None, 33), (2, 8, None, 132), (2, 32, None, 132),     # dense: rows tiled together
+    (2, 8, 2048, 66), (2, 32, 2048, 66), (1, 16, 2048, 132), (2, 64, 2048, 66),        # sparse: one CTA per token
+    (2, 128, 2048, 33), (4, 16, 512, 33), (3, 96, 2048, 22),
+])
+def test_default_partitions_fill_the_sms_once(s_q, h_q, topk, parts):
+    """Default num_sm_parts (132 SMs for CPU tensors): partitions x the CTAs each launches = the SMs, for
+    dense (64-row tiles of s_q * h_q rows) and sparse decode (s_q x 64-head tiles; docs/design.md §4.1)."""
+    seqlens = torch.tensor([5, 4000, 0], dtype=torch.int32)
+    assert F.default_num_sm_parts(torch.device("cpu"), s_q * h_q, 1, h_q, sparse=topk is not None) == parts
+    meta, _ = F.get_mla_metadata(seqlens, s_q * h_q, 1, h_q, is_fp8_kvcache=topk is not None, topk=topk)
+    assert meta.shape == (parts, 8)
+
+
+def test_sparse_old_call_form_keeps_the_row_count_plan():
+    """Without num_heads_q, s_q and h_q are not known apart: the sparse default is the dense count."""
+    seqlens = torch.tensor([2048] * 4, dtype=torch.int32)
+    meta, _ = compat.get_mla_metadata(seqlens, 2 * 8, 1, None, True, 2048)
+    assert meta.shape == (132, 8)
+    with pytest.raises(ValueError, match="argument 'num_heads_q'"):   # checked before the default divides
+        F.default_num_sm_parts(torch.device("cpu"), 16, 1, 3, sparse=True)
+
+
 def test_negative_lengths_plan_as_zero():
     neg = torch.tensor([-5, 70, -100, 1], dtype=torch.int32)
     zero = neg.clamp_min(0)

@@ -105,14 +105,7 @@ def check_get_mla_metadata(seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     as 0 (values are never checked: no host sync)."""
     c = _Checker("get_mla_metadata")
     c.tensor("seqlens", seqlens, dtypes=(torch.int32,), dim=1)
-    check_plan_sizes(c, num_q_tokens_per_head_k, num_heads_k)
-    if num_heads_q is not None:
-        c.positive_int("num_heads_q", num_heads_q, MAX_HEADS_Q)
-        c.value("num_heads_q", num_heads_q % num_heads_k == 0,
-                f"in 1..{MAX_HEADS_Q} and a multiple of num_heads_k={num_heads_k}", num_heads_q)
-        c.value("num_heads_q", (num_q_tokens_per_head_k * num_heads_k) % num_heads_q == 0,
-                f"a divisor of num_q_tokens_per_head_k * num_heads_k = {num_q_tokens_per_head_k * num_heads_k} "
-                "(= s_q * h_q)", num_heads_q)
+    check_plan_sizes(c, num_q_tokens_per_head_k, num_heads_k, num_heads_q)
     if topk is not None:
         c.value("topk", isinstance(topk, (int, torch.SymInt)) and not isinstance(topk, bool),
                 "None (dense) or a non-negative int", repr(topk))
@@ -120,10 +113,17 @@ def check_get_mla_metadata(seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     c.positive_int("num_sm_parts", num_sm_parts, MAX_SM_PARTS)
 
 
-def check_plan_sizes(c: "_Checker", num_q_tokens_per_head_k, num_heads_k) -> None:
+def check_plan_sizes(c: "_Checker", num_q_tokens_per_head_k, num_heads_k, num_heads_q=None) -> None:
     """The sizes a plan is made for (also checked before the default ``num_sm_parts`` divides by them)."""
     c.positive_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
     c.positive_int("num_heads_k", num_heads_k)
+    if num_heads_q is not None:
+        c.positive_int("num_heads_q", num_heads_q, MAX_HEADS_Q)
+        c.value("num_heads_q", num_heads_q % num_heads_k == 0,
+                f"in 1..{MAX_HEADS_Q} and a multiple of num_heads_k={num_heads_k}", num_heads_q)
+        c.value("num_heads_q", (num_q_tokens_per_head_k * num_heads_k) % num_heads_q == 0,
+                f"a divisor of num_q_tokens_per_head_k * num_heads_k = {num_q_tokens_per_head_k * num_heads_k} "
+                "(= s_q * h_q)", num_heads_q)
 
 
 def _check_plan(c: _Checker, tile_scheduler_metadata, num_splits, batch, device) -> None:

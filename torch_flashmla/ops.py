@@ -23,13 +23,21 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-    """How many SM partitions the decode kernels split the work into: one CTA per SM for each
-    (kv head, 64-row query tile) pair, at least 1."""
-    checks.check_plan_sizes(checks._Checker("get_mla_metadata"), num_q_tokens_per_head_k, num_heads_k)
+def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int,
+                         num_heads_q: Optional[int] = None, sparse: bool = False) -> int:
+    """How many SM partitions the decode kernels split the work into, at least 1: one CTA per SM for
+    each (kv head, 64-row query tile) pair. Dense decode tiles the ``s_q * h_q // h_kv`` query rows of a
+    kv head together; sparse decode launches one CTA per query token and 64-head tile, so with
+    ``sparse`` and ``num_heads_q`` given it counts ``s_q * ceil(h_q / 64)`` tiles (docs/design.md §4.1;
+    without ``num_heads_q``, FlashMLA's old call form, s_q and h_q are not known apart)."""
+    checks.check_plan_sizes(checks._Checker("get_mla_metadata"), num_q_tokens_per_head_k, num_heads_k, num_heads_q)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else DEFAULT_SM_COUNT
-    row_tiles = -(-num_q_tokens_per_head_k // DECODE_BLOCK_M)
+    if sparse and num_heads_q is not None:
+        s_q = num_q_tokens_per_head_k * num_heads_k // num_heads_q
+        row_tiles = s_q * -(-num_heads_q // DECODE_BLOCK_M)
+    else:
+        row_tiles = -(-num_q_tokens_per_head_k // DECODE_BLOCK_M)
     return max(1, sms // num_heads_k // row_tiles)
 
 
@@ -50,13 +58,14 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
             s_q * h_q // h_kv, h_kv)``). The plan depends only on ``num_q_tokens_per_head_k``; when
             given, ``num_heads_q`` is checked against it (``s_q * h_q`` must be a multiple of it).
         is_fp8_kvcache, topk: the cache format and top-k of sparse decode (``topk=None``: dense).
-        num_sm_parts: SM partitions (1..65535); default from the device's SM count (132 for CPU
-            tensors) and ``num_q_tokens_per_head_k``.
+        num_sm_parts: SM partitions (1..65535); default :func:`default_num_sm_parts` from the device's
+            SM count (132 for CPU tensors), the query rows and, for sparse decode, ``num_heads_q``.
     Returns:
         tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1].
     """
     if num_sm_parts is None:
-        num_sm_parts = default_num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+        num_sm_parts = default_num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+                                            sparse=topk is not None)
     return torch.ops.flashmla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
                                                is_fp8_kvcache, topk, num_sm_parts)
 
