@@ -81,9 +81,13 @@ CUtensorMap make_cache_map(const at::Tensor& kv, bool fp8, int rows) {
   const CUtensorMapDataType dt = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
                                  : kv.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  // L2 promotion: a 16-bit tile row is 128 bytes of the 1,152-byte cache row, and promoting it to 256 bytes
+  // cost 4% of the streaming rate (benchmarks/NOTES.md, "The cache tensor map's L2 promotion"); the FP8
+  // cache's 128-byte boxes keep 256 bytes (that A/B was inconclusive there).
+  const CUtensorMapL2promotion l2 = fp8 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
   CUresult res = flashmla::api::tensor_map_encoder("mla_decode")(&map, dt, 4, kv.data_ptr(), dims, strides, box, elem_strides,
-                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, l2,
+                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(res == CUDA_SUCCESS, "mla_decode: cuTensorMapEncodeTiled failed (", static_cast<int>(res), ")");
   return map;
 }
