@@ -12,7 +12,9 @@ V3.2 cache, b 128, s_q 2, topk 2048 (the first row of bench_sparse_decode.py), h
   64/this   64-head op us / this op us (1.0: a few-head call costs what 64 heads cost)
 
 Run on the GPU machine: python benchmarks/tools/sparse_few_heads.py [--no-reference] [--calls N]
-                                                                  [--flashmla-heads 64,...]
+                                                                  [--flashmla-heads 64,...] [--num-sm-parts N]
+--num-sm-parts N: plan every head count with N partitions instead of the default (docs/design.md §4.1;
+132 reproduces the default of before the one-wave plans on an H200).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def main() -> int:
     ap.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference path")
     ap.add_argument("--calls", type=int, default=20, help="profiled calls for the kernel-alone time")
     ap.add_argument("--flashmla-heads", default="64", help="head counts at which FlashMLA is timed (comma list)")
+    ap.add_argument("--num-sm-parts", type=int, default=None, help="partitions of every plan (default: the planner's)")
     opts = ap.parse_args()
     dev = torch.device("cuda")
     cache, table = make_cache(B, S_K, dev)
@@ -48,7 +51,12 @@ def main() -> int:
     rows = {}
     for h_q in HEADS:
         q = make_q(B, S_Q, h_q, dev)
-        meta, splits = plan(B, S_Q, h_q, TOPK, dev)
+        if opts.num_sm_parts is None:
+            meta, splits = plan(B, S_Q, h_q, TOPK, dev)
+        else:
+            meta, splits = torch_flashmla.get_mla_metadata(torch.full((B,), TOPK, dtype=torch.int32, device=dev),
+                                                           S_Q * h_q, 1, h_q, is_fp8_kvcache=True, topk=TOPK,
+                                                           num_sm_parts=opts.num_sm_parts)
 
         def op():
             return torch_flashmla.sparse_mla_decode(q, cache, indices, meta, splits, softmax_scale=scale)
