@@ -55,8 +55,10 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         num_q_tokens_per_head_k: ``s_q * h_q // h_kv`` (the query rows of one kv head).
         num_heads_k: h_kv.
         num_heads_q: h_q, or None (FlashMLA's old call form ``get_mla_metadata(seqlens,
-            s_q * h_q // h_kv, h_kv)``). The plan depends only on ``num_q_tokens_per_head_k``; when
-            given, ``num_heads_q`` is checked against it (``s_q * h_q`` must be a multiple of it).
+            s_q * h_q // h_kv, h_kv)``). For a given ``num_sm_parts`` the plan depends only on
+            ``num_q_tokens_per_head_k``; the default ``num_sm_parts`` of sparse decode uses ``num_heads_q``
+            when given. Given, it is checked against ``num_q_tokens_per_head_k`` (``s_q * h_q`` must be a
+            multiple of it).
         is_fp8_kvcache, topk: the cache format and top-k of sparse decode (``topk=None``: dense).
         num_sm_parts: SM partitions (1..65535); default :func:`default_num_sm_parts` from the device's
             SM count (132 for CPU tensors), the query rows and, for sparse decode, ``num_heads_q``.
