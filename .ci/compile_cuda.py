@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,8 +98,7 @@ def main() -> int:
             for src, std, proc, seconds in pool.map(run, jobs):
                 log = proc.stdout + proc.stderr
                 spills = sorted({line.strip() for line in log.splitlines()
-                                 if "spill" in line and not line.strip().startswith("0 bytes spill")
-                                 and " 0 bytes spill stores, 0 bytes spill loads" not in line})
+                                 if any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line))})
                 status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 print(f"  {status:20} {seconds:5.1f} s  -std={std}  {src}", flush=True)
                 for line in spills:

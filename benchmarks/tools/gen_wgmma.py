@@ -55,9 +55,8 @@ out += [gen(64, "e4m3", "wgmma_m64n64k32_e4m3_kk", None, False, k=32), "",
         gen(256, "e4m3", "wgmma_m64n256k32_e4m3_kk", None, False, k=32), "",
         gen(256, "e4m3", "wgmma_m64n256k32_e4m3_rk", None, True, k=32), ""]
 # Sparse decode with few heads (transposed products): S^T = K Q^T and O^T += V^T P^T, N = the head tile.
-for n in (16,):
-    out += [gen(n, "bf16", f"wgmma_m64n{n}k16_bf16_kk", 0, False), "",
-            gen(n, "bf16", f"wgmma_m64n{n}k16_bf16_mnk", 0, False, transa=1), ""]
+out += [gen(16, "bf16", "wgmma_m64n16k16_bf16_kk", 0, False), "",
+        gen(16, "bf16", "wgmma_m64n16k16_bf16_mnk", 0, False, transa=1), ""]
 out += ["}  // namespace sm90", "}  // namespace flashmla"]
 root = pathlib.Path(__file__).resolve().parents[2]
 (root / "csrc/sm90/common/wgmma_ops.h").write_text("\n".join(out) + "\n")
