@@ -212,12 +212,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int* meta = p.metadata + blockIdx.z * 8;
   const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
   const int begin_split = meta[4];
+
   if (begin_req > end_req || begin_req < 0) return;
 
+  // While thread 0 sets up the barriers, lane 0 of warp 1 pulls the first request's length and first
+  // block-table entry into L2: the first chunk's loads wait for both, one after the other. (Not in the
+  // small-page instantiation, where it made ptxas spill.)
   if (tid == 0) {
     for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
+  } else if (!kSmallPages && tid == 32 && begin_tok >= 0 && begin_tok < p.max_tokens) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.seqlens + begin_req) : "memory");
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + (int64_t)begin_req * p.block_table_stride +
+                                                       begin_tok / p.page_size)
+                 : "memory");
   }
   __syncthreads();
 
