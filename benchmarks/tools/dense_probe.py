@@ -1,8 +1,10 @@
 """Timeline of one steady-state chunk pair of the seesaw dense-decode kernel (development tool).
 
-Needs an extension built with -DFLASHMLA_DENSE_PROFILE (e.g. add `#define FLASHMLA_DENSE_PROFILE 1`
-at the top of csrc/sm90/decode/dense/dense_decode_kernel.cuh): thread 0 of each warpgroup of CTA
-(0, 0, 0) stores clock64() at 8 points of pair 20 into the first 128 bytes of `out`.
+Needs a development build with the probes of benchmarks/tools/dense_probe.patch (`git apply
+benchmarks/tools/dense_probe.patch`, rebuild; `git apply -R` afterwards): thread 0 of each warpgroup of CTA
+(0, 0, 0) stores clock64() at 8 points of pair 20 into the first 128 bytes of `out` instead of that CTA's
+outputs, so such a build gives wrong results on purpose and the probes are kept out of the library's
+source. The probe points follow the kernel's schedule; a change of the schedule needs the patch redone.
 Usage: python3 benchmarks/tools/dense_probe.py [b s_q s_k h_q]
 """
 import sys

@@ -173,16 +173,6 @@ __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sb
   zero_tail_rows(smem + kOffKV + stage * kStageBytes, t_begin, valid, tid_wg, wg);
 }
 
-// Timeline probes for development builds (-DFLASHMLA_DENSE_PROFILE): thread 0 of each warpgroup of
-// CTA (0, 0, 0) records clock64() at 8 points of pair 20 and writes them as int64 to the start of
-// `out` (warpgroup w at [8w, 8w + 8)); that CTA then skips its output stores.
-#ifdef FLASHMLA_DENSE_PROFILE
-#define SEESAW_PROBE(k) \
-  if (probe_on) probe[k] = clock64();
-#else
-#define SEESAW_PROBE(k)
-#endif
-
 // T: the 16-bit type of q, the cache and the output; kSmallPages: page_size is not a multiple of 64 (load_tiles_small_pages; a separate instantiation, so that
 // the one-load-per-tile kernel keeps its register allocation).
 template <typename T, bool kSmallPages>
@@ -348,11 +338,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_all(s);
       fence_frags(q8);
       for (int i = 0; i < n; i += 2) {
-#ifdef FLASHMLA_DENSE_PROFILE
-        const bool probe_on = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tid_wg == 0 && i == 20;
-        long long probe[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#endif
-        SEESAW_PROBE(0);
         const uint32_t ga = g + i, gb = ga + 1;
         const int stage_a = ga & 1, stage_b = gb & 1;
         const int ca = start + i * kBlockN, cb = ca + kBlockN;
@@ -363,10 +348,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           mask_tail(s, ca, lim0, lim1, quad_col);
           mask_pages(s, s_page_ok[stage_a], quad_col);
           row_max(s, p.scale_log2, mx0, mx1);
-          SEESAW_PROBE(1);
           const MaxUpdate u = update_shared_max(s_max, s_scale_a, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleA, 256);
-          SEESAW_PROBE(2);
           exp_rescale(s, o, l0, l1, p.scale_log2, u);
           pack_p<T, false>(pa, s);
           if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
@@ -375,22 +358,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           named_bar_arrive(kBarPa, 256);
           if (end - ca < kBlockN) zero_tail_rows(smem + kOffKV + stage_a * kStageBytes, 0, end - ca, tid_wg, 0);
           pv_regs<T>(o, pa, stage_addr(sbase, stage_a));
-          SEESAW_PROBE(3);
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
           // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
           if (warp == 0 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
-          SEESAW_PROBE(4);
           named_bar_sync(kBarScaleB, 256);
-          SEESAW_PROBE(5);
           rescale_acc(o, l0, l1, s_scale_b[row0], s_scale_b[row1]);
           if (has_b) {
             named_bar_sync(kBarPb, 256);
             if (end - cb < kBlockN) zero_tail_rows_landed(smem, sbase, stage_b, (gb >> 1) & 1, 0, end - cb, tid_wg, 0);
             pv_smem<T>(o, sbase + kOffPb, stage_addr(sbase, stage_b));
           }
-          SEESAW_PROBE(6);
           // V_b[:, :256] is refilled as soon as its product is done, before S_{a+2} is issued: issuing S_{a+2}
           // first waits for its tiles, which delayed this refill, and with it WG1's S_{b+2} (NOTES.md).
           // S_{a+2} would run after the product anyway (one warpgroup's wgmma groups run in order).
@@ -406,10 +385,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(o);
           fence_all(s);
           fence_frags(q8);
-          SEESAW_PROBE(7);
         } else {
           named_bar_sync(kBarScaleA, 256);
-          SEESAW_PROBE(1);
           // Read now: WG0 rewrites s_scale_a for the next pair once it has passed kBarPb.
           const float fa0 = s_scale_a[row0], fa1 = s_scale_a[row1];
           // O1 to max_a, then O1 += P_a V_a[:, 256:] first: the last reader of stage a, so that its
@@ -421,13 +398,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           named_bar_sync(kBarPa, 256);
           if (end - ca < kBlockN) zero_tail_rows_landed(smem, sbase, stage_a, (ga >> 1) & 1, 4, end - ca, tid_wg, 1);
           pv_smem<T>(o, sbase + kOffPa, stage_addr(sbase, stage_a) + 4 * kTileBytes);
-          SEESAW_PROBE(2);
           // softmax of chunk b against max_a (all masked when there is no chunk b) while it runs
           float mx0, mx1;
           row_max(s, p.scale_log2, mx0, mx1);
           const MaxUpdate u = update_shared_max(s_max, s_scale_b, row0, row1, quad, mx0, mx1);
           named_bar_arrive(kBarScaleB, 256);
-          SEESAW_PROBE(3);
           float sum0 = 0.f, sum1 = 0.f;
           if (has_b) {
             exp_pack<T>(pa, s, p.scale_log2, u.base0, u.base1, sum0, sum1);
@@ -435,10 +410,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             fence_proxy_async();
             named_bar_arrive(kBarPb, 256);
           }
-          SEESAW_PROBE(4);
           wgmma_wait<0>();
           fence_all(o);
-          SEESAW_PROBE(5);
           if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
           // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
           if (warp == 0 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
@@ -447,7 +420,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (has_b) {
             if (end - cb < kBlockN) zero_tail_rows(smem + kOffKV + stage_b * kStageBytes, 4, end - cb, tid_wg, 1);
             pv_regs<T>(o, pa, stage_addr(sbase, stage_b) + 4 * kTileBytes);
-            SEESAW_PROBE(6);
             wgmma_wait<0>();
             fence_all(o);
             fence_frags(pa);
@@ -462,14 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             fence_all(s);
             fence_frags(q8);
           }
-          SEESAW_PROBE(7);
         }
-#ifdef FLASHMLA_DENSE_PROFILE
-        if (probe_on) {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) reinterpret_cast<long long*>(p.out)[wg * 8 + k] = probe[k];
-        }
-#endif
       }
     }
     g += n;
@@ -490,9 +455,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Read here, not with the request's range: no register holds them across the chunk loop.
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     const int split_idx = r == begin_req ? begin_split : 0;
-#ifdef FLASHMLA_DENSE_PROFILE
-    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) continue;
-#endif
     store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
                      s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }
