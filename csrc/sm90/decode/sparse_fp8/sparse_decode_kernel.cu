@@ -8,8 +8,8 @@
 //
 // Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
 //   WG2 (producer): per chunk, gathers the 656-byte records with 16-byte loads (indices read two
-//       chunks ahead, records prefetched into L2 one chunk ahead, the loads of one row in flight while
-//       another is converted: see the producer loop), dequantizes e4m3 * scale to bf16
+//       chunks ahead, records prefetched into L2 ahead of the loads, the loads of one row in flight
+//       while another is converted: see the producer loop), dequantizes e4m3 * scale to bf16
 //       and writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that
 //       wgmma reads (rows of skipped indices are zero, so masked probabilities never meet NaN),
 //       with one valid flag per row: st.shared + proxy fence + arrive. In a cluster, one thread then
@@ -689,9 +689,12 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
   };
 
   // Indices are read two chunks ahead of the register loads; records are prefetched into L2 one
-  // chunk ahead of them. The registers hold the loads of two rows: while one row is converted, the
-  // loads of the next one (the peer's half of the next chunk in a cluster: one row per thread; the
-  // second row of the chunk, or the first of the next chunk, in one CTA) are in flight.
+  // chunk ahead of them (one row per thread), or two chunks ahead of the chunk being written (two
+  // rows per thread: about 1% faster on the V3.2 64-head rows, while the one-row loop measured 1-3%
+  // slower with its prefetch moved ahead, benchmarks/NOTES_sparse_decode.md). The registers hold the
+  // loads of two rows: while one row is converted, the loads of the next one (the peer's half of the
+  // next chunk in a cluster: one row per thread; the second row of the chunk, or the first of the next
+  // chunk, in one CTA) are in flight.
   enter(cr);
   seek();
   ChunkSlots q0{}, q1{}, q2{};
@@ -723,11 +726,12 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
       has0 = has1, has1 = has2, has2 = has3;
     }
   } else {
+    if (has1) prefetch_l2(q1);
     while (has0) {
       RowLoads second;
       if (kV4) issue_row(q0, 0, cur);
       issue_row(q0, 1, second);
-      if (has1) prefetch_l2(q1);
+      if (has2) prefetch_l2(q2);
       ChunkSlots q3{};
       const bool has3 = cr <= end_req;
       if (has3) q3 = take_slots();
