@@ -202,7 +202,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int* meta = p.metadata + blockIdx.z * 8;
   const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
   const int begin_split = meta[4];
-
   if (begin_req > end_req || begin_req < 0) return;
 
   // While thread 0 sets up the barriers, lane 0 of warp 1 pulls the first request's length and first
