@@ -708,8 +708,8 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
   uint32_t g = 0;
   RowLoads cur;
   if (has0 && (kRows == 1 || !kV4)) issue_row(q0, 0, cur);
+  if (has1) prefetch_l2(q1);
   if constexpr (kRows == 1) {
-    if (has1) prefetch_l2(q1);
     while (has0) {
       RowLoads nxt;
       if (has1) issue_row(q1, 0, nxt);
@@ -726,7 +726,6 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
       has0 = has1, has1 = has2, has2 = has3;
     }
   } else {
-    if (has1) prefetch_l2(q1);
     while (has0) {
       RowLoads second;
       if (kV4) issue_row(q0, 0, cur);
