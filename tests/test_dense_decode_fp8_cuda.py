@@ -90,6 +90,8 @@ def check_case(b, s_q, h_q, h_kv, s_k, causal, q_fp8, varlen, zeros, seed, **kw)
     return out, lse
 
 
+# Up to 32 query rows per kv head (s_q * h_q / h_kv) run the transposed 32-row kernel, more the 64-row one:
+# h_q 1 and 64 / 8 kv heads are all 32-row cases, h_q 9 is 32-row at s_q 1, 2 and 64-row at s_q 4.
 HEADS = [(1, 1), (9, 1), (64, 1), (128, 1), (126, 2), (64, 8)]
 SMALL = list(itertools.product(HEADS, [1, 2, 4], [20, 140, 1500, 4096]))
 
@@ -112,6 +114,7 @@ LARGE = [
     (64, 4, 128, 1, 8192, True, False),
     (4096, 1, 16, 1, 300, False, False),
     (2, 2, 64, 1, 131072, True, False),
+    (128, 2, 16, 1, 8192, True, True),  # 32 query rows: the transposed (32-row) kernel, causal, e4m3 q
 ]
 
 
@@ -180,10 +183,11 @@ def test_fp8_vs_bf16_kernel_on_dequantized_data(h_q, s_k):
 
 
 @pytest.mark.parametrize("page_size", [64, 2])
-def test_fp8_decode_cuda_graph_replay(page_size):
+@pytest.mark.parametrize("h_q", [64, 16])
+def test_fp8_decode_cuda_graph_replay(page_size, h_q):
     """Plan + FP8 decode captured once, replayed with new lengths, block tables and a new descale_k value
-    (read on the device at replay)."""
-    b, s_q, h_q, s_k = 8, 2, 64, 2000
+    (read on the device at replay). h_q 16 with s_q 2 is 32 query rows: the transposed kernel."""
+    b, s_q, s_k = 8, 2, 2000
     q, cache, table, lens, _, dq, dk = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, q_fp8=True, seed=11,
                                                    page_size=page_size)
     static_lens, static_table, static_dk = lens.clone(), table.clone(), dk.clone()

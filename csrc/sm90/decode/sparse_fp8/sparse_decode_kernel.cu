@@ -42,6 +42,7 @@
 #include "common/decode_common.h"
 #include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
+#include "sm90/common/transposed.h"
 #include "sm90/decode/sparse_fp8/sparse_decode.h"
 
 namespace flashmla {
@@ -874,48 +875,6 @@ struct NarrowOps<16> {
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n16k16_bf16_mnk(d, a, b, 1); }
 };
 
-// Combines each of a few-head math thread's kN / 4 per-head values over the 64 tokens of the chunk with Op
-// (max or +): over the quads of the warp by shuffles, then over the 4 warps through buf ([4][kN] floats,
-// written by lanes 0-3). Every thread ends with the totals of its heads; callers keep reuses of buf apart.
-// (A function template, not a generic lambda: cudafe++ of nvcc 13.0 crashes on the lambda in host compilation.)
-// Op::start(own) is where the sum over the 4 warps' entries starts (the own value is one of them).
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-  __device__ __forceinline__ float start(float own) const { return own; }
-};
-struct AddOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
-  __device__ __forceinline__ float start(float) const { return 0.f; }
-};
-template <int kN, typename Op>
-__device__ __forceinline__ void reduce_over_tokens(float (&v)[kN / 4], float* buf, int warp, int lane, Op op) {
-  constexpr int kJ = kN / 8;
-  constexpr int kH = kN / 4;
-  const int quad = lane % 4;
-#pragma unroll
-  for (int sh = 4; sh <= 16; sh *= 2)
-#pragma unroll
-    for (int k = 0; k < kH; ++k) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], sh));
-  if (lane < 4) {
-#pragma unroll
-    for (int j = 0; j < kJ; ++j)
-      *reinterpret_cast<float2*>(buf + warp * kN + 8 * j + 2 * quad) = make_float2(v[2 * j], v[2 * j + 1]);
-  }
-  named_bar_sync(kBarNarrowMax, 128);
-#pragma unroll
-  for (int j = 0; j < kJ; ++j) {
-    float2 acc = make_float2(op.start(v[2 * j]), op.start(v[2 * j + 1]));
-#pragma unroll
-    for (int w2 = 0; w2 < 4; ++w2) {
-      const float2 x = *reinterpret_cast<const float2*>(buf + w2 * kN + 8 * j + 2 * quad);
-      acc.x = op(acc.x, x.x);
-      acc.y = op(acc.y, x.y);
-    }
-    v[2 * j] = acc.x;
-    v[2 * j + 1] = acc.y;
-  }
-}
-
 // The few-head math warpgroup (WG0): S^T, the softmax, O^T and the epilogue of every request of the
 // partition. Accumulator element 4 j + 2 half + e of a thread is (row warp * 16 + lane / 4 + 8 half,
 // head 8 j + 2 (lane % 4) + e); the per-head statistics are indexed 2 j + e.
@@ -1006,7 +965,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
           mx[2 * j + e] = fmaxf(a, b);
         }
       // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
-      reduce_over_tokens<kN>(mx, s_max + (g & 1) * 4 * kN, warp, lane, MaxOp{});
+      reduce_over_tokens<kN>(mx, s_max + (g & 1) * 4 * kN, warp, lane, kBarNarrowMax, MaxOp{});
       float base[kH], alpha[kH];
       bool rescale = false;
 #pragma unroll
@@ -1090,7 +1049,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
     // ---- epilogue: row sums over the 64 token rows, then O^T scaled and stored as rows of heads ----
     constexpr float kLn2 = 0.6931471805599453f;
     const bool split = pc.n_splits > 1;
-    reduce_over_tokens<kN>(run_sum, s_sum, warp, lane, AddOp{});
+    reduce_over_tokens<kN>(run_sum, s_sum, warp, lane, kBarNarrowMax, AddOp{});
     float scale[kH], lse[kH];
     named_bar_sync(kBarNarrowMax, 128);  // s_sum may be rewritten for the next request after this
     const float empty_lse = split ? -INFINITY : INFINITY;  // nothing attended: out 0, lse +inf (final) / -inf (partial)

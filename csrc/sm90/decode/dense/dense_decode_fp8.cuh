@@ -1,0 +1,380 @@
+// Shared pieces of the two SM90 dense decode kernels over the per-tensor e4m3 cache: the 64-row kernel
+// (dense_decode_fp8.cu: S = Q K^T, O = P V) and the 32-row kernel for few query rows per kv head
+// (dense_decode_fp8_narrow.cu: S^T = K Q^T, O^T = V^T P^T). Both use the same shared-memory layout, cache
+// loads, Q fill and V transposes (WG2); docs/design.md §5.1, "FP8 cache".
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "sm90/common/seesaw.h"
+#include "sm90/common/sm90_ptx.h"
+#include "sm90/decode/dense/dense_decode.h"
+#include "sm90/decode/dense/dense_decode_common.cuh"
+
+namespace flashmla {
+namespace sm90 {
+namespace dense_fp8 {
+
+using namespace dense;
+
+constexpr int kThreads = 384;  // three warpgroups
+constexpr int kNarrowRows = 32;  // query rows per kv head up to which the 32-row kernel runs
+constexpr int kStages = 3;
+constexpr int kVtBufs = 2;  // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead (3 with 2 stages: slower)
+constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
+constexpr int kStageBytes = 5 * kSlotBytes;         // + columns 512..639 (576.. zero-filled by the TMA)
+constexpr int kQRopeBytes = 64 * 64;                // Q columns 512..575: 64 rows x 64 bytes, 64B swizzle
+constexpr int kVtBytes = kDV * 64;                  // V^T: 512 rows x 64 tokens, 64B swizzle
+constexpr int kPBytes = 64 * 64;                    // P: 64 rows x 64 tokens, 64B swizzle
+
+constexpr int kOffQ = 0;
+constexpr int kOffQRope = kOffQ + kLatentSlots * kSlotBytes;
+constexpr int kOffKV = kOffQRope + kQRopeBytes;
+constexpr int kOffVt = kOffKV + kStages * kStageBytes;
+constexpr int kOffP = kOffVt + kVtBufs * kVtBytes;
+constexpr int kOffQScale = kOffP + kPBytes;          // float[64]: dequantization factor of each Q row
+constexpr int kOffAlpha = kOffQScale + 64 * 4;       // float[64]: WG0's rescale factors of the chunk
+constexpr int kOffRowSum = kOffAlpha + 64 * 4;       // float[2][64]: row sums of a request (by request parity)
+constexpr int kOffRowMax = kOffRowSum + 2 * 64 * 4;  // float[2][64]: final row maxima (log2 domain)
+constexpr int kOffPageOk = kOffRowMax + 2 * 64 * 4;  // uint64[kStages]: bit k = token k's page is in the cache
+constexpr int kOffBar = kOffPageOk + kStages * 8;
+// mbarriers, by index from kOffBar
+constexpr int kKvFull = 0;               // [kStages]: the chunk's bytes landed (TMA transactions)
+constexpr int kVtFull = kStages;                 // [kVtBufs]: V^T written (4 WG2 warps)
+constexpr int kVtEmpty = kVtFull + kVtBufs;      // [kVtBufs]: every PV product of the buffer done (its warps)
+constexpr int kPFull = kVtEmpty + kVtBufs;       // P and the factors written (4 WG0 warps)
+constexpr int kPEmpty = kPFull + 1;              // WG1's product with P done (4 WG1 warps)
+constexpr int kQFull = kPFull + 2;               // Q and its row factors written (4 WG2 warps)
+constexpr int kQEmpty = kPFull + 3;              // WG0's last QK of the request done (4 WG0 warps)
+constexpr int kNumBars = kPFull + 4;
+constexpr int kSmemUsed = kOffBar + kNumBars * 8;
+constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
+static_assert(kSmemBytes <= 232448, "shared memory per block");
+static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 && kOffP % 512 == 0,
+              "swizzle atoms: 1024 bytes (128B swizzle), 512 bytes (64B)");
+
+constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums and maxima are in shared memory for WG1
+
+// setmaxnreg budgets of both kernels, per page-size instantiation; they must sum to the launch allotment
+// (3 x 168). In the 64-row kernel WG0 holds O (128), S (32) and P (8); in the 32-row kernel WG0 holds S^T (16)
+// and the per-row softmax state. WG1 holds O (O^T) and, with small pages, the page-slice loads of
+// load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
+// (12 registers each) in flight: 4 rows need 104 registers, so only the large-page instantiation, where
+// WG1 needs less, batches them. The 32-row kernel (kNarrow) moves registers from its WG0 to WG1 (O^T and the
+// epilogue's exchanges) and WG2 with large pages (at 104, 112 ptxas spilled 20-36 B in WG2).
+template <bool kSmallPages, bool kNarrow = false>
+struct Budget {
+  static constexpr int kRegsWG0 = kNarrow && !kSmallPages ? 152 : 200;
+  static constexpr int kRegsWG1 = kSmallPages ? 224 : (kNarrow ? 232 : 200);
+  static constexpr int kRegsWG2 = kSmallPages ? 80 : (kNarrow ? 120 : 104);
+  static constexpr int kQFillRows = kSmallPages ? 1 : 4;
+  static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+};
+
+__device__ __forceinline__ uint32_t bar_addr(uint32_t sbase, int idx) { return sbase + kOffBar + idx * 8; }
+
+// Shared-memory matrix descriptor, 64-byte swizzle, K-major: rows of 64 bytes, SBO = 512 (8-row groups).
+__device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16;
+  d |= static_cast<uint64_t>(512 >> 4) << 32;
+  d |= 2ull << 62;
+  return d;
+}
+// Byte offset of (row, byte) in a tile of 64-byte rows with the 64B swizzle (16-byte chunk ^= (row >> 1) & 3).
+__device__ __forceinline__ uint32_t swz64(int row, int byte) {
+  return static_cast<uint32_t>(row * 64 + ((((byte >> 4) ^ (row >> 1)) & 3) << 4) + (byte & 15));
+}
+
+// Four floats -> four e4m3 (round to nearest even, saturating), a in the low byte.
+__device__ __forceinline__ uint32_t f32x4_to_e4m3x4(float a, float b, float c, float d) {
+  uint16_t lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(b), "f"(a));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(d), "f"(c));
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// The power of two f that brings a row of |values| <= amax to at most 448 (e4m3's largest) with the least
+// headroom: amax = 1.m * 2^e gives f = 2^(8 - e) when 1.m <= 1.75, else 2^(7 - e). Rows of zeros (or no
+// finite maximum) take 1. Exact integer arithmetic, so that torch_flashmla.reference can repeat it.
+__device__ __forceinline__ float e4m3_row_factor(float amax) {
+  if (!(amax > 0.f) || !(amax < INFINITY)) return 1.f;
+  const uint32_t bits = __float_as_uint(amax);
+  const int e = static_cast<int>((bits >> 23) & 0xFF) - 127;
+  int k = ((bits & 0x7FFFFFu) <= 0x600000u ? 8 : 7) - e;
+  k = max(-126, min(127, k));
+  return __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
+}
+
+// Query rows row_first..row_first + kRows - 1 of the tile (request r) -> e4m3 in the Q tiles, their
+// dequantization factors -> s_qscale. One warp per row at a time: lane l takes the 8-value pieces l, l + 32,
+// l + 64 (< 72) of the 576 values. The loads of all kRows rows are issued first, so that the fill costs one
+// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first).
+template <int kRows>
+__device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r,
+                                            int row_first, int mtile, int kvh, int lane, float descale_q) {
+  uint4 raw[kRows][3];  // bf16: 8 values per piece; e4m3: 8 values in .x, .y
+  bool in[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int m = mtile * kBlockM + row_first + i;
+    in[i] = m < p.m_total;
+    const int mm = in[i] ? m : 0;
+    const int t = mm / p.group;
+    const int head = kvh * p.group + mm % p.group;
+    const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int c = lane + 32 * k;
+      raw[i][k] = make_uint4(0, 0, 0, 0);
+      if (in[i] && c < kDQK / 8) {
+        if (p.q_fp8) {
+          const uint2 v = *reinterpret_cast<const uint2*>(reinterpret_cast<const uint8_t*>(p.q) + off + 8 * c);
+          raw[i][k].x = v.x;
+          raw[i][k].y = v.y;
+        } else {
+          raw[i][k] = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(p.q) + off + 8 * c);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int row = row_first + i;
+    uint2 packed[3];
+    float dequant = descale_q;
+    if (p.q_fp8) {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) packed[k] = make_uint2(raw[i][k].x, raw[i][k].y);
+    } else {
+      float amax = 0.f;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        const uint32_t w[4] = {raw[i][k].x, raw[i][k].y, raw[i][k].z, raw[i][k].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+          amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+        }
+      }
+#pragma unroll
+      for (int o_ = 16; o_ >= 1; o_ /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o_));
+      const float f = e4m3_row_factor(amax);
+      dequant = 1.f / f;  // a power of two: exact
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        const uint32_t w[4] = {raw[i][k].x, raw[i][k].y, raw[i][k].z, raw[i][k].w};
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 fv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+          v[2 * e] = fv.x * f;
+          v[2 * e + 1] = fv.y * f;
+        }
+        packed[k].x = f32x4_to_e4m3x4(v[0], v[1], v[2], v[3]);
+        packed[k].y = f32x4_to_e4m3x4(v[4], v[5], v[6], v[7]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int c = lane + 32 * k;
+      if (c < kDQK / 8) {
+        const int col = 8 * c;
+        const uint32_t dst = col < kDV ? sbase + kOffQ + (col >> 7) * kSlotBytes + swz(row, (col & 127) >> 4) + (col & 8)
+                                       : sbase + kOffQRope + swz64(row, col - kDV);
+        asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(dst), "r"(packed[k].x), "r"(packed[k].y) : "memory");
+      }
+    }
+    if (lane == 0) s_qscale[row] = in[i] ? dequant : 0.f;
+  }
+}
+
+// L2 prefetch of the 64 query rows of request r in this tile (one bulk prefetch per row, by threads 0..63 of
+// a warpgroup), so that the Q fill reads them from L2: while the cache streams at full bandwidth, a
+// round trip to DRAM takes microseconds, and the fill makes four of them in a row.
+__device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int r, int mtile, int kvh, int tid_wg) {
+  const int m = mtile * kBlockM + tid_wg;
+  if (tid_wg >= kBlockM || m >= p.m_total) return;
+  const int t = m / p.group;
+  const int head = kvh * p.group + m % p.group;
+  const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
+  const uint64_t begin = reinterpret_cast<uint64_t>(p.q) + static_cast<uint64_t>(off) * (p.q_fp8 ? 1 : 2);
+  const uint64_t end = begin + kDQK * (p.q_fp8 ? 1 : 2);
+  const uint64_t first = begin & ~uint64_t(15);  // the bulk prefetch takes 16-byte multiples
+  const uint32_t bytes = static_cast<uint32_t>(((end + 15) & ~uint64_t(15)) - first);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(first), "r"(bytes) : "memory");
+}
+
+// V of a chunk (columns 0..511 of the 64 token rows in `stage`) -> V^T (512 rows of 64 e4m3, 64B swizzle,
+// tokens in the P-fragment order above); tokens from `valid` on -> 0 (the cache there may hold NaN, which
+// P = 0 must not meet). Warp w transposes columns 128w..128w+127 (latent slot w) in four steps of 32
+// columns; lane (q, dp, G) = (lane % 4, lane / 4 % 2, lane / 8) reads tokens 16G + 2q + {0, 1, 8, 9}
+// (16 bytes each, columns 32x + 16dp..) and writes the 4-byte groups at position 16G + 4q of its 16 rows.
+// Bank conflicts: a 16-byte load serves 8 lanes per pass, and the 8 lanes (q, dp) of a pass read the
+// 16-byte groups 2(x ^ q) + (dp ^ (token & 1)) of their rows: 8 distinct ones (were G to vary inside a
+// pass, two of its lanes would share a group). At each store step lanes of opposite dp write rows of
+// opposite parity, so that the 32 stores hit 32 banks.
+// Addresses are a per-lane register plus a constant: the swizzle phase of a load is (16dp / 16 + 2x)
+// ^ (token & 7) = 2(x ^ q) + (dp ^ (token & 1)), and that of a V^T row d = 32x + 16dp + 4j + (i ^ dp) is
+// (d >> 1) & 3 = (2j + (i >> 1)) & 3, the same for every x and dp: the single warp per SM sub-partition
+// that runs this issues little besides the loads, permutes and stores.
+__device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int valid, int warp, int lane) {
+  const int q = lane & 3, dp = (lane >> 2) & 1, grp = lane >> 3;
+  const int tok = 16 * grp + 2 * q;
+  const uint32_t sel_even = dp ? 0x7632u : 0x5410u, sel_odd = dp ? 0x5410u : 0x7632u;
+  // loads: token row (+ 0 / + 8), phase bit 0 = dp ^ (token & 1)
+  const uint32_t ld_base = stage + warp * kSlotBytes + tok * 128;
+  const uint32_t ld_even = ld_base + (dp << 4), ld_odd = ld_base + ((dp ^ 1) << 4) + 128;
+  // stores: st[b][c] = row part of parity b ^ dp plus the swizzled 16-byte group of phase c
+  const uint32_t st_base = vt + warp * 4 * 2048 + dp * 1024 + 4 * q;
+  uint32_t st[2][4];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) st[b][c] = st_base + 64 * (b ^ dp) + ((grp ^ c) << 4);
+#pragma unroll 2  // fully unrolled, WG2's registers do not hold the Q fill's loads as well
+  for (int x = 0; x < 4; ++x) {
+    const uint32_t xq = static_cast<uint32_t>(x ^ q) << 5;
+    uint4 rows[4];  // tokens tok, tok + 1, tok + 8, tok + 9
+    const uint32_t addr[4] = {ld_even + xq, ld_odd + xq, ld_even + xq + 1024, ld_odd + xq + 1024};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(rows[k].x), "=r"(rows[k].y), "=r"(rows[k].z), "=r"(rows[k].w)
+                   : "r"(addr[k])
+                   : "memory");
+    }
+    if (valid < kBlockN) {
+      const int toks[4] = {tok, tok + 1, tok + 8, tok + 9};
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (toks[k] >= valid) rows[k] = make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t a = (&rows[0].x)[j], b = (&rows[1].x)[j], c = (&rows[2].x)[j], e = (&rows[3].x)[j];
+      const uint32_t ab_lo = __byte_perm(a, b, 0x5140), ab_hi = __byte_perm(a, b, 0x7362);  // {a0 b0 a1 b1}, {a2 b2 a3 b3}
+      const uint32_t ce_lo = __byte_perm(c, e, 0x5140), ce_hi = __byte_perm(c, e, 0x7362);
+      const uint32_t words[4] = {__byte_perm(ab_lo, ce_lo, sel_even), __byte_perm(ab_lo, ce_lo, sel_odd),
+                                 __byte_perm(ab_hi, ce_hi, sel_even), __byte_perm(ab_hi, ce_hi, sel_odd)};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // words[i] holds column d = 32 (4 warp + x) + 16 dp + 4j + (i ^ dp): {a_d, b_d, c_d, e_d}
+        const uint32_t dst = st[i & 1][(2 * j + (i >> 1)) & 3] + x * 2048 + j * 256 + (i >> 1) * 128;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(words[i]) : "memory");
+      }
+    }
+  }
+}
+
+// TMA loads of the chunk at `tok` (a multiple of 64, before `end`) of request r into `stage`, one mbarrier
+// for the chunk; called by one whole warp. Five loads of 64 rows x 128 bytes (128B swizzle); page ids
+// outside the cache land as zeros and clear the chunk's page-mask bits (as in the 16-bit kernel).
+template <bool kSmallPages>
+__device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
+                                           int tok, int end, int kvh, int stage) {
+  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
+  const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
+  const uint32_t bar = bar_addr(sbase, kKvFull + stage);
+  const uint32_t mask = sbase + kOffPageOk + stage * 8;
+  if constexpr (kSmallPages) {
+    load_tiles_small_pages<128, false>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
+                                       p.num_blocks, tok, end, kvh, dst, bar, mask, 0, 5);
+  } else {
+    if (threadIdx.x % 32 != 0) return;
+    const int page = bt_row[tok / p.page_size];
+    const int in_page = tok % p.page_size;
+    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
+    asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask), "r"(in_cache) : "memory");
+    mbar_expect_tx(bar, 5 * kSlotBytes);
+#pragma unroll
+    for (int u = 0; u < 5; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * 128, kvh, in_page, page);
+  }
+}
+
+// The partition's chunks in the order every warpgroup consumes them: tokens [tok, min(tok + 64, end)) of
+// request r; r > end_req once all are walked.
+struct ChunkWalk {
+  int r, tok, end;
+};
+struct Partition {
+  int begin_req, begin_tok, end_req, end_tok;
+};
+__device__ __forceinline__ void walk_skip_empty(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
+  for (; w.r <= pt.end_req; ++w.r) {
+    int start, end;
+    request_range(p, w.r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    if (start < end) {
+      w.tok = start;
+      w.end = end;
+      return;
+    }
+  }
+}
+__device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
+  w.tok += kBlockN;
+  if (w.tok >= w.end) {
+    ++w.r;
+    walk_skip_empty(p, pt, w);
+  }
+}
+
+// WG2 of both FP8 kernels: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
+// factors in s_qscale) and the V transposes of every chunk of the partition, in order.
+template <bool kSmallPages, int kRowsPerWarp>
+__device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint32_t sbase,
+                                                          float* s_qscale, int mtile, int kvh, int tid_wg) {
+  const int warp = tid_wg / 32, lane = tid_wg % 32;
+  prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
+  const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+  uint32_t g = 0, qi = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    if (start >= end) continue;
+    // The next request's Q is prefetched 4 chunks before this one's end: early enough to land before
+    // its fill, late enough not to be evicted by the cache stream meanwhile.
+    const int prefetch_at = max(start, end - 4 * kBlockN);
+    mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
+    constexpr int kQFillRows = Budget<kSmallPages>::kQFillRows;
+#pragma unroll 1
+    for (int row = warp * kRowsPerWarp; row < warp * kRowsPerWarp + kRowsPerWarp; row += kQFillRows)
+      fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+    fence_proxy_async();
+    mbar_arrive_per_warp(bar_addr(sbase, kQFull));
+    ++qi;
+#pragma unroll 1
+    for (int c = start; c < end; c += kBlockN, ++g) {
+      const int stage = g % kStages, buf = g % kVtBufs;
+      if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
+      mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kStages) & 1);
+      mbar_wait(bar_addr(sbase, kVtEmpty + buf), ((g / kVtBufs) & 1) ^ 1);
+      transpose_v(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
+      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kVtFull + buf));
+    }
+  }
+}
+
+// The barriers of both FP8 kernels; v_readers: the warps that read a V^T buffer (its kVtEmpty count).
+__device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_readers, const CUtensorMap* tmap) {
+  for (int s = 0; s < kStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
+  for (int b = 0; b < kVtBufs; ++b) {
+    mbar_init(bar_addr(sbase, kVtFull + b), 4);
+    mbar_init(bar_addr(sbase, kVtEmpty + b), v_readers);
+  }
+  mbar_init(bar_addr(sbase, kPFull), 4);
+  mbar_init(bar_addr(sbase, kPEmpty), 4);
+  mbar_init(bar_addr(sbase, kQFull), 4);
+  mbar_init(bar_addr(sbase, kQEmpty), 4);
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+
+// The 32-row kernel (dense_decode_fp8_narrow.cu), launched by launch_dense_decode_fp8 when m_total <= 32.
+void launch_dense_decode_fp8_narrow(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
+
+}  // namespace dense_fp8
+}  // namespace sm90
+}  // namespace flashmla

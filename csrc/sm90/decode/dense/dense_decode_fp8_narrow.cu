@@ -1,0 +1,361 @@
+// Dense MLA decode over a per-tensor e4m3 cache for SM90 (sm_90a), at most 32 query rows per kv head
+// (s_q * h_q / h_kv <= 32: tensor-parallel head counts such as 16 heads per GPU): both products transposed,
+// S^T = K Q^T and O^T = V^T P^T, so that the chunk's 64 tokens are the products' M and the 32 query rows
+// their N (m64n32k32 e4m3). The 64-row kernel (dense_decode_fp8.cu) would pad these rows to 64: twice the
+// tensor and exp work per chunk.
+//
+// Same plan, shared-memory layout, cache loads, Q fill, V transposes and error model as the 64-row kernel
+// (dense_decode_fp8.cuh; docs/design.md §5.1, "FP8 cache"). Three warpgroups:
+//   WG0: S^T (Q's rows 0..31 are B), masked online softmax down the columns (one column per query row:
+//        column maxima over the chunk's 64 tokens by shuffles and through shared memory), P^T rounded to
+//        e4m3 into shared memory (B of the PV product) with the rescale factors for WG1.
+//   WG1: all of O^T (512 x 32, 128 fp32 per thread) += V^T P^T, eight m64 tiles of V^T's rows as A; the
+//        epilogue of every request; its warp 0 issues the cache loads.
+//   WG2: Q and the V transposes, as in the 64-row kernel (V^T is A here: the same K-major layout).
+//
+// P^T's token order is V^T's (dense_decode_fp8.cu, top): position 16G + 4q + c holds token
+// 16G + 8(c >> 1) + 2q + (c & 1). In the S^T accumulator a thread holds tokens t0 = 16w + i and t0 + 8
+// (w = warp, i = lane / 4) of its 8 columns, i.e. positions 16w + 4(i >> 1) + (i & 1) + {0, 2}: the lanes
+// i and i ^ 1 together hold four adjacent positions, so one exchange gives each lane a 4-byte word per
+// column (lane i even: column 8j + 2q, odd: 8j + 2q + 1).
+#include "sm90/common/transposed.h"
+#include "sm90/decode/dense/dense_decode_fp8.cuh"
+
+namespace flashmla {
+namespace sm90 {
+namespace dense_fp8 {
+
+constexpr int kRowsPerThread = kNarrowRows / 4;  // 8 columns (query rows) of an m64n32 accumulator per thread
+constexpr uint32_t kBarColumns = 2;              // named barrier of WG0's column reductions
+// P^T (32 rows of 64 bytes) takes the first half of the P tile; the column reductions' buffers the second.
+constexpr int kOffColMax = kOffP + kNarrowRows * 64;  // float[2][4][32]: per-warp column maxima, by chunk parity
+constexpr int kOffColSum = kOffColMax + 2 * 4 * kNarrowRows * 4;  // float[4][32]: per-warp column sums
+static_assert(kOffColSum + 4 * kNarrowRows * 4 <= kOffP + kPBytes, "column buffers inside the P tile");
+
+// Query row (S^T column) of a thread's per-row value k = 2 j + e.
+__device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) + 2 * quad + k % 2; }
+
+// S^T = K Q^T of the chunk in `stage` once it has landed: 16 steps over the latent slots, 2 over the RoPE
+// columns. Committed as one wgmma group, not waited for.
+__device__ __forceinline__ void qk_fp8_narrow(float (&s)[16], uint32_t sbase, int stage, uint32_t phase) {
+  const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
+  const uint64_t desc_k = desc_sw128(kv, 16, 1024);
+  const uint64_t desc_q_rope = desc_sw64(sbase + kOffQRope);
+  mbar_wait_loop(bar_addr(sbase, kKvFull + stage), phase);
+  fence_all(s);
+  wgmma_fence();
+#pragma unroll
+  for (int slot = 0; slot < kLatentSlots; ++slot) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_m64n32k32_e4m3_kk(s, desc_add(desc_k, slot * kSlotBytes + kk * 32),
+                              desc_add(desc_q, slot * kSlotBytes + kk * 32), slot > 0 || kk > 0);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk)
+    wgmma_m64n32k32_e4m3_kk(s, desc_add(desc_k, kLatentSlots * kSlotBytes + kk * 32), desc_add(desc_q_rope, kk * 32), 1);
+  wgmma_commit();
+}
+
+// WG0: S^T, the softmax down the columns and P^T of every chunk of the partition; at a request's end its
+// column sums and maxima go to shared memory for WG1's epilogue.
+template <bool kSmallPages>
+__device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint8_t* smem,
+                                                         int tid_wg) {
+  constexpr int kH = kRowsPerThread;
+  const uint32_t sbase = smem_addr(smem);
+  const float* s_qscale = reinterpret_cast<const float*>(smem + kOffQScale);
+  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
+  float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
+  float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
+  float* s_colmax = reinterpret_cast<float*>(smem + kOffColMax);
+  float* s_colsum = reinterpret_cast<float*>(smem + kOffColSum);
+  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
+  const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
+  const int tok0 = warp * 16 + lane / 4;  // this thread's tokens of a chunk: tok0, tok0 + 8
+  const bool odd = (lane / 4) & 1;        // which column of each pair this lane writes to P^T
+  const uint32_t pt_word = static_cast<uint32_t>(warp * 16 + 4 * (lane / 8));  // its P^T byte position
+  const float descale_k = *p.descale_k;
+
+  uint32_t g = 0, qi = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    if (start >= end) continue;
+    const int len = request_len(p, r);
+    mbar_wait(bar_addr(sbase, kQFull), qi & 1);
+    int lim[kH];  // tokens from lim on are not attended by the row (the request's end, causal limit)
+    float sl[kH];  // scale_log2 x the row's dequantization factors
+    int lim_min = end;
+#pragma unroll
+    for (int k = 0; k < kH; ++k) {
+      const int n = narrow_row(k, quad);
+      const int t = min(n, p.m_total - 1) / p.group;
+      lim[k] = min(end, p.causal ? len - p.s_q + t + 1 : len);
+      lim_min = min(lim_min, lim[k]);
+      sl[k] = p.scale_log2 * descale_k * s_qscale[n];
+    }
+    float run_max[kH], run_sum[kH];
+#pragma unroll
+    for (int k = 0; k < kH; ++k) run_max[k] = -INFINITY, run_sum[k] = 0.f;
+
+#pragma unroll 1
+    for (int c = start; c < end; c += kBlockN, ++g) {
+      const int stage = g % kStages;
+      float s[16];
+      qk_fp8_narrow(s, sbase, stage, (g / kStages) & 1);
+      wgmma_wait<0>();
+      fence_all(s);
+      if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
+      // scores in the log2 domain; -inf past a row's limit and for tokens whose page is outside the cache
+      const uint64_t page_ok = s_page_ok[stage];
+      const bool in0 = (page_ok >> tok0) & 1, in1 = (page_ok >> (tok0 + 8)) & 1;
+      const bool tail = c + kBlockN > lim_min;
+      float mx[kH];
+#pragma unroll
+      for (int j = 0; j < kH / 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = 2 * j + e;
+          float& a = s[4 * j + e];      // token tok0
+          float& b = s[4 * j + 2 + e];  // token tok0 + 8
+          a = in0 && !(tail && c + tok0 >= lim[k]) ? a * sl[k] : -INFINITY;
+          b = in1 && !(tail && c + tok0 + 8 >= lim[k]) ? b * sl[k] : -INFINITY;
+          mx[k] = fmaxf(a, b);
+        }
+      // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
+      reduce_over_tokens<kNarrowRows>(mx, s_colmax + (g & 1) * 4 * kNarrowRows, warp, lane, kBarColumns, MaxOp{});
+      float base[kH], alpha[kH];
+#pragma unroll
+      for (int j = 0; j < kH / 2; ++j) {
+        const MaxUpdate u = update_max(run_max[2 * j], run_max[2 * j + 1], mx[2 * j], mx[2 * j + 1]);
+        run_max[2 * j] = u.max0, run_max[2 * j + 1] = u.max1;
+        base[2 * j] = u.base0, base[2 * j + 1] = u.base1;
+        alpha[2 * j] = u.scale0, alpha[2 * j + 1] = u.scale1;
+      }
+      // P^T = exp2(S^T - base), sums of the unrounded values, e4m3 bytes (column e, token half h at byte 2e + h)
+      uint32_t words[kH / 2];
+#pragma unroll
+      for (int j = 0; j < kH / 2; ++j) {
+        const float p00 = exp2f(s[4 * j] - base[2 * j]), p01 = exp2f(s[4 * j + 2] - base[2 * j]);
+        const float p10 = exp2f(s[4 * j + 1] - base[2 * j + 1]), p11 = exp2f(s[4 * j + 3] - base[2 * j + 1]);
+        run_sum[2 * j] = run_sum[2 * j] * alpha[2 * j] + (p00 + p01);
+        run_sum[2 * j + 1] = run_sum[2 * j + 1] * alpha[2 * j + 1] + (p10 + p11);
+        const uint32_t mine = f32x4_to_e4m3x4(p00, p01, p10, p11);
+        const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 4);  // lane i ^ 1: the neighbouring positions
+        // word of positions pt_word..pt_word + 3 = {even h0, odd h0, even h1, odd h1} of one column
+        words[j] = odd ? __byte_perm(other, mine, 0x7362) : __byte_perm(mine, other, 0x5140);
+      }
+      mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // WG1's product with the previous P^T is done
+#pragma unroll
+      for (int j = 0; j < kH / 2; ++j) {
+        const int n = 8 * j + 2 * quad + (odd ? 1 : 0);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sbase + kOffP + swz64(n, pt_word)), "r"(words[j]) : "memory");
+      }
+      if (warp == 0 && lane < 4) {
+#pragma unroll
+        for (int j = 0; j < kH / 2; ++j)
+          *reinterpret_cast<float2*>(s_alpha + 8 * j + 2 * quad) = make_float2(alpha[2 * j], alpha[2 * j + 1]);
+      }
+      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kPFull));
+    }
+    // column sums over the request's tokens; WG1 takes them and the maxima from shared memory
+    reduce_over_tokens<kNarrowRows>(run_sum, s_colsum, warp, lane, kBarColumns, AddOp{});
+    if (warp == 0 && lane < 4) {
+      const int b = (qi & 1) * 64;
+#pragma unroll
+      for (int k = 0; k < kH; ++k) {
+        s_rowsum[b + narrow_row(k, quad)] = run_sum[k];
+        s_rowmax[b + narrow_row(k, quad)] = run_max[k];
+      }
+    }
+    named_bar_arrive(kBarEpilogue, 256);
+    ++qi;
+  }
+}
+
+// Epilogue of one request (WG1): O^T / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
+// A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its 8 columns: lanes i and i ^ 1 swap one value
+// each, so that every lane stores two adjacent dims of a row.
+__device__ __forceinline__ void narrow_store(const DenseDecodeParams& p, const float (&o)[8][16], int r, int kvh,
+                                             const float (&l)[kRowsPerThread], const float (&mx)[kRowsPerThread],
+                                             int n_splits, int split_idx, float descale_k, int warp, int lane) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  const int quad = lane % 4, i = lane / 4;
+  const bool odd = i & 1;
+  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
+  int64_t acc_base = 0;
+  if (n_splits > 1) {
+    int row = 2 * (p.num_splits[r] - r) + split_idx;
+    row = max(0, min(row, p.acc_rows - 1));
+    acc_base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
+  }
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int n = narrow_row(k, quad);
+    const bool ok = n < p.m_total;
+    const int nn = ok ? n : 0;
+    const int t = nn / p.group;
+    const int head = kvh * p.group + nn % p.group;
+    const float inv = l[k] > 0.f ? descale_k / l[k] : 0.f;
+    const float lse = l[k] > 0.f ? (mx[k] + log2f(l[k])) * kLn2 : empty_lse;
+    __nv_bfloat16* out_row = reinterpret_cast<__nv_bfloat16*>(p.out) + (((int64_t)r * p.s_q + t) * p.h_q + head) * kDV;
+    float* acc_row = p.oacc + (acc_base + nn) * kDV;
+    if (ok && warp == 0 && i == 0) {
+      if (n_splits == 1) {
+        p.lse[((int64_t)r * p.h_q + head) * p.s_q + t] = lse;
+      } else {
+        p.lseacc[acc_base + n] = lse;
+      }
+    }
+    const int j = k / 2, e = k % 2;
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8
+      const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+      // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8, its own)
+      const float2 pair = odd ? make_float2(other, v1) : make_float2(v0, other);
+      const int dim = 64 * m + 16 * warp + (odd ? i - 1 + 8 : i);
+      if (!ok) continue;
+      if (n_splits == 1) {
+        *reinterpret_cast<__nv_bfloat162*>(out_row + dim) = __floats2bfloat162_rn(pair.x, pair.y);
+      } else {
+        *reinterpret_cast<float2*>(acc_row + dim) = pair;
+      }
+    }
+  }
+}
+
+template <bool kSmallPages>
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_decode_fp8_narrow_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t sbase = smem_addr(smem);
+  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
+  const float* s_alpha = reinterpret_cast<const float*>(smem + kOffAlpha);
+  const float* s_rowsum = reinterpret_cast<const float*>(smem + kOffRowSum);
+  const float* s_rowmax = reinterpret_cast<const float*>(smem + kOffRowMax);
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int tid_wg = tid % 128;
+  const int warp = tid_wg / 32;
+  const int lane = tid % 32;
+  const int quad = lane % 4;
+  const int kvh = blockIdx.y;
+  const int mtile = blockIdx.x;  // 0: at most 32 rows
+
+  const int* meta = p.metadata + blockIdx.z * 8;
+  const Partition pt{meta[0], meta[1], min(meta[2], p.b - 1), meta[3]};
+  const int begin_split = meta[4];
+  if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
+
+  if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
+  __syncthreads();
+
+  if (wg == 2) {
+    // ======================= WG2: Q (rows 0..31) and the V transposes =======================
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages, true>::kRegsWG2));
+    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    return;
+  }
+  if (wg == 0) {
+    // ======================= WG0: S^T, softmax, P^T =======================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages, true>::kRegsWG0));
+    narrow_softmax_warpgroup<kSmallPages>(p, pt, smem, tid_wg);
+    return;
+  }
+  // ======================= WG1: O^T += V^T P^T, epilogue; warp 0 issues the loads =======================
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages, true>::kRegsWG1));
+  const float descale_k = *p.descale_k;
+  ChunkWalk lw{pt.begin_req, 0, 0};
+  walk_skip_empty(p, pt, lw);
+  if (warp == 0) {
+#pragma unroll 1
+    for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
+      load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
+      walk_next(p, pt, lw);
+    }
+  }
+  uint32_t g = 0, qi = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    float o[8][16];  // O^T tile m (rows 64 m..): element 4 j + 2 h + e = (dim 64 m + 16 warp + lane / 4 + 8 h, row 8 j + 2 quad + e)
+#pragma unroll
+    for (int m = 0; m < 8; ++m)
+#pragma unroll
+      for (int k = 0; k < 16; ++k) o[m][k] = 0.f;
+    float l[kRowsPerThread], mx[kRowsPerThread];
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) l[k] = 0.f, mx[k] = -INFINITY;
+    if (start < end) {
+#pragma unroll 1
+      for (int c = start; c < end; c += kBlockN, ++g) {
+        const int buf = g % kVtBufs;
+        mbar_wait(bar_addr(sbase, kPFull), g & 1);
+        float alpha[kRowsPerThread];
+        bool rescale = false;
+#pragma unroll
+        for (int j = 0; j < kRowsPerThread / 2; ++j) {
+          const float2 a = *reinterpret_cast<const float2*>(s_alpha + 8 * j + 2 * quad);
+          alpha[2 * j] = a.x, alpha[2 * j + 1] = a.y;
+          rescale |= a.x != 1.f || a.y != 1.f;
+        }
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+          for (int m = 0; m < 8; ++m)
+#pragma unroll
+            for (int k = 0; k < 16; ++k) o[m][k] *= alpha[2 * (k / 4) + k % 2];
+        }
+        mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
+        // The stage of chunk g is free: its QK is done (P^T is written) and so is its transpose.
+        if (warp == 0 && lw.r <= pt.end_req) {
+          load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, g % kStages);
+          walk_next(p, pt, lw);
+        }
+        const uint64_t desc_pt = desc_sw64(sbase + kOffP);
+        const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) fence_all(o[m]);
+        wgmma_fence();
+#pragma unroll
+        for (int m = 0; m < 8; ++m)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk)
+            wgmma_m64n32k32_e4m3_kk(o[m], desc_add(desc_vt, m * 64 * 64 + kk * 32), desc_add(desc_pt, kk * 32), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int m = 0; m < 8; ++m) fence_all(o[m]);
+        mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
+        mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
+      }
+      named_bar_sync(kBarEpilogue, 256);
+      const int b = (qi & 1) * 64;
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        l[k] = s_rowsum[b + narrow_row(k, quad)];
+        mx[k] = s_rowmax[b + narrow_row(k, quad)];
+      }
+      ++qi;
+    }
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
+    narrow_store(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? begin_split : 0, descale_k, warp, lane);
+  }
+}
+
+void launch_dense_decode_fp8_narrow(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
+  auto kernel = p.page_rows_log2 < 6 ? dense_decode_fp8_narrow_kernel<true> : dense_decode_fp8_narrow_kernel<false>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+}
+
+}  // namespace dense_fp8
+}  // namespace sm90
+}  // namespace flashmla
