@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG2));
+    set_warpgroup_registers<Budget<kSmallPages>::kRegsWG2>();
     q_and_transpose_warpgroup<kSmallPages, 16>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ======================= WG0: S, softmax, O[:, 0:256] =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG0));
+    set_warpgroup_registers<Budget<kSmallPages>::kRegsWG0>();
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages>::kRegsWG1));
+    set_warpgroup_registers<Budget<kSmallPages>::kRegsWG1>();
     ChunkWalk lw{pt.begin_req, 0, 0};
     walk_skip_empty(p, pt, lw);
     if (warp == 0) {

@@ -259,18 +259,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 2) {
     // ======================= WG2: Q (rows 0..31) and the V transposes =======================
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages, true>::kRegsWG2));
+    set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG2>();
     q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
   if (wg == 0) {
     // ======================= WG0: S^T, softmax, P^T =======================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages, true>::kRegsWG0));
+    set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG0>();
     narrow_softmax_warpgroup<kSmallPages>(p, pt, smem, tid_wg);
     return;
   }
   // ======================= WG1: O^T += V^T P^T, epilogue; warp 0 issues the loads =======================
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Budget<kSmallPages, true>::kRegsWG1));
+  set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG1>();
   const float descale_k = *p.descale_k;
   ChunkWalk lw{pt.begin_req, 0, 0};
   walk_skip_empty(p, pt, lw);
