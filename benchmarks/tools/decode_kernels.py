@@ -1,7 +1,9 @@
 """Device time of each kernel of one dense decode call (development tool): the attention kernel, the
 combine and the planner, averaged over eager calls under torch.profiler, for the shapes given; the
 same for FlashMLA's call (its attention and combine kernels) when ``flash_mla`` is importable.
-Usage: python3 benchmarks/tools/decode_kernels.py [b s_q s_k h_q ...]   (groups of four numbers)
+With ``--fp8``: our call over the per-tensor e4m3 cache (the bf16 cache quantized as bench_decode.py's FP8
+rows do), no FlashMLA (it has no FP8 dense decode).
+Usage: python3 benchmarks/tools/decode_kernels.py [--fp8] [b s_q s_k h_q ...]   (groups of four numbers)
 """
 import sys
 from collections import defaultdict
@@ -11,7 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "benchmarks")
 import torch_flashmla  # noqa: E402
-from bench_decode import D_QK, D_V, flashmla_fn, inputs  # noqa: E402
+from bench_decode import D_QK, D_V, FP8_DESCALE, flashmla_fn, inputs  # noqa: E402
+from torch_flashmla import kv_cache as kvc  # noqa: E402
 
 CALLS = 20
 
@@ -32,25 +35,30 @@ def profiled_kernels(fn) -> dict:
     return {name: us / CALLS for name, us in total.items()}
 
 
-def kernel_times(b, s_q, s_k, h_q):
+def kernel_times(b, s_q, s_k, h_q, fp8=False):
     """(our kernels, FlashMLA's kernels or None, extra split pieces of our plan) for one shape."""
     q, cache, table, lens = inputs(b, s_q, s_k, h_q)
     meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+    descale_k = None
+    if fp8:
+        descale_k = torch.tensor([FP8_DESCALE], device=cache.device)
+        cache = kvc.quantize_per_tensor_e4m3(cache, descale_k).view(torch.float8_e4m3fn)
 
     def step():
         torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
-        torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
+        torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits, None, descale_k)
 
     ours = profiled_kernels(step)
-    fm = flashmla_fn(q, cache, table, lens, h_q, s_q)
+    fm = None if fp8 else flashmla_fn(q, cache, table, lens, h_q, s_q)
     return ours, (profiled_kernels(fm) if fm is not None else None), int(splits[-1].item()) - b
 
 
 def main():
-    args = [int(x) for x in sys.argv[1:]] or [128, 1, 4096, 128, 128, 1, 32768, 128, 64, 1, 8192, 16]
+    fp8 = "--fp8" in sys.argv
+    args = [int(x) for x in sys.argv[1:] if x != "--fp8"] or [128, 1, 4096, 128, 128, 1, 32768, 128, 64, 1, 8192, 16]
     for i in range(0, len(args), 4):
         shape = tuple(args[i:i + 4])
-        ours, theirs, extra = kernel_times(*shape)
+        ours, theirs, extra = kernel_times(*shape, fp8=fp8)
         print(f"b={shape[0]} s_q={shape[1]} s_k={shape[2]} h_q={shape[3]}: {extra} extra split pieces")
         for tag, times in (("ours", ours), ("FlashMLA", theirs)):
             if times is None:
