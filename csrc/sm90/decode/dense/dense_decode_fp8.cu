@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, kBlockM>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, 16>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
 
@@ -140,7 +140,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 128; ++i) o[i] = 0.f;
       float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
       if (start < end) {
-        if (qi == 0) fill_first_q_rows_wg0<kBlockM>(p, sbase, s_qscale, r, mtile, kvh, tid_wg);
         mbar_wait(bar_addr(sbase, kQFull), qi & 1);
         const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
         const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];

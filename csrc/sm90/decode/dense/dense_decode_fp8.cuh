@@ -55,7 +55,6 @@ static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 &
               "swizzle atoms: 1024 bytes (128B swizzle), 512 bytes (64B)");
 
 constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums and maxima are in shared memory for WG1
-constexpr uint32_t kBarWg0 = 2;       // named barrier of WG0's 128 threads
 
 // setmaxnreg budgets of both kernels, per page-size instantiation; they must sum to the launch allotment
 // (3 x 168). In the 64-row kernel WG0 holds O (128), S (32) and P (8); in the 32-row kernel WG0 holds S^T (16)
@@ -333,13 +332,9 @@ __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Part
   }
 }
 
-// WG2 of both FP8 kernels: the Q rows of each request (kRows: 64 or 32; quantized, with their factors in
-// s_qscale) and the V transposes of every chunk of the partition, in order. The partition's first request is
-// filled half by WG2 (rows 0 .. kRows / 2 - 1) and half by WG0 (fill_first_q_rows_wg0): at the kernel's start the
-// fill (a round trip to memory behind the first cache loads per kQFillRows rows, then each row's quantization)
-// is what the first QK waits for, and WG0 has nothing else to do then. Later requests' rows are prefetched into
-// L2 and filled by WG2 alone, behind the current request's last chunks.
-template <bool kSmallPages, int kRows>
+// WG2 of both FP8 kernels: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
+// factors in s_qscale) and the V transposes of every chunk of the partition, in order.
+template <bool kSmallPages, int kRowsPerWarp>
 __device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint32_t sbase,
                                                           float* s_qscale, int mtile, int kvh, int tid_wg) {
   const int warp = tid_wg / 32, lane = tid_wg % 32;
@@ -355,9 +350,8 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParam
     const int prefetch_at = max(start, end - 4 * kBlockN);
     mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
     constexpr int kQFillRows = Budget<kSmallPages>::kQFillRows;
-    const int rows_per_warp = qi == 0 ? kRows / 8 : kRows / 4;  // the first request: rows 0 .. kRows / 2 - 1
 #pragma unroll 1
-    for (int row = warp * rows_per_warp; row < (warp + 1) * rows_per_warp; row += kQFillRows)
+    for (int row = warp * kRowsPerWarp; row < warp * kRowsPerWarp + kRowsPerWarp; row += kQFillRows)
       fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     mbar_arrive_per_warp(bar_addr(sbase, kQFull));
@@ -373,21 +367,6 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParam
       mbar_arrive_per_warp(bar_addr(sbase, kVtFull + buf));
     }
   }
-}
-
-// WG0's half of the partition's first request's Q rows (kRows / 2 .. kRows - 1; q_and_transpose_warpgroup fills
-// the rest), visible to WG0's products once this returns; WG0 then waits for kQFull as for every request.
-template <int kRows>
-__device__ __forceinline__ void fill_first_q_rows_wg0(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r,
-                                                      int mtile, int kvh, int tid_wg) {
-  const int warp = tid_wg / 32, lane = tid_wg % 32;
-  const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
-  constexpr int kPerWarp = kRows / 8;
-#pragma unroll 1
-  for (int row = kRows / 2 + warp * kPerWarp; row < kRows / 2 + (warp + 1) * kPerWarp; row += 4)
-    fill_q_rows<4>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
-  fence_proxy_async();
-  named_bar_sync(kBarWg0, 128);
 }
 
 // The barriers of both FP8 kernels; v_readers: the warps that read a V^T buffer (its kVtEmpty count).

@@ -26,6 +26,7 @@ namespace sm90 {
 namespace dense_fp8 {
 
 constexpr int kRowsPerThread = kNarrowRows / 4;  // 8 columns (query rows) of an m64n32 accumulator per thread
+constexpr uint32_t kBarColumns = 2;              // named barrier of WG0's column reductions
 // P^T (32 rows of 64 bytes) takes the first half of the P tile; the column reductions' buffers the second.
 constexpr int kOffColMax = kOffP + kNarrowRows * 64;  // float[2][4][32]: per-warp column maxima, by chunk parity
 constexpr int kOffColSum = kOffColMax + 2 * 4 * kNarrowRows * 4;  // float[4][32]: per-warp column sums
@@ -62,10 +63,10 @@ __device__ __forceinline__ void qk_fp8_narrow(float (&s)[16], uint32_t sbase, in
 // column sums and maxima go to shared memory for WG1's epilogue.
 template <bool kSmallPages>
 __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint8_t* smem,
-                                                         int kvh, int tid_wg) {
+                                                         int tid_wg) {
   constexpr int kH = kRowsPerThread;
   const uint32_t sbase = smem_addr(smem);
-  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
+  const float* s_qscale = reinterpret_cast<const float*>(smem + kOffQScale);
   float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
   float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
   float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
@@ -84,7 +85,6 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
     request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
     if (start >= end) continue;
     const int len = request_len(p, r);
-    if (qi == 0) fill_first_q_rows_wg0<kNarrowRows>(p, sbase, s_qscale, r, 0, kvh, tid_wg);
     mbar_wait(bar_addr(sbase, kQFull), qi & 1);
     int lim[kH];  // tokens from lim on are not attended by the row (the request's end, causal limit)
     float sl[kH];  // scale_log2 x the row's dequantization factors
@@ -126,7 +126,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
           mx[k] = fmaxf(a, b);
         }
       // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
-      reduce_over_tokens<kNarrowRows>(mx, s_colmax + (g & 1) * 4 * kNarrowRows, warp, lane, kBarWg0, MaxOp{});
+      reduce_over_tokens<kNarrowRows>(mx, s_colmax + (g & 1) * 4 * kNarrowRows, warp, lane, kBarColumns, MaxOp{});
       float base[kH], alpha[kH];
 #pragma unroll
       for (int j = 0; j < kH / 2; ++j) {
@@ -163,7 +163,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
       mbar_arrive_per_warp(bar_addr(sbase, kPFull));
     }
     // column sums over the request's tokens; WG1 takes them and the maxima from shared memory
-    reduce_over_tokens<kNarrowRows>(run_sum, s_colsum, warp, lane, kBarWg0, AddOp{});
+    reduce_over_tokens<kNarrowRows>(run_sum, s_colsum, warp, lane, kBarColumns, AddOp{});
     if (warp == 0 && lane < 4) {
       const int b = (qi & 1) * 64;
 #pragma unroll
@@ -260,13 +260,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q (rows 0..31) and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, kNarrowRows>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
   if (wg == 0) {
     // ======================= WG0: S^T, softmax, P^T =======================
     set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG0>();
-    narrow_softmax_warpgroup<kSmallPages>(p, pt, smem, kvh, tid_wg);
+    narrow_softmax_warpgroup<kSmallPages>(p, pt, smem, tid_wg);
     return;
   }
   // ======================= WG1: O^T += V^T P^T, epilogue; warp 0 issues the loads =======================
@@ -285,8 +285,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
-    // read before the chunks: at the request's end a load of it would be one more round trip before the stores
-    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     float o[8][16];  // O^T tile m (rows 64 m..): element 4 j + 2 h + e = (dim 64 m + 16 warp + lane / 4 + 8 h, row 8 j + 2 quad + e)
 #pragma unroll
     for (int m = 0; m < 8; ++m)
@@ -346,6 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ++qi;
     }
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     narrow_store(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? begin_split : 0, descale_k, warp, lane);
   }
 }
