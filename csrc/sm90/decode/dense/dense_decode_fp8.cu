@@ -203,6 +203,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           s_rowmax[b + row0] = max0;
           s_rowmax[b + row1] = max1;
         }
+        // Once WG1's product with this request's last P is done: WG1 passes its epilogue barrier of the previous
+        // request before that product, so this warpgroup is never two arrivals ahead on the named barrier.
+        mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
         named_bar_arrive(kBarEpilogue, 256);
         ++qi;
       }

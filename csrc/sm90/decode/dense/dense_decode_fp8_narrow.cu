@@ -175,6 +175,10 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
         s_rowmax[b + narrow_row(k, quad)] = run_max[k];
       }
     }
+    // Arrive only once WG1's product with this request's last P^T is done: WG1 passes its epilogue barrier of
+    // the previous request before that product, so this warpgroup can never be two arrivals ahead on the named
+    // barrier (which counts arrivals, not requests), however long WG1 spends between its products.
+    mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
     named_bar_arrive(kBarEpilogue, 256);
     ++qi;
   }
