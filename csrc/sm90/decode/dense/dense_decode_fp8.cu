@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int begin_split = meta[4];
   if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
 
-  if (tid == 0) init_barriers(sbase, 4, 8, &tmap);  // V^T is written by WG2, read by WG0 and WG1
+  if (tid == 0) init_barriers(sbase, 8, &tmap);  // V^T is read by WG0 and WG1
   __syncthreads();
 
   if (wg == 2) {

@@ -231,9 +231,6 @@ __device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int 
 // ^ (token & 7) = 2(x ^ q) + (dp ^ (token & 1)), and that of a V^T row d = 32x + 16dp + 4j + (i ^ dp) is
 // (d >> 1) & 3 = (2j + (i >> 1)) & 3, the same for every x and dp: the single warp per SM sub-partition
 // that runs this issues little besides the loads, permutes and stores.
-// kXBegin, kXEnd: the steps of 32 columns to do (all four by default; the 32-row kernel splits them between
-// two warpgroups).
-template <int kXBegin = 0, int kXEnd = 4>
 __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int valid, int warp, int lane) {
   const int q = lane & 3, dp = (lane >> 2) & 1, grp = lane >> 3;
   const int tok = 16 * grp + 2 * q;
@@ -249,7 +246,7 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
 #pragma unroll
     for (int c = 0; c < 4; ++c) st[b][c] = st_base + 64 * (b ^ dp) + ((grp ^ c) << 4);
 #pragma unroll 2  // fully unrolled, WG2's registers do not hold the Q fill's loads as well
-  for (int x = kXBegin; x < kXEnd; ++x) {
+  for (int x = 0; x < 4; ++x) {
     const uint32_t xq = static_cast<uint32_t>(x ^ q) << 5;
     uint4 rows[4];  // tokens tok, tok + 1, tok + 8, tok + 9
     const uint32_t addr[4] = {ld_even + xq, ld_odd + xq, ld_even + xq + 1024, ld_odd + xq + 1024};
@@ -336,9 +333,8 @@ __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Part
 }
 
 // WG2 of both FP8 kernels: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
-// factors in s_qscale) and the V transposes of every chunk of the partition, in order (the 32-row kernel's WG2
-// does the first kXEnd of each warp's four steps of 32 columns, its WG1 the rest).
-template <bool kSmallPages, int kRowsPerWarp, int kXEnd = 4>
+// factors in s_qscale) and the V transposes of every chunk of the partition, in order.
+template <bool kSmallPages, int kRowsPerWarp>
 __device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint32_t sbase,
                                                           float* s_qscale, int mtile, int kvh, int tid_wg) {
   const int warp = tid_wg / 32, lane = tid_wg % 32;
@@ -366,19 +362,18 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParam
       if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
       mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kStages) & 1);
       mbar_wait(bar_addr(sbase, kVtEmpty + buf), ((g / kVtBufs) & 1) ^ 1);
-      transpose_v<0, kXEnd>(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
+      transpose_v(sbase + kOffKV + stage * kStageBytes, sbase + kOffVt + buf * kVtBytes, end - c, warp, lane);
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kVtFull + buf));
     }
   }
 }
 
-// The barriers of both FP8 kernels; v_writers / v_readers: the warps that write / read a V^T buffer (its kVtFull /
-// kVtEmpty count).
-__device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_writers, uint32_t v_readers, const CUtensorMap* tmap) {
+// The barriers of both FP8 kernels; v_readers: the warps that read a V^T buffer (its kVtEmpty count).
+__device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_readers, const CUtensorMap* tmap) {
   for (int s = 0; s < kStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
   for (int b = 0; b < kVtBufs; ++b) {
-    mbar_init(bar_addr(sbase, kVtFull + b), v_writers);
+    mbar_init(bar_addr(sbase, kVtFull + b), 4);
     mbar_init(bar_addr(sbase, kVtEmpty + b), v_readers);
   }
   mbar_init(bar_addr(sbase, kPFull), 4);

@@ -26,9 +26,6 @@ namespace sm90 {
 namespace dense_fp8 {
 
 constexpr int kRowsPerThread = kNarrowRows / 4;  // 8 columns (query rows) of an m64n32 accumulator per thread
-// Each warp's V transpose is four steps of 32 columns: WG2 does steps 0 .. kTransposeSplit - 1, WG1 (which only
-// waits between its products) the rest, one chunk ahead of its products.
-constexpr int kTransposeSplit = 2;
 constexpr uint32_t kBarColumns = 2;              // named barrier of WG0's column reductions
 // P^T (32 rows of 64 bytes) takes the first half of the P tile; the column reductions' buffers the second.
 constexpr int kOffColMax = kOffP + kNarrowRows * 64;  // float[2][4][32]: per-warp column maxima, by chunk parity
@@ -261,13 +258,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int begin_split = meta[4];
   if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
 
-  if (tid == 0) init_barriers(sbase, 8, 4, &tmap);  // V^T is written by WG2 and WG1, read by WG1
+  if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
   __syncthreads();
 
   if (wg == 2) {
     // ======================= WG2: Q (rows 0..31) and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4, kTransposeSplit>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
   if (wg == 0) {
@@ -281,7 +278,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float descale_k = *p.descale_k;
   ChunkWalk lw{pt.begin_req, 0, 0};
   walk_skip_empty(p, pt, lw);
-  ChunkWalk tw = lw;  // the next chunk whose V columns kTransposeSplit * 32.. this warpgroup transposes
   if (warp == 0) {
 #pragma unroll 1
     for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
@@ -289,17 +285,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       walk_next(p, pt, lw);
     }
   }
-  // This warpgroup's part of chunk gt's V transpose (WG2 does the rest); chunk gt's V^T buffer is free, since
-  // this warpgroup's products with it (chunk gt - 2) are done.
-  auto transpose_part = [&](uint32_t gt) {
-    mbar_wait(bar_addr(sbase, kKvFull + gt % kStages), (gt / kStages) & 1);
-    transpose_v<kTransposeSplit, 4>(sbase + kOffKV + (gt % kStages) * kStageBytes, sbase + kOffVt + (gt % kVtBufs) * kVtBytes,
-                                    tw.end - tw.tok, warp, lane);
-    fence_proxy_async();
-    mbar_arrive_per_warp(bar_addr(sbase, kVtFull + gt % kVtBufs));
-    walk_next(p, pt, tw);
-  };
-  if (tw.r <= pt.end_req) transpose_part(0);
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
@@ -353,7 +338,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int m = 0; m < 8; ++m) fence_all(o[m]);
         mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
         mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
-        if (tw.r <= pt.end_req) transpose_part(g + 1);  // the partition's next chunk, maybe of the next request
       }
       named_bar_sync(kBarEpilogue, 256);
       const int b = (qi & 1) * 64;
