@@ -30,30 +30,6 @@ namespace flashmla {
 namespace sm90 {
 namespace dense_fp8 {
 
-// S = Q K^T of the chunk in `stage` once it has landed: 16 steps over the latent slots, 2 over the RoPE
-// columns. Committed as one wgmma group, not waited for.
-__device__ __forceinline__ void qk_fp8(float (&s)[32], uint32_t sbase, int stage, uint32_t phase) {
-  const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
-  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
-  const uint64_t desc_k = desc_sw128(kv, 16, 1024);
-  const uint64_t desc_q_rope = desc_sw64(sbase + kOffQRope);
-  mbar_wait_loop(bar_addr(sbase, kKvFull + stage), phase);
-  fence_all(s);
-  wgmma_fence();
-#pragma unroll
-  for (int slot = 0; slot < kLatentSlots; ++slot) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n64k32_e4m3_kk(s, desc_add(desc_q, slot * kSlotBytes + kk * 32),
-                              desc_add(desc_k, slot * kSlotBytes + kk * 32), slot > 0 || kk > 0);
-    }
-  }
-#pragma unroll
-  for (int kk = 0; kk < 2; ++kk)
-    wgmma_m64n64k32_e4m3_kk(s, desc_add(desc_q_rope, kk * 32), desc_add(desc_k, kLatentSlots * kSlotBytes + kk * 32), 1);
-  wgmma_commit();
-}
-
 // P = exp2(S * sl - base) per row, rounded to e4m3 straight into the A fragments of the two m64k32 PV
 // steps (V^T's token order: see the top of the file), and this thread's row sums of the unrounded values.
 // pa[kb][0] / [1]: rows row0 / row1, positions 4q..4q+3 of k-block kb (tokens 32kb + 2q + {0, 1, 8, 9});
@@ -147,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int c = start; c < end; c += kBlockN, ++g) {
           const int stage = g % kStages, buf = g % kVtBufs;
           float s[32];
-          qk_fp8(s, sbase, stage, (g / kStages) & 1);
+          qk_fp8<64>(s, sbase, stage, (g / kStages) & 1);
           wgmma_wait<0>();
           fence_all(s);
           if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
@@ -216,15 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
     set_warpgroup_registers<Budget<kSmallPages>::kRegsWG1>();
-    ChunkWalk lw{pt.begin_req, 0, 0};
-    walk_skip_empty(p, pt, lw);
-    if (warp == 0) {
-#pragma unroll 1
-      for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-        load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
-        walk_next(p, pt, lw);
-      }
-    }
+    ChunkWalk lw = first_loads<kSmallPages>(&tmap, p, pt, sbase, kvh, warp);
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;

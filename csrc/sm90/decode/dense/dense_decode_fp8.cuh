@@ -332,6 +332,59 @@ __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Part
   }
 }
 
+// S = Q K^T (kN = 64, the 64-row kernel: Q is A, the cache tile B) or S^T = K Q^T (kN = 32, the 32-row kernel:
+// the cache tile is A, Q's rows 0..31 B) of the chunk in `stage` once it has landed: 16 steps over the latent
+// slots, 2 over the RoPE columns. Committed as one wgmma group, not waited for.
+template <int kN>
+__device__ __forceinline__ void qk_step(float* s, uint64_t desc_q, uint64_t desc_k, int accumulate);
+template <>
+__device__ __forceinline__ void qk_step<64>(float* s, uint64_t desc_q, uint64_t desc_k, int accumulate) {
+  wgmma_m64n64k32_e4m3_kk(s, desc_q, desc_k, accumulate);
+}
+template <>
+__device__ __forceinline__ void qk_step<32>(float* s, uint64_t desc_q, uint64_t desc_k, int accumulate) {
+  wgmma_m64n32k32_e4m3_kk(s, desc_k, desc_q, accumulate);
+}
+template <int kN>
+__device__ __forceinline__ void qk_fp8(float (&s)[kN / 2], uint32_t sbase, int stage, uint32_t phase) {
+  const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
+  const uint64_t desc_k = desc_sw128(kv, 16, 1024);
+  const uint64_t desc_q_rope = desc_sw64(sbase + kOffQRope);
+  mbar_wait_loop(bar_addr(sbase, kKvFull + stage), phase);
+  fence_all(s);
+  wgmma_fence();
+#pragma unroll
+  for (int slot = 0; slot < kLatentSlots; ++slot) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      qk_step<kN>(s, desc_add(desc_q, slot * kSlotBytes + kk * 32), desc_add(desc_k, slot * kSlotBytes + kk * 32),
+                  slot > 0 || kk > 0);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk)
+    qk_step<kN>(s, desc_add(desc_q_rope, kk * 32), desc_add(desc_k, kLatentSlots * kSlotBytes + kk * 32), 1);
+  wgmma_commit();
+}
+
+// The loads of the partition's first kStages chunks (by warp 0 of WG1, the loading warp of both kernels);
+// returns the walk at the next chunk to load, in every thread.
+template <bool kSmallPages>
+__device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
+                                                 uint32_t sbase, int kvh, int warp) {
+  ChunkWalk lw{pt.begin_req, 0, 0};
+  walk_skip_empty(p, pt, lw);
+  if (warp == 0) {
+#pragma unroll 1
+    for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
+      load_chunk<kSmallPages>(tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
+      walk_next(p, pt, lw);
+    }
+  }
+  return lw;
+}
+
 // WG2 of both FP8 kernels: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
 // factors in s_qscale) and the V transposes of every chunk of the partition, in order.
 template <bool kSmallPages, int kRowsPerWarp>

@@ -35,30 +35,6 @@ static_assert(kOffColSum + 4 * kNarrowRows * 4 <= kOffP + kPBytes, "column buffe
 // Query row (S^T column) of a thread's per-row value k = 2 j + e.
 __device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) + 2 * quad + k % 2; }
 
-// S^T = K Q^T of the chunk in `stage` once it has landed: 16 steps over the latent slots, 2 over the RoPE
-// columns. Committed as one wgmma group, not waited for.
-__device__ __forceinline__ void qk_fp8_narrow(float (&s)[16], uint32_t sbase, int stage, uint32_t phase) {
-  const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
-  const uint64_t desc_q = desc_sw128(sbase + kOffQ, 16, 1024);
-  const uint64_t desc_k = desc_sw128(kv, 16, 1024);
-  const uint64_t desc_q_rope = desc_sw64(sbase + kOffQRope);
-  mbar_wait_loop(bar_addr(sbase, kKvFull + stage), phase);
-  fence_all(s);
-  wgmma_fence();
-#pragma unroll
-  for (int slot = 0; slot < kLatentSlots; ++slot) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n32k32_e4m3_kk(s, desc_add(desc_k, slot * kSlotBytes + kk * 32),
-                              desc_add(desc_q, slot * kSlotBytes + kk * 32), slot > 0 || kk > 0);
-    }
-  }
-#pragma unroll
-  for (int kk = 0; kk < 2; ++kk)
-    wgmma_m64n32k32_e4m3_kk(s, desc_add(desc_k, kLatentSlots * kSlotBytes + kk * 32), desc_add(desc_q_rope, kk * 32), 1);
-  wgmma_commit();
-}
-
 // WG0: S^T, the softmax down the columns and P^T of every chunk of the partition; at a request's end its
 // column sums and maxima go to shared memory for WG1's epilogue.
 template <bool kSmallPages>
@@ -105,7 +81,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
     for (int c = start; c < end; c += kBlockN, ++g) {
       const int stage = g % kStages;
       float s[16];
-      qk_fp8_narrow(s, sbase, stage, (g / kStages) & 1);
+      qk_fp8<kNarrowRows>(s, sbase, stage, (g / kStages) & 1);
       wgmma_wait<0>();
       fence_all(s);
       if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
@@ -276,15 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ======================= WG1: O^T += V^T P^T, epilogue; warp 0 issues the loads =======================
   set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG1>();
   const float descale_k = *p.descale_k;
-  ChunkWalk lw{pt.begin_req, 0, 0};
-  walk_skip_empty(p, pt, lw);
-  if (warp == 0) {
-#pragma unroll 1
-    for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-      load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
-      walk_next(p, pt, lw);
-    }
-  }
+  ChunkWalk lw = first_loads<kSmallPages>(&tmap, p, pt, sbase, kvh, warp);
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
