@@ -1,5 +1,6 @@
 // Dense MLA decode on SM90: parameters and launchers (16-bit kernel in dense_decode_kernel.cuh, instantiated
-// per dtype in dense_decode_{bf16,fp16}.cu; FP8 kernel in dense_decode_fp8.cu).
+// per dtype in dense_decode_{bf16,fp16}.cu; FP8 kernels in dense_decode_fp8.cu (64 rows) and
+// dense_decode_fp8_narrow.cu (up to 32 rows), shared parts in dense_decode_fp8.cuh).
 #pragma once
 #include <cstdint>
 #include <cuda.h>
@@ -51,8 +52,8 @@ struct DenseDecodeParams {
 // g = gcd(page_size, 64) = 1 << p.page_rows_log2.
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
-// Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out. tmap: the same 4-D map over the cache bytes (uint8),
-// box {128, 1, g, 1}, 128B swizzle.
+// Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out (the 32-row kernel when m_total <= 32, else the 64-row one).
+// tmap: the same 4-D map over the cache bytes (uint8), box {128, 1, g, 1}, 128B swizzle.
 void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 
 }  // namespace sm90
