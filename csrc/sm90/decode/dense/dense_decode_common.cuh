@@ -37,6 +37,26 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r,
   start = max(start, 0);
 }
 
+// A finished row of the epilogue: the factor its O takes (out_mult / l, 0 for a row with nothing attended) and
+// its log-sum-exp (natural log; max in the log2 domain). A row with nothing attended gets lse +inf when the
+// request is not split and -inf as a split piece (so that the combine gives it no weight).
+struct RowResult {
+  float scale, lse;
+};
+__device__ __forceinline__ RowResult finish_row(float l, float max, float out_mult, int n_splits) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
+  return {l > 0.f ? out_mult / l : 0.f, l > 0.f ? (max + log2f(l)) * kLn2 : empty_lse};
+}
+
+// First element of request r's split piece split_idx (kv head kvh) in the split scratch: rows of
+// m_total x 512 fp32 in oacc, m_total values in lseacc. The row index is clamped into the scratch.
+__device__ __forceinline__ int64_t split_scratch_base(const DenseDecodeParams& p, int r, int kvh, int split_idx) {
+  int row = 2 * (p.num_splits[r] - r) + split_idx;
+  row = max(0, min(row, p.acc_rows - 1));
+  return ((int64_t)row * p.h_kv + kvh) * p.m_total;
+}
+
 // Epilogue of one request: O / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
 // l0 / l1: full row sums of this thread's rows; max0 / max1: their final maxima (log2 domain).
 // out_mult: a factor applied to every output value (descale_k on the FP8 path, else 1).
@@ -45,12 +65,8 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
                                               int m0, int m1, int t0, int t1, float l0, float l1,
                                               float max0, float max1, int n_splits, int split_idx,
                                               float out_mult = 1.f) {
-  const float inv0 = l0 > 0.f ? out_mult / l0 : 0.f;
-  const float inv1 = l1 > 0.f ? out_mult / l1 : 0.f;
-  constexpr float kLn2 = 0.6931471805599453f;
-  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
-  const float lse0 = l0 > 0.f ? (max0 + log2f(l0)) * kLn2 : empty_lse;
-  const float lse1 = l1 > 0.f ? (max1 + log2f(l1)) * kLn2 : empty_lse;
+  const RowResult res0 = finish_row(l0, max0, out_mult, n_splits), res1 = finish_row(l1, max1, out_mult, n_splits);
+  const float inv0 = res0.scale, inv1 = res1.scale, lse0 = res0.lse, lse1 = res1.lse;
 
   const bool ok0 = m0 < p.m_total, ok1 = m1 < p.m_total;
   const int head0 = kvh * p.group + min(m0, p.m_total - 1) % p.group;
@@ -65,9 +81,7 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
       if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
     }
   } else {
-    int row = 2 * (p.num_splits[r] - r) + split_idx;
-    row = max(0, min(row, p.acc_rows - 1));
-    const int64_t base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
+    const int64_t base = split_scratch_base(p, r, kvh, split_idx);
     float* acc = p.oacc + wg * 256;
     store_rows_f32(acc + (base + m0) * kDV, acc + (base + m1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
     if (wg == 0 && lane4 == 0) {

@@ -163,16 +163,9 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
 __device__ __forceinline__ void narrow_store(const DenseDecodeParams& p, const float (&o)[8][16], int r, int kvh,
                                              const float (&l)[kRowsPerThread], const float (&mx)[kRowsPerThread],
                                              int n_splits, int split_idx, float descale_k, int warp, int lane) {
-  constexpr float kLn2 = 0.6931471805599453f;
   const int quad = lane % 4, i = lane / 4;
   const bool odd = i & 1;
-  const float empty_lse = n_splits == 1 ? INFINITY : -INFINITY;
-  int64_t acc_base = 0;
-  if (n_splits > 1) {
-    int row = 2 * (p.num_splits[r] - r) + split_idx;
-    row = max(0, min(row, p.acc_rows - 1));
-    acc_base = ((int64_t)row * p.h_kv + kvh) * p.m_total;
-  }
+  const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
 #pragma unroll
   for (int k = 0; k < kRowsPerThread; ++k) {
     const int n = narrow_row(k, quad);
@@ -180,8 +173,8 @@ __device__ __forceinline__ void narrow_store(const DenseDecodeParams& p, const f
     const int nn = ok ? n : 0;
     const int t = nn / p.group;
     const int head = kvh * p.group + nn % p.group;
-    const float inv = l[k] > 0.f ? descale_k / l[k] : 0.f;
-    const float lse = l[k] > 0.f ? (mx[k] + log2f(l[k])) * kLn2 : empty_lse;
+    const RowResult res = finish_row(l[k], mx[k], descale_k, n_splits);
+    const float inv = res.scale, lse = res.lse;
     __nv_bfloat16* out_row = reinterpret_cast<__nv_bfloat16*>(p.out) + (((int64_t)r * p.s_q + t) * p.h_q + head) * kDV;
     float* acc_row = p.oacc + (acc_base + nn) * kDV;
     if (ok && warp == 0 && i == 0) {
