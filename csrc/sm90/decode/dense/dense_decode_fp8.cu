@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, 16>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, 16>(&tmap, p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
 
@@ -115,6 +115,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.f;
       float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
+      int n_splits = 1;
       if (start < end) {
         mbar_wait(bar_addr(sbase, kQFull), qi & 1);
         const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
@@ -166,6 +167,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(o);
           mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
         }
+        // read before the wait for WG1 below, not after it (no register holds it across the chunks)
+        n_splits = p.num_splits[r + 1] - p.num_splits[r];
         // row sums over the quad; WG1 takes them (and the maxima) from shared memory
 #pragma unroll
         for (int o_ = 1; o_ <= 2; o_ *= 2) {
@@ -184,8 +187,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
         named_bar_arrive(kBarEpilogue, 256);
         ++qi;
+      } else {
+        n_splits = p.num_splits[r + 1] - p.num_splits[r];
       }
-      const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
       store_outputs<__nv_bfloat16>(p, o, r, kvh, 0, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
                                    r == pt.begin_req ? begin_split : 0, descale_k);
     }
@@ -197,6 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
       request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+      const int n_splits = p.num_splits[r + 1] - p.num_splits[r];  // read now: at the end it is a round trip more
       float o[128];
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -233,7 +238,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         max1 = s_rowmax[b + row1];
         ++qi;
       }
-      const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
       store_outputs<__nv_bfloat16>(p, o, r, kvh, 1, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
                                    r == pt.begin_req ? begin_split : 0, descale_k);
     }

@@ -368,8 +368,16 @@ __device__ __forceinline__ void qk_fp8(float (&s)[kN / 2], uint32_t sbase, int s
   wgmma_commit();
 }
 
-// The loads of the partition's first kStages chunks (by warp 0 of WG1, the loading warp of both kernels);
-// returns the walk at the next chunk to load, in every thread.
+// Chunks the loading warp (warp 0 of WG1, in both kernels) loads at the start: with pages of 64 and more,
+// only the first; WG2 loads the next kStages - 1 once it has written the first Q (q_and_transpose_warpgroup).
+// Every SM starts at once, and a Q fill issued behind all stages' cache loads lands behind their bytes
+// (microseconds at the start of every CTA, NOTES_fp8_decode.md); the first QK needs Q and the first chunk
+// only. (With small pages WG2 has no registers for the page-slice loads, and WG1 loads all stages.)
+template <bool kSmallPages>
+constexpr int kFirstLoads = kSmallPages ? kStages : 1;
+
+// The loads of the partition's first kFirstLoads chunks, by warp 0; returns the walk at chunk kStages (the next
+// chunk WG1 loads), in warp 0.
 template <bool kSmallPages>
 __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
                                                  uint32_t sbase, int kvh, int warp) {
@@ -378,18 +386,33 @@ __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const 
   if (warp == 0) {
 #pragma unroll 1
     for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-      load_chunk<kSmallPages>(tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
+      if (s < kFirstLoads<kSmallPages>) load_chunk<kSmallPages>(tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
       walk_next(p, pt, lw);
     }
   }
   return lw;
 }
 
+// WG2's part of the first loads: chunks kFirstLoads..kStages - 1 of the partition, by one warp.
+template <bool kSmallPages>
+__device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p,
+                                                     const Partition& pt, uint32_t sbase, int kvh) {
+  ChunkWalk lw{pt.begin_req, 0, 0};
+  walk_skip_empty(p, pt, lw);
+#pragma unroll 1
+  for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
+    if (s >= kFirstLoads<kSmallPages>) load_chunk<kSmallPages>(tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
+    walk_next(p, pt, lw);
+  }
+}
+
 // WG2 of both FP8 kernels: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
-// factors in s_qscale) and the V transposes of every chunk of the partition, in order.
+// factors in s_qscale), the first loads WG1 leaves to it, and the V transposes of every chunk of the
+// partition, in order.
 template <bool kSmallPages, int kRowsPerWarp>
-__device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint32_t sbase,
-                                                          float* s_qscale, int mtile, int kvh, int tid_wg) {
+__device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
+                                                          const Partition& pt, uint32_t sbase, float* s_qscale, int mtile,
+                                                          int kvh, int tid_wg) {
   const int warp = tid_wg / 32, lane = tid_wg % 32;
   prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
   const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
@@ -408,6 +431,7 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParam
       fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     mbar_arrive_per_warp(bar_addr(sbase, kQFull));
+    if (qi == 0 && warp == 0 && !kSmallPages) deferred_first_loads<kSmallPages>(tmap, p, pt, sbase, kvh);
     ++qi;
 #pragma unroll 1
     for (int c = start; c < end; c += kBlockN, ++g) {

@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q (rows 0..31) and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(&tmap, p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
   if (wg == 0) {
@@ -250,6 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];  // read now: at the end it is a round trip more
     float o[8][16];  // O^T tile m (rows 64 m..): element 4 j + 2 h + e = (dim 64 m + 16 warp + lane / 4 + 8 h, row 8 j + 2 quad + e)
 #pragma unroll
     for (int m = 0; m < 8; ++m)
@@ -309,7 +310,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ++qi;
     }
-    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     narrow_store(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? begin_split : 0, descale_k, warp, lane);
   }
 }

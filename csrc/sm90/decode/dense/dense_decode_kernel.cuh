@@ -244,11 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
     if (n > 0) {
-      if (tid < 32) {
-        load_tiles<kSmallPages>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
-        if (n > 1) load_tiles<kSmallPages>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
-      }
-      // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
+      // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async, issued before the
+      // first two chunks' loads: Q issued behind them lands behind their bytes, a stage later.
 #pragma unroll 1
       for (int it = 0; it < kBlockM * (kDQK / 8) / kThreads; ++it) {
         const int idx = tid + it * kThreads;
@@ -267,6 +264,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                      : "memory");
       }
       asm volatile("cp.async.commit_group;\n" ::: "memory");
+      if (tid < 32) {
+        load_tiles<kSmallPages>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
+        if (n > 1) load_tiles<kSmallPages>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
+      }
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
       if (tid < kBlockM) s_max[tid] = -INFINITY;
       fence_proxy_async();
