@@ -179,10 +179,11 @@ def test_decode_padded_cache_rows():
     check_close(out, lse, ref_out, ref_lse, "padded rows")
 
 
+@pytest.mark.parametrize("h_q", [64, 16])  # the 64-row kernel; the 32-row (transposed) kernel
 @pytest.mark.parametrize("page_size", [64, 16, 1])
-def test_decode_cuda_graph_replay(page_size):
+def test_decode_cuda_graph_replay(page_size, h_q):
     """Plan + decode captured once, replayed with new lengths and block tables."""
-    b, s_q, h_q, s_k = 8, 2, 64, 2000
+    b, s_q, s_k = 8, 2, 2000
     q, cache, table, lens, _ = make_inputs(b, s_q, h_q, 1, s_k, varlen=True, zeros=True, seed=11, page_size=page_size)
     scale = D_QK ** -0.5
     static_lens = lens.clone()

@@ -144,6 +144,9 @@ struct TypeOps<__nv_bfloat16> {
   static __device__ __forceinline__ void pv128_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
     wgmma_m64n128k16_bf16_rmn(d, a, b, s);
   }
+  // Dense decode with at most 32 query rows: S^T = K Q^T (both K-major), O^T += V^T P^T (V^T MN-major).
+  static __device__ __forceinline__ void qk32(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_bf16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void pv32(float* d, uint64_t a, uint64_t b) { wgmma_m64n32k16_bf16_mnk(d, a, b, 1); }
 };
 template <>
 struct TypeOps<__half> {
@@ -169,6 +172,9 @@ struct TypeOps<__half> {
   static __device__ __forceinline__ void pv128_r(float* d, const uint32_t (&a)[4], uint64_t b, int s) {
     wgmma_m64n128k16_f16_rmn(d, a, b, s);
   }
+  // Dense decode with at most 32 query rows: S^T = K Q^T (both K-major), O^T += V^T P^T (V^T MN-major).
+  static __device__ __forceinline__ void qk32(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n32k16_f16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void pv32(float* d, uint64_t a, uint64_t b) { wgmma_m64n32k16_f16_mnk(d, a, b, 1); }
 };
 
 

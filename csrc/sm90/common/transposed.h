@@ -1,6 +1,7 @@
 // Helpers of the SM90 kernels with transposed products (S^T = K Q^T, O^T = V^T P^T): the chunk's tokens
 // are the M dimension of the products and the query rows (heads) their N, so that a few query rows do not
-// pad a 64-row tile. Used by the few-head sparse decode kernel and the 32-row FP8 dense decode kernel.
+// pad a 64-row tile. Used by the few-head sparse decode kernel and the 32-row dense decode kernels (16-bit
+// and FP8).
 #pragma once
 #include <math.h>
 
@@ -52,6 +53,14 @@ __device__ __forceinline__ void reduce_over_tokens(float (&v)[kN / 4], float* bu
     v[2 * j] = acc.x;
     v[2 * j + 1] = acc.y;
   }
+}
+
+// Four 8x8 16-bit matrices stored transposed (stmatrix .trans): lane l gives the row address of matrix l / 8.
+// The kernels write P^T with it from S^T's accumulator layout (a thread's pair of rows of one token).
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
 }
 
 }  // namespace sm90

@@ -1,6 +1,7 @@
-// Dense MLA decode on SM90: parameters and launchers (16-bit kernel in dense_decode_kernel.cuh, instantiated
-// per dtype in dense_decode_{bf16,fp16}.cu; FP8 kernels in dense_decode_fp8.cu (64 rows) and
-// dense_decode_fp8_narrow.cu (up to 32 rows), shared parts in dense_decode_fp8.cuh).
+// Dense MLA decode on SM90: parameters and launchers (16-bit kernels in dense_decode_kernel.cuh (64 rows) and
+// dense_decode_narrow.cuh (up to 32 rows), instantiated per dtype in dense_decode_{bf16,fp16}.cu; FP8 kernels
+// in dense_decode_fp8.cu (64 rows) and dense_decode_fp8_narrow.cu (up to 32 rows), shared parts in
+// dense_decode_fp8.cuh; helpers of all of them in dense_decode_common.cuh).
 #pragma once
 #include <cstdint>
 #include <cuda.h>
@@ -13,6 +14,7 @@ constexpr int kDQK = 576;
 constexpr int kDV = 512;
 constexpr int kBlockM = 64;   // query rows per CTA (rows = s_q * h_q / h_kv of one kv head)
 constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of one page, or of several small ones)
+constexpr int kNarrowRows = 32;  // query rows per kv head up to which the transposed (32-row) kernels run
 
 struct DenseDecodeParams {
   // q [b, s_q, h_q, 576]; element strides (last dim contiguous)
@@ -50,6 +52,7 @@ struct DenseDecodeParams {
 // partition read the same pages, so they launch together.
 // tmap: 4-D tensor map over the cache {576, h_kv, page_size, num_blocks}, box {64, 1, g, 1}, 128B swizzle,
 // g = gcd(page_size, 64) = 1 << p.page_rows_log2.
+// (the 32-row kernel when m_total <= 32, else the 64-row one)
 void launch_dense_decode_bf16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 void launch_dense_decode_fp16(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream);
 // Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out (the 32-row kernel when m_total <= 32, else the 64-row one).

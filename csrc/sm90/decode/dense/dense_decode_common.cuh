@@ -1,6 +1,6 @@
-// Device helpers shared by the two dense decode kernels (16-bit seesaw: dense_decode_kernel.cuh; FP8:
-// dense_decode_fp8.cu): request ranges of a partition, the chunk loads of small pages, score masks and row
-// maxima, and the output epilogue.
+// Device helpers shared by the dense decode kernels (16-bit: dense_decode_kernel.cuh (64 rows, seesaw) and
+// dense_decode_narrow.cuh (32 rows, transposed); FP8: dense_decode_fp8.cu, dense_decode_fp8_narrow.cu): request
+// ranges of a partition, the chunk loads, score masks and row maxima, and the output epilogues.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,6 +15,9 @@ namespace sm90 {
 namespace dense {
 
 constexpr int kSlotBytes = 64 * 128;  // one TMA destination: 64 rows x 128 bytes (64 bf16/fp16 or 128 e4m3 values)
+// The 16-bit kernels multiply P = hi + lo (two 16-bit terms) for requests up to this length, so that P's rounding
+// does not show in outputs that average only a few tokens.
+constexpr int kPreciseMaxLen = 1024;
 
 // Transaction bytes expected by an mbarrier, without an arrival.
 __device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes) {
@@ -91,6 +94,60 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
   }
 }
 
+// ---- the 32-row (transposed) kernels: O^T (512 dims x 32 query rows) in eight m64n32 accumulators ----
+constexpr int kNarrowRowsPerThread = kNarrowRows / 4;  // columns (query rows) of an m64n32 accumulator per thread
+
+// Query row (S^T / O^T column) of a thread's per-row value k = 2 j + e.
+__device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) + 2 * quad + k % 2; }
+
+// Epilogue of one request in the 32-row kernels: O^T * out_mult / l to `out` (T, unsplit) or to the split
+// scratch, and the log-sum-exp. l / mx: full column sums and final maxima (log2 domain) of the thread's columns.
+// A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its 8 columns (w = warp of the warpgroup, i = lane / 4):
+// lanes i and i ^ 1 swap one value each, so that every lane stores two adjacent dims of a row.
+template <typename T>
+__device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams& p, const float (&o)[8][16], int r,
+                                                         int kvh, const float (&l)[kNarrowRowsPerThread],
+                                                         const float (&mx)[kNarrowRowsPerThread], int n_splits,
+                                                         int split_idx, float out_mult, int warp, int lane) {
+  const int quad = lane % 4, i = lane / 4;
+  const bool odd = i & 1;
+  const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
+#pragma unroll
+  for (int k = 0; k < kNarrowRowsPerThread; ++k) {
+    const int n = narrow_row(k, quad);
+    const bool ok = n < p.m_total;
+    const int nn = ok ? n : 0;
+    const int t = nn / p.group;
+    const int head = kvh * p.group + nn % p.group;
+    const RowResult res = finish_row(l[k], mx[k], out_mult, n_splits);
+    const float inv = res.scale, lse = res.lse;
+    T* out_row = reinterpret_cast<T*>(p.out) + (((int64_t)r * p.s_q + t) * p.h_q + head) * kDV;
+    float* acc_row = p.oacc + (acc_base + nn) * kDV;
+    if (ok && warp == 0 && i == 0) {
+      if (n_splits == 1) {
+        p.lse[((int64_t)r * p.h_q + head) * p.s_q + t] = lse;
+      } else {
+        p.lseacc[acc_base + n] = lse;
+      }
+    }
+    const int j = k / 2, e = k % 2;
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8
+      const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+      // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8, its own)
+      const float2 pair = odd ? make_float2(other, v1) : make_float2(v0, other);
+      const int dim = 64 * m + 16 * warp + (odd ? i - 1 + 8 : i);
+      if (!ok) continue;
+      if (n_splits == 1) {
+        *reinterpret_cast<uint32_t*>(out_row + dim) = TypeOps<T>::pack(pair.x, pair.y);
+      } else {
+        *reinterpret_cast<float2*>(acc_row + dim) = pair;
+      }
+    }
+  }
+}
+
 // Pages smaller than a chunk (page_size not a multiple of 64): the tensor map's box has g = gcd(page_size, 64)
 // rows, and load t of the chunk (columns t * kColsPerLoad.., into the 8 KB slot t of the stage; its own mbarrier
 // at bar_base + 8 t when kBarPerLoad, else one mbarrier for the whole chunk) is 64 / g loads, sub-chunk j (tokens tok + j g .. tok + j g + g - 1, inside one
@@ -146,6 +203,31 @@ static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap*
     } else {
       mbar_arrive(bar_base);
     }
+  }
+}
+
+// The chunk at `tok` (a multiple of 64, before `end`) of request r: kLoads TMA loads of 64 rows x 128 bytes (columns
+// u * kColsPerLoad.., 128B swizzle) into consecutive 8 KB slots at dst, all on the one mbarrier `bar`; the
+// chunk's page mask to mask_addr (bit k: token k's page is in the cache). Page ids outside the cache land as
+// zeros. Called by one whole warp (the 16-bit 32-row kernel: 9 loads of 64 values; the FP8 kernels: 5 of 128).
+template <int kLoads, int kColsPerLoad, bool kSmallPages>
+__device__ __forceinline__ void load_chunk_one_barrier(const CUtensorMap* tmap, const DenseDecodeParams& p, int r,
+                                                       int tok, int end, int kvh, uint32_t dst, uint32_t bar,
+                                                       uint32_t mask_addr) {
+  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
+  if constexpr (kSmallPages) {
+    load_tiles_small_pages<kColsPerLoad, false>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size,
+                                                p.page_rows_log2, p.num_blocks, tok, end, kvh, dst, bar, mask_addr, 0,
+                                                kLoads);
+  } else {
+    if (threadIdx.x % 32 != 0) return;
+    const int page = bt_row[tok / p.page_size];
+    const int in_page = tok % p.page_size;
+    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
+    asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask_addr), "r"(in_cache) : "memory");
+    mbar_expect_tx(bar, kLoads * kSlotBytes);
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * kColsPerLoad, kvh, in_page, page);
   }
 }
 

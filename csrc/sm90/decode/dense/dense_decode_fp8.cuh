@@ -19,7 +19,6 @@ namespace dense_fp8 {
 using namespace dense;
 
 constexpr int kThreads = 384;  // three warpgroups
-constexpr int kNarrowRows = 32;  // query rows per kv head up to which the 32-row kernel runs
 constexpr int kStages = 3;
 constexpr int kVtBufs = 2;  // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead (3 with 2 stages: slower)
 constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
@@ -280,29 +279,12 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
   }
 }
 
-// TMA loads of the chunk at `tok` (a multiple of 64, before `end`) of request r into `stage`, one mbarrier
-// for the chunk; called by one whole warp. Five loads of 64 rows x 128 bytes (128B swizzle); page ids
-// outside the cache land as zeros and clear the chunk's page-mask bits (as in the 16-bit kernel).
+// The chunk at `tok` of request r into `stage` (five loads of 128 e4m3 columns, one mbarrier; called by one whole warp).
 template <bool kSmallPages>
 __device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
                                            int tok, int end, int kvh, int stage) {
-  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
-  const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
-  const uint32_t bar = bar_addr(sbase, kKvFull + stage);
-  const uint32_t mask = sbase + kOffPageOk + stage * 8;
-  if constexpr (kSmallPages) {
-    load_tiles_small_pages<128, false>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
-                                       p.num_blocks, tok, end, kvh, dst, bar, mask, 0, 5);
-  } else {
-    if (threadIdx.x % 32 != 0) return;
-    const int page = bt_row[tok / p.page_size];
-    const int in_page = tok % p.page_size;
-    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
-    asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask), "r"(in_cache) : "memory");
-    mbar_expect_tx(bar, 5 * kSlotBytes);
-#pragma unroll
-    for (int u = 0; u < 5; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * 128, kvh, in_page, page);
-  }
+  load_chunk_one_barrier<5, 128, kSmallPages>(tmap, p, r, tok, end, kvh, sbase + kOffKV + stage * kStageBytes,
+                                              bar_addr(sbase, kKvFull + stage), sbase + kOffPageOk + stage * 8);
 }
 
 // The partition's chunks in the order every warpgroup consumes them: tokens [tok, min(tok + 64, end)) of

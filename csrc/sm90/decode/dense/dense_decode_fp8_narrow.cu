@@ -25,22 +25,18 @@ namespace flashmla {
 namespace sm90 {
 namespace dense_fp8 {
 
-constexpr int kRowsPerThread = kNarrowRows / 4;  // 8 columns (query rows) of an m64n32 accumulator per thread
 constexpr uint32_t kBarColumns = 2;              // named barrier of WG0's column reductions
 // P^T (32 rows of 64 bytes) takes the first half of the P tile; the column reductions' buffers the second.
 constexpr int kOffColMax = kOffP + kNarrowRows * 64;  // float[2][4][32]: per-warp column maxima, by chunk parity
 constexpr int kOffColSum = kOffColMax + 2 * 4 * kNarrowRows * 4;  // float[4][32]: per-warp column sums
 static_assert(kOffColSum + 4 * kNarrowRows * 4 <= kOffP + kPBytes, "column buffers inside the P tile");
 
-// Query row (S^T column) of a thread's per-row value k = 2 j + e.
-__device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) + 2 * quad + k % 2; }
-
 // WG0: S^T, the softmax down the columns and P^T of every chunk of the partition; at a request's end its
 // column sums and maxima go to shared memory for WG1's epilogue.
 template <bool kSmallPages>
 __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams& p, const Partition& pt, uint8_t* smem,
                                                          int tid_wg) {
-  constexpr int kH = kRowsPerThread;
+  constexpr int kH = kNarrowRowsPerThread;
   const uint32_t sbase = smem_addr(smem);
   const float* s_qscale = reinterpret_cast<const float*>(smem + kOffQScale);
   float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
@@ -157,51 +153,6 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
   }
 }
 
-// Epilogue of one request (WG1): O^T / l to `out` (unsplit) or to the split scratch, and the log-sum-exp.
-// A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its 8 columns: lanes i and i ^ 1 swap one value
-// each, so that every lane stores two adjacent dims of a row.
-__device__ __forceinline__ void narrow_store(const DenseDecodeParams& p, const float (&o)[8][16], int r, int kvh,
-                                             const float (&l)[kRowsPerThread], const float (&mx)[kRowsPerThread],
-                                             int n_splits, int split_idx, float descale_k, int warp, int lane) {
-  const int quad = lane % 4, i = lane / 4;
-  const bool odd = i & 1;
-  const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
-#pragma unroll
-  for (int k = 0; k < kRowsPerThread; ++k) {
-    const int n = narrow_row(k, quad);
-    const bool ok = n < p.m_total;
-    const int nn = ok ? n : 0;
-    const int t = nn / p.group;
-    const int head = kvh * p.group + nn % p.group;
-    const RowResult res = finish_row(l[k], mx[k], descale_k, n_splits);
-    const float inv = res.scale, lse = res.lse;
-    __nv_bfloat16* out_row = reinterpret_cast<__nv_bfloat16*>(p.out) + (((int64_t)r * p.s_q + t) * p.h_q + head) * kDV;
-    float* acc_row = p.oacc + (acc_base + nn) * kDV;
-    if (ok && warp == 0 && i == 0) {
-      if (n_splits == 1) {
-        p.lse[((int64_t)r * p.h_q + head) * p.s_q + t] = lse;
-      } else {
-        p.lseacc[acc_base + n] = lse;
-      }
-    }
-    const int j = k / 2, e = k % 2;
-#pragma unroll
-    for (int m = 0; m < 8; ++m) {
-      const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8
-      const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-      // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8, its own)
-      const float2 pair = odd ? make_float2(other, v1) : make_float2(v0, other);
-      const int dim = 64 * m + 16 * warp + (odd ? i - 1 + 8 : i);
-      if (!ok) continue;
-      if (n_splits == 1) {
-        *reinterpret_cast<__nv_bfloat162*>(out_row + dim) = __floats2bfloat162_rn(pair.x, pair.y);
-      } else {
-        *reinterpret_cast<float2*>(acc_row + dim) = pair;
-      }
-    }
-  }
-}
-
 template <bool kSmallPages>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_fp8_narrow_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
@@ -256,18 +207,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int m = 0; m < 8; ++m)
 #pragma unroll
       for (int k = 0; k < 16; ++k) o[m][k] = 0.f;
-    float l[kRowsPerThread], mx[kRowsPerThread];
+    float l[kNarrowRowsPerThread], mx[kNarrowRowsPerThread];
 #pragma unroll
-    for (int k = 0; k < kRowsPerThread; ++k) l[k] = 0.f, mx[k] = -INFINITY;
+    for (int k = 0; k < kNarrowRowsPerThread; ++k) l[k] = 0.f, mx[k] = -INFINITY;
     if (start < end) {
 #pragma unroll 1
       for (int c = start; c < end; c += kBlockN, ++g) {
         const int buf = g % kVtBufs;
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
-        float alpha[kRowsPerThread];
+        float alpha[kNarrowRowsPerThread];
         bool rescale = false;
 #pragma unroll
-        for (int j = 0; j < kRowsPerThread / 2; ++j) {
+        for (int j = 0; j < kNarrowRowsPerThread / 2; ++j) {
           const float2 a = *reinterpret_cast<const float2*>(s_alpha + 8 * j + 2 * quad);
           alpha[2 * j] = a.x, alpha[2 * j + 1] = a.y;
           rescale |= a.x != 1.f || a.y != 1.f;
@@ -304,13 +255,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       named_bar_sync(kBarEpilogue, 256);
       const int b = (qi & 1) * 64;
 #pragma unroll
-      for (int k = 0; k < kRowsPerThread; ++k) {
+      for (int k = 0; k < kNarrowRowsPerThread; ++k) {
         l[k] = s_rowsum[b + narrow_row(k, quad)];
         mx[k] = s_rowmax[b + narrow_row(k, quad)];
       }
       ++qi;
     }
-    narrow_store(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? begin_split : 0, descale_k, warp, lane);
+    store_outputs_transposed<__nv_bfloat16>(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? begin_split : 0,
+                                            descale_k, warp, lane);
   }
 }
 

@@ -43,6 +43,7 @@
 
 #include "sm90/decode/dense/dense_decode.h"
 #include "sm90/decode/dense/dense_decode_common.cuh"
+#include "sm90/decode/dense/dense_decode_narrow.cuh"
 #include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 
@@ -51,7 +52,6 @@ namespace sm90 {
 namespace dense {
 
 constexpr int kThreads = 256;
-constexpr int kPreciseMaxLen = 1024;
 static_assert(kBlockM * (kDQK / 8) % kThreads == 0, "Q tile load");
 constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 bytes
 constexpr int kNumColTiles = kDQK / 64;          // 9
@@ -462,6 +462,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
+  if (p.m_total <= kNarrowRows) {  // at most 32 query rows per kv head: the transposed kernel
+    dense_narrow::launch<T>(p, tmap, stream);
+    return;
+  }
   auto kernel = p.page_rows_log2 < 6 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);

@@ -860,13 +860,6 @@ constexpr uint32_t kBarNarrowP = 3;     // P^T is in shared memory before the PV
 constexpr int kRegsNarrowMath = 248, kRegsNarrowProducer = 128;
 static_assert(kRegsNarrowMath + 2 * kRegsNarrowProducer == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 
-// Four 8x8 bf16 matrices stored transposed (stmatrix .trans): lane l gives the row address of matrix l / 8.
-__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
-               "r"(r1), "r"(r2), "r"(r3)
-               : "memory");
-}
-
 template <int kN>
 struct NarrowOps;
 template <>

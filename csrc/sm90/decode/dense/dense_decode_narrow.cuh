@@ -1,0 +1,314 @@
+// Dense MLA decode over a 16-bit cache for SM90 (sm_90a), at most 32 query rows per kv head
+// (s_q * h_q / h_kv <= 32: tensor-parallel head counts such as 16 or 32 heads per GPU). Both products are
+// transposed, S^T = K Q^T and O^T = V^T P^T (m64n32k16), so that the chunk's 64 tokens are the products' M and
+// the 32 query rows their N: the 64-row kernel (dense_decode_kernel.cuh) pads these rows to 64, twice the tensor
+// work per byte of cache. V^T is the cache tile itself, read MN-major (16-bit wgmma operands may be), so no
+// transposes (unlike the FP8 32-row kernel); docs/design.md §5.1.
+//
+// One CTA = (SM partition of the plan, kv head), 160 threads:
+//   warps 0-3 (the math warpgroup): per chunk S^T (36 steps over the 9 column tiles), the masked online
+//     softmax down the columns (one column per query row: maxima over the chunk's tokens by shuffles and
+//     through shared memory, transposed.h), P^T to shared memory (stmatrix .trans), O^T += V^T P^T (eight m64
+//     tiles of V^T's rows, 128 fp32 per thread); short requests (len <= kPreciseMaxLen, as in the 64-row
+//     kernel) add the product with P's rounding residue. The next request's Q is loaded once the last S^T
+//     of a request is done, behind that chunk's softmax and products.
+//   warp 4: the cache loads, one mbarrier per stage (two stages of 9 x 8 KB; the math warpgroup frees a
+//     stage after its PV product).
+// The tensor work per chunk (~4.5 MFLOP) is about a third of the time the chunk's 72 KB take to arrive at an
+// SM's share of DRAM bandwidth, so one warpgroup does all of it in order.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include "sm90/common/seesaw.h"
+#include "sm90/common/sm90_ptx.h"
+#include "sm90/common/transposed.h"
+#include "sm90/decode/dense/dense_decode.h"
+#include "sm90/decode/dense/dense_decode_common.cuh"
+
+namespace flashmla {
+namespace sm90 {
+namespace dense_narrow {
+
+using dense::kNarrowRowsPerThread;
+using dense::kPreciseMaxLen;
+using dense::kSlotBytes;
+using dense::narrow_row;
+
+constexpr int kThreads = 160;                             // the math warpgroup + the loading warp
+constexpr int kTiles = kDQK / 64;                         // 9 column tiles of 64 values (128 bytes)
+constexpr int kStageBytes = kTiles * kSlotBytes;          // 64 tokens x 576 values
+constexpr int kQTileBytes = kNarrowRows * 128;            // 32 query rows x 128 bytes, 128B swizzle
+constexpr int kOffQ = 0;                                  // Q: 9 tiles of 32 rows
+constexpr int kOffKV = kOffQ + kTiles * kQTileBytes;      // 2 stages
+constexpr int kOffP = kOffKV + 2 * kStageBytes;           // P^T and its rounding residue: 2 x 32 rows x 64 tokens
+constexpr int kOffColMax = kOffP + 2 * kQTileBytes;       // float[2][4][32]: per-warp column maxima, by chunk parity
+constexpr int kOffColSum = kOffColMax + 2 * 4 * kNarrowRows * 4;  // float[4][32]: per-warp column sums
+constexpr int kOffPageOk = kOffColSum + 4 * kNarrowRows * 4;      // uint64[2]: bit k = token k's page is in the cache
+constexpr int kOffBar = kOffPageOk + 2 * 8;               // mbarriers: full[2] (the loads), empty[2] (4 math warps)
+constexpr int kOffPart = kOffBar + 4 * 8;                 // int[8]: the partition (begin_req, begin_tok, end_req, end_tok, begin_split)
+constexpr int kSmemUsed = kOffPart + 8 * 4;
+constexpr int kSmemBytes = kSmemUsed + 1024;              // slack for 1024-byte alignment
+static_assert(kSmemBytes <= 232448, "shared memory per block");
+static_assert(kOffKV % 1024 == 0 && kOffP % 1024 == 0, "128B swizzle atoms");
+
+constexpr uint32_t kBarColumns = 1;  // named barrier: the column reductions (math warpgroup)
+constexpr uint32_t kBarMath = 2;     // named barrier: Q, P^T and zeroed V rows are written (math warpgroup)
+
+// The Q rows of request r (zero rows past m_total) -> the Q tiles, 16-byte cp.async by the 128 math threads;
+// committed, not waited for.
+template <typename T>
+__device__ __forceinline__ void load_q(const DenseDecodeParams& p, uint32_t sbase, int r, int kvh, int tid) {
+  constexpr int kPieces = kNarrowRows * (kDQK / 8);  // 16-byte pieces
+  static_assert(kPieces % 128 == 0, "Q pieces per thread");
+  const T* qbase = reinterpret_cast<const T*>(p.q);
+#pragma unroll 1
+  for (int it = 0; it < kPieces / 128; ++it) {
+    const int idx = tid + it * 128;
+    const int row = idx / (kDQK / 8), ch = idx % (kDQK / 8);
+    const bool in = row < p.m_total;
+    const int m = in ? row : 0;
+    const int t = m / p.group, head = kvh * p.group + m % p.group;
+    const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride + ch * 8;
+    const uint32_t dst = sbase + kOffQ + (ch / 8) * kQTileBytes + swz(row, ch % 8);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0) : "memory");
+  }
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Rows [valid, 64) of V's 8 tiles in a stage -> 0 (the cache there may hold NaN, which P = 0 must not meet).
+__device__ __forceinline__ void zero_v_tail(uint8_t* stage, int valid, int tid) {
+  for (int idx = tid; idx < (kBlockN - valid) * 8 * 8; idx += 128) {
+    const int row = valid + idx / 64, tile = (idx / 8) % 8;
+    *reinterpret_cast<uint4*>(stage + tile * kSlotBytes + swz(row, idx % 8)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T, bool kSmallPages>
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t sbase = smem_addr(smem);
+  const uint32_t bar_full = sbase + kOffBar, bar_empty = sbase + kOffBar + 16;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int kvh = blockIdx.y;
+
+  const int* meta = p.metadata + blockIdx.z * 8;
+  const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
+  const int begin_split = meta[4];
+  if (begin_req > end_req || begin_req < 0) return;
+
+  int* s_part = reinterpret_cast<int*>(smem + kOffPart);
+  if (tid == 0) {
+    s_part[0] = begin_req, s_part[1] = begin_tok, s_part[2] = end_req, s_part[3] = end_tok, s_part[4] = begin_split;
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(bar_full + s * 8, 1);
+      mbar_init(bar_empty + s * 8, 4);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
+  }
+  __syncthreads();
+
+  if (warp == 4) {
+    // ======================= the loading warp: every chunk of the partition, in order =======================
+    uint32_t g = 0;
+    for (int r = begin_req; r <= end_req; ++r) {
+      int start, end;
+      dense::request_range(p, r, begin_req, begin_tok, end_req, end_tok, start, end);
+#pragma unroll 1
+      for (int c = start; c < end; c += kBlockN, ++g) {
+        const int stage = g & 1;
+        mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
+        dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, c, end, kvh,
+                                                               sbase + kOffKV + stage * kStageBytes,
+                                                               bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
+      }
+    }
+    return;
+  }
+
+  // ======================= the math warpgroup =======================
+  float* s_colmax = reinterpret_cast<float*>(smem + kOffColMax);
+  float* s_colsum = reinterpret_cast<float*>(smem + kOffColSum);
+  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
+  constexpr int kH = kNarrowRowsPerThread;
+  const int quad = lane % 4;
+  const int tok0 = warp * 16 + lane / 4;  // this thread's tokens of a chunk: tok0, tok0 + 8
+  // stmatrix .trans row addresses of this lane in a P^T tile: matrices (token block 2 warp + m % 2, row block
+  // j0 + m / 2) for m = lane / 8, row lane % 8 inside its block (as the few-head sparse kernel)
+  const int st_m = lane / 8, st_c = lane % 8;
+
+  // The partition's bounds are read from shared memory where needed: held in registers across the chunk loop,
+  // they made ptxas spill (O^T takes 128 registers).
+  auto range_of = [&](int r, int& start, int& end) {
+    dense::request_range(p, r, s_part[0], s_part[1], s_part[2], s_part[3], start, end);
+  };
+  uint32_t g = 0;           // chunks consumed
+  int q_ready_for = -1;     // the request whose Q loads are already issued
+  for (int r = begin_req; r <= s_part[2]; ++r) {
+    int start, end;
+    range_of(r, start, end);
+    const int len = dense::request_len(p, r);
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];  // read now: at the end it is a round trip more
+    const bool precise = len <= kPreciseMaxLen;
+    // Tokens from a row's limit on are not attended by it (the request's end, the causal limit of its query
+    // token); the limits are formed only in chunks that reach the smallest (registers: O^T takes 128).
+    const int causal_shift = p.causal ? len - p.s_q + 1 : len;  // the limit of query token t: causal_shift + t
+    const int lim_min = min(end, p.causal ? causal_shift : len);
+    float o[8][16];  // O^T tile m: element 4 j + 2 h + e = (dim 64 m + 16 warp + lane / 4 + 8 h, row 8 j + 2 quad + e)
+#pragma unroll
+    for (int m = 0; m < 8; ++m)
+#pragma unroll
+      for (int k = 0; k < 16; ++k) o[m][k] = 0.f;
+    float run_max[kH], run_sum[kH];
+#pragma unroll
+    for (int k = 0; k < kH; ++k) run_max[k] = -INFINITY, run_sum[k] = 0.f;
+
+    if (start < end) {
+      if (q_ready_for != r) load_q<T>(p, sbase, r, kvh, tid);
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      fence_proxy_async();
+      named_bar_sync(kBarMath, 128);
+#pragma unroll 1
+      for (int c = start; c < end; c += kBlockN, ++g) {
+        const int stage = g & 1;
+        const uint32_t kv = sbase + kOffKV + stage * kStageBytes;
+        mbar_wait(bar_full + stage * 8, (g >> 1) & 1);
+        // ---- S^T = K Q^T ----
+        float s[16];
+        {
+          const uint64_t desc_kv = desc_sw128(kv, 16, 1024), desc_q = desc_sw128(opaque(sbase + kOffQ), 16, 1024);
+          fence_all(s);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kDQK / 16; ++kk)
+            TypeOps<T>::qk32(s, desc_add(desc_kv, (kk / 4) * kSlotBytes + (kk % 4) * 32),
+                             desc_add(desc_q, (kk / 4) * kQTileBytes + (kk % 4) * 32), kk > 0 ? 1 : 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_all(s);
+        }
+        // ---- masked online softmax down the columns (log2 domain) ----
+        const uint64_t page_ok = s_page_ok[stage];
+        const bool in0 = (page_ok >> tok0) & 1, in1 = (page_ok >> (tok0 + 8)) & 1;
+        const bool tail = c + kBlockN > lim_min;
+        float mx[kH];
+#pragma unroll
+        for (int j = 0; j < kH / 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int k = 2 * j + e;
+            float& a = s[4 * j + e];      // token tok0
+            float& b = s[4 * j + 2 + e];  // token tok0 + 8
+            int lim = end;
+            if (tail) lim = min(end, p.causal ? causal_shift + min(narrow_row(k, quad), p.m_total - 1) / p.group : len);
+            a = in0 && c + tok0 < lim ? a * p.scale_log2 : -INFINITY;
+            b = in1 && c + tok0 + 8 < lim ? b * p.scale_log2 : -INFINITY;
+            mx[k] = fmaxf(a, b);
+          }
+        // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
+        reduce_over_tokens<kNarrowRows>(mx, s_colmax + (g & 1) * 4 * kNarrowRows, warp, lane, kBarColumns, MaxOp{});
+        float base[kH], alpha[kH];
+#pragma unroll
+        for (int j = 0; j < kH / 2; ++j) {
+          const MaxUpdate u = update_max(run_max[2 * j], run_max[2 * j + 1], mx[2 * j], mx[2 * j + 1]);
+          run_max[2 * j] = u.max0, run_max[2 * j + 1] = u.max1;
+          base[2 * j] = u.base0, base[2 * j + 1] = u.base1;
+          alpha[2 * j] = u.scale0, alpha[2 * j + 1] = u.scale1;
+        }
+        bool rescale = false;
+#pragma unroll
+        for (int j = 0; j < kH / 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int k = 2 * j + e;
+            s[4 * j + e] = exp2f(s[4 * j + e] - base[k]);
+            s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base[k]);
+            run_sum[k] = run_sum[k] * alpha[k] + (s[4 * j + e] + s[4 * j + 2 + e]);
+            rescale |= alpha[k] != 1.f;
+          }
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+          for (int m = 0; m < 8; ++m)
+#pragma unroll
+            for (int k = 0; k < 16; ++k) o[m][k] *= alpha[2 * (k / 4) + k % 2];
+        }
+        // ---- P^T (and its rounding residue) -> shared memory; V rows past the request's end -> 0 ----
+#pragma unroll
+        for (int term = 0; term < 2; ++term) {
+          if (term == 1 && !precise) break;
+          const uint32_t tile = sbase + kOffP + term * kQTileBytes;
+#pragma unroll
+          for (int j0 = 0; j0 < kH / 2; j0 += 2) {
+            uint32_t rg[4];
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {  // matrix m: token block 2 warp + m % 2, row block j0 + m / 2
+              const int idx = 4 * (j0 + m / 2) + 2 * (m % 2);
+              rg[m] = term == 0 ? TypeOps<T>::pack(s[idx], s[idx + 1]) : TypeOps<T>::pack_residue(s[idx], s[idx + 1]);
+            }
+            stmatrix_x4_trans(tile + swz(8 * (j0 + st_m / 2) + st_c, 2 * warp + st_m % 2), rg[0], rg[1], rg[2], rg[3]);
+          }
+        }
+        if (end - c < kBlockN) zero_v_tail(smem + kOffKV + stage * kStageBytes, end - c, tid);
+        fence_proxy_async();
+        named_bar_sync(kBarMath, 128);
+        // Every warp's S^T is done: the next request's Q loads go out now, behind this chunk's products.
+        if (c + kBlockN >= end) {
+          int next = r + 1, next_start = 0, next_end = 0;
+          for (; next <= s_part[2]; ++next) {  // the next request with tokens to attend
+            range_of(next, next_start, next_end);
+            if (next_start < next_end) break;
+          }
+          if (next <= s_part[2]) {
+            load_q<T>(p, sbase, next, kvh, tid);
+            q_ready_for = next;
+          }
+        }
+        // ---- O^T += V^T P^T (then the residue term: its own batch, as in the few-head sparse kernel) ----
+        const uint64_t desc_v = desc_sw128(kv, kSlotBytes, 1024);
+#pragma unroll 1
+        for (int term = 0; term < (precise ? 2 : 1); ++term) {
+          const uint64_t desc_pt = desc_sw128(opaque(sbase + kOffP + term * kQTileBytes), 16, 1024);
+#pragma unroll
+          for (int m = 0; m < 8; ++m) fence_all(o[m]);
+          wgmma_fence();
+#pragma unroll
+          for (int m = 0; m < 8; ++m)
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+              TypeOps<T>::pv32(o[m], desc_add(desc_v, m * kSlotBytes + kk * 16 * 128), desc_add(desc_pt, kk * 32));
+          wgmma_commit();
+          wgmma_wait<0>();
+#pragma unroll
+          for (int m = 0; m < 8; ++m) fence_all(o[m]);
+        }
+        // this warp no longer reads the stage (nor P^T: the next chunk rewrites it after the barriers above)
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_empty + stage * 8);
+      }
+    }
+    // ---- epilogue: column sums over the request's tokens, then O^T / l as rows ----
+    reduce_over_tokens<kNarrowRows>(run_sum, s_colsum, warp, lane, kBarColumns, AddOp{});
+    named_bar_sync(kBarColumns, 128);  // s_colsum is rewritten by the next request's epilogue
+    dense::store_outputs_transposed<T>(p, o, r, kvh, run_sum, run_max, n_splits, r == s_part[0] ? s_part[4] : 0, 1.f,
+                                       warp, lane);
+  }
+}
+
+template <typename T>
+void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
+  auto kernel = p.page_rows_log2 < 6 ? dense_decode_narrow_kernel<T, true> : dense_decode_narrow_kernel<T, false>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+}
+
+}  // namespace dense_narrow
+}  // namespace sm90
+}  // namespace flashmla
