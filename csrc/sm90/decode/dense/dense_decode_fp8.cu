@@ -84,6 +84,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) init_barriers(sbase, 8, &tmap);  // V^T is read by WG0 and WG1
   __syncthreads();
+  allow_dependent_launch();
 
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================

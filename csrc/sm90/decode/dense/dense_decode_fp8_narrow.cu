@@ -180,6 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
   __syncthreads();
+  allow_dependent_launch();
 
   if (wg == 2) {
     // ======================= WG2: Q (rows 0..31) and the V transposes =======================

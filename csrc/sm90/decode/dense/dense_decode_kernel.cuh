@@ -218,6 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                  : "memory");
   }
   __syncthreads();
+  allow_dependent_launch();
 
   // Rows owned by this thread in the wgmma accumulator layout.
   const int row0 = warp * 16 + lane / 4;

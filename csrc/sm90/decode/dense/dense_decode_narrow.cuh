@@ -114,6 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
   }
   __syncthreads();
+  allow_dependent_launch();
 
   if (warp == 4) {
     // ======================= the loading warp: every chunk of the partition, in order =======================
