@@ -5,6 +5,7 @@
 #pragma once
 #include <math.h>
 
+#include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 
 namespace flashmla {
@@ -52,6 +53,85 @@ __device__ __forceinline__ void reduce_over_tokens(float (&v)[kN / 4], float* bu
     }
     v[2 * j] = acc.x;
     v[2 * j + 1] = acc.y;
+  }
+}
+
+// The online softmax down the columns: a thread holds the scores S^T of tokens tok and tok + 8 for its kN / 4
+// columns (accumulator elements 4 j + e and 4 j + 2 + e for column index k = 2 j + e, query row / head
+// 8 j + 2 (lane % 4) + e).
+//
+// Scores -> log2 domain (times scale(k)), -inf for a token that is not valid or that its column does not attend
+// (attends(k, t, in0, in1): whether column k attends tokens t and t + 8 of the chunk, i.e. they are before its
+// limit); mx[k] = the thread's maximum of column k, before the reduction over the chunk's tokens
+// (reduce_over_tokens).
+template <int kN, typename Attends, typename Scale>
+__device__ __forceinline__ void mask_scale_columns(float (&s)[kN / 2], bool valid0, bool valid1, int tok,
+                                                   const Attends& attends, const Scale& scale, float (&mx)[kN / 4]) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int k = 2 * j + e;
+      float& a = s[4 * j + e];      // token tok
+      float& b = s[4 * j + 2 + e];  // token tok + 8
+      bool in0, in1;
+      attends(k, tok, in0, in1);
+      a = valid0 && in0 ? a * scale(k) : -INFINITY;
+      b = valid1 && in1 ? b * scale(k) : -INFINITY;
+      mx[k] = fmaxf(a, b);
+    }
+}
+// attends of the callers without per-column limits, and their scale(k).
+struct AllAttended {
+  __device__ __forceinline__ void operator()(int, int, bool& in0, bool& in1) const { in0 = in1 = true; }
+};
+struct UniformScale {
+  float value;
+  __device__ __forceinline__ float operator()(int) const { return value; }
+};
+
+// The running column maxima after a chunk's maxima mx (update_max, as the 64-row kernels: a maximum moves only
+// past the slack), the base each column's exponentials take and the factor alpha its earlier sums and O^T take.
+template <int kH>
+__device__ __forceinline__ void update_column_maxima(float (&run_max)[kH], const float (&mx)[kH], float (&base)[kH],
+                                                     float (&alpha)[kH]) {
+#pragma unroll
+  for (int j = 0; j < kH / 2; ++j) {
+    const MaxUpdate u = update_max(run_max[2 * j], run_max[2 * j + 1], mx[2 * j], mx[2 * j + 1]);
+    run_max[2 * j] = u.max0, run_max[2 * j + 1] = u.max1;
+    base[2 * j] = u.base0, base[2 * j + 1] = u.base1;
+    alpha[2 * j] = u.scale0, alpha[2 * j + 1] = u.scale1;
+  }
+}
+
+// P^T = exp2(S^T - base) in place, and the column sums: run_sum = run_sum * alpha + the thread's two values.
+template <int kN>
+__device__ __forceinline__ void exp_columns(float (&s)[kN / 2], const float (&base)[kN / 4], const float (&alpha)[kN / 4],
+                                            float (&run_sum)[kN / 4]) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int k = 2 * j + e;
+      s[4 * j + e] = exp2f(s[4 * j + e] - base[k]);
+      s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base[k]);
+      run_sum[k] = run_sum[k] * alpha[k] + (s[4 * j + e] + s[4 * j + 2 + e]);
+    }
+}
+
+// O^T's columns (eight m64 tiles) times alpha, skipped when no column of the warp changes.
+template <int kN>
+__device__ __forceinline__ void rescale_columns(float (&o)[8][kN / 2], const float (&alpha)[kN / 4], bool rescale) {
+  if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          o[i][4 * j + e] *= alpha[2 * j + e];
+          o[i][4 * j + 2 + e] *= alpha[2 * j + e];
+        }
   }
 }
 

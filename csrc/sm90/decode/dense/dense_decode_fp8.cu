@@ -254,10 +254,8 @@ void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap
     launch_dense_decode_fp8_narrow(p, tmap, stream);
     return;
   }
-  auto kernel = p.page_rows_log2 < 6 ? dense_decode_fp8_kernel<true> : dense_decode_fp8_kernel<false>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  launch_on_plan_grid(dense_decode_fp8_kernel<true>, dense_decode_fp8_kernel<false>, kThreads, kSmemBytes, p, tmap,
+                      stream);
 }
 
 }  // namespace sm90

@@ -31,6 +31,22 @@ constexpr int kOffColMax = kOffP + kNarrowRows * 64;  // float[2][4][32]: per-wa
 constexpr int kOffColSum = kOffColMax + 2 * 4 * kNarrowRows * 4;  // float[4][32]: per-warp column sums
 static_assert(kOffColSum + 4 * kNarrowRows * 4 <= kOffP + kPBytes, "column buffers inside the P tile");
 
+// attends(k, t, in0, in1) and scale(k) of mask_scale_columns: the rows' limits (compared only in chunks that reach the
+// smallest) and their scales (scale_log2 x descale_k x the Q row's dequantization factor).
+struct RowLimits {
+  bool tail;
+  int chunk;
+  const int (&lim)[kNarrowRowsPerThread];
+  __device__ __forceinline__ void operator()(int k, int t, bool& in0, bool& in1) const {
+    in0 = !(tail && chunk + t >= lim[k]);
+    in1 = !(tail && chunk + t + 8 >= lim[k]);
+  }
+};
+struct RowScales {
+  const float (&scale)[kNarrowRowsPerThread];
+  __device__ __forceinline__ float operator()(int k) const { return scale[k]; }
+};
+
 // WG0: S^T, the softmax down the columns and P^T of every chunk of the partition; at a request's end its
 // column sums and maxima go to shared memory for WG1's epilogue.
 template <bool kSmallPages>
@@ -84,29 +100,12 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
       // scores in the log2 domain; -inf past a row's limit and for tokens whose page is outside the cache
       const uint64_t page_ok = s_page_ok[stage];
       const bool in0 = (page_ok >> tok0) & 1, in1 = (page_ok >> (tok0 + 8)) & 1;
-      const bool tail = c + kBlockN > lim_min;
       float mx[kH];
-#pragma unroll
-      for (int j = 0; j < kH / 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int k = 2 * j + e;
-          float& a = s[4 * j + e];      // token tok0
-          float& b = s[4 * j + 2 + e];  // token tok0 + 8
-          a = in0 && !(tail && c + tok0 >= lim[k]) ? a * sl[k] : -INFINITY;
-          b = in1 && !(tail && c + tok0 + 8 >= lim[k]) ? b * sl[k] : -INFINITY;
-          mx[k] = fmaxf(a, b);
-        }
+      mask_scale_columns<kNarrowRows>(s, in0, in1, tok0, RowLimits{c + kBlockN > lim_min, c, lim}, RowScales{sl}, mx);
       // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
       reduce_over_tokens<kNarrowRows>(mx, s_colmax + (g & 1) * 4 * kNarrowRows, warp, lane, kBarColumns, MaxOp{});
       float base[kH], alpha[kH];
-#pragma unroll
-      for (int j = 0; j < kH / 2; ++j) {
-        const MaxUpdate u = update_max(run_max[2 * j], run_max[2 * j + 1], mx[2 * j], mx[2 * j + 1]);
-        run_max[2 * j] = u.max0, run_max[2 * j + 1] = u.max1;
-        base[2 * j] = u.base0, base[2 * j + 1] = u.base1;
-        alpha[2 * j] = u.scale0, alpha[2 * j + 1] = u.scale1;
-      }
+      update_column_maxima(run_max, mx, base, alpha);
       // P^T = exp2(S^T - base), sums of the unrounded values, e4m3 bytes (column e, token half h at byte 2e + h)
       uint32_t words[kH / 2];
 #pragma unroll
@@ -224,12 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           alpha[2 * j] = a.x, alpha[2 * j + 1] = a.y;
           rescale |= a.x != 1.f || a.y != 1.f;
         }
-        if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-          for (int m = 0; m < 8; ++m)
-#pragma unroll
-            for (int k = 0; k < 16; ++k) o[m][k] *= alpha[2 * (k / 4) + k % 2];
-        }
+        rescale_columns<kNarrowRows>(o, alpha, rescale);
         mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
         // The stage of chunk g is free: its QK is done (P^T is written) and so is its transpose.
         if (warp == 0 && lw.r <= pt.end_req) {
@@ -268,10 +262,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 void launch_dense_decode_fp8_narrow(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  auto kernel = p.page_rows_log2 < 6 ? dense_decode_fp8_narrow_kernel<true> : dense_decode_fp8_narrow_kernel<false>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  launch_on_plan_grid(dense_decode_fp8_narrow_kernel<true>, dense_decode_fp8_narrow_kernel<false>, kThreads, kSmemBytes,
+                      p, tmap, stream);
 }
 
 }  // namespace dense_fp8

@@ -467,10 +467,7 @@ void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t st
     dense_narrow::launch<T>(p, tmap, stream);
     return;
   }
-  auto kernel = p.page_rows_log2 < 6 ? dense_decode_kernel<T, true> : dense_decode_kernel<T, false>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  launch_on_plan_grid(dense_decode_kernel<T, true>, dense_decode_kernel<T, false>, kThreads, kSmemBytes, p, tmap, stream);
 }
 
 }  // namespace dense

@@ -77,6 +77,19 @@ __device__ __forceinline__ void load_q(const DenseDecodeParams& p, uint32_t sbas
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
+// attends(k, t, in0, in1) of mask_scale_columns: tokens t and t + 8 of the chunk are before the column's limit (the request's end, the
+// causal limit of its query token), formed only in chunks that reach the smallest limit.
+struct ColumnLimit {
+  bool tail;
+  int chunk, end, len, causal, causal_shift, m_total, group, quad;
+  __device__ __forceinline__ void operator()(int k, int t, bool& in0, bool& in1) const {
+    int lim = end;
+    if (tail) lim = min(end, causal ? causal_shift + min(narrow_row(k, quad), m_total - 1) / group : len);
+    in0 = chunk + t < lim;
+    in1 = chunk + t + 8 < lim;
+  }
+};
+
 // Rows [valid, 64) of V's 8 tiles in a stage -> 0 (the cache there may hold NaN, which P = 0 must not meet).
 __device__ __forceinline__ void zero_v_tail(uint8_t* stage, int valid, int tid) {
   for (int idx = tid; idx < (kBlockN - valid) * 8 * 8; idx += 128) {
@@ -198,48 +211,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         // ---- masked online softmax down the columns (log2 domain) ----
         const uint64_t page_ok = s_page_ok[stage];
         const bool in0 = (page_ok >> tok0) & 1, in1 = (page_ok >> (tok0 + 8)) & 1;
-        const bool tail = c + kBlockN > lim_min;
+        const ColumnLimit limit{c + kBlockN > lim_min, c, end, len, p.causal, causal_shift, p.m_total, p.group, quad};
         float mx[kH];
-#pragma unroll
-        for (int j = 0; j < kH / 2; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int k = 2 * j + e;
-            float& a = s[4 * j + e];      // token tok0
-            float& b = s[4 * j + 2 + e];  // token tok0 + 8
-            int lim = end;
-            if (tail) lim = min(end, p.causal ? causal_shift + min(narrow_row(k, quad), p.m_total - 1) / p.group : len);
-            a = in0 && c + tok0 < lim ? a * p.scale_log2 : -INFINITY;
-            b = in1 && c + tok0 + 8 < lim ? b * p.scale_log2 : -INFINITY;
-            mx[k] = fmaxf(a, b);
-          }
+        mask_scale_columns<kNarrowRows>(s, in0, in1, tok0, limit, UniformScale{p.scale_log2}, mx);
         // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
         reduce_over_tokens<kNarrowRows>(mx, s_colmax + (g & 1) * 4 * kNarrowRows, warp, lane, kBarColumns, MaxOp{});
         float base[kH], alpha[kH];
-#pragma unroll
-        for (int j = 0; j < kH / 2; ++j) {
-          const MaxUpdate u = update_max(run_max[2 * j], run_max[2 * j + 1], mx[2 * j], mx[2 * j + 1]);
-          run_max[2 * j] = u.max0, run_max[2 * j + 1] = u.max1;
-          base[2 * j] = u.base0, base[2 * j + 1] = u.base1;
-          alpha[2 * j] = u.scale0, alpha[2 * j + 1] = u.scale1;
-        }
+        update_column_maxima(run_max, mx, base, alpha);
         bool rescale = false;
 #pragma unroll
-        for (int j = 0; j < kH / 2; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int k = 2 * j + e;
-            s[4 * j + e] = exp2f(s[4 * j + e] - base[k]);
-            s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base[k]);
-            run_sum[k] = run_sum[k] * alpha[k] + (s[4 * j + e] + s[4 * j + 2 + e]);
-            rescale |= alpha[k] != 1.f;
-          }
-        if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-          for (int m = 0; m < 8; ++m)
-#pragma unroll
-            for (int k = 0; k < 16; ++k) o[m][k] *= alpha[2 * (k / 4) + k % 2];
-        }
+        for (int k = 0; k < kH; ++k) rescale |= alpha[k] != 1.f;
+        exp_columns<kNarrowRows>(s, base, alpha, run_sum);
+        rescale_columns<kNarrowRows>(o, alpha, rescale);
         // ---- P^T (and its rounding residue) -> shared memory; V rows past the request's end -> 0 ----
 #pragma unroll
         for (int term = 0; term < 2; ++term) {
@@ -304,10 +287,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 void launch(const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  auto kernel = p.page_rows_log2 < 6 ? dense_decode_narrow_kernel<T, true> : dense_decode_narrow_kernel<T, false>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  dense::launch_on_plan_grid(dense_decode_narrow_kernel<T, true>, dense_decode_narrow_kernel<T, false>, kThreads,
+                             kSmemBytes, p, tmap, stream);
 }
 
 }  // namespace dense_narrow

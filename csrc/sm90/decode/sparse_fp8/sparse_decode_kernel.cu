@@ -947,16 +947,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
       // ---- masked online softmax down the columns (log2 domain) ----
       const bool v0 = s_valid[stage * 64 + tok0] != 0, v1 = s_valid[stage * 64 + tok0 + 8] != 0;
       float mx[kH];
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& a = s[4 * j + e];
-          float& b = s[4 * j + 2 + e];
-          a = v0 ? a * p.scale_log2 : -INFINITY;
-          b = v1 ? b * p.scale_log2 : -INFINITY;
-          mx[2 * j + e] = fmaxf(a, b);
-        }
+      mask_scale_columns<kN>(s, v0, v1, tok0, AllAttended{}, UniformScale{p.scale_log2}, mx);
       // by chunk parity: a warp writes chunk g + 2's maxima only after every warp has passed chunk g + 1's barrier
       reduce_over_tokens<kN>(mx, s_max + (g & 1) * 4 * kN, warp, lane, kBarNarrowMax, MaxOp{});
       float base[kH], alpha[kH];
@@ -969,26 +960,8 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
         rescale |= alpha[k] != 1.f;
         run_max[k] = new_max;
       }
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int k = 2 * j + e;
-          s[4 * j + e] = exp2f(s[4 * j + e] - base[k]);
-          s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base[k]);
-          run_sum[k] = run_sum[k] * alpha[k] + (s[4 * j + e] + s[4 * j + 2 + e]);
-        }
-      if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-          for (int j = 0; j < kJ; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              o[i][4 * j + e] *= alpha[2 * j + e];
-              o[i][4 * j + 2 + e] *= alpha[2 * j + e];
-            }
-      }
+      exp_columns<kN>(s, base, alpha, run_sum);
+      rescale_columns<kN>(o, alpha, rescale);
       // ---- P^T (and its rounding residue) -> shared memory, then O^T += V^T P^T ----
       const int terms = precise ? 2 : 1;
       for (int term = 0; term < terms; ++term) {
