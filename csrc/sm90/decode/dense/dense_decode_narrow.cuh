@@ -10,8 +10,8 @@
 //     softmax down the columns (one column per query row: maxima over the chunk's tokens by shuffles and
 //     through shared memory, transposed.h), P^T to shared memory (stmatrix .trans), O^T += V^T P^T (eight m64
 //     tiles of V^T's rows, 128 fp32 per thread); short requests (len <= kPreciseMaxLen, as in the 64-row
-//     kernel) add the product with P's rounding residue. The next request's Q is loaded once the last S^T
-//     of a request is done, behind that chunk's softmax and products.
+//     kernel) add the product with P's rounding residue. The next request's Q loads are issued once the last
+//     S^T of a request is done, before that chunk's products.
 //   warp 4: the cache loads, one mbarrier per stage (two stages of 9 x 8 KB; the math warpgroup frees a
 //     stage after its PV product).
 // The tensor work per chunk (~4.5 MFLOP) is about a third of the time the chunk's 72 KB take to arrive at an
@@ -242,7 +242,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (end - c < kBlockN) zero_v_tail(smem + kOffKV + stage * kStageBytes, end - c, tid);
         fence_proxy_async();
         named_bar_sync(kBarMath, 128);
-        // Every warp's S^T is done: the next request's Q loads go out now, behind this chunk's products.
+        // Every warp's S^T is done: the next request's Q loads go out now, so that they land while this chunk's
+        // products and the epilogue run (the search for that request reads lengths: one read in front of them).
         if (c + kBlockN >= end) {
           int next = r + 1, next_start = 0, next_end = 0;
           for (; next <= s_part[2]; ++next) {  // the next request with tokens to attend
