@@ -40,6 +40,23 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r,
   start = max(start, 0);
 }
 
+// A CTA's SM partition of the plan (row blockIdx.z of tile_scheduler_metadata): requests begin_req..end_req
+// (end_req clamped into the batch), from token begin_tok of the first and before token end_tok of the last;
+// begin_split is the split index of the first request's piece. Empty: the CTA has nothing to do.
+struct Partition {
+  int begin_req, begin_tok, end_req, end_tok, begin_split;
+  __device__ __forceinline__ bool empty() const { return begin_req > end_req || begin_req < 0; }
+};
+__device__ __forceinline__ Partition read_partition(const DenseDecodeParams& p) {
+  const int* meta = p.metadata + blockIdx.z * 8;
+  return {meta[0], meta[1], min(meta[2], p.b - 1), meta[3], meta[4]};
+}
+// Token range [start, end) of request r inside partition pt.
+__device__ __forceinline__ void request_range(const DenseDecodeParams& p, const Partition& pt, int r, int& start,
+                                              int& end) {
+  request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+}
+
 // A finished row of the epilogue: the factor its O takes (out_mult / l, 0 for a row with nothing attended) and
 // its log-sum-exp (natural log; max in the log2 domain). A row with nothing attended gets lse +inf when the
 // request is not split and -inf as a split piece (so that the combine gives it no weight).

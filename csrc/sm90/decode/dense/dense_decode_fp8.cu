@@ -77,10 +77,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.x;
 
-  const int* meta = p.metadata + blockIdx.z * 8;
-  const Partition pt{meta[0], meta[1], min(meta[2], p.b - 1), meta[3]};
-  const int begin_split = meta[4];
-  if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
+  const Partition pt = read_partition(p);
+  if (pt.empty()) return;
 
   if (tid == 0) init_barriers(sbase, 8, &tmap);  // V^T is read by WG0 and WG1
   __syncthreads();
@@ -108,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
-      request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+      request_range(p, pt, r, start, end);
       const int len = request_len(p, r);
       const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
       const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
@@ -192,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         n_splits = p.num_splits[r + 1] - p.num_splits[r];
       }
       store_outputs<__nv_bfloat16>(p, o, r, kvh, 0, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
-                                   r == pt.begin_req ? begin_split : 0, descale_k);
+                                   r == pt.begin_req ? pt.begin_split : 0, descale_k);
     }
   } else {
     // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
@@ -201,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
-      request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+      request_range(p, pt, r, start, end);
       const int n_splits = p.num_splits[r + 1] - p.num_splits[r];  // read now: at the end it is a round trip more
       float o[128];
 #pragma unroll
@@ -240,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         ++qi;
       }
       store_outputs<__nv_bfloat16>(p, o, r, kvh, 1, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
-                                   r == pt.begin_req ? begin_split : 0, descale_k);
+                                   r == pt.begin_req ? pt.begin_split : 0, descale_k);
     }
   }
 }

@@ -292,13 +292,10 @@ __device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseD
 struct ChunkWalk {
   int r, tok, end;
 };
-struct Partition {
-  int begin_req, begin_tok, end_req, end_tok;
-};
 __device__ __forceinline__ void walk_skip_empty(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
   for (; w.r <= pt.end_req; ++w.r) {
     int start, end;
-    request_range(p, w.r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    request_range(p, pt, w.r, start, end);
     if (start < end) {
       w.tok = start;
       w.end = end;
@@ -401,7 +398,7 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tma
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
-    request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    request_range(p, pt, r, start, end);
     if (start >= end) continue;
     // The next request's Q is prefetched 4 chunks before this one's end: early enough to land before
     // its fill, late enough not to be evicted by the cache stream meanwhile.

@@ -70,7 +70,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
-    request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    request_range(p, pt, r, start, end);
     if (start >= end) continue;
     const int len = request_len(p, r);
     mbar_wait(bar_addr(sbase, kQFull), qi & 1);
@@ -172,10 +172,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.x;  // 0: at most 32 rows
 
-  const int* meta = p.metadata + blockIdx.z * 8;
-  const Partition pt{meta[0], meta[1], min(meta[2], p.b - 1), meta[3]};
-  const int begin_split = meta[4];
-  if (pt.begin_req > pt.end_req || pt.begin_req < 0) return;
+  const Partition pt = read_partition(p);
+  if (pt.empty()) return;
 
   if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
   __syncthreads();
@@ -200,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
-    request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
+    request_range(p, pt, r, start, end);
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];  // read now: at the end it is a round trip more
     float o[8][16];  // O^T tile m (rows 64 m..): element 4 j + 2 h + e = (dim 64 m + 16 warp + lane / 4 + 8 h, row 8 j + 2 quad + e)
 #pragma unroll
@@ -256,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ++qi;
     }
-    store_outputs_transposed<__nv_bfloat16>(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? begin_split : 0,
+    store_outputs_transposed<__nv_bfloat16>(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0,
                                             descale_k, warp, lane);
   }
 }

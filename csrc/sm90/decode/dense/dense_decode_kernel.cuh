@@ -199,10 +199,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.x;  // m-tile first: the CTAs reading the same pages launch together
 
-  const int* meta = p.metadata + blockIdx.z * 8;
-  const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
-  const int begin_split = meta[4];
-  if (begin_req > end_req || begin_req < 0) return;
+  const Partition pt = read_partition(p);
+  if (pt.empty()) return;
 
   // While thread 0 sets up the barriers, lane 0 of warp 1 pulls the first request's length and first
   // block-table entry into L2: the first chunk's loads wait for both, one after the other. (Not in the
@@ -211,10 +209,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
-  } else if (!kSmallPages && tid == 32 && begin_tok >= 0 && begin_tok < p.max_tokens) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.seqlens + begin_req) : "memory");
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + (int64_t)begin_req * p.block_table_stride +
-                                                       begin_tok / p.page_size)
+  } else if (!kSmallPages && tid == 32 && pt.begin_tok >= 0 && pt.begin_tok < p.max_tokens) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.seqlens + pt.begin_req) : "memory");
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + (int64_t)pt.begin_req * p.block_table_stride +
+                                                       pt.begin_tok / p.page_size)
                  : "memory");
   }
   __syncthreads();
@@ -230,9 +228,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const T* qbase = reinterpret_cast<const T*>(p.q);
   uint32_t g = 0;  // chunks consumed so far: chunk g sits in stage g & 1, loaded in phase (g >> 1) & 1
 
-  for (int r = begin_req; r <= end_req; ++r) {
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
-    request_range(p, r, begin_req, begin_tok, end_req, end_tok, start, end);
+    request_range(p, pt, r, start, end);
     const int len = request_len(p, r);
     const int n = start < end ? (end - start + kBlockN - 1) / kBlockN : 0;
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
@@ -455,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float max1 = n > 0 ? s_max[row1] : -INFINITY;
     // Read here, not with the request's range: no register holds them across the chunk loop.
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
-    const int split_idx = r == begin_req ? begin_split : 0;
+    const int split_idx = r == pt.begin_req ? pt.begin_split : 0;
     store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
                      s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }

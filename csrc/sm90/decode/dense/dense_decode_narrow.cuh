@@ -47,8 +47,8 @@ constexpr int kOffColMax = kOffP + 2 * kQTileBytes;       // float[2][4][32]: pe
 constexpr int kOffColSum = kOffColMax + 2 * 4 * kNarrowRows * 4;  // float[4][32]: per-warp column sums
 constexpr int kOffPageOk = kOffColSum + 4 * kNarrowRows * 4;      // uint64[2]: bit k = token k's page is in the cache
 constexpr int kOffBar = kOffPageOk + 2 * 8;               // mbarriers: full[2] (the loads), empty[2] (4 math warps)
-constexpr int kOffPart = kOffBar + 4 * 8;                 // int[8]: the partition (begin_req, begin_tok, end_req, end_tok, begin_split)
-constexpr int kSmemUsed = kOffPart + 8 * 4;
+constexpr int kOffPart = kOffBar + 4 * 8;                 // the CTA's dense::Partition (see the math warpgroup)
+constexpr int kSmemUsed = kOffPart + sizeof(dense::Partition);
 constexpr int kSmemBytes = kSmemUsed + 1024;              // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
 static_assert(kOffKV % 1024 == 0 && kOffP % 1024 == 0, "128B swizzle atoms");
@@ -111,14 +111,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = tid % 32;
   const int kvh = blockIdx.y;
 
-  const int* meta = p.metadata + blockIdx.z * 8;
-  const int begin_req = meta[0], begin_tok = meta[1], end_req = min(meta[2], p.b - 1), end_tok = meta[3];
-  const int begin_split = meta[4];
-  if (begin_req > end_req || begin_req < 0) return;
+  const dense::Partition pt = dense::read_partition(p);
+  if (pt.empty()) return;
 
-  int* s_part = reinterpret_cast<int*>(smem + kOffPart);
+  dense::Partition* s_part = reinterpret_cast<dense::Partition*>(smem + kOffPart);
   if (tid == 0) {
-    s_part[0] = begin_req, s_part[1] = begin_tok, s_part[2] = end_req, s_part[3] = end_tok, s_part[4] = begin_split;
+    *s_part = pt;
     for (int s = 0; s < 2; ++s) {
       mbar_init(bar_full + s * 8, 1);
       mbar_init(bar_empty + s * 8, 4);
@@ -132,9 +130,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp == 4) {
     // ======================= the loading warp: every chunk of the partition, in order =======================
     uint32_t g = 0;
-    for (int r = begin_req; r <= end_req; ++r) {
+    for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
-      dense::request_range(p, r, begin_req, begin_tok, end_req, end_tok, start, end);
+      dense::request_range(p, pt, r, start, end);
 #pragma unroll 1
       for (int c = start; c < end; c += kBlockN, ++g) {
         const int stage = g & 1;
@@ -160,12 +158,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // The partition's bounds are read from shared memory where needed: held in registers across the chunk loop,
   // they made ptxas spill (O^T takes 128 registers).
-  auto range_of = [&](int r, int& start, int& end) {
-    dense::request_range(p, r, s_part[0], s_part[1], s_part[2], s_part[3], start, end);
-  };
+  auto range_of = [&](int r, int& start, int& end) { dense::request_range(p, *s_part, r, start, end); };
   uint32_t g = 0;           // chunks consumed
   int q_ready_for = -1;     // the request whose Q loads are already issued
-  for (int r = begin_req; r <= s_part[2]; ++r) {
+  for (int r = pt.begin_req; r <= s_part->end_req; ++r) {
     int start, end;
     range_of(r, start, end);
     const int len = dense::request_len(p, r);
@@ -246,11 +242,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         // products and the epilogue run (the search for that request reads lengths: one read in front of them).
         if (c + kBlockN >= end) {
           int next = r + 1, next_start = 0, next_end = 0;
-          for (; next <= s_part[2]; ++next) {  // the next request with tokens to attend
+          for (; next <= s_part->end_req; ++next) {  // the next request with tokens to attend
             range_of(next, next_start, next_end);
             if (next_start < next_end) break;
           }
-          if (next <= s_part[2]) {
+          if (next <= s_part->end_req) {
             load_q<T>(p, sbase, next, kvh, tid);
             q_ready_for = next;
           }
@@ -281,8 +277,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- epilogue: column sums over the request's tokens, then O^T / l as rows ----
     reduce_over_tokens<kNarrowRows>(run_sum, s_colsum, warp, lane, kBarColumns, AddOp{});
     named_bar_sync(kBarColumns, 128);  // s_colsum is rewritten by the next request's epilogue
-    dense::store_outputs_transposed<T>(p, o, r, kvh, run_sum, run_max, n_splits, r == s_part[0] ? s_part[4] : 0, 1.f,
-                                       warp, lane);
+    const int split_idx = r == s_part->begin_req ? s_part->begin_split : 0;
+    dense::store_outputs_transposed<T>(p, o, r, kvh, run_sum, run_max, n_splits, split_idx, 1.f, warp, lane);
   }
 }
 
