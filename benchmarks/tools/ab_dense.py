@@ -4,6 +4,10 @@ another in the same device session (benchmarks/tools/ab.sh dense ...), where the
 smaller than across sessions.
 
 Usage: python benchmarks/tools/ab_dense.py LABEL [--sequential]   (--sequential: in-order block tables)
+
+With --whole-call: µs of the whole call instead, on the memory-bound shapes where start-up and the combine weigh
+most (and one compute shape), as `b<b>s<s_k>h<h_q> ours/FP8/FlashMLA`: FP8 is ours over the per-tensor e4m3
+cache (as bench_decode.py's FP8 rows), FlashMLA only when `flash_mla` is importable.
 """
 from __future__ import annotations
 
@@ -15,10 +19,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 import torch_flashmla  # noqa: E402
-from bench_decode import COMPUTE, D_QK, D_V, decode_bytes, decode_flops, inputs  # noqa: E402
+from bench_decode import COMPUTE, D_QK, D_V, decode_bytes, decode_flops, flashmla_fn, fp8_row, inputs  # noqa: E402
 from bench_timing import graph_time_us  # noqa: E402
 
 SHAPES = COMPUTE + [(64, 1, 8192, 16), (128, 1, 32768, 64)]
+WHOLE_CALL_SHAPES = [(64, 1, 8192, 16), (64, 1, 8192, 64), (128, 1, 8192, 32), (128, 1, 8192, 64),
+                     (64, 1, 32768, 16), (128, 1, 4096, 128)]
+
+
+def whole_call(label, sequential):
+    cells = []
+    for b, s_q, s_k, h_q in WHOLE_CALL_SHAPES:
+        q, cache, table, lens = inputs(b, s_q, s_k, h_q, sequential=sequential)
+        meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+        fn = lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)  # noqa: E731
+        us, _, _ = graph_time_us(fn)
+        fp8_us = fp8_row(q, cache, table, lens, meta, splits, b, s_q, s_k, h_q, us)["fp8_us"]
+        ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
+        fm_us = graph_time_us(ref)[0] if ref is not None else float("nan")
+        cells.append(f"b{b}s{s_k}h{h_q} {us:.1f}/{fp8_us:.1f}/{fm_us:.1f}")
+        del q, cache, table, lens
+        torch.cuda.empty_cache()
+    print(f"{label:10} " + " | ".join(cells), flush=True)
 
 
 def main():
@@ -26,6 +48,9 @@ def main():
     sequential = "--sequential" in sys.argv
     if sequential:
         label += "/seq"
+    if "--whole-call" in sys.argv:
+        whole_call(label, sequential)
+        return
     cells = []
     for b, s_q, s_k, h_q in SHAPES:
         q, cache, table, lens = inputs(b, s_q, s_k, h_q, sequential=sequential)
