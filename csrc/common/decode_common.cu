@@ -112,9 +112,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   // Launched as a programmatic dependent of the attention kernel (launch_combine): its CTAs may start before
   // the attention kernel ends; this waits for it to complete and for its writes to be visible.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  // The next attention kernel (also a programmatic dependent) may now launch; it waits for this grid to complete
-  // before it touches memory, so its CTAs only take the SMs this grid leaves.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int r = blockIdx.x;
   const int kvh = blockIdx.y;
   const int m = blockIdx.z * kCombineWarps + threadIdx.x / 32;
@@ -185,16 +182,26 @@ void launch_planner(const int* seqlens, int b, int num_sm_parts, int* metadata, 
   planner_kernel<<<1, kPlannerThreads, 0, stream>>>(seqlens, b, num_sm_parts, metadata, num_splits);
 }
 
-// The combine is a programmatic dependent of the attention kernel before it (launch_programmatic): its launch and
-// start overlap that kernel's end (the dense attention kernels allow it once every CTA runs; the others at their
-// exit), and combine_kernel waits for that kernel's completion first thing.
+// Programmatic dependent launch: the combine's launch and start overlap the end of the attention kernel
+// before it in the stream (the dense attention kernels signal griddepcontrol.launch_dependents once every
+// CTA runs; the others at their exit), and combine_kernel waits for that kernel's completion first thing.
+// Works the same under CUDA-graph capture (a programmatic edge).
 void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream) {
   if (p.b == 0 || p.m_total == 0) return;
-  const dim3 grid(p.b, p.h_kv, (p.m_total + kCombineWarps - 1) / kCombineWarps);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.b, p.h_kv, (p.m_total + kCombineWarps - 1) / kCombineWarps);
+  config.blockDim = dim3(kCombineWarps * 32);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
   if (is_bf16) {
-    launch_programmatic(combine_kernel<__nv_bfloat16>, grid, dim3(kCombineWarps * 32), 0, stream, p);
+    cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p);
   } else {
-    launch_programmatic(combine_kernel<__half>, grid, dim3(kCombineWarps * 32), 0, stream, p);
+    cudaLaunchKernelEx(&config, combine_kernel<__half>, p);
   }
 }
 

@@ -23,27 +23,6 @@ struct CombineParams {
   int b, s_q, h_q, h_kv, group, m_total, acc_rows;
 };
 
-// Launches `kernel` as a programmatic dependent of the kernel before it in the stream: its CTAs may start once
-// every CTA of that kernel has run griddepcontrol.launch_dependents or exited, so that this launch and the CTAs'
-// set-up overlap that kernel's end. `kernel` must run griddepcontrol.wait before its first global read or write
-// (combine_kernel; the dense decode kernels through wait_for_prior_grid). Under CUDA-graph capture this is a
-// programmatic edge; after an ordinary kernel it behaves as an ordinary launch.
-template <typename... KernelArgs, typename... Args>
-inline void launch_programmatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
-                                cudaStream_t stream, const Args&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, kernel, args...);
-}
-
 // Merges the partials of every request with more than one split (the others are written by the
 // attention kernel and skipped here).
 void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream);

@@ -27,10 +27,6 @@ __device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t count) {
 // CTAs once every CTA of this grid has passed here or exited; the dependent waits for this grid's completion
 // (griddepcontrol.wait) before it reads anything.
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-// The other side of that: a kernel launched as a programmatic dependent (launch_programmatic) may start while the
-// kernel before it still runs; this waits for that kernel's completion and for its writes to be visible. Every
-// global read and write of the kernel comes after it (a no-op when the launch was an ordinary one).
-__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");

@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
-#include "common/decode_common.h"
 #include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 #include "sm90/decode/dense/dense_decode.h"
@@ -305,15 +304,14 @@ __device__ __forceinline__ void row_max(const float (&s)[32], float scale_log2, 
 
 // Host side: launches one of a dense decode kernel's two instantiations (small_pages when page_size is not a
 // multiple of 64) on the plan's grid, m tiles x kv heads x partitions (the m-tile CTAs of a partition read the
-// same pages, so they launch together). A programmatic dependent of the kernel before it (the previous call's
-// combine, in a decode step): the kernels wait for it (wait_for_prior_grid) after setting up their barriers.
+// same pages, so they launch together).
 template <typename Kernel>
 inline void launch_on_plan_grid(Kernel small_pages, Kernel large_pages, int threads, int smem_bytes,
                                 const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
   const Kernel kernel = p.page_rows_log2 < 6 ? small_pages : large_pages;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   const dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
-  ::flashmla::common::launch_programmatic(kernel, grid, dim3(threads), smem_bytes, stream, tmap, p);
+  kernel<<<grid, threads, smem_bytes, stream>>>(tmap, p);
 }
 
 }  // namespace dense

@@ -77,11 +77,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.x;
 
-  // Barriers and the tensor map need nothing from the kernel before this one; then wait for it.
-  if (tid == 0) init_barriers(sbase, 8, &tmap);  // V^T is read by WG0 and WG1
-  wait_for_prior_grid();
   const Partition pt = read_partition(p);
   if (pt.empty()) return;
+
+  if (tid == 0) init_barriers(sbase, 8, &tmap);  // V^T is read by WG0 and WG1
   __syncthreads();
   allow_dependent_launch();
 

@@ -172,11 +172,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.x;  // 0: at most 32 rows
 
-  // Barriers and the tensor map need nothing from the kernel before this one; then wait for it.
-  if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
-  wait_for_prior_grid();
   const Partition pt = read_partition(p);
   if (pt.empty()) return;
+
+  if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
   __syncthreads();
   allow_dependent_launch();
 

@@ -199,19 +199,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int mtile = blockIdx.x;  // m-tile first: the CTAs reading the same pages launch together
 
-  // Barriers and the tensor map need nothing from the kernel before this one; then wait for it.
+  const Partition pt = read_partition(p);
+  if (pt.empty()) return;
+
+  // While thread 0 sets up the barriers, lane 0 of warp 1 pulls the first request's length and first
+  // block-table entry into L2: the first chunk's loads wait for both, one after the other. (Not in the
+  // small-page instantiation, where it made ptxas spill.)
   if (tid == 0) {
     for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
-  }
-  wait_for_prior_grid();
-  const Partition pt = read_partition(p);
-  if (pt.empty()) return;
-
-  // Lane 0 of warp 1 pulls the first request's length and first block-table entry into L2: the first chunk's
-  // loads wait for both, one after the other. (Not in the small-page instantiation, where it made ptxas spill.)
-  if (!kSmallPages && tid == 32 && pt.begin_tok >= 0 && pt.begin_tok < p.max_tokens) {
+  } else if (!kSmallPages && tid == 32 && pt.begin_tok >= 0 && pt.begin_tok < p.max_tokens) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.seqlens + pt.begin_req) : "memory");
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + (int64_t)pt.begin_req * p.block_table_stride +
                                                        pt.begin_tok / p.page_size)

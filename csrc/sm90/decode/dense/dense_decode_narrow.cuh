@@ -111,8 +111,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = tid % 32;
   const int kvh = blockIdx.y;
 
-  // Barriers and the tensor map need nothing from the kernel before this one; then wait for it.
+  const dense::Partition pt = dense::read_partition(p);
+  if (pt.empty()) return;
+
+  dense::Partition* s_part = reinterpret_cast<dense::Partition*>(smem + kOffPart);
   if (tid == 0) {
+    *s_part = pt;
     for (int s = 0; s < 2; ++s) {
       mbar_init(bar_full + s * 8, 1);
       mbar_init(bar_empty + s * 8, 4);
@@ -120,18 +124,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
   }
-  wait_for_prior_grid();
-  const dense::Partition pt = dense::read_partition(p);
-  if (pt.empty()) return;
-
-  dense::Partition* s_part = reinterpret_cast<dense::Partition*>(smem + kOffPart);
-  if (tid == 0) *s_part = pt;
-  // The loading warp's first TMA waits for the first request's length, then its first block-table entry: the
-  // entry does not depend on the length, so pull it into L2 alongside.
-  if (tid == kThreads - 32 && pt.begin_tok >= 0 && pt.begin_tok < p.max_tokens)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + (int64_t)pt.begin_req * p.block_table_stride +
-                                                       pt.begin_tok / p.page_size)
-                 : "memory");
   __syncthreads();
   allow_dependent_launch();
 
