@@ -32,10 +32,6 @@ constexpr int kOffQRope = kOffQ + kLatentSlots * kSlotBytes;
 constexpr int kOffKV = kOffQRope + kQRopeBytes;
 constexpr int kOffVt = kOffKV + kStages * kStageBytes;
 constexpr int kOffP = kOffVt + kVtBufs * kVtBytes;
-// The first request's Q rows as q holds them, in stages 1..kStages - 1 before their first loads (large pages;
-// q_and_transpose_warpgroup): row m of the tile at m x kDQK x (1 or 2) bytes.
-constexpr int kOffQStaging = kOffKV + kStageBytes;
-static_assert(kBlockM * kDQK * 2 <= (kStages - 1) * kStageBytes, "the staged Q rows fit in stages 1..");
 constexpr int kOffQScale = kOffP + kPBytes;          // float[64]: dequantization factor of each Q row
 constexpr int kOffAlpha = kOffQScale + 64 * 4;       // float[64]: WG0's rescale factors of the chunk
 constexpr int kOffRowSum = kOffAlpha + 64 * 4;       // float[2][64]: row sums of a request (by request parity)
@@ -50,8 +46,7 @@ constexpr int kPFull = kVtEmpty + kVtBufs;       // P and the factors written (4
 constexpr int kPEmpty = kPFull + 1;              // WG1's product with P done (4 WG1 warps)
 constexpr int kQFull = kPFull + 2;               // Q and its row factors written (4 WG2 warps)
 constexpr int kQEmpty = kPFull + 3;              // WG0's last QK of the request done (4 WG0 warps)
-constexpr int kQStaged = kPFull + 4;             // the first request's bf16 Q rows landed in kOffQStaging (4 WG2 warps)
-constexpr int kNumBars = kPFull + 5;
+constexpr int kNumBars = kPFull + 4;
 constexpr int kSmemUsed = kOffBar + kNumBars * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
@@ -123,42 +118,11 @@ __device__ __forceinline__ float e4m3_row_factor(float amax) {
   return __uint_as_float(static_cast<uint32_t>(k + 127) << 23);
 }
 
-// Element offset in q of row m of the tile (request r).
-__device__ __forceinline__ int64_t q_row_offset(const DenseDecodeParams& p, int r, int m, int kvh) {
-  const int t = m / p.group;
-  const int head = kvh * p.group + m % p.group;
-  return (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
-}
-
-// Shared-memory address of staged Q row `row` (kOffQStaging).
-__device__ __forceinline__ uint32_t staged_q_row(const DenseDecodeParams& p, uint32_t sbase, int row) {
-  return sbase + kOffQStaging + static_cast<uint32_t>(row * kDQK * (p.q_fp8 ? 1 : 2));
-}
-
-// Rows row_first..row_first + kRows - 1 of the tile (request r), bf16 as q holds them, -> kOffQStaging, by lane 0
-// of a warp: one bulk copy (TMA) per row, completing on mbarrier `bar` (one expect_tx per warp). Rows past
-// m_total are not copied.
-template <int kRows>
-__device__ __forceinline__ void stage_q_rows(const DenseDecodeParams& p, uint32_t sbase, int r, int row_first,
-                                             int mtile, int kvh, int lane, uint32_t bar) {
-  if (lane != 0) return;
-  const int rows = max(0, min(kRows, p.m_total - (mtile * kBlockM + row_first)));
-  mbar_expect_tx(bar, static_cast<uint32_t>(rows * kDQK * 2));
-#pragma unroll 1
-  for (int i = 0; i < rows; ++i) {
-    const int row = row_first + i;
-    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(p.q) + q_row_offset(p, r, mtile * kBlockM + row, kvh);
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 ::"r"(staged_q_row(p, sbase, row)), "l"(src), "r"(kDQK * 2), "r"(bar)
-                 : "memory");
-  }
-}
-
 // Query rows row_first..row_first + kRows - 1 of the tile (request r) -> e4m3 in the Q tiles, their
 // dequantization factors -> s_qscale. One warp per row at a time: lane l takes the 8-value pieces l, l + 32,
-// l + 64 (< 72) of the 576 values, from q (the loads of all kRows rows are issued first, so that the fill costs
-// one global-memory round trip per kRows rows) or, kStaged, from the copy stage_q_rows made.
-template <int kRows, bool kStaged>
+// l + 64 (< 72) of the 576 values. The loads of all kRows rows are issued first, so that the fill costs one
+// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first).
+template <int kRows>
 __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r,
                                             int row_first, int mtile, int kvh, int lane, float descale_q) {
   uint4 raw[kRows][3];  // bf16: 8 values per piece; e4m3: 8 values in .x, .y
@@ -167,23 +131,16 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
   for (int i = 0; i < kRows; ++i) {
     const int m = mtile * kBlockM + row_first + i;
     in[i] = m < p.m_total;
-    const int64_t off = q_row_offset(p, r, in[i] ? m : 0, kvh);
+    const int mm = in[i] ? m : 0;
+    const int t = mm / p.group;
+    const int head = kvh * p.group + mm % p.group;
+    const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       const int c = lane + 32 * k;
       raw[i][k] = make_uint4(0, 0, 0, 0);
       if (in[i] && c < kDQK / 8) {
-        if constexpr (kStaged) {
-          const uint32_t src = staged_q_row(p, sbase, row_first + i) + 8 * c * (p.q_fp8 ? 1 : 2);
-          if (p.q_fp8) {
-            asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(raw[i][k].x), "=r"(raw[i][k].y) : "r"(src) : "memory");
-          } else {
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(raw[i][k].x), "=r"(raw[i][k].y), "=r"(raw[i][k].z), "=r"(raw[i][k].w)
-                         : "r"(src)
-                         : "memory");
-          }
-        } else if (p.q_fp8) {
+        if (p.q_fp8) {
           const uint2 v = *reinterpret_cast<const uint2*>(reinterpret_cast<const uint8_t*>(p.q) + off + 8 * c);
           raw[i][k].x = v.x;
           raw[i][k].y = v.y;
@@ -250,7 +207,9 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
 __device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int r, int mtile, int kvh, int tid_wg) {
   const int m = mtile * kBlockM + tid_wg;
   if (tid_wg >= kBlockM || m >= p.m_total) return;
-  const int64_t off = q_row_offset(p, r, m, kvh);
+  const int t = m / p.group;
+  const int head = kvh * p.group + m % p.group;
+  const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
   const uint64_t begin = reinterpret_cast<uint64_t>(p.q) + static_cast<uint64_t>(off) * (p.q_fp8 ? 1 : 2);
   const uint64_t end = begin + kDQK * (p.q_fp8 ? 1 : 2);
   const uint64_t first = begin & ~uint64_t(15);  // the bulk prefetch takes 16-byte multiples
@@ -434,16 +393,7 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tma
                                                           const Partition& pt, uint32_t sbase, float* s_qscale, int mtile,
                                                           int kvh, int tid_wg) {
   const int warp = tid_wg / 32, lane = tid_wg % 32;
-  // Large pages and a bf16 q: stages 1..kStages - 1 are loaded only after the first Q fill (deferred_first_loads),
-  // so the rows of the partition's first request are copied there with the TMA as q holds them, and each warp
-  // quantizes its rows from shared memory. (An e4m3 q's rows need not be 16-byte aligned: register fill.)
-  const bool staged = !kSmallPages && !p.q_fp8;
-  const uint32_t staged_bar = bar_addr(sbase, kQStaged);
-  if (staged) {
-    stage_q_rows<kRowsPerWarp>(p, sbase, pt.begin_req, warp * kRowsPerWarp, mtile, kvh, lane, staged_bar);
-  } else {
-    prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
-  }
+  prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
   const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
@@ -455,25 +405,12 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tma
     const int prefetch_at = max(start, end - 4 * kBlockN);
     mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
     constexpr int kQFillRows = Budget<kSmallPages>::kQFillRows;
-    if (staged && r == pt.begin_req) {
-      mbar_wait(staged_bar, 0);
 #pragma unroll 1
-      for (int row = warp * kRowsPerWarp; row < warp * kRowsPerWarp + kRowsPerWarp; ++row)
-        fill_q_rows<1, true>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
-    } else {
-#pragma unroll 1
-      for (int row = warp * kRowsPerWarp; row < warp * kRowsPerWarp + kRowsPerWarp; row += kQFillRows)
-        fill_q_rows<kQFillRows, false>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
-    }
+    for (int row = warp * kRowsPerWarp; row < warp * kRowsPerWarp + kRowsPerWarp; row += kQFillRows)
+      fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     mbar_arrive_per_warp(bar_addr(sbase, kQFull));
-    if (qi == 0 && warp == 0 && !kSmallPages) {
-      // The staged rows have landed (the first request may have had no tokens here) and every warp has read
-      // its rows (all four arrived) before the TMA overwrites them.
-      if (staged) mbar_wait(staged_bar, 0);
-      mbar_wait(bar_addr(sbase, kQFull), 0);
-      deferred_first_loads<kSmallPages>(tmap, p, pt, sbase, kvh);
-    }
+    if (qi == 0 && warp == 0 && !kSmallPages) deferred_first_loads<kSmallPages>(tmap, p, pt, sbase, kvh);
     ++qi;
 #pragma unroll 1
     for (int c = start; c < end; c += kBlockN, ++g) {
@@ -499,7 +436,6 @@ __device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_readers
   mbar_init(bar_addr(sbase, kPEmpty), 4);
   mbar_init(bar_addr(sbase, kQFull), 4);
   mbar_init(bar_addr(sbase, kQEmpty), 4);
-  mbar_init(bar_addr(sbase, kQStaged), 4);
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
