@@ -27,20 +27,34 @@ WHOLE_CALL_SHAPES = [(64, 1, 8192, 16), (64, 1, 8192, 64), (128, 1, 8192, 32), (
                      (64, 1, 32768, 16), (128, 1, 4096, 128)]
 
 
-def whole_call(label, sequential):
+def timed_cells(shapes, sequential, cell):
+    """For each shape: our op timed under graph replay, then cell(shape, inputs, plan, our µs) -> the printed cell."""
     cells = []
-    for b, s_q, s_k, h_q in WHOLE_CALL_SHAPES:
+    for b, s_q, s_k, h_q in shapes:
         q, cache, table, lens = inputs(b, s_q, s_k, h_q, sequential=sequential)
         meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
         fn = lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)  # noqa: E731
         us, _, _ = graph_time_us(fn)
-        fp8_us = fp8_row(q, cache, table, lens, meta, splits, b, s_q, s_k, h_q, us)["fp8_us"]
-        ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
-        fm_us = graph_time_us(ref)[0] if ref is not None else float("nan")
-        cells.append(f"b{b}s{s_k}h{h_q} {us:.1f}/{fp8_us:.1f}/{fm_us:.1f}")
+        cells.append(cell((b, s_q, s_k, h_q), (q, cache, table, lens), (meta, splits), us))
         del q, cache, table, lens
         torch.cuda.empty_cache()
-    print(f"{label:10} " + " | ".join(cells), flush=True)
+    return cells
+
+
+def rate_cell(shape, tensors, plan, us):
+    b, s_q, s_k, h_q = shape
+    if h_q == 128:
+        return f"{decode_flops(b, s_q, s_k, h_q) / us / 1e6:6.1f}"
+    return f"{decode_bytes(b, s_q, s_k, h_q) / us / 1e3:6.0f}"
+
+
+def whole_call_cell(shape, tensors, plan, us):
+    b, s_q, s_k, h_q = shape
+    q, cache, table, lens = tensors
+    fp8_us = fp8_row(q, cache, table, lens, *plan, b, s_q, s_k, h_q, us)["fp8_us"]
+    ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
+    fm_us = graph_time_us(ref)[0] if ref is not None else float("nan")
+    return f"b{b}s{s_k}h{h_q} {us:.1f}/{fp8_us:.1f}/{fm_us:.1f}"
 
 
 def main():
@@ -49,20 +63,9 @@ def main():
     if sequential:
         label += "/seq"
     if "--whole-call" in sys.argv:
-        whole_call(label, sequential)
+        print(f"{label:10} " + " | ".join(timed_cells(WHOLE_CALL_SHAPES, sequential, whole_call_cell)), flush=True)
         return
-    cells = []
-    for b, s_q, s_k, h_q in SHAPES:
-        q, cache, table, lens = inputs(b, s_q, s_k, h_q, sequential=sequential)
-        meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
-        fn = lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)  # noqa: E731
-        us, _, _ = graph_time_us(fn)
-        if h_q == 128:
-            cells.append(f"{decode_flops(b, s_q, s_k, h_q) / us / 1e6:6.1f}")
-        else:
-            cells.append(f"{decode_bytes(b, s_q, s_k, h_q) / us / 1e3:6.0f}")
-        del q, cache, table, lens
-        torch.cuda.empty_cache()
+    cells = timed_cells(SHAPES, sequential, rate_cell)
     tf = [float(c) for c in cells[:8]]
     print(f"{label:10} TFLOPS " + " ".join(cells[:8]) + f" | min {min(tf):.1f} >=500: {sum(t >= 500 for t in tf)}/8"
           + " | GB/s " + " ".join(cells[8:]), flush=True)
