@@ -137,9 +137,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = start; c < end; c += kBlockN, ++g) {
         const int stage = g & 1;
         mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
-        // At the start every CTA's loads meet in DRAM at once: the second chunk goes out once the first has
-        // landed, so that the first arrives sooner and the math starts (and frees stage 0) earlier.
-        if (g == 1) mbar_wait(bar_full, 0);
         dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, c, end, kvh,
                                                                sbase + kOffKV + stage * kStageBytes,
                                                                bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
