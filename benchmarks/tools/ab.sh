@@ -4,7 +4,7 @@
 # with ab_dense.py / ab_sparse.py. "test:" before a patch also runs the tests. Lines "LABEL ..." last.
 #   dense:  AB_SEQUENTIAL=1 also times with in-order block tables.
 #   sparse: AB_QUICK=1 times only the two h_q=128 shapes.
-# Usage: benchmarks/tools/ab.sh dense|sparse base test:benchmarks/variants/x.patch ... base
+# Usage: benchmarks/tools/ab.sh dense|sparse base test:path/to/x.patch ... base
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 kind="$1"; shift

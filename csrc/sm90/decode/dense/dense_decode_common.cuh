@@ -223,6 +223,22 @@ static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap*
   }
 }
 
+// Pages of 64 tokens and more: the chunk at `tok` of the page `page` (its block-table entry, read by the caller,
+// in the FP8 32-row kernel one chunk ahead) as kLoads TMA loads of 64 rows x 128 bytes (columns u * kColsPerLoad..,
+// 128B swizzle) into consecutive 8 KB slots at dst on the one mbarrier `bar`; its page mask (all ones, or zeros
+// for a page id outside the cache) to mask_addr. Called by one whole warp; lane 0 issues.
+template <int kLoads, int kColsPerLoad>
+__device__ __forceinline__ void load_chunk_from_page(const CUtensorMap* tmap, const DenseDecodeParams& p, int page,
+                                                     int tok, int kvh, uint32_t dst, uint32_t bar, uint32_t mask_addr) {
+  if (threadIdx.x % 32 != 0) return;
+  const int in_page = tok % p.page_size;
+  const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
+  asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask_addr), "r"(in_cache) : "memory");
+  mbar_expect_tx(bar, kLoads * kSlotBytes);
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * kColsPerLoad, kvh, in_page, page);
+}
+
 // The chunk at `tok` (a multiple of 64, before `end`) of request r: kLoads TMA loads of 64 rows x 128 bytes (columns
 // u * kColsPerLoad.., 128B swizzle) into consecutive 8 KB slots at dst, all on the one mbarrier `bar`; the
 // chunk's page mask to mask_addr (bit k: token k's page is in the cache). Page ids outside the cache land as
@@ -238,13 +254,7 @@ __device__ __forceinline__ void load_chunk_one_barrier(const CUtensorMap* tmap, 
                                                 kLoads);
   } else {
     if (threadIdx.x % 32 != 0) return;
-    const int page = bt_row[tok / p.page_size];
-    const int in_page = tok % p.page_size;
-    const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
-    asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask_addr), "r"(in_cache) : "memory");
-    mbar_expect_tx(bar, kLoads * kSlotBytes);
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * kColsPerLoad, kvh, in_page, page);
+    load_chunk_from_page<kLoads, kColsPerLoad>(tmap, p, bt_row[tok / p.page_size], tok, kvh, dst, bar, mask_addr);
   }
 }
 

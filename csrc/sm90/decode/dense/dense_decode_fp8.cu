@@ -195,7 +195,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // ======================= WG1: O[:, 256:512]; warp 0 issues the loads =======================
     set_warpgroup_registers<Budget<kSmallPages>::kRegsWG1>();
-    ChunkWalk lw = first_loads<kSmallPages>(&tmap, p, pt, sbase, kvh, warp);
+    // Block-table entries read at their loads: reading them ahead was slower here (ChunkWalk, dense_decode_fp8.cuh).
+    constexpr bool kPageAhead = false;
+    ChunkWalk lw = first_loads<kSmallPages, kPageAhead>(&tmap, p, pt, sbase, kvh, warp);
     uint32_t g = 0, qi = 0;
     for (int r = pt.begin_req; r <= pt.end_req; ++r) {
       int start, end;
@@ -214,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
           // The stage of chunk g is free: its QK is done (P is written) and so is its transpose.
           if (warp == 0 && lw.r <= pt.end_req) {
-            load_chunk<kSmallPages>(&tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, g % kStages);
-            walk_next(p, pt, lw);
+            load_chunk<kSmallPages, kPageAhead>(&tmap, p, sbase, lw, kvh, g % kStages);
+            walk_next<kPageAhead>(p, pt, lw);
           }
           const uint64_t desc_p = desc_sw64(sbase + kOffP);
           const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes + 256 * 64);

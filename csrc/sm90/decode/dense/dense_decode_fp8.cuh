@@ -279,19 +279,16 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
   }
 }
 
-// The chunk at `tok` of request r into `stage` (five loads of 128 e4m3 columns, one mbarrier; called by one whole warp).
-template <bool kSmallPages>
-__device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
-                                           int tok, int end, int kvh, int stage) {
-  load_chunk_one_barrier<5, 128, kSmallPages>(tmap, p, r, tok, end, kvh, sbase + kOffKV + stage * kStageBytes,
-                                              bar_addr(sbase, kKvFull + stage), sbase + kOffPageOk + stage * 8);
-}
-
 // The partition's chunks in the order every warpgroup consumes them: tokens [tok, min(tok + 64, end)) of
-// request r; r > end_req once all are walked.
+// request r; r > end_req once all are walked. With kPageAhead (the 32-row kernel, pages of 64 and more) `page` is
+// the chunk's block-table entry, read when the walk reaches the chunk: the loading warp walks on right after issuing
+// a chunk's loads, so the read has a chunk's time to land before those loads need it. Read at the load, it stood
+// in front of WG1's next product; reading ahead made the 32-row kernel 1.5-3% faster and the 64-row kernel 3% slower
+// at h_q 128 (benchmarks/NOTES_fp8_decode.md, session 13), which therefore reads at the load.
 struct ChunkWalk {
-  int r, tok, end;
+  int r, tok, end, page;
 };
+template <bool kPageAhead>
 __device__ __forceinline__ void walk_skip_empty(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
   for (; w.r <= pt.end_req; ++w.r) {
     int start, end;
@@ -299,15 +296,33 @@ __device__ __forceinline__ void walk_skip_empty(const DenseDecodeParams& p, cons
     if (start < end) {
       w.tok = start;
       w.end = end;
+      if (kPageAhead) w.page = p.block_table[(int64_t)w.r * p.block_table_stride + w.tok / p.page_size];
       return;
     }
   }
 }
+template <bool kPageAhead>
 __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Partition& pt, ChunkWalk& w) {
   w.tok += kBlockN;
   if (w.tok >= w.end) {
     ++w.r;
-    walk_skip_empty(p, pt, w);
+    walk_skip_empty<kPageAhead>(p, pt, w);
+  } else if (kPageAhead) {
+    w.page = p.block_table[(int64_t)w.r * p.block_table_stride + w.tok / p.page_size];
+  }
+}
+
+// The walk's chunk into `stage` (five loads of 128 e4m3 columns, one mbarrier; called by one whole warp).
+template <bool kSmallPages, bool kPageAhead>
+__device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase,
+                                           const ChunkWalk& w, int kvh, int stage) {
+  const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
+  if constexpr (!kPageAhead) {
+    load_chunk_one_barrier<5, 128, kSmallPages>(tmap, p, w.r, w.tok, w.end, kvh, dst,
+                                                bar_addr(sbase, kKvFull + stage), sbase + kOffPageOk + stage * 8);
+  } else {
+    load_chunk_from_page<5, 128>(tmap, p, w.page, w.tok, kvh, dst, bar_addr(sbase, kKvFull + stage),
+                                 sbase + kOffPageOk + stage * 8);
   }
 }
 
@@ -357,31 +372,32 @@ constexpr int kFirstLoads = kSmallPages ? kStages : 1;
 
 // The loads of the partition's first kFirstLoads chunks, by warp 0; returns the walk at chunk kStages (the next
 // chunk WG1 loads), in warp 0.
-template <bool kSmallPages>
+template <bool kSmallPages, bool kPageAhead>
 __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
                                                  uint32_t sbase, int kvh, int warp) {
-  ChunkWalk lw{pt.begin_req, 0, 0};
-  walk_skip_empty(p, pt, lw);
+  ChunkWalk lw{pt.begin_req, 0, 0, 0};
+  walk_skip_empty<kPageAhead>(p, pt, lw);
   if (warp == 0) {
 #pragma unroll 1
     for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-      if (s < kFirstLoads<kSmallPages>) load_chunk<kSmallPages>(tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
-      walk_next(p, pt, lw);
+      if (s < kFirstLoads<kSmallPages>) load_chunk<kSmallPages, kPageAhead>(tmap, p, sbase, lw, kvh, s);
+      walk_next<kPageAhead>(p, pt, lw);
     }
   }
   return lw;
 }
 
-// WG2's part of the first loads: chunks kFirstLoads..kStages - 1 of the partition, by one warp.
+// WG2's part of the first loads: chunks kFirstLoads..kStages - 1 of the partition, by one warp. (Its own walk, so
+// it may read the pages ahead in either kernel.)
 template <bool kSmallPages>
 __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                      const Partition& pt, uint32_t sbase, int kvh) {
-  ChunkWalk lw{pt.begin_req, 0, 0};
-  walk_skip_empty(p, pt, lw);
+  ChunkWalk lw{pt.begin_req, 0, 0, 0};
+  walk_skip_empty<!kSmallPages>(p, pt, lw);
 #pragma unroll 1
   for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-    if (s >= kFirstLoads<kSmallPages>) load_chunk<kSmallPages>(tmap, p, sbase, lw.r, lw.tok, lw.end, kvh, s);
-    walk_next(p, pt, lw);
+    if (s >= kFirstLoads<kSmallPages>) load_chunk<kSmallPages, !kSmallPages>(tmap, p, sbase, lw, kvh, s);
+    walk_next<!kSmallPages>(p, pt, lw);
   }
 }
 
