@@ -1,6 +1,7 @@
-"""The development-build patches in benchmarks/tools/ (timeline probes that write clocks instead of outputs, kept
-out of the library's source on purpose) still apply to the kernel sources they patch. A kernel change that moves
-the lines they hook into must regenerate them; this test says so instead of the next device session."""
+"""The development-build patches still apply to the kernel sources they patch: benchmarks/tools/ (timeline probes
+that write clocks instead of outputs, kept out of the library's source on purpose) and benchmarks/variants/
+(candidate kernel changes not yet measured). A kernel change that moves the lines they hook into must regenerate
+them; this test says so instead of the next device session."""
 import pathlib
 import shutil
 import subprocess
@@ -8,7 +9,8 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PATCHES = sorted((ROOT / "benchmarks" / "tools").glob("*.patch"))
+PATCHES = (sorted((ROOT / "benchmarks" / "tools").glob("*.patch"))
+           + sorted((ROOT / "benchmarks" / "variants").glob("*.patch")))
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
