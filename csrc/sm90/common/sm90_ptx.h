@@ -190,6 +190,12 @@ __device__ __forceinline__ void fence_all(float (&x)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) fence_operand(x[i]);
 }
+// The same for accumulators held as M tiles (the transposed kernels' O^T: eight m64 tiles).
+template <int M, int N>
+__device__ __forceinline__ void fence_all(float (&x)[M][N]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) fence_all(x[m]);
+}
 
 // O (64 x 256, fp32 accumulators) += P V_half, P a 64x64 tile in shared memory (K-major), V_half four
 // consecutive 64x64 tiles (64 tokens x 256 columns, read MN-major). Committed, not waited for.

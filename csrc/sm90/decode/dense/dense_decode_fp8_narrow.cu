@@ -232,8 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const uint64_t desc_pt = desc_sw64(sbase + kOffP);
         const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
-#pragma unroll
-        for (int m = 0; m < 8; ++m) fence_all(o[m]);
+        fence_all(o);
         wgmma_fence();
 #pragma unroll
         for (int m = 0; m < 8; ++m)
@@ -242,8 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_m64n32k32_e4m3_kk(o[m], desc_add(desc_vt, m * 64 * 64 + kk * 32), desc_add(desc_pt, kk * 32), 1);
         wgmma_commit();
         wgmma_wait<0>();
-#pragma unroll
-        for (int m = 0; m < 8; ++m) fence_all(o[m]);
+        fence_all(o);
         mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
         mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
       }

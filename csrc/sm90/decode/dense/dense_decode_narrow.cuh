@@ -256,8 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll 1
         for (int term = 0; term < (precise ? 2 : 1); ++term) {
           const uint64_t desc_pt = desc_sw128(opaque(sbase + kOffP + term * kQTileBytes), 16, 1024);
-#pragma unroll
-          for (int m = 0; m < 8; ++m) fence_all(o[m]);
+          fence_all(o);
           wgmma_fence();
 #pragma unroll
           for (int m = 0; m < 8; ++m)
@@ -266,8 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               TypeOps<T>::pv32(o[m], desc_add(desc_v, m * kSlotBytes + kk * 16 * 128), desc_add(desc_pt, kk * 32));
           wgmma_commit();
           wgmma_wait<0>();
-#pragma unroll
-          for (int m = 0; m < 8; ++m) fence_all(o[m]);
+          fence_all(o);
         }
         // this warp no longer reads the stage (nor P^T: the next chunk rewrites it after the barriers above)
         __syncwarp();

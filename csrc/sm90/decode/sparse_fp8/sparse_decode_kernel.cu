@@ -980,8 +980,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
       }
       fence_proxy_async();
       named_bar_sync(kBarNarrowP, 128);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) fence_all(o[i]);
+      fence_all(o);
       wgmma_fence();
       auto pv_term = [&](int term) {
         const uint64_t desc_pt = desc_sw128(opaque(sbase + L::kOffP + term * L::kHeadTileBytes), 16, 1024);
@@ -997,14 +996,12 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
       // accumulators in flight made ptxas insert warpgroup waits (C7519) and spill.
       pv_term(0);
       wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 8; ++i) fence_all(o[i]);
+      fence_all(o);
       if (precise) {
         wgmma_fence();
         pv_term(1);
         wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < 8; ++i) fence_all(o[i]);
+        fence_all(o);
       }
       // this warp no longer reads the stage (nor P^T: the next chunk rewrites it after its barriers)
       __syncwarp();
