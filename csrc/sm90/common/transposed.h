@@ -135,6 +135,17 @@ __device__ __forceinline__ void rescale_columns(float (&o)[8][kN / 2], const flo
   }
 }
 
+// O^T += V^T P^T over one 64-token chunk with 16-bit operands, not committed: V^T is the chunk's eight tiles of 64
+// dims (8 KB apart, 128B swizzle, read MN-major), P^T K-major at desc_pt; four k16 steps per tile, each through
+// pv(d, desc_a, desc_b) (the m64nNk16 MN-major x K-major product of the kernel's type and N).
+template <int kN, typename Pv>
+__device__ __forceinline__ void pv_transposed_16bit(float (&o)[8][kN / 2], uint64_t desc_v, uint64_t desc_pt, Pv pv) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) pv(o[i], desc_add(desc_v, i * 64 * 128 + kk * 16 * 128), desc_add(desc_pt, kk * 32));
+}
+
 // Four 8x8 16-bit matrices stored transposed (stmatrix .trans): lane l gives the row address of matrix l / 8.
 // The kernels write P^T with it from S^T's accumulator layout (a thread's pair of rows of one token).
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {

@@ -258,11 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t desc_pt = desc_sw128(opaque(sbase + kOffP + term * kQTileBytes), 16, 1024);
           fence_all(o);
           wgmma_fence();
-#pragma unroll
-          for (int m = 0; m < 8; ++m)
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-              TypeOps<T>::pv32(o[m], desc_add(desc_v, m * kSlotBytes + kk * 16 * 128), desc_add(desc_pt, kk * 32));
+          pv_transposed_16bit<kNarrowRows>(o, desc_v, desc_pt, TypeOps<T>::pv32);
           wgmma_commit();
           wgmma_wait<0>();
           fence_all(o);

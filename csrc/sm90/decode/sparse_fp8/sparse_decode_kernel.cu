@@ -985,11 +985,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
       auto pv_term = [&](int term) {
         const uint64_t desc_pt = desc_sw128(opaque(sbase + L::kOffP + term * L::kHeadTileBytes), 16, 1024);
         const uint64_t desc_v = desc_sw128(kv, kTileBytes, 1024);
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            NarrowOps<kN>::pv(o[i], desc_add(desc_v, i * kTileBytes + kk * 16 * 128), desc_add(desc_pt, kk * 32));
+        pv_transposed_16bit<kN>(o, desc_v, desc_pt, NarrowOps<kN>::pv);
         wgmma_commit();
       };
       // The residue term is its own batch after a wait: a branch between products into the same
