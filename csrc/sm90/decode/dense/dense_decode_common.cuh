@@ -24,6 +24,11 @@ __device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
 
+// Request r's row of the block table (its page ids, one per page_size tokens).
+__device__ __forceinline__ const int* block_table_row(const DenseDecodeParams& p, int r) {
+  return p.block_table + (int64_t)r * p.block_table_stride;
+}
+
 // Length of request r as attended: below 0 counts as 0, past the block table's capacity as the capacity
 // (so no block-table entry past the row is ever read); the reference mla_decode defines the same.
 __device__ __forceinline__ int request_len(const DenseDecodeParams& p, int r) {
@@ -247,7 +252,7 @@ template <int kLoads, int kColsPerLoad, bool kSmallPages>
 __device__ __forceinline__ void load_chunk_one_barrier(const CUtensorMap* tmap, const DenseDecodeParams& p, int r,
                                                        int tok, int end, int kvh, uint32_t dst, uint32_t bar,
                                                        uint32_t mask_addr) {
-  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
+  const int* bt_row = block_table_row(p, r);
   if constexpr (kSmallPages) {
     load_tiles_small_pages<kColsPerLoad, false>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size,
                                                 p.page_rows_log2, p.num_blocks, tok, end, kvh, dst, bar, mask_addr, 0,

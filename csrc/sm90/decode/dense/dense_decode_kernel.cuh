@@ -98,7 +98,7 @@ __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { retu
 template <bool kSmallPages>
 __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
                                            int tok, int end, int kvh, int stage, int t_begin, int t_end) {
-  const int* bt_row = p.block_table + (int64_t)r * p.block_table_stride;
+  const int* bt_row = block_table_row(p, r);
   if constexpr (kSmallPages) {
     load_tiles_small_pages<64, true>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
                                  p.num_blocks, tok, end, kvh,
@@ -211,8 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
   } else if (!kSmallPages && tid == 32 && pt.begin_tok >= 0 && pt.begin_tok < p.max_tokens) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.seqlens + pt.begin_req) : "memory");
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + (int64_t)pt.begin_req * p.block_table_stride +
-                                                       pt.begin_tok / p.page_size)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(block_table_row(p, pt.begin_req) + pt.begin_tok / p.page_size)
                  : "memory");
   }
   __syncthreads();
