@@ -12,7 +12,9 @@ import sys
 import torch
 sys.path.insert(0, "benchmarks")
 import torch_flashmla
-from bench_decode import D_QK, D_V, FP8_DESCALE, inputs, graph_time_us
+from bench_decode import D_QK, D_V, FP8_DESCALE, inputs
+from bench_timing import graph_time_us
+from probe_marks import last_request_marks, print_spread
 from torch_flashmla import kv_cache as kvc
 
 NAMES = ["start", "1st loads issued (WG1 w0)", "Q written (WG2)", "QFull seen (WG0)", "1st QK done (WG0)",
@@ -32,16 +34,13 @@ for b, s_k in ((132, 8192),):
     for rep in range(3):
         out, lse = fn()
     torch.cuda.synchronize()
-    ends = sorted(set(int(x) for x in meta[:, 2].cpu().tolist() if 0 <= x < b))
-    raw = out.view(b, -1).view(torch.int64)[:, :16].cpu()[ends].double() / 1000.0
+    raw = last_request_marks(out, meta, b, len(NAMES))
     t = raw - raw[:, 0:1]
     g0 = raw[:, 0].min()
     st = (raw[:, 0] - g0).sort().values
-    print(f"b {b} s_k {s_k} h_q {h_q}: {len(ends)} CTAs, {extra} extra pieces, op {op_us:.1f} us; CTA starts (us after the first): "
+    print(f"b {b} s_k {s_k} h_q {h_q}: {len(raw)} CTAs, {extra} extra pieces, op {op_us:.1f} us; CTA starts (us after the first): "
           f"min {st[0]:.2f} med {st[len(st)//2]:.2f} max {st[-1]:.2f}; end max {(raw[:, 8] - g0).max():.1f}")
-    for k in range(1, 16):
-        x = t[:, k].sort().values
-        print(f"  {NAMES[k]:28s} - start: min {x[0]:7.2f} med {x[len(x)//2]:7.2f} max {x[-1]:7.2f}")
+    print_spread(NAMES, raw)
     n = s_k // 64
     per = ((t[:, 7] - t[:, 6]) / (n - 1)).median()
     print(f"  per chunk (1st PV -> last PV): {per:.3f} us")

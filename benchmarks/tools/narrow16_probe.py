@@ -17,6 +17,7 @@ sys.path.insert(0, "benchmarks")
 import torch_flashmla  # noqa: E402
 from bench_decode import D_QK, D_V, inputs  # noqa: E402
 from bench_timing import graph_time_us  # noqa: E402
+from probe_marks import last_request_marks, print_spread  # noqa: E402
 
 NAMES = ["partition read", "loader: length read", "loader: 1st TMA issued", "Q loads issued", "Q landed",
          "chunk 0 landed", "1st S^T done", "1st P^T written", "1st PV done", "last PV done", "column sums done",
@@ -31,12 +32,9 @@ for b, s_k in ((132, 8192), (132, 2048)):
     for _ in range(3):
         out, lse = fn()
     torch.cuda.synchronize()
-    ends = sorted(set(int(x) for x in meta[:, 2].cpu().tolist() if 0 <= x < b))
-    raw = out.reshape(b, -1).view(torch.int64)[:, :len(NAMES)].cpu()[ends].double() / 1000.0
+    raw = last_request_marks(out, meta, b, len(NAMES))
     t = raw - raw[:, 0:1]
-    print(f"b {b} s_k {s_k} h_q {h_q}: {len(ends)} CTAs, {extra} extra pieces, op {op_us:.1f} us")
-    for k in range(1, len(NAMES)):
-        x = t[:, k].sort().values
-        print(f"  {NAMES[k]:24s} min {x[0]:7.2f} med {x[len(x) // 2]:7.2f} max {x[-1]:7.2f}")
+    print(f"b {b} s_k {s_k} h_q {h_q}: {len(raw)} CTAs, {extra} extra pieces, op {op_us:.1f} us")
+    print_spread(NAMES, raw)
     n = s_k // 64
     print(f"  per chunk (1st PV -> last PV): {((t[:, 9] - t[:, 8]) / (n - 1)).median():.3f} us")
