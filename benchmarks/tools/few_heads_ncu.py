@@ -7,8 +7,8 @@
                       -o REPORT python3 benchmarks/tools/few_heads_ncu.py run 8
   report CSV..  from `ncu --import REPORT --page source --csv --print-source sass > CSV`: the warp-stall samples of
                 the producer and math warpgroups (split at their setmaxnreg instructions), the mbarrier waits by
-                barrier (the V3.2 few-head layout's barriers at shared offset 0x2b100), the stall reasons per role,
-                and shared-memory wavefronts and L1 tag lookups per role.
+                barrier (the V3.2 few-head layout's barriers at shared offset 0x2b100), the stall reasons and the
+                samples by opcode per role, and shared-memory wavefronts and L1 tag lookups per role.
 The producers-alone and math-alone builds are benchmarks/tools/few_heads_nomath.patch and few_heads_noprod.patch.
 """
 from __future__ import annotations
@@ -69,10 +69,14 @@ def report(path: str) -> None:
     by_role, by_wait = collections.Counter(), collections.Counter()
     by_reason = collections.defaultdict(collections.Counter)
     traffic = collections.defaultdict(collections.Counter)
+    by_opcode = collections.defaultdict(collections.Counter)
     pending = {}
     for r in data:
         who, n, sass = role(int(r[0], 16)), num(r[samples]), r[1].strip()
         by_role[who] += n
+        words = [w for w in sass.split() if not w.startswith("@")]
+        if words:
+            by_opcode[who][words[0].split(".")[0]] += n
         for i in reasons:
             by_reason[who][header[i][len("stall_"):]] += num(r[i])
         traffic[who]["shared wavefronts"] += num(r[col("L1 Wavefronts Shared")])
@@ -91,6 +95,8 @@ def report(path: str) -> None:
     print("  mbarrier waits: " + ", ".join(f"{w}:{b} {pct(v)}" for (w, b), v in by_wait.most_common()))
     for who, c in by_reason.items():
         print(f"  {who}: " + ", ".join(f"{k} {pct(v)}" for k, v in c.most_common(6)))
+    for who, c in by_opcode.items():
+        print(f"  {who} by opcode: " + ", ".join(f"{k} {v:.0f}" for k, v in c.most_common(8)))
     for who, c in traffic.items():
         print(f"  {who}: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
 
