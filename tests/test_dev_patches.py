@@ -1,7 +1,6 @@
 """The development-build patches still apply to the kernel sources they patch: benchmarks/tools/ (timeline probes
 that write clocks instead of outputs, and builds that time one half of a kernel, kept out of the library's source
-on purpose) and benchmarks/variants/
-(candidate kernel changes not yet measured). A kernel change that moves the lines they hook into must regenerate
+on purpose) and benchmarks/variants/ (candidate kernel changes not yet measured). A kernel change that moves the lines they hook into must regenerate
 them; this test says so instead of the next device session."""
 import pathlib
 import shutil
@@ -22,4 +21,4 @@ def test_probe_patch_applies(patch):
 
 
 def test_probe_patches_exist():
-    assert PATCHES, "benchmarks/tools/ holds no probe patch (the notes cite three)"
+    assert PATCHES, "benchmarks/tools/ holds no development-build patch (the notes cite them)"
