@@ -1,7 +1,7 @@
 """The development-build patches still apply to the kernel sources they patch: benchmarks/tools/ (timeline probes
 that write clocks instead of outputs, and builds that time one half of a kernel, kept out of the library's source
-on purpose) and benchmarks/variants/ (candidate kernel changes not yet measured). A kernel change that moves the lines they hook into must regenerate
-them; this test says so instead of the next device session."""
+on purpose) and benchmarks/variants/ (candidate kernel changes not yet measured). A kernel change that moves the
+lines they hook into must regenerate them; this test says so instead of the next device session."""
 import pathlib
 import shutil
 import subprocess
