@@ -15,7 +15,8 @@
 //        scale_b, writes P_b to shared memory for WG0; refills tiles 4-8 of stage a
 //        O1 = O1 * scale_b + P_b V_b[:, 256:]            (P_b from registers); refills tiles 4-8 of stage b
 //        S_{b+2}, tiles 0-3 first: WG0 refills them after its P_b V_b[:, :256], which runs before this
-//        warpgroup's product, so they land first
+//        warpgroup's product, so they land first; issued only once WG0's S_{a+2} is complete, so that
+//        S_{a+2} runs alone and S_{b+2} during WG0's softmax of chunk a + 2
 // WG0 does its softmax before it issues any product of the pair: issuing a wgmma stalls while the other
 // warpgroup's products occupy the tensor cores, and the softmax would wait with it. WG1 takes that
 // stall for P_a V_a (it issues while WG0's P_a V_a runs): stage a then refills about a product earlier,
@@ -79,6 +80,7 @@ constexpr uint32_t kBarPa = 4;       // WG0 -> WG1: P_a (relative to max_a) is i
 constexpr uint32_t kBarPb = 5;       // WG1 -> WG0: P_b is in shared memory
 constexpr uint32_t kBarPaFree = 6;   // WG1 -> WG0: WG1's product with P_a is done
 constexpr uint32_t kBarWg0 = 7;      // one warpgroup (7 + wg)
+constexpr uint32_t kBarQkA = 9;      // WG0 -> WG1: S_{a+2} is complete, WG1 may issue S_{b+2}
 
 __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile) {
   return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
@@ -383,6 +385,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(o);
           fence_all(s);
           fence_frags(q8);
+          // S_{a+2} ran alone on the tensor cores; WG1's S_{b+2} now runs while this softmax does.
+          if (i + 3 < n) named_bar_arrive(kBarQkA, 256);
         } else {
           named_bar_sync(kBarScaleA, 256);
           // Read now: WG0 rewrites s_scale_a for the next pair once it has passed kBarPb.
@@ -427,6 +431,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           // S_{b+2} from tile 0: tiles 0-3 were refilled after WG0's product with P_b, which ran before
           // this warpgroup's (+1-5% over starting at tile 4, NOTES.md).
           if (i + 3 < n) {
+            // Issued once WG0's S_{a+2} is done: the two QKs would otherwise share the tensor cores (both
+            // operands in shared memory, so together no faster than one after the other) and WG0's softmax of
+            // chunk a + 2, which the whole next pair waits for, would start only when both end.
+            named_bar_sync(kBarQkA, 256);
             qk_chunk<T, 0>(s, sbase, stage_b, ((gb + 2) >> 1) & 1, q8);
             wgmma_wait<0>();
             fence_all(s);
