@@ -23,6 +23,7 @@
 #include "api/tensor_map.h"
 #include "common/decode_common.h"
 #include "sm90/decode/dense/dense_decode.h"
+#include "schemas.h"
 
 namespace {
 
@@ -233,13 +234,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
-  m.def(
-      "get_mla_metadata(Tensor seqlens, int num_q_tokens_per_head_k, int num_heads_k, int? num_heads_q, "
-      "bool is_fp8_kvcache, int? topk, int num_sm_parts) -> (Tensor tile_scheduler_metadata, Tensor num_splits)");
-  m.def(
-      "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
-      "float softmax_scale, bool causal, Tensor tile_scheduler_metadata, Tensor num_splits, Tensor? descale_q=None, "
-      "Tensor? descale_k=None) -> (Tensor out, Tensor lse)");
+  m.def(flashmla::schema::kGetMlaMetadata);
+  m.def(flashmla::schema::kMlaDecode);
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) {

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "kv_cache/kv_cache.h"
+#include "schemas.h"
 
 namespace {
 
@@ -256,12 +257,11 @@ at::Tensor dequantize_kv_fp8_v4_cuda(const at::Tensor& kv_fp8) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
-  m.def("concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
-        "str kv_cache_dtype, Tensor? scale=None) -> ()");
-  m.def("quantize_kv_fp8(Tensor kv) -> Tensor");
-  m.def("dequantize_kv_fp8(Tensor kv_fp8) -> Tensor");
-  m.def("quantize_kv_fp8_v4(Tensor kv) -> Tensor");
-  m.def("dequantize_kv_fp8_v4(Tensor kv_fp8) -> Tensor");
+  m.def(flashmla::schema::kConcatAndCacheMla);
+  m.def(flashmla::schema::kQuantizeKvFp8);
+  m.def(flashmla::schema::kDequantizeKvFp8);
+  m.def(flashmla::schema::kQuantizeKvFp8V4);
+  m.def(flashmla::schema::kDequantizeKvFp8V4);
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) {

@@ -15,6 +15,7 @@
 #include "api/decode_api.h"
 #include "api/tensor_map.h"
 #include "sm90/prefill/mha/mha_prefill.h"
+#include "schemas.h"
 
 namespace {
 
@@ -109,9 +110,7 @@ std::tuple<at::Tensor, at::Tensor> mha_prefill_cuda(const at::Tensor& q_in, cons
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
-  m.def(
-      "mha_prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  m.def(flashmla::schema::kMhaPrefill);
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) { m.impl("mha_prefill", &mha_prefill_cuda); }

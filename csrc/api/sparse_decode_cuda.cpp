@@ -18,6 +18,7 @@
 #include "api/tensor_map.h"
 #include "common/decode_common.h"
 #include "sm90/decode/sparse_fp8/sparse_decode.h"
+#include "schemas.h"
 
 namespace {
 
@@ -192,10 +193,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode_cuda(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
-  m.def(
-      "sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, Tensor? topk_length, Tensor? attn_sink, "
-      "Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int head_dim_v, "
-      "float softmax_scale, Tensor tile_scheduler_metadata, Tensor num_splits) -> (Tensor out, Tensor lse)");
+  m.def(flashmla::schema::kSparseMlaDecode);
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) { m.impl("sparse_mla_decode", &sparse_mla_decode_cuda); }

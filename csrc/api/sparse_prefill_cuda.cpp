@@ -13,6 +13,7 @@
 
 #include "api/decode_api.h"
 #include "sm90/prefill/sparse/sparse_prefill.h"
+#include "schemas.h"
 
 namespace {
 
@@ -102,9 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mla_prefill_cuda(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashmla_cuda, m) {
-  m.def(
-      "sparse_mla_prefill(Tensor q, Tensor kv, Tensor indices, float softmax_scale, int head_dim_v, "
-      "Tensor? attn_sink, Tensor? topk_length) -> (Tensor out, Tensor max_logits, Tensor lse)");
+  m.def(flashmla::schema::kSparseMlaPrefill);
 }
 
 TORCH_LIBRARY_IMPL(flashmla_cuda, CUDA, m) { m.impl("sparse_mla_prefill", &sparse_mla_prefill_cuda); }
