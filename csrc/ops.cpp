@@ -12,6 +12,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 
+#include <cstring>
+#include <string>
+
 #include "schemas.h"
 
 namespace flashmla {
@@ -38,23 +41,13 @@ TORCH_LIBRARY(flashmla, m) {
   // Fakes live in Python; tell torch where to find them when only this library is loaded.
   m.set_python_module("torch_flashmla.meta");
 
-  m.def(schema::kGetMlaMetadata);
-  m.def(schema::kMlaDecode);
-  m.def(schema::kSparseMlaDecode);
-  m.def(schema::kSparseMlaPrefill);
-  m.def(schema::kConcatAndCacheMla);
-  m.def(schema::kQuantizeKvFp8);
-  m.def(schema::kDequantizeKvFp8);
-  m.def(schema::kQuantizeKvFp8V4);
-  m.def(schema::kDequantizeKvFp8V4);
-  m.def(schema::kMhaPrefill);
+  for (const char* op_schema : schema::kAll) m.def(op_schema);
 }
 
 TORCH_LIBRARY_IMPL(flashmla, Autograd, m) {
-  for (const char* name : {"get_mla_metadata", "mla_decode", "sparse_mla_decode", "sparse_mla_prefill",
-                           "concat_and_cache_mla", "quantize_kv_fp8", "dequantize_kv_fp8", "quantize_kv_fp8_v4",
-                           "dequantize_kv_fp8_v4", "mha_prefill"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  for (const char* op_schema : schema::kAll) {
+    const std::string name(op_schema, std::strchr(op_schema, '('));  // the schema up to its argument list
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
   }
 }
 

@@ -46,5 +46,10 @@ constexpr const char* kMhaPrefill =
     "mha_prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
     "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)";
 
+// Every op: csrc/ops.cpp defines each and puts the autograd guard on each.
+constexpr const char* kAll[] = {kGetMlaMetadata,    kMlaDecode,         kSparseMlaDecode, kSparseMlaPrefill,
+                                kConcatAndCacheMla, kQuantizeKvFp8,     kDequantizeKvFp8, kQuantizeKvFp8V4,
+                                kDequantizeKvFp8V4, kMhaPrefill};
+
 }  // namespace schema
 }  // namespace flashmla
