@@ -5,8 +5,8 @@ benchmarks/tools/dense_probe.patch`, rebuild; `git apply -R` afterwards): thread
 (0, 0, 0) stores clock64() at 11 points of pair 20 into the first 192 bytes of `out` instead of that CTA's
 outputs, so such a build gives wrong results on purpose and the probes are kept out of the library's
 source. The probe points follow the kernel's schedule; a change of the schedule needs the patch redone.
-The probe array costs registers: ptxas spills 12-24 B in the seesaw instantiations of such a build (none in
-the library's), so its clocks are close to the library kernel's, not identical. Slots 8-10 of each warpgroup
+The probe array costs registers: ptxas spills 104 B (stores) / 208 B (loads) in the seesaw instantiations of such
+a build against the library's 84 / 144 B (nvcc 13.0), so its clocks are close to the library kernel's, not identical. Slots 8-10 of each warpgroup
 tell how long each QK's issue waited for its tiles ("issue begins" to "issued").
 Usage: python3 benchmarks/tools/dense_probe.py [b s_q s_k h_q]
 """
@@ -19,8 +19,8 @@ import torch_flashmla  # noqa: E402
 from bench_decode import D_QK, D_V, inputs  # noqa: E402
 
 WG0 = ["pair start (S_a ready)", "row max of S_a", "scale_a published", "P_a V_a issued",
-       "P_a V_a done, V_a[:, :256] refill issued", "scale_b arrived", "P_b V_b issued", "S_{a+2} done",
-       "P_b V_b done", "S_{a+2} issue begins (V_b[:, :256] refill issued)", "S_{a+2} issued (its tiles landed)"]
+       "P_a V_a done, V_a[:, :256] released", "scale_b arrived", "P_b V_b issued", "S_{a+2} done",
+       "P_b V_b done", "S_{a+2} issue begins (V_b[:, :256] released)", "S_{a+2} issued (its tiles landed)"]
 WG1 = ["pair start (S_b ready)", "scale_a arrived", "P_a V_a issued", "scale_b published", "P_b stored",
        "P_a V_a done", "P_b V_b issued", "S_{b+2} done",
        "P_b V_b done", "S_{b+2} issue begins (after S_{a+2} done)", "S_{b+2} issued (its tiles landed)"]

@@ -71,18 +71,6 @@ struct Budget {
   static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 };
 
-// setmaxnreg from the launch allotment (168 registers for 384 threads) to kRegs: .inc above it, .dec below it
-// (an .inc to fewer registers than the warp holds is an illegal instruction).
-template <int kRegs>
-__device__ __forceinline__ void set_warpgroup_registers() {
-  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg range");
-  if constexpr (kRegs > 168) {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-  } else if constexpr (kRegs < 168) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-  }
-}
-
 __device__ __forceinline__ uint32_t bar_addr(uint32_t sbase, int idx) { return sbase + kOffBar + idx * 8; }
 
 // Shared-memory matrix descriptor, 64-byte swizzle, K-major: rows of 64 bytes, SBO = 512 (8-row groups).

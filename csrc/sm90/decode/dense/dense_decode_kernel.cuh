@@ -1,20 +1,22 @@
 // Dense MLA decode kernel for SM90 (sm_90a), "seesaw" schedule: the two warpgroups take alternate 64-token
 // chunks, so that one warpgroup's softmax runs while the other's matmuls keep the tensor cores busy.
 //
-// One CTA = (SM partition of the plan, kv head, 64-row query tile), 256 threads = 2 warpgroups.
+// One CTA = (SM partition of the plan, kv head, 64-row query tile), 384 threads = 3 warpgroups: WG0 and WG1
+// below, and WG2, whose warp 0 issues every cache load (load_warp) so that no math warp waits on a block-table
+// read or a TMA issue between its products.
 // Warpgroup 0 keeps O[:, 0:256] in registers, warpgroup 1 keeps O[:, 256:512]. Chunks of a request
 // go in pairs (a, b) = (2k, 2k+1); stage of chunk g (counted over the CTA) is g & 1.
 //
 //   WG0: softmax of S_a against the running max (shared memory) -> publishes scale_a
 //        writes P_a (relative to max_a) to shared memory for WG1
-//        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers); refills V_a[:, :256]
+//        O0 = O0 * scale_a + P_a V_a[:, :256]            (P_a from registers); releases V_a[:, :256]
 //        waits for scale_b: O0 = O0 * scale_b + P_b V_b[:, :256]   (P_b from shared memory)
-//        waits for that product, refills V_b[:, :256], then S_{a+2}
+//        waits for that product, releases V_b[:, :256], then S_{a+2}
 //   WG1: waits for scale_a and P_a; issues O1 = O1 * scale_a + P_a V_a[:, 256:] (P_a from shared memory)
 //        first, as the last reader of stage a; softmax of S_b against max_a while it runs -> publishes
-//        scale_b, writes P_b to shared memory for WG0; refills tiles 4-8 of stage a
-//        O1 = O1 * scale_b + P_b V_b[:, 256:]            (P_b from registers); refills tiles 4-8 of stage b
-//        S_{b+2}, tiles 0-3 first: WG0 refills them after its P_b V_b[:, :256], which runs before this
+//        scale_b, writes P_b to shared memory for WG0; releases tiles 4-8 of stage a
+//        O1 = O1 * scale_b + P_b V_b[:, 256:]            (P_b from registers); releases tiles 4-8 of stage b
+//        S_{b+2}, tiles 0-3 first: WG0 releases them after its P_b V_b[:, :256], which runs before this
 //        warpgroup's product, so they land first; issued only once WG0's S_{a+2} is complete, so that
 //        S_{a+2} runs alone and S_{b+2} during WG0's softmax of chunk a + 2
 // WG0 does its softmax before it issues any product of the pair: issuing a wgmma stalls while the other
@@ -25,8 +27,10 @@
 // an accumulator register is written inside a wgmma pipeline stage).
 //
 // Every 64-column tile of a KV stage has its own mbarrier, and a tile is refilled for chunk g+2 as soon
-// as its last reader is done (V[:, :256] after WG0's two PV products, the rest after WG1's), so the
-// next chunk streams in while the current pair is still multiplied. The 9th tile of Q (rope columns)
+// as its last reader is done (V[:, :256] after WG0's two PV products, the rest after WG1's): that reader's
+// warps arrive on the stage half's "empty" mbarrier and the loading warp issues the refill, so the next chunk
+// streams in while the current pair is still multiplied (and the next request's first chunks during the
+// current request's last ones). The 9th tile of Q (rope columns)
 // lives in registers (A operand of the last four QK steps), which frees its shared memory for P_b.
 //
 // Short requests (len <= kPreciseMaxLen) take a second path: each warpgroup computes S of every chunk
@@ -52,8 +56,12 @@ namespace flashmla {
 namespace sm90 {
 namespace dense {
 
-constexpr int kThreads = 256;
-static_assert(kBlockM * (kDQK / 8) % kThreads == 0, "Q tile load");
+constexpr int kMathThreads = 256;  // WG0 and WG1
+constexpr int kThreads = 384;      // and WG2 (the loading warp and three idle warps)
+static_assert(kBlockM * (kDQK / 8) % kMathThreads == 0, "Q tile load");
+// setmaxnreg budgets out of the launch allotment of 168 registers per thread: the loading warpgroup keeps 24.
+constexpr int kRegsMath = 240, kRegsLoad = 24;
+static_assert(2 * kRegsMath + kRegsLoad == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 constexpr int kTileBytes = 64 * 128;            // 64 rows x 64 columns x 2 bytes
 constexpr int kNumColTiles = kDQK / 64;          // 9
 constexpr int kStageBytes = kNumColTiles * kTileBytes;  // 73728
@@ -67,7 +75,8 @@ constexpr int kOffScaleA = kOffMax + 64 * 4;            // float[64]
 constexpr int kOffScaleB = kOffScaleA + 64 * 4;         // float[64]
 constexpr int kOffSum = kOffScaleB + 64 * 4;            // float[2][64]
 constexpr int kOffBar = kOffSum + 2 * 64 * 4;           // uint64[2][9]: one mbarrier per tile and stage
-constexpr int kOffPageOk = kOffBar + 2 * kNumColTiles * 8;  // uint64[2]: bit k = token k of the stage's chunk has its page in the cache
+constexpr int kOffEmpty = kOffBar + 2 * kNumColTiles * 8;  // uint64[2][2]: stage s's tiles 0-3 / 4-8 have no reader left
+constexpr int kOffPageOk = kOffEmpty + 4 * 8;  // uint64[2]: bit k = token k of the stage's chunk has its page in the cache
 constexpr int kSmemUsed = kOffPageOk + 2 * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;            // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
@@ -86,6 +95,10 @@ __device__ __forceinline__ uint32_t tile_bar(uint32_t sbase, int stage, int tile
   return sbase + kOffBar + (stage * kNumColTiles + tile) * 8;
 }
 __device__ __forceinline__ uint32_t stage_addr(uint32_t sbase, int stage) { return sbase + kOffKV + stage * kStageBytes; }
+// Arrived on by the four warps of the last reader of tiles 0-3 (half 0: WG0) or 4-8 (half 1: WG1) of a stage.
+__device__ __forceinline__ uint32_t empty_bar(uint32_t sbase, int stage, int half) {
+  return sbase + kOffEmpty + (stage * 2 + half) * 8;
+}
 
 // TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` (a multiple of 64, before `end`) of request r
 // into `stage`; called by one whole warp.
@@ -175,6 +188,28 @@ __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sb
   zero_tail_rows(smem + kOffKV + stage * kStageBytes, t_begin, valid, tid_wg, wg);
 }
 
+// WG2's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks (chunk
+// g of the CTA into stage g & 1): tiles 0-3 of chunk g once WG0 has released them from chunk g - 2, tiles
+// 4-8 once WG1 has. It runs ahead into the next request as far as the stages allow.
+template <bool kSmallPages>
+__device__ __forceinline__ void load_warp(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
+                                          uint32_t sbase, int kvh) {
+  uint32_t g = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, pt, r, start, end);
+#pragma unroll 1
+    for (int c = start; c < end; c += kBlockN, ++g) {
+      const int stage = g & 1;
+      const uint32_t parity = ((g >> 1) & 1) ^ 1;  // a stage's first fill waits for nothing
+      mbar_wait(empty_bar(sbase, stage, 0), parity);
+      load_tiles<kSmallPages>(tmap, p, sbase, r, c, end, kvh, stage, 0, 4);
+      mbar_wait(empty_bar(sbase, stage, 1), parity);
+      load_tiles<kSmallPages>(tmap, p, sbase, r, c, end, kvh, stage, 4, kNumColTiles);
+    }
+  }
+}
+
 // T: the 16-bit type of q, the cache and the output; kSmallPages: page_size is not a multiple of 64 (load_tiles_small_pages; a separate instantiation, so that
 // the one-load-per-tile kernel keeps its register allocation).
 template <typename T, bool kSmallPages>
@@ -209,6 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // small-page instantiation, where it made ptxas spill.)
   if (tid == 0) {
     for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
+    for (int i = 0; i < 4; ++i) mbar_init(sbase + kOffEmpty + i * 8, 4);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap)) : "memory");
   } else if (!kSmallPages && tid == 32 && pt.begin_tok >= 0 && pt.begin_tok < p.max_tokens) {
@@ -218,6 +254,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   allow_dependent_launch();
+  if (wg == 2) {
+    set_warpgroup_registers<kRegsLoad>();
+    if (warp == 0) load_warp<kSmallPages>(&tmap, p, pt, sbase, kvh);
+    return;
+  }
+  set_warpgroup_registers<kRegsMath>();
 
   // Rows owned by this thread in the wgmma accumulator layout.
   const int row0 = warp * 16 + lane / 4;
@@ -244,11 +286,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
     if (n > 0) {
-      // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async, issued before the
-      // first two chunks' loads: Q issued behind them lands behind their bytes, a stage later.
+      // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
-      for (int it = 0; it < kBlockM * (kDQK / 8) / kThreads; ++it) {
-        const int idx = tid + it * kThreads;
+      for (int it = 0; it < kBlockM * (kDQK / 8) / kMathThreads; ++it) {
+        const int idx = tid + it * kMathThreads;
         const int row = idx / (kDQK / 8);
         const int ch = idx % (kDQK / 8);
         const int m = mtile * kBlockM + row;
@@ -264,10 +305,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                      : "memory");
       }
       asm volatile("cp.async.commit_group;\n" ::: "memory");
-      if (tid < 32) {
-        load_tiles<kSmallPages>(&tmap, p, sbase, r, start, end, kvh, g & 1, 0, kNumColTiles);
-        if (n > 1) load_tiles<kSmallPages>(&tmap, p, sbase, r, start + kBlockN, end, kvh, (g + 1) & 1, 0, kNumColTiles);
-      }
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
       if (tid < kBlockM) s_max[tid] = -INFINITY;
       fence_proxy_async();
@@ -318,7 +355,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_frags(pa_lo);
         }
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
-        if (tid < 32 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, c + 2 * kBlockN, end, kvh, stage, 0, kNumColTiles);
+        if (wg == 0) {
+          mbar_arrive_per_warp(empty_bar(sbase, stage, 0));
+          mbar_arrive_per_warp(empty_bar(sbase, stage, 1));
+        }
       }
       // Both warpgroups hold the full row sums: count them once. The maxima go where the seesaw
       // path keeps them.
@@ -361,8 +401,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
-          // V_a[:, :256] (tiles 0-3) has no reader left: refill it with chunk a + 2.
-          if (warp == 0 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 0, 4);
+          // V_a[:, :256] (tiles 0-3) has no reader left: released for the CTA's next chunk on this stage.
+          mbar_arrive_per_warp(empty_bar(sbase, stage_a, 0));
           named_bar_sync(kBarScaleB, 256);
           rescale_acc(o, l0, l1, s_scale_b[row0], s_scale_b[row1]);
           if (has_b) {
@@ -377,8 +417,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t phase_next_a = ((ga + 2) >> 1) & 1;
           if (has_b) {
             wgmma_wait<0>();
-            // V_b[:, :256] has no reader left: refill it with chunk b + 2.
-            if (warp == 0 && i + 3 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 0, 4);
+            // V_b[:, :256] has no reader left: released.
+            mbar_arrive_per_warp(empty_bar(sbase, stage_b, 0));
           }
           if (next_a) qk_chunk<T, 0>(s, sbase, stage_a, phase_next_a, q8);
           wgmma_wait<0>();
@@ -415,8 +455,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();
           fence_all(o);
           if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
-          // K/V_a tiles 4-8 have no reader left: refill them with chunk a + 2.
-          if (warp == 0 && i + 2 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, ca + 2 * kBlockN, end, kvh, stage_a, 4, kNumColTiles);
+          // K/V_a tiles 4-8 have no reader left: released.
+          mbar_arrive_per_warp(empty_bar(sbase, stage_a, 1));
           // O1 to max_b, then O1 += P_b V_b[:, 256:]
           rescale_add(o, l0, l1, u, sum0, sum1);
           if (has_b) {
@@ -425,8 +465,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_wait<0>();
             fence_all(o);
             fence_frags(pa);
-            // K/V_b tiles 4-8 have no reader left: refill them with chunk b + 2.
-            if (warp == 0 && i + 3 < n) load_tiles<kSmallPages>(&tmap, p, sbase, r, cb + 2 * kBlockN, end, kvh, stage_b, 4, kNumColTiles);
+            // K/V_b tiles 4-8 have no reader left: released.
+            mbar_arrive_per_warp(empty_bar(sbase, stage_b, 1));
           }
           // S_{b+2} from tile 0: tiles 0-3 were refilled after WG0's product with P_b, which ran before
           // this warpgroup's (+1-5% over starting at tile 4, NOTES.md).
