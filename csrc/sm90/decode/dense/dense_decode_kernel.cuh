@@ -240,8 +240,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (pt.empty()) return;
 
   // While thread 0 sets up the barriers, lane 0 of warp 1 pulls the first request's length and first
-  // block-table entry into L2: the first chunk's loads wait for both, one after the other. (Not in the
-  // small-page instantiation, where it made ptxas spill.)
+  // block-table entry into L2: the loading warp's first chunk waits for both, one after the other. (Not in
+  // the small-page instantiation, where it made ptxas spill.)
   if (tid == 0) {
     for (int i = 0; i < 2 * kNumColTiles; ++i) mbar_init(sbase + kOffBar + i * 8, 1);
     for (int i = 0; i < 4; ++i) mbar_init(sbase + kOffEmpty + i * 8, 4);
