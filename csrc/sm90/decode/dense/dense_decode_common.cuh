@@ -62,6 +62,21 @@ __device__ __forceinline__ void request_range(const DenseDecodeParams& p, const 
   request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
 }
 
+// A loading warp's walk over two stages: load(r, tok, end, stage, empty_parity) for every 64-token chunk of the
+// partition, in the order the math warps consume them (chunk g of the CTA into stage g & 1); empty_parity is the
+// parity to wait for on the stage's "empty" mbarrier before refilling it for chunk g (a stage's first fill waits
+// for nothing).
+template <typename Load>
+__device__ __forceinline__ void for_each_chunk_to_load(const DenseDecodeParams& p, const Partition& pt, Load&& load) {
+  uint32_t g = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, pt, r, start, end);
+#pragma unroll 1
+    for (int tok = start; tok < end; tok += kBlockN, ++g) load(r, tok, end, static_cast<int>(g & 1), ((g >> 1) & 1) ^ 1);
+  }
+}
+
 // A finished row of the epilogue: the factor its O takes (out_mult / l, 0 for a row with nothing attended) and
 // its log-sum-exp (natural log; max in the log2 domain). A row with nothing attended gets lse +inf when the
 // request is not split and -inf as a split piece (so that the combine gives it no weight).

@@ -188,26 +188,18 @@ __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sb
   zero_tail_rows(smem + kOffKV + stage * kStageBytes, t_begin, valid, tid_wg, wg);
 }
 
-// WG2's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks (chunk
-// g of the CTA into stage g & 1): tiles 0-3 of chunk g once WG0 has released them from chunk g - 2, tiles
-// 4-8 once WG1 has. It runs ahead into the next request as far as the stages allow.
+// WG2's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks: tiles 0-3
+// of chunk g once WG0 has released them from chunk g - 2, tiles 4-8 once WG1 has. It runs ahead into the next
+// request as far as the stages allow.
 template <bool kSmallPages>
 __device__ __forceinline__ void load_warp(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
                                           uint32_t sbase, int kvh) {
-  uint32_t g = 0;
-  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
-    int start, end;
-    request_range(p, pt, r, start, end);
-#pragma unroll 1
-    for (int c = start; c < end; c += kBlockN, ++g) {
-      const int stage = g & 1;
-      const uint32_t parity = ((g >> 1) & 1) ^ 1;  // a stage's first fill waits for nothing
-      mbar_wait(empty_bar(sbase, stage, 0), parity);
-      load_tiles<kSmallPages>(tmap, p, sbase, r, c, end, kvh, stage, 0, 4);
-      mbar_wait(empty_bar(sbase, stage, 1), parity);
-      load_tiles<kSmallPages>(tmap, p, sbase, r, c, end, kvh, stage, 4, kNumColTiles);
-    }
-  }
+  for_each_chunk_to_load(p, pt, [&](int r, int tok, int end, int stage, uint32_t empty_parity) {
+    mbar_wait(empty_bar(sbase, stage, 0), empty_parity);
+    load_tiles<kSmallPages>(tmap, p, sbase, r, tok, end, kvh, stage, 0, 4);
+    mbar_wait(empty_bar(sbase, stage, 1), empty_parity);
+    load_tiles<kSmallPages>(tmap, p, sbase, r, tok, end, kvh, stage, 4, kNumColTiles);
+  });
 }
 
 // T: the 16-bit type of q, the cache and the output; kSmallPages: page_size is not a multiple of 64 (load_tiles_small_pages; a separate instantiation, so that

@@ -129,19 +129,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warp == 4) {
     // ======================= the loading warp: every chunk of the partition, in order =======================
-    uint32_t g = 0;
-    for (int r = pt.begin_req; r <= pt.end_req; ++r) {
-      int start, end;
-      dense::request_range(p, pt, r, start, end);
-#pragma unroll 1
-      for (int c = start; c < end; c += kBlockN, ++g) {
-        const int stage = g & 1;
-        mbar_wait(bar_empty + stage * 8, ((g >> 1) & 1) ^ 1);
-        dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, c, end, kvh,
-                                                               sbase + kOffKV + stage * kStageBytes,
-                                                               bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
-      }
-    }
+    dense::for_each_chunk_to_load(p, pt, [&](int r, int tok, int end, int stage, uint32_t empty_parity) {
+      mbar_wait(bar_empty + stage * 8, empty_parity);
+      dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, tok, end, kvh,
+                                                             sbase + kOffKV + stage * kStageBytes,
+                                                             bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
+    });
     return;
   }
 
