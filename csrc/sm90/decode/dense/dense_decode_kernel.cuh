@@ -188,6 +188,11 @@ __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sb
   zero_tail_rows(smem + kOffKV + stage * kStageBytes, t_begin, valid, tid_wg, wg);
 }
 
+// Query position (0..s_q-1) of row `row` of m-tile `mtile` (rows past m_total: the last row's).
+__device__ __forceinline__ int query_pos(const DenseDecodeParams& p, int mtile, int row) {
+  return min(mtile * kBlockM + row, p.m_total - 1) / p.group;
+}
+
 // WG2's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks: tiles 0-3
 // of chunk g once WG0 has released them from chunk g - 2, tiles 4-8 once WG1 has. It runs ahead into the next
 // request as far as the stages allow.
@@ -256,20 +261,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Rows owned by this thread in the wgmma accumulator layout.
   const int row0 = warp * 16 + lane / 4;
   const int row1 = row0 + 8;
-  const int m0 = mtile * kBlockM + row0;
-  const int m1 = mtile * kBlockM + row1;
-  const int t0 = min(m0, p.m_total - 1) / p.group;
-  const int t1 = min(m1, p.m_total - 1) / p.group;
-  const T* qbase = reinterpret_cast<const T*>(p.q);
   uint32_t g = 0;  // chunks consumed so far: chunk g sits in stage g & 1, loaded in phase (g >> 1) & 1
 
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, pt, r, start, end);
     const int len = request_len(p, r);
-    const int n = start < end ? (end - start + kBlockN - 1) / kBlockN : 0;
-    const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
-    const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
+    // The rows' query positions are recomputed here and for the stores (not held across the request loop:
+    // at 240 registers ptxas spilled them).
+    const int lim0 = min(end, p.causal ? len - p.s_q + query_pos(p, mtile, row0) + 1 : len);
+    const int lim1 = min(end, p.causal ? len - p.s_q + query_pos(p, mtile, row1) + 1 : len);
 
     float o[128];
 #pragma unroll
@@ -277,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float l0 = 0.f, l1 = 0.f;  // row sums of this thread's columns, relative to s_max
 
     named_bar_sync(kBarAll, 256);  // the previous request's readers of Q, P and s_max are done
-    if (n > 0) {
+    if (start < end) {
       // Q tile of request r -> shared memory (zero rows past m_total), 16-byte cp.async.
 #pragma unroll 1
       for (int it = 0; it < kBlockM * (kDQK / 8) / kMathThreads; ++it) {
@@ -292,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
                             (int64_t)head * p.q_head_stride + ch * 8;
         const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
-        const T* src = qbase + off;
+        const T* src = reinterpret_cast<const T*>(p.q) + off;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
                      : "memory");
       }
@@ -313,15 +314,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     float s[32];
     uint32_t pa[4][4];
-    if (n > 0 && len <= kPreciseMaxLen) {
+    if (start < end && len <= kPreciseMaxLen) {
       // ---- short request: every warpgroup computes S of every chunk; P = hi + lo ----
       float run_max0 = -INFINITY, run_max1 = -INFINITY;
-      uint32_t pa_lo[4][4];
-      for (int i = 0; i < n; ++i) {
-        const uint32_t gi = g + i;
-        const int stage = gi & 1;
-        const int c = start + i * kBlockN;
-        qk_chunk<T, 0>(s, sbase, stage, (gi >> 1) & 1, q8);
+      for (int c = start; c < end; c += kBlockN, ++g) {
+        const int stage = g & 1;
+        qk_chunk<T, 0>(s, sbase, stage, (g >> 1) & 1, q8);
         wgmma_wait<0>();
         fence_all(s);
         fence_frags(q8);
@@ -335,16 +333,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           run_max0 = u.max0;
           run_max1 = u.max1;
           exp_rescale(s, o, l0, l1, p.scale_log2, u);
-          pack_p<T, false>(pa, s);
-          pack_p<T, true>(pa_lo, s);
           const uint32_t v_half = stage_addr(sbase, stage) + wg * 4 * kTileBytes;
           if (end - c < kBlockN) zero_tail_rows(smem + kOffKV + stage * kStageBytes, wg * 4, end - c, tid_wg, wg);
+          // P's two terms one after the other in the same registers (at 240 registers, both at once spilled)
+          pack_p<T, false>(pa, s);
           pv_regs<T>(o, pa, v_half);
-          pv_regs<T>(o, pa_lo, v_half);
           wgmma_wait<0>();
           fence_all(o);
           fence_frags(pa);
-          fence_frags(pa_lo);
+          pack_p<T, true>(pa, s);
+          pv_regs<T>(o, pa, v_half);
+          wgmma_wait<0>();
+          fence_all(o);
+          fence_frags(pa);
         }
         named_bar_sync(kBarAll, 256);  // both warpgroups are done with this stage
         if (wg == 0) {
@@ -359,21 +360,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_max[row0] = run_max0;
         s_max[row1] = run_max1;
       }
-    } else if (n > 0) {
+    } else if (start < end) {
       // ---- seesaw: WG0 takes the even chunks a, WG1 the odd chunks b ----
       if (wg == 0) {
         qk_chunk<T, 0>(s, sbase, g & 1, (g >> 1) & 1, q8);
-      } else if (n > 1) {
+      } else if (start + kBlockN < end) {
         qk_chunk<T, 4>(s, sbase, (g + 1) & 1, ((g + 1) >> 1) & 1, q8);
       }
       wgmma_wait<0>();
       fence_all(s);
       fence_frags(q8);
-      for (int i = 0; i < n; i += 2) {
-        const uint32_t ga = g + i, gb = ga + 1;
+      // The pair loop counts tokens (ca) and the CTA's chunks (g): no chunk index of its own, no chunk count
+      // (at 240 registers ptxas spilled the counters when it kept both).
+      for (int ca = start; ca < end; ca += 2 * kBlockN) {
+        const uint32_t ga = g, gb = ga + 1;
         const int stage_a = ga & 1, stage_b = gb & 1;
-        const int ca = start + i * kBlockN, cb = ca + kBlockN;
-        const bool has_b = i + 1 < n;
+        const int cb = ca + kBlockN;
+        const bool has_b = cb < end;
+        // Chunks a + 2 and b + 2 exist: the pair after this one runs, and WG1 hands P_a back, only then.
+        const bool next_a = ca + 2 * kBlockN < end, next_b = cb + 2 * kBlockN < end;
         if (wg == 0) {
           // softmax of chunk a against the running max; P_a (relative to max_a) to shared memory
           float mx0, mx1;
@@ -384,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           named_bar_arrive(kBarScaleA, 256);
           exp_rescale(s, o, l0, l1, p.scale_log2, u);
           pack_p<T, false>(pa, s);
-          if (i > 0) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
+          if (ca > start) named_bar_sync(kBarPaFree, 256);  // WG1's product with the previous P_a is done
           store_p(sbase + kOffPa, pa, row0, quad);
           fence_proxy_async();
           named_bar_arrive(kBarPa, 256);
@@ -405,7 +410,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           // V_b[:, :256] is refilled as soon as its product is done, before S_{a+2} is issued: issuing S_{a+2}
           // first waits for its tiles, which delayed this refill, and with it WG1's S_{b+2} (NOTES.md).
           // S_{a+2} would run after the product anyway (one warpgroup's wgmma groups run in order).
-          const bool next_a = i + 2 < n;
           const uint32_t phase_next_a = ((ga + 2) >> 1) & 1;
           if (has_b) {
             wgmma_wait<0>();
@@ -418,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(s);
           fence_frags(q8);
           // S_{a+2} ran alone on the tensor cores; WG1's S_{b+2} now runs while this softmax does.
-          if (i + 3 < n) named_bar_arrive(kBarQkA, 256);
+          if (next_b) named_bar_arrive(kBarQkA, 256);
         } else {
           named_bar_sync(kBarScaleA, 256);
           // Read now: WG0 rewrites s_scale_a for the next pair once it has passed kBarPb.
@@ -446,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           wgmma_wait<0>();
           fence_all(o);
-          if (i + 2 < n) named_bar_arrive(kBarPaFree, 256);
+          if (next_a) named_bar_arrive(kBarPaFree, 256);
           // K/V_a tiles 4-8 have no reader left: released.
           mbar_arrive_per_warp(empty_bar(sbase, stage_a, 1));
           // O1 to max_b, then O1 += P_b V_b[:, 256:]
@@ -462,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           // S_{b+2} from tile 0: tiles 0-3 were refilled after WG0's product with P_b, which ran before
           // this warpgroup's (+1-5% over starting at tile 4, NOTES.md).
-          if (i + 3 < n) {
+          if (next_b) {
             // Issued once WG0's S_{a+2} is done: the two QKs would otherwise share the tensor cores (both
             // operands in shared memory, so together no faster than one after the other) and WG0's softmax of
             // chunk a + 2, which the whole next pair waits for, would start only when both end.
@@ -473,9 +477,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             fence_frags(q8);
           }
         }
+        g += has_b ? 2 : 1;
       }
     }
-    g += n;
 
     // ---- epilogue: row sums over the quad and both warpgroups; the final max is in s_max ----
 #pragma unroll
@@ -488,12 +492,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_sum[wg * 64 + row1] = l1;
     }
     named_bar_sync(kBarAll, 256);
-    const float max0 = n > 0 ? s_max[row0] : -INFINITY;
-    const float max1 = n > 0 ? s_max[row1] : -INFINITY;
+    const float max0 = start < end ? s_max[row0] : -INFINITY;
+    const float max1 = start < end ? s_max[row1] : -INFINITY;
     // Read here, not with the request's range: no register holds them across the chunk loop.
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
     const int split_idx = r == pt.begin_req ? pt.begin_split : 0;
-    store_outputs<T>(p, o, r, kvh, wg, m0, m1, t0, t1, s_sum[row0] + s_sum[64 + row0],
+    store_outputs<T>(p, o, r, kvh, wg, mtile * kBlockM + row0, mtile * kBlockM + row1, query_pos(p, mtile, row0),
+                     query_pos(p, mtile, row1), s_sum[row0] + s_sum[64 + row0],
                      s_sum[row1] + s_sum[64 + row1], max0, max1, n_splits, split_idx);
   }
 }
