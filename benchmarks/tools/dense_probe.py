@@ -5,8 +5,9 @@ benchmarks/tools/dense_probe.patch`, rebuild; `git apply -R` afterwards): thread
 (0, 0, 0) stores clock64() at 11 points of pair 20 into the first 192 bytes of `out` instead of that CTA's
 outputs, so such a build gives wrong results on purpose and the probes are kept out of the library's
 source. The probe points follow the kernel's schedule; a change of the schedule needs the patch redone.
-The probe array costs registers: ptxas spills 104 B (stores) / 208 B (loads) in the seesaw instantiations of such
-a build against the library's 84 / 144 B (nvcc 13.0), so its clocks are close to the library kernel's, not identical. Slots 8-10 of each warpgroup
+The probe array costs registers: ptxas spills 8 B (stores) / 8 B (loads) in the seesaw instantiations of such a
+build, where the library's kernel has none (nvcc 13.0), so its clocks are close to the library kernel's, not identical.
+Slots 8-10 of each warpgroup
 tell how long each QK's issue waited for its tiles ("issue begins" to "issued").
 Usage: python3 benchmarks/tools/dense_probe.py [b s_q s_k h_q]
 """
