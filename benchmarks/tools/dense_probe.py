@@ -9,6 +9,8 @@ The probe array costs registers: ptxas spills 8 B (stores) / 8 B (loads) in the 
 build, where the library's kernel has none (nvcc 13.0), so its clocks are close to the library kernel's, not identical.
 Slots 8-10 of each warpgroup
 tell how long each QK's issue waited for its tiles ("issue begins" to "issued").
+Only for shapes whose request 0 is not split (e.g. b 128 s_k 4096 h_q 128): the combine writes a split request's
+output over the clocks.
 Usage: python3 benchmarks/tools/dense_probe.py [b s_q s_k h_q]
 """
 import sys
