@@ -257,8 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_all(o);
         }
         // this warp no longer reads the stage (nor P^T: the next chunk rewrites it after the barriers above)
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_empty + stage * 8);
+        mbar_arrive_per_warp(bar_empty + stage * 8);
       }
     }
     // ---- epilogue: column sums over the request's tokens, then O^T / l as rows ----
