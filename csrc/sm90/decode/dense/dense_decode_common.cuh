@@ -29,6 +29,27 @@ __device__ __forceinline__ const int* block_table_row(const DenseDecodeParams& p
   return p.block_table + (int64_t)r * p.block_table_stride;
 }
 
+// The m_total = s_q x group query rows of a kv head are query position-major: row m is query position
+// m / group of head kvh * group + m % group. The kernels map their rows to q, out and lse through these.
+struct QueryRow {
+  int t, head;
+};
+__device__ __forceinline__ QueryRow query_row(const DenseDecodeParams& p, int kvh, int m) {
+  return {m / p.group, kvh * p.group + m % p.group};
+}
+// Query position of row m (rows past m_total: the last row's).
+__device__ __forceinline__ int row_query_pos(const DenseDecodeParams& p, int m) { return min(m, p.m_total - 1) / p.group; }
+// Offsets of a row of request r: its first element in q (element strides) and in out, its lse.
+__device__ __forceinline__ int64_t q_offset(const DenseDecodeParams& p, int r, QueryRow row) {
+  return (int64_t)r * p.q_batch_stride + (int64_t)row.t * p.q_seq_stride + (int64_t)row.head * p.q_head_stride;
+}
+__device__ __forceinline__ int64_t out_offset(const DenseDecodeParams& p, int r, QueryRow row) {
+  return (((int64_t)r * p.s_q + row.t) * p.h_q + row.head) * kDV;
+}
+__device__ __forceinline__ int64_t lse_offset(const DenseDecodeParams& p, int r, QueryRow row) {
+  return ((int64_t)r * p.h_q + row.head) * p.s_q + row.t;
+}
+
 // Length of request r as attended: below 0 counts as 0, past the block table's capacity as the capacity
 // (so no block-table entry past the row is ever read); the reference mla_decode defines the same.
 __device__ __forceinline__ int request_len(const DenseDecodeParams& p, int r) {
@@ -109,16 +130,16 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
   const float inv0 = res0.scale, inv1 = res1.scale, lse0 = res0.lse, lse1 = res1.lse;
 
   const bool ok0 = m0 < p.m_total, ok1 = m1 < p.m_total;
-  const int head0 = kvh * p.group + min(m0, p.m_total - 1) % p.group;
-  const int head1 = kvh * p.group + min(m1, p.m_total - 1) % p.group;
+  // query_row's head, written out: through query_row nvcc 13.0 compiles the FP8 64-row kernel differently.
+  const QueryRow row0{t0, kvh * p.group + min(m0, p.m_total - 1) % p.group};
+  const QueryRow row1{t1, kvh * p.group + min(m1, p.m_total - 1) % p.group};
   const int lane4 = threadIdx.x % 4;
   if (n_splits == 1) {
     T* out = reinterpret_cast<T*>(p.out) + wg * 256;
-    store_rows_16bit<T>(out + (((int64_t)r * p.s_q + t0) * p.h_q + head0) * kDV,
-                        out + (((int64_t)r * p.s_q + t1) * p.h_q + head1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
+    store_rows_16bit<T>(out + out_offset(p, r, row0), out + out_offset(p, r, row1), o, inv0, inv1, ok0, ok1, lane4);
     if (wg == 0 && lane4 == 0) {
-      if (ok0) p.lse[((int64_t)r * p.h_q + head0) * p.s_q + t0] = lse0;
-      if (ok1) p.lse[((int64_t)r * p.h_q + head1) * p.s_q + t1] = lse1;
+      if (ok0) p.lse[lse_offset(p, r, row0)] = lse0;
+      if (ok1) p.lse[lse_offset(p, r, row1)] = lse1;
     }
   } else {
     const int64_t base = split_scratch_base(p, r, kvh, split_idx);
@@ -154,15 +175,14 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
     const int n = narrow_row(k, quad);
     const bool ok = n < p.m_total;
     const int nn = ok ? n : 0;
-    const int t = nn / p.group;
-    const int head = kvh * p.group + nn % p.group;
+    const QueryRow row = query_row(p, kvh, nn);
     const RowResult res = finish_row(l[k], mx[k], out_mult, n_splits);
     const float inv = res.scale, lse = res.lse;
-    T* out_row = reinterpret_cast<T*>(p.out) + (((int64_t)r * p.s_q + t) * p.h_q + head) * kDV;
+    T* out_row = reinterpret_cast<T*>(p.out) + out_offset(p, r, row);
     float* acc_row = p.oacc + (acc_base + nn) * kDV;
     if (ok && warp == 0 && i == 0) {
       if (n_splits == 1) {
-        p.lse[((int64_t)r * p.h_q + head) * p.s_q + t] = lse;
+        p.lse[lse_offset(p, r, row)] = lse;
       } else {
         p.lseacc[acc_base + n] = lse;
       }

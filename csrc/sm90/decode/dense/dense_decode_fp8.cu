@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row1 = row0 + 8;
   const int m0 = mtile * kBlockM + row0;
   const int m1 = mtile * kBlockM + row1;
-  const int t0 = min(m0, p.m_total - 1) / p.group;
-  const int t1 = min(m1, p.m_total - 1) / p.group;
+  const int t0 = row_query_pos(p, m0);
+  const int t1 = row_query_pos(p, m1);
   const float descale_k = *p.descale_k;
 
   if (wg == 0) {

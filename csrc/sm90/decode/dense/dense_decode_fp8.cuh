@@ -119,10 +119,7 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
   for (int i = 0; i < kRows; ++i) {
     const int m = mtile * kBlockM + row_first + i;
     in[i] = m < p.m_total;
-    const int mm = in[i] ? m : 0;
-    const int t = mm / p.group;
-    const int head = kvh * p.group + mm % p.group;
-    const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
+    const int64_t off = q_offset(p, r, query_row(p, kvh, in[i] ? m : 0));
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       const int c = lane + 32 * k;
@@ -195,9 +192,7 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
 __device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int r, int mtile, int kvh, int tid_wg) {
   const int m = mtile * kBlockM + tid_wg;
   if (tid_wg >= kBlockM || m >= p.m_total) return;
-  const int t = m / p.group;
-  const int head = kvh * p.group + m % p.group;
-  const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride;
+  const int64_t off = q_offset(p, r, query_row(p, kvh, m));
   const uint64_t begin = reinterpret_cast<uint64_t>(p.q) + static_cast<uint64_t>(off) * (p.q_fp8 ? 1 : 2);
   const uint64_t end = begin + kDQK * (p.q_fp8 ? 1 : 2);
   const uint64_t first = begin & ~uint64_t(15);  // the bulk prefetch takes 16-byte multiples

@@ -80,7 +80,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
 #pragma unroll
     for (int k = 0; k < kH; ++k) {
       const int n = narrow_row(k, quad);
-      const int t = min(n, p.m_total - 1) / p.group;
+      const int t = row_query_pos(p, n);
       lim[k] = min(end, p.causal ? len - p.s_q + t + 1 : len);
       lim_min = min(lim_min, lim[k]);
       sl[k] = p.scale_log2 * descale_k * s_qscale[n];

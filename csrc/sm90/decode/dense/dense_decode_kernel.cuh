@@ -190,7 +190,7 @@ __device__ __forceinline__ void zero_tail_rows_landed(uint8_t* smem, uint32_t sb
 
 // Query position (0..s_q-1) of row `row` of m-tile `mtile` (rows past m_total: the last row's).
 __device__ __forceinline__ int query_pos(const DenseDecodeParams& p, int mtile, int row) {
-  return min(mtile * kBlockM + row, p.m_total - 1) / p.group;
+  return row_query_pos(p, mtile * kBlockM + row);
 }
 
 // WG2's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks: tiles 0-3
@@ -287,11 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int ch = idx % (kDQK / 8);
         const int m = mtile * kBlockM + row;
         const bool in = m < p.m_total;
-        const int mm = in ? m : 0;
-        const int t = mm / p.group;
-        const int head = kvh * p.group + mm % p.group;
-        const int64_t off = (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride +
-                            (int64_t)head * p.q_head_stride + ch * 8;
+        const int64_t off = q_offset(p, r, query_row(p, kvh, in ? m : 0)) + ch * 8;
         const uint32_t dst = sbase + kOffQ + (ch / 8) * kTileBytes + swz(row, ch % 8);
         const T* src = reinterpret_cast<const T*>(p.q) + off;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)

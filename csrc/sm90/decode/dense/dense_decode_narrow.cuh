@@ -68,9 +68,7 @@ __device__ __forceinline__ void load_q(const DenseDecodeParams& p, uint32_t sbas
     const int idx = tid + it * 128;
     const int row = idx / (kDQK / 8), ch = idx % (kDQK / 8);
     const bool in = row < p.m_total;
-    const int m = in ? row : 0;
-    const int t = m / p.group, head = kvh * p.group + m % p.group;
-    const T* src = qbase + (int64_t)r * p.q_batch_stride + (int64_t)t * p.q_seq_stride + (int64_t)head * p.q_head_stride + ch * 8;
+    const T* src = qbase + dense::q_offset(p, r, dense::query_row(p, kvh, in ? row : 0)) + ch * 8;
     const uint32_t dst = sbase + kOffQ + (ch / 8) * kQTileBytes + swz(row, ch % 8);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0) : "memory");
   }
