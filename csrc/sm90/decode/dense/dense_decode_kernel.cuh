@@ -30,8 +30,8 @@
 // as its last reader is done (V[:, :256] after WG0's two PV products, the rest after WG1's): that reader's
 // warps arrive on the stage half's "empty" mbarrier and the loading warp issues the refill, so the next chunk
 // streams in while the current pair is still multiplied (and the next request's first chunks during the
-// current request's last ones). The 9th tile of Q (rope columns)
-// lives in registers (A operand of the last four QK steps), which frees its shared memory for P_b.
+// current request's last ones). The 9th tile of Q (rope columns) lives in registers (A operand of the last
+// four QK steps), which frees its shared memory for P_b.
 //
 // Short requests (len <= kPreciseMaxLen) take a second path: each warpgroup computes S of every chunk
 // itself and multiplies P = hi + lo (two bf16/fp16 terms) with its half of V, so that P's rounding
