@@ -100,30 +100,17 @@ __device__ __forceinline__ uint32_t empty_bar(uint32_t sbase, int stage, int hal
   return sbase + kOffEmpty + (stage * 2 + half) * 8;
 }
 
-// TMA loads of tiles [t_begin, t_end) of the 64 tokens at `tok` (a multiple of 64, before `end`) of request r
-// into `stage`; called by one whole warp.
+// TMA loads of tiles [t_begin, t_end) of the 64 tokens at offset `in_page` of the page `page` (the chunk's
+// block-table entry, read by the caller; pages of 64 tokens and more, so the chunk lies in one page) into
+// `stage`, one load per tile; called by lane 0 of the loading warp.
 //
 // A page id outside [0, num_blocks) is skipped: its loads fall outside the tensor map and land as zeros
 // (nothing outside the cache is read, no NaN reaches the PV product), and the stage's page mask, written
 // with the first tiles of the chunk, tells the consumers to mask the scores of that page's tokens. The mask
 // is stored before the tiles' mbarrier arrive (release) and read after their wait (acquire); it is
 // rewritten only by the refill of tiles 0-3, whose readers come after every reader of the mask.
-// page_size a multiple of 64: the chunk lies in one page, one load per tile (by lane 0); else
-// load_tiles_small_pages.
-template <bool kSmallPages>
-__device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase, int r,
-                                           int tok, int end, int kvh, int stage, int t_begin, int t_end) {
-  const int* bt_row = block_table_row(p, r);
-  if constexpr (kSmallPages) {
-    load_tiles_small_pages<64, true>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size, p.page_rows_log2,
-                                 p.num_blocks, tok, end, kvh,
-                                 stage_addr(sbase, stage), tile_bar(sbase, stage, 0), sbase + kOffPageOk + stage * 8,
-                                 t_begin, t_end);
-    return;
-  }
-  if (threadIdx.x % 32 != 0) return;
-  const int page = bt_row[tok / p.page_size];
-  const int in_page = tok % p.page_size;
+__device__ __forceinline__ void load_tiles_from_page(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase,
+                                                     int page, int in_page, int kvh, int stage, int t_begin, int t_end) {
   if (t_begin == 0) {
     const uint32_t in_cache = static_cast<unsigned>(page) < static_cast<unsigned>(p.num_blocks) ? 0xffffffffu : 0u;
     asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(sbase + kOffPageOk + stage * 8), "r"(in_cache) : "memory");
@@ -133,6 +120,16 @@ __device__ __forceinline__ void load_tiles(const CUtensorMap* tmap, const DenseD
     mbar_expect_tx(bar, kTileBytes);
     tma_load_4d(stage_addr(sbase, stage) + t * kTileBytes, tmap, bar, t * 64, kvh, in_page, page);
   }
+}
+
+// The same for pages smaller than a chunk (page_size not a multiple of 64): tiles [t_begin, t_end) of the 64
+// tokens at `tok` (a multiple of 64, before `end`) of request r, by load_tiles_small_pages, which reads the
+// block-table entries itself and writes the page mask per token; called by one whole warp.
+__device__ __forceinline__ void load_tiles_small(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase,
+                                                 int r, int tok, int end, int kvh, int stage, int t_begin, int t_end) {
+  load_tiles_small_pages<64, true>(tmap, block_table_row(p, r), p.page_div_mul, p.page_div_shift, p.page_size,
+                                   p.page_rows_log2, p.num_blocks, tok, end, kvh, stage_addr(sbase, stage),
+                                   tile_bar(sbase, stage, 0), sbase + kOffPageOk + stage * 8, t_begin, t_end);
 }
 
 // S = Q K^T over the 9 tiles of the chunk in `stage`, starting at tile kFirst, each after its mbarrier.
@@ -200,10 +197,22 @@ template <bool kSmallPages>
 __device__ __forceinline__ void load_warp(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
                                           uint32_t sbase, int kvh) {
   for_each_chunk_to_load(p, pt, [&](int r, int tok, int end, int stage, uint32_t empty_parity) {
-    mbar_wait(empty_bar(sbase, stage, 0), empty_parity);
-    load_tiles<kSmallPages>(tmap, p, sbase, r, tok, end, kvh, stage, 0, 4);
-    mbar_wait(empty_bar(sbase, stage, 1), empty_parity);
-    load_tiles<kSmallPages>(tmap, p, sbase, r, tok, end, kvh, stage, 4, kNumColTiles);
+    if constexpr (kSmallPages) {
+      mbar_wait(empty_bar(sbase, stage, 0), empty_parity);
+      load_tiles_small(tmap, p, sbase, r, tok, end, kvh, stage, 0, 4);
+      mbar_wait(empty_bar(sbase, stage, 1), empty_parity);
+      load_tiles_small(tmap, p, sbase, r, tok, end, kvh, stage, 4, kNumColTiles);
+    } else {
+      // The chunk's page id is read before the waits: a refill then follows its release with nothing but the
+      // TMA issues (the block-table read and the division by page_size overlap the wait).
+      const int page = block_table_row(p, r)[tok / p.page_size];
+      const int in_page = tok % p.page_size;
+      const bool issuer = threadIdx.x % 32 == 0;
+      mbar_wait(empty_bar(sbase, stage, 0), empty_parity);
+      if (issuer) load_tiles_from_page(tmap, p, sbase, page, in_page, kvh, stage, 0, 4);
+      mbar_wait(empty_bar(sbase, stage, 1), empty_parity);
+      if (issuer) load_tiles_from_page(tmap, p, sbase, page, in_page, kvh, stage, 4, kNumColTiles);
+    }
   });
 }
 

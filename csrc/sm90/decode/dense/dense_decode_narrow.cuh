@@ -128,10 +128,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp == 4) {
     // ======================= the loading warp: every chunk of the partition, in order =======================
     dense::for_each_chunk_to_load(p, pt, [&](int r, int tok, int end, int stage, uint32_t empty_parity) {
-      mbar_wait(bar_empty + stage * 8, empty_parity);
-      dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, tok, end, kvh,
-                                                             sbase + kOffKV + stage * kStageBytes,
-                                                             bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
+      const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
+      if constexpr (kSmallPages) {
+        mbar_wait(bar_empty + stage * 8, empty_parity);
+        dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, tok, end, kvh, dst, bar_full + stage * 8,
+                                                               sbase + kOffPageOk + stage * 8);
+      } else {
+        // The chunk's page id is read before the wait: the refill then follows the release with nothing but
+        // its TMA issues (the block-table read and the division by page_size overlap the wait).
+        const int page = dense::block_table_row(p, r)[tok / p.page_size];
+        mbar_wait(bar_empty + stage * 8, empty_parity);
+        dense::load_chunk_from_page<kTiles, 64>(&tmap, p, page, tok, kvh, dst, bar_full + stage * 8,
+                                                sbase + kOffPageOk + stage * 8);
+      }
     });
     return;
   }
