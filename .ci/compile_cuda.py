@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_setup():
-    """setup.py as a module (its setup() call runs only as __main__)."""
-    spec = importlib.util.spec_from_file_location("flashmla_setup", os.path.join(ROOT, "setup.py"))
+def load_setup(root: str = ROOT):
+    """setup.py of the tree at `root` as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("flashmla_setup", os.path.join(root, "setup.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,6 +46,39 @@ def find_nvcc():
     return None
 
 
+def compile_setup(nvcc: str, stub_dir: str, root: str = ROOT):
+    """(setup module of `root`, command(src, std, obj) -> the nvcc / c++ command line of one kernel source).
+
+    The flags are setup.py's plus those torch.utils.cpp_extension adds; stub_dir receives the one generated
+    header a CPU-only torch lacks (below). benchmarks/tools/sass_compare.py compiles with the same commands.
+    """
+    from torch.utils import cpp_extension
+
+    setup = load_setup(root)
+    cuda_include = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
+    includes = [f"-I{d}" for d in setup.include_dirs() + cpp_extension.include_paths()
+                + [cuda_include, sysconfig.get_paths()["include"]]]
+    defines = [f"-D{k}={v}" for k, v in setup.DEFINE_MACROS] + [
+        "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+    host_cxx = os.environ.get("CXX", "c++")
+    # A CPU-only torch ships c10/cuda's headers without the one its CMake build generates; the entry
+    # points include it (through c10/cuda/CUDAMacros.h), so give them what a CUDA torch's says.
+    generated = "c10/cuda/impl/cuda_cmake_macros.h"
+    if not any(os.path.exists(os.path.join(d, generated)) for d in cpp_extension.include_paths()):
+        os.makedirs(os.path.join(stub_dir, os.path.dirname(generated)), exist_ok=True)
+        with open(os.path.join(stub_dir, generated), "w") as header:
+            header.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(f"-I{stub_dir}")
+
+    def command(src: str, std: str, obj: str) -> list[str]:
+        if src.endswith(".cu"):
+            return ([nvcc, "-c", src, "-o", obj] + includes + defines + cpp_extension.COMMON_NVCC_FLAGS
+                    + ["-Xcompiler", "-fPIC"] + setup.NVCC_FLAGS + ["-Xptxas=-v", f"-std={std}"])
+        return [host_cxx, "-c", src, "-o", obj, "-fPIC", f"-std={std}"] + includes + defines + setup.CXX_FLAGS
+
+    return setup, command
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 2)))
@@ -57,35 +90,13 @@ def main() -> int:
     if nvcc is None:
         print("compile check: no nvcc found (CUDA_HOME, PATH, /usr/local/cuda); skipped")
         return 0
-    from torch.utils import cpp_extension
 
-    setup = load_setup()
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
-    includes = [f"-I{d}" for d in setup.include_dirs() + cpp_extension.include_paths()
-                + [cuda_include, sysconfig.get_paths()["include"]]]
-    defines = [f"-D{k}={v}" for k, v in setup.DEFINE_MACROS] + [
-        "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
-    host_cxx = os.environ.get("CXX", "c++")
-
-    def command(src: str, std: str, obj: str) -> list[str]:
-        if src.endswith(".cu"):
-            return ([nvcc, "-c", src, "-o", obj] + includes + defines + cpp_extension.COMMON_NVCC_FLAGS
-                    + ["-Xcompiler", "-fPIC"] + setup.NVCC_FLAGS + ["-Xptxas=-v", f"-std={std}"])
-        return [host_cxx, "-c", src, "-o", obj, "-fPIC", f"-std={std}"] + includes + defines + setup.CXX_FLAGS
-
-    sources = [src for src in setup.kernel_sources() if not args.only or any(part in src for part in args.only)]
-    jobs = [(src, std) for std in args.std.split(",") for src in sources]
-    print(f"compile check: {len(jobs)} compilations ({nvcc}, {args.jobs} at a time)", flush=True)
     failures = []
     with tempfile.TemporaryDirectory() as out_dir:
-        # A CPU-only torch ships c10/cuda's headers without the one its CMake build generates; the entry
-        # points include it (through c10/cuda/CUDAMacros.h), so give them what a CUDA torch's says.
-        generated = "c10/cuda/impl/cuda_cmake_macros.h"
-        if not any(os.path.exists(os.path.join(d, generated)) for d in cpp_extension.include_paths()):
-            os.makedirs(os.path.join(out_dir, "stub", os.path.dirname(generated)))
-            with open(os.path.join(out_dir, "stub", generated), "w") as header:
-                header.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-            includes.append(f"-I{os.path.join(out_dir, 'stub')}")
+        setup, command = compile_setup(nvcc, os.path.join(out_dir, "stub"))
+        sources = [src for src in setup.kernel_sources() if not args.only or any(part in src for part in args.only)]
+        jobs = [(src, std) for std in args.std.split(",") for src in sources]
+        print(f"compile check: {len(jobs)} compilations ({nvcc}, {args.jobs} at a time)", flush=True)
 
         def run(job):
             src, std = job
