@@ -28,6 +28,10 @@ __device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes
 __device__ __forceinline__ const int* block_table_row(const DenseDecodeParams& p, int r) {
   return p.block_table + (int64_t)r * p.block_table_stride;
 }
+// Page id of the chunk at token `tok` of request r (pages of 64 tokens and more: the chunk lies in one page).
+__device__ __forceinline__ int chunk_page(const DenseDecodeParams& p, int r, int tok) {
+  return block_table_row(p, r)[tok / p.page_size];
+}
 
 // The m_total = s_q x group query rows of a kv head are query position-major: row m is query position
 // m / group of head kvh * group + m % group. The kernels map their rows to q, out and lse through these.
@@ -294,6 +298,7 @@ __device__ __forceinline__ void load_chunk_one_barrier(const CUtensorMap* tmap, 
                                                 kLoads);
   } else {
     if (threadIdx.x % 32 != 0) return;
+    // chunk_page, written out on bt_row: through chunk_page nvcc 13.0 schedules the FP8 64-row kernel differently.
     load_chunk_from_page<kLoads, kColsPerLoad>(tmap, p, bt_row[tok / p.page_size], tok, kvh, dst, bar, mask_addr);
   }
 }

@@ -279,7 +279,7 @@ __device__ __forceinline__ void walk_skip_empty(const DenseDecodeParams& p, cons
     if (start < end) {
       w.tok = start;
       w.end = end;
-      if (kPageAhead) w.page = block_table_row(p, w.r)[w.tok / p.page_size];
+      if (kPageAhead) w.page = chunk_page(p, w.r, w.tok);
       return;
     }
   }
@@ -291,7 +291,7 @@ __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Part
     ++w.r;
     walk_skip_empty<kPageAhead>(p, pt, w);
   } else if (kPageAhead) {
-    w.page = block_table_row(p, w.r)[w.tok / p.page_size];
+    w.page = chunk_page(p, w.r, w.tok);
   }
 }
 

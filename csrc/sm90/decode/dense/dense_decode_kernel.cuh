@@ -205,7 +205,7 @@ __device__ __forceinline__ void load_warp(const CUtensorMap* tmap, const DenseDe
     } else {
       // The chunk's page id is read before the waits: a refill then follows its release with nothing but the
       // TMA issues (the block-table read and the division by page_size overlap the wait).
-      const int page = block_table_row(p, r)[tok / p.page_size];
+      const int page = chunk_page(p, r, tok);
       const int in_page = tok % p.page_size;
       const bool issuer = threadIdx.x % 32 == 0;
       mbar_wait(empty_bar(sbase, stage, 0), empty_parity);

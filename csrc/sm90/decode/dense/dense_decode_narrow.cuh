@@ -131,12 +131,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
       if constexpr (kSmallPages) {
         mbar_wait(bar_empty + stage * 8, empty_parity);
-        dense::load_chunk_one_barrier<kTiles, 64, kSmallPages>(&tmap, p, r, tok, end, kvh, dst, bar_full + stage * 8,
-                                                               sbase + kOffPageOk + stage * 8);
+        dense::load_chunk_one_barrier<kTiles, 64, true>(&tmap, p, r, tok, end, kvh, dst, bar_full + stage * 8,
+                                                        sbase + kOffPageOk + stage * 8);
       } else {
         // The chunk's page id is read before the wait: the refill then follows the release with nothing but
         // its TMA issues (the block-table read and the division by page_size overlap the wait).
-        const int page = dense::block_table_row(p, r)[tok / p.page_size];
+        const int page = dense::chunk_page(p, r, tok);
         mbar_wait(bar_empty + stage * 8, empty_parity);
         dense::load_chunk_from_page<kTiles, 64>(&tmap, p, page, tok, kvh, dst, bar_full + stage * 8,
                                                 sbase + kOffPageOk + stage * 8);
