@@ -18,9 +18,9 @@ from probe_marks import last_request_marks, print_spread
 from torch_flashmla import kv_cache as kvc
 
 NAMES = ["start", "1st loads issued (WG1 w0)", "Q written (WG2)", "QFull seen (WG0)", "1st QK done (WG0)",
-         "1st transpose done (WG2)", "1st PV done (WG1)", "last PV done (WG1)", "stores done (WG1)", "WG2 begins",
+         "1st V fragments read (WG1)", "1st PV done (WG1)", "last PV done (WG1)", "stores done (WG1)", "WG2 begins",
          "WG2 prefetch issued", "WG2 len read", "WG2 QEmpty passed", "WG2 fill rows 0-3", "WG2 fill rows 4-7",
-         "WG2 sees chunk 0"]
+         "WG2 chunks 1-3 issued"]
 for b, s_k in ((132, 8192),):
     s_q, h_q = 1, 16
     q, cache, table, lens = inputs(b, s_q, s_k, h_q)

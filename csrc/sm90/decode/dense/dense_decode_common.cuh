@@ -165,8 +165,9 @@ __device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) 
 // Epilogue of one request in the 32-row kernels: O^T * out_mult / l to `out` (T, unsplit) or to the split
 // scratch, and the log-sum-exp. l / mx: full column sums and final maxima (log2 domain) of the thread's columns.
 // A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its 8 columns (w = warp of the warpgroup, i = lane / 4):
-// lanes i and i ^ 1 swap one value each, so that every lane stores two adjacent dims of a row.
-template <typename T>
+// lanes i and i ^ 1 swap one value each, so that every lane stores two adjacent dims of a row. With kDimPairs the
+// accumulator rows i and i + 8 are dims 64 m + 16 w + 2 i + {0, 1} already (the FP8 kernel's V^T fragment order).
+template <typename T, bool kDimPairs = false>
 __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams& p, const float (&o)[8][16], int r,
                                                          int kvh, const float (&l)[kNarrowRowsPerThread],
                                                          const float (&mx)[kNarrowRowsPerThread], int n_splits,
@@ -194,11 +195,11 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
     const int j = k / 2, e = k % 2;
 #pragma unroll
     for (int m = 0; m < 8; ++m) {
-      const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8
-      const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+      const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8 (kDimPairs: d, d + 1)
+      const float other = kDimPairs ? 0.f : __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
       // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8, its own)
-      const float2 pair = odd ? make_float2(other, v1) : make_float2(v0, other);
-      const int dim = 64 * m + 16 * warp + (odd ? i - 1 + 8 : i);
+      const float2 pair = kDimPairs ? make_float2(v0, v1) : odd ? make_float2(other, v1) : make_float2(v0, other);
+      const int dim = 64 * m + 16 * warp + (kDimPairs ? 2 * i : odd ? i - 1 + 8 : i);
       if (!ok) continue;
       if (n_splits == 1) {
         *reinterpret_cast<uint32_t*>(out_row + dim) = TypeOps<T>::pack(pair.x, pair.y);
@@ -206,6 +207,9 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
         *reinterpret_cast<float2*>(acc_row + dim) = pair;
       }
     }
+    // One row's stores at a time: without the exchange above nothing orders the rows, and ptxas, holding every
+    // row's addresses at once next to O^T, spilled.
+    if constexpr (kDimPairs) __syncwarp();
   }
 }
 

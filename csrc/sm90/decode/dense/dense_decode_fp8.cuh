@@ -19,7 +19,9 @@ namespace dense_fp8 {
 using namespace dense;
 
 constexpr int kThreads = 384;  // three warpgroups
-constexpr int kStages = 3;
+constexpr int kStages = 3;        // cache stages of the 64-row kernel
+constexpr int kNarrowStages = 4;  // of the 32-row kernel: it has no V^T buffers, and its fourth stage takes their place
+constexpr int kMaxStages = 4;     // stage barriers and page masks reserved
 constexpr int kVtBufs = 2;  // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead (3 with 2 stages: slower)
 constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
 constexpr int kStageBytes = 5 * kSlotBytes;         // + columns 512..639 (576.. zero-filled by the TMA)
@@ -36,11 +38,11 @@ constexpr int kOffQScale = kOffP + kPBytes;          // float[64]: dequantizatio
 constexpr int kOffAlpha = kOffQScale + 64 * 4;       // float[64]: WG0's rescale factors of the chunk
 constexpr int kOffRowSum = kOffAlpha + 64 * 4;       // float[2][64]: row sums of a request (by request parity)
 constexpr int kOffRowMax = kOffRowSum + 2 * 64 * 4;  // float[2][64]: final row maxima (log2 domain)
-constexpr int kOffPageOk = kOffRowMax + 2 * 64 * 4;  // uint64[kStages]: bit k = token k's page is in the cache
-constexpr int kOffBar = kOffPageOk + kStages * 8;
+constexpr int kOffPageOk = kOffRowMax + 2 * 64 * 4;  // uint64[kMaxStages]: bit k = token k's page is in the cache
+constexpr int kOffBar = kOffPageOk + kMaxStages * 8;
 // mbarriers, by index from kOffBar
-constexpr int kKvFull = 0;               // [kStages]: the chunk's bytes landed (TMA transactions)
-constexpr int kVtFull = kStages;                 // [kVtBufs]: V^T written (4 WG2 warps)
+constexpr int kKvFull = 0;               // [kMaxStages]: the chunk's bytes landed (TMA transactions)
+constexpr int kVtFull = kMaxStages;              // [kVtBufs]: V^T written (4 WG2 warps)
 constexpr int kVtEmpty = kVtFull + kVtBufs;      // [kVtBufs]: every PV product of the buffer done (its warps)
 constexpr int kPFull = kVtEmpty + kVtBufs;       // P and the factors written (4 WG0 warps)
 constexpr int kPEmpty = kPFull + 1;              // WG1's product with P done (4 WG1 warps)
@@ -50,6 +52,8 @@ constexpr int kNumBars = kPFull + 4;
 constexpr int kSmemUsed = kOffBar + kNumBars * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
+static_assert(kOffKV + kNarrowStages * kStageBytes <= kOffP && kNarrowStages <= kMaxStages && kStages <= kMaxStages,
+              "the 32-row kernel's stages: the 64-row kernel's stages and V^T buffers");
 static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 && kOffP % 512 == 0,
               "swizzle atoms: 1024 bytes (128B swizzle), 512 bytes (64B)");
 
@@ -60,13 +64,13 @@ constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums and maxim
 // and the per-row softmax state. WG1 holds O (O^T) and, with small pages, the page-slice loads of
 // load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
 // (12 registers each) in flight: 4 rows need 104 registers, so only the large-page instantiation, where
-// WG1 needs less, batches them. The 32-row kernel (kNarrow) moves registers from its WG0 to WG1 (O^T and the
-// epilogue's exchanges) and WG2 with large pages (at 104, 112 ptxas spilled 20-36 B in WG2).
+// WG1 needs less, batches them. The 32-row kernel (kNarrow) moves registers from its WG0 to WG1: O^T (128) and
+// V^T's A fragments of a chunk (64); its WG2 only fills Q.
 template <bool kSmallPages, bool kNarrow = false>
 struct Budget {
-  static constexpr int kRegsWG0 = kNarrow && !kSmallPages ? 152 : 200;
-  static constexpr int kRegsWG1 = kSmallPages ? 224 : (kNarrow ? 232 : 200);
-  static constexpr int kRegsWG2 = kSmallPages ? 80 : (kNarrow ? 120 : 104);
+  static constexpr int kRegsWG0 = kNarrow ? 152 : 200;
+  static constexpr int kRegsWG1 = kNarrow ? (kSmallPages ? 256 : 240) : (kSmallPages ? 224 : 200);
+  static constexpr int kRegsWG2 = kNarrow ? (kSmallPages ? 96 : 112) : (kSmallPages ? 80 : 104);
   static constexpr int kQFillRows = kSmallPages ? 1 : 4;
   static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 };
@@ -350,36 +354,36 @@ __device__ __forceinline__ void qk_fp8(float (&s)[kN / 2], uint32_t sbase, int s
 // Every SM starts at once, and a Q fill issued behind all stages' cache loads lands behind their bytes
 // (microseconds at the start of every CTA, NOTES_fp8_decode.md); the first QK needs Q and the first chunk
 // only. (With small pages WG2 has no registers for the page-slice loads, and WG1 loads all stages.)
-template <bool kSmallPages>
-constexpr int kFirstLoads = kSmallPages ? kStages : 1;
+template <bool kSmallPages, int kNumStages>
+constexpr int kFirstLoads = kSmallPages ? kNumStages : 1;
 
-// The loads of the partition's first kFirstLoads chunks, by warp 0; returns the walk at chunk kStages (the next
+// The loads of the partition's first kFirstLoads chunks, by warp 0; returns the walk at chunk kNumStages (the next
 // chunk WG1 loads), in warp 0.
-template <bool kSmallPages, bool kPageAhead>
+template <bool kSmallPages, bool kPageAhead, int kNumStages = kStages>
 __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
                                                  uint32_t sbase, int kvh, int warp) {
   ChunkWalk lw{pt.begin_req, 0, 0, 0};
   walk_skip_empty<kPageAhead>(p, pt, lw);
   if (warp == 0) {
 #pragma unroll 1
-    for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-      if (s < kFirstLoads<kSmallPages>) load_chunk<kSmallPages, kPageAhead>(tmap, p, sbase, lw, kvh, s);
+    for (int s = 0; s < kNumStages && lw.r <= pt.end_req; ++s) {
+      if (s < kFirstLoads<kSmallPages, kNumStages>) load_chunk<kSmallPages, kPageAhead>(tmap, p, sbase, lw, kvh, s);
       walk_next<kPageAhead>(p, pt, lw);
     }
   }
   return lw;
 }
 
-// WG2's part of the first loads: chunks kFirstLoads..kStages - 1 of the partition, by one warp. (Its own walk, so
+// WG2's part of the first loads: chunks kFirstLoads..kNumStages - 1 of the partition, by one warp. (Its own walk, so
 // it may read the pages ahead in either kernel.)
-template <bool kSmallPages>
+template <bool kSmallPages, int kNumStages = kStages>
 __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                      const Partition& pt, uint32_t sbase, int kvh) {
   ChunkWalk lw{pt.begin_req, 0, 0, 0};
   walk_skip_empty<!kSmallPages>(p, pt, lw);
 #pragma unroll 1
-  for (int s = 0; s < kStages && lw.r <= pt.end_req; ++s) {
-    if (s >= kFirstLoads<kSmallPages>) load_chunk<kSmallPages, !kSmallPages>(tmap, p, sbase, lw, kvh, s);
+  for (int s = 0; s < kNumStages && lw.r <= pt.end_req; ++s) {
+    if (s >= kFirstLoads<kSmallPages, kNumStages>) load_chunk<kSmallPages, !kSmallPages>(tmap, p, sbase, lw, kvh, s);
     walk_next<!kSmallPages>(p, pt, lw);
   }
 }
@@ -425,8 +429,9 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tma
 }
 
 // The barriers of both FP8 kernels; v_readers: the warps that read a V^T buffer (its kVtEmpty count).
+template <int kNumStages = kStages>
 __device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_readers, const CUtensorMap* tmap) {
-  for (int s = 0; s < kStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
+  for (int s = 0; s < kNumStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
   for (int b = 0; b < kVtBufs; ++b) {
     mbar_init(bar_addr(sbase, kVtFull + b), 4);
     mbar_init(bar_addr(sbase, kVtEmpty + b), v_readers);

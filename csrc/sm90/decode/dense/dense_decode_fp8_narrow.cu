@@ -4,16 +4,20 @@
 // their N (m64n32k32 e4m3). The 64-row kernel (dense_decode_fp8.cu) would pad these rows to 64: twice the
 // tensor and exp work per chunk.
 //
-// Same plan, shared-memory layout, cache loads, Q fill, V transposes and error model as the 64-row kernel
-// (dense_decode_fp8.cuh; docs/design.md §5.1, "FP8 cache"). Three warpgroups:
+// Same plan, cache loads, Q fill and error model as the 64-row kernel (dense_decode_fp8.cuh; docs/design.md
+// §5.1, "FP8 cache"); V^T is not written to shared memory: it is A of the PV product, and A may come from
+// registers, so WG1 reads its fragments straight from the cache tile (ldmatrix .trans and a byte permute,
+// pv_from_tile below). Without the V^T buffers the shared memory holds kNarrowStages = 4 cache stages.
+// Three warpgroups:
 //   WG0: S^T (Q's rows 0..31 are B), masked online softmax down the columns (one column per query row:
 //        column maxima over the chunk's 64 tokens by shuffles and through shared memory), P^T rounded to
 //        e4m3 into shared memory (B of the PV product) with the rescale factors for WG1.
-//   WG1: all of O^T (512 x 32, 128 fp32 per thread) += V^T P^T, eight m64 tiles of V^T's rows as A; the
-//        epilogue of every request; its warp 0 issues the cache loads.
-//   WG2: Q and the V transposes, as in the 64-row kernel (V^T is A here: the same K-major layout).
+//   WG1: all of O^T (512 x 32, 128 fp32 per thread) += V^T P^T, eight m64 tiles of V^T's rows as A from
+//        registers; the epilogue of every request; its warp 0 refills a stage once the PV product that last
+//        reads it is done, and prefetches the next request's Q rows into L2.
+//   WG2: the Q rows of every request (quantized) and part of the first loads.
 //
-// P^T's token order is V^T's (dense_decode_fp8.cu, top): position 16G + 4q + c holds token
+// P^T's token order is V^T's fragments' (dense_decode_fp8.cu, top): position 16G + 4q + c holds token
 // 16G + 8(c >> 1) + 2q + (c & 1). In the S^T accumulator a thread holds tokens t0 = 16w + i and t0 + 8
 // (w = warp, i = lane / 4) of its 8 columns, i.e. positions 16w + 4(i >> 1) + (i & 1) + {0, 2}: the lanes
 // i and i ^ 1 together hold four adjacent positions, so one exchange gives each lane a 4-byte word per
@@ -91,9 +95,9 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
 
 #pragma unroll 1
     for (int c = start; c < end; c += kBlockN, ++g) {
-      const int stage = g % kStages;
+      const int stage = g % kNarrowStages;
       float s[16];
-      qk_fp8<kNarrowRows>(s, sbase, stage, (g / kStages) & 1);
+      qk_fp8<kNarrowRows>(s, sbase, stage, (g / kNarrowStages) & 1);
       wgmma_wait<0>();
       fence_all(s);
       if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
@@ -152,6 +156,85 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
   }
 }
 
+// ldmatrix .x4 .trans of 8x8 16-bit matrices: lane l gives the address of row l % 8 of matrix l / 8; register j
+// holds, for lane (i = l / 4, q = l % 4), the 16-bit column i of rows 2q and 2q + 1 of matrix j (row 2q low).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// WG1's A fragments of V^T for one chunk: a[m][kk] = the m64k32 fragment of dims 64 m.. and tokens 32 kk.. of the
+// cache tile at `tile` (latent slots of 64 token rows x 128 bytes, 128B swizzle). Warp w takes dims
+// D = 64 m + 16 w..D + 15 (one 16-byte column of the tile); matrix j of the ldmatrix is tokens 32 kk + 8 j..+7 of
+// it, so lane (i, q) receives, per matrix, the bytes (token 2q: dims D + 2i, D + 2i + 1; token 2q + 1: the same).
+// Bytes 0 and 2 of matrices 0 and 1 are dim D + 2i at tokens {2q, 2q + 1, 8 + 2q, 9 + 2q}: positions 4q..4q + 3 of
+// fragment row i in P^T's token order; bytes 1 and 3, dim D + 2i + 1 (row i + 8); matrices 2 and 3 the same 16
+// tokens on. So O^T's accumulator rows i and i + 8 of warp w are dims D + 2i, D + 2i + 1 (store_outputs_transposed
+// with kDimPairs). Tokens from `valid` on are zeroed: the cache there may hold NaN, which P^T = 0 must not meet.
+// Bank conflicts: the 8 rows of a matrix are 8 tokens whose 16-byte column sits at 8 different swizzle phases.
+__device__ __forceinline__ void v_fragments(uint32_t (&a)[8][2][4], uint32_t tile, int valid, int warp, int lane) {
+  // row lane (token 8 (lane / 8) + lane % 8 of a 32-token block), 16-byte column 4 (m & 1) + warp of slot m / 2
+  const uint32_t base = tile + lane * 128 + (static_cast<uint32_t>(warp ^ (lane & 7)) << 4);
+#pragma unroll
+  for (int m = 0; m < 8; ++m)
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t r[4];
+      ldmatrix_x4_trans(((m & 1) ? base ^ 64u : base) + (m >> 1) * kSlotBytes + kk * 32 * 128, r);
+      a[m][kk][0] = __byte_perm(r[0], r[1], 0x6420);
+      a[m][kk][1] = __byte_perm(r[0], r[1], 0x7531);
+      a[m][kk][2] = __byte_perm(r[2], r[3], 0x6420);
+      a[m][kk][3] = __byte_perm(r[2], r[3], 0x7531);
+    }
+  if (valid < kBlockN) {
+    const int q = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 32 * kk + 16 * h + 2 * q;  // the fragment's tokens t, t + 1, t + 8, t + 9
+        const uint32_t keep = (t < valid ? 0xFFu : 0u) | (t + 1 < valid ? 0xFF00u : 0u) |
+                              (t + 8 < valid ? 0xFF0000u : 0u) | (t + 9 < valid ? 0xFF000000u : 0u);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+          a[m][kk][2 * h] &= keep;
+          a[m][kk][2 * h + 1] &= keep;
+        }
+      }
+  }
+}
+
+// WG2: the Q rows of each request of the partition (kNarrowRows / 4 rows per warp, quantized, their factors in
+// s_qscale) and the first loads WG1 leaves to it. The next request's rows are prefetched into L2 by WG1's loading
+// warp when its walk enters that request (kNarrowStages chunks ahead of the QK), or here right after the fill when
+// the request is that short.
+template <bool kSmallPages>
+__device__ __forceinline__ void narrow_q_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
+                                                   uint32_t sbase, float* s_qscale, int mtile, int kvh, int tid_wg) {
+  constexpr int kRowsPerWarp = kNarrowRows / 4;
+  constexpr int kQFillRows = Budget<kSmallPages, true>::kQFillRows;
+  const int warp = tid_wg / 32, lane = tid_wg % 32;
+  prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
+  const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+  uint32_t qi = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, pt, r, start, end);
+    if (start >= end) continue;
+    mbar_wait(bar_addr(sbase, kQEmpty), (qi & 1) ^ 1);
+#pragma unroll 1
+    for (int row = warp * kRowsPerWarp; row < warp * kRowsPerWarp + kRowsPerWarp; row += kQFillRows)
+      fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+    fence_proxy_async();
+    mbar_arrive_per_warp(bar_addr(sbase, kQFull));
+    if (qi == 0 && warp == 0 && !kSmallPages) deferred_first_loads<kSmallPages, kNarrowStages>(tmap, p, pt, sbase, kvh);
+    if (end - start <= kNarrowStages * kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
+    ++qi;
+  }
+}
+
 template <bool kSmallPages>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_fp8_narrow_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
@@ -175,14 +258,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Partition pt = read_partition(p);
   if (pt.empty()) return;
 
-  if (tid == 0) init_barriers(sbase, 4, &tmap);  // V^T is read by WG1 only
+  if (tid == 0) init_barriers<kNarrowStages>(sbase, 4, &tmap);  // (the V^T buffers' barriers are not used)
   __syncthreads();
   allow_dependent_launch();
 
   if (wg == 2) {
-    // ======================= WG2: Q (rows 0..31) and the V transposes =======================
+    // ======================= WG2: Q (rows 0..31) =======================
     set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, kNarrowRows / 4>(&tmap, p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    narrow_q_warpgroup<kSmallPages>(&tmap, p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
     return;
   }
   if (wg == 0) {
@@ -196,13 +279,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float descale_k = *p.descale_k;
   // Block-table entries read a chunk ahead of their loads (ChunkWalk in dense_decode_fp8.cuh says why).
   constexpr bool kPageAhead = !kSmallPages;
-  ChunkWalk lw = first_loads<kSmallPages, kPageAhead>(&tmap, p, pt, sbase, kvh, warp);
+  ChunkWalk lw = first_loads<kSmallPages, kPageAhead, kNarrowStages>(&tmap, p, pt, sbase, kvh, warp);
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, pt, r, start, end);
     const int n_splits = p.num_splits[r + 1] - p.num_splits[r];  // read now: at the end it is a round trip more
-    float o[8][16];  // O^T tile m (rows 64 m..): element 4 j + 2 h + e = (dim 64 m + 16 warp + lane / 4 + 8 h, row 8 j + 2 quad + e)
+    float o[8][16];  // O^T tile m (rows 64 m..): element 4 j + 2 h + e = (dim 64 m + 16 warp + 2 (lane / 4) + h, row 8 j + 2 quad + e): v_fragments
 #pragma unroll
     for (int m = 0; m < 8; ++m)
 #pragma unroll
@@ -213,7 +296,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (start < end) {
 #pragma unroll 1
       for (int c = start; c < end; c += kBlockN, ++g) {
-        const int buf = g % kVtBufs;
+        const int stage = g % kNarrowStages;
+        // V^T's fragments as soon as the chunk has landed, while WG0 computes its P^T
+        mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kNarrowStages) & 1);
+        uint32_t a[8][2][4];
+        v_fragments(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane);
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
         float alpha[kNarrowRowsPerThread];
         bool rescale = false;
@@ -224,26 +311,25 @@ __global__ void __launch_bounds__(kThreads, 1)
           rescale |= a.x != 1.f || a.y != 1.f;
         }
         rescale_columns<kNarrowRows>(o, alpha, rescale);
-        mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
-        // The stage of chunk g is free: its QK is done (P^T is written) and so is its transpose.
-        if (warp == 0 && lw.r <= pt.end_req) {
-          load_chunk<kSmallPages, kPageAhead>(&tmap, p, sbase, lw, kvh, g % kStages);
-          walk_next<kPageAhead>(p, pt, lw);
-        }
         const uint64_t desc_pt = desc_sw64(sbase + kOffP);
-        const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
         fence_all(o);
         wgmma_fence();
 #pragma unroll
         for (int m = 0; m < 8; ++m)
 #pragma unroll
-          for (int kk = 0; kk < 2; ++kk)
-            wgmma_m64n32k32_e4m3_kk(o[m], desc_add(desc_vt, m * 64 * 64 + kk * 32), desc_add(desc_pt, kk * 32), 1);
+          for (int kk = 0; kk < 2; ++kk) wgmma_m64n32k32_e4m3_rk(o[m], a[m][kk], desc_add(desc_pt, kk * 32), 1);
         wgmma_commit();
         wgmma_wait<0>();
         fence_all(o);
         mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
-        mbar_arrive_per_warp(bar_addr(sbase, kVtEmpty + buf));
+        // The stage of chunk g is free: WG0's QK read it before P^T was written, and this product, which consumed
+        // every warp's fragments (so their shared-memory reads are done), is complete.
+        if (warp == 0 && lw.r <= pt.end_req) {
+          load_chunk<kSmallPages, kPageAhead>(&tmap, p, sbase, lw, kvh, stage);
+          const int walk_req = lw.r;
+          walk_next<kPageAhead>(p, pt, lw);
+          if (lw.r != walk_req && lw.r <= pt.end_req) prefetch_q_rows(p, lw.r, mtile, kvh, lane);
+        }
       }
       named_bar_sync(kBarEpilogue, 256);
       const int b = (qi & 1) * 64;
@@ -254,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ++qi;
     }
-    store_outputs_transposed<__nv_bfloat16>(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0,
+    store_outputs_transposed<__nv_bfloat16, true>(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0,
                                             descale_k, warp, lane);
   }
 }
