@@ -4,6 +4,9 @@ same for FlashMLA's call (its attention and combine kernels) when ``flash_mla`` 
 With ``--fp8``: our call over the per-tensor e4m3 cache (the bf16 cache quantized as bench_decode.py's FP8
 rows do), no FlashMLA (it has no FP8 dense decode).
 Usage: python3 benchmarks/tools/decode_kernels.py [--fp8] [b s_q s_k h_q ...]   (groups of four numbers)
+Our combine is launched as a programmatic dependent of the attention kernel (csrc/common/decode_common.cu): its span
+here starts at its early launch and includes its wait for the attention kernel, so only the attention kernel's line
+is a time of its own.
 """
 import sys
 from collections import defaultdict
