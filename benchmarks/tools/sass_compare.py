@@ -57,7 +57,8 @@ def sass_by_function(cuobjdump: str, obj: str) -> dict[str, list[str]]:
     for line in proc.stdout.splitlines():
         header = re.match(r"\s*Function : (\S+)", line)
         if header:
-            current = functions.setdefault(header.group(1), [])
+            # an anonymous namespace is mangled with a hash of the source's path: the same kernel in two trees
+            current = functions.setdefault(re.sub(r"\d+_GLOBAL__N__\w+?_cu_[0-9a-f]+", "_GLOBAL__N_", header.group(1)), [])
         elif current is not None and re.match(r"\s+/\*[0-9a-f]+\*/", line):
             current.append(re.sub(r"/\*[0-9a-f]+\*/", "", line).split(";")[0].strip())
     return functions

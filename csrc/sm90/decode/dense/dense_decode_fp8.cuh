@@ -1,7 +1,8 @@
 // Shared pieces of the two SM90 dense decode kernels over the per-tensor e4m3 cache: the 64-row kernel
 // (dense_decode_fp8.cu: S = Q K^T, O = P V) and the 32-row kernel for few query rows per kv head
 // (dense_decode_fp8_narrow.cu: S^T = K Q^T, O^T = V^T P^T). Both use the same shared-memory layout, cache
-// loads, Q fill and V transposes (WG2); docs/design.md §5.1, "FP8 cache".
+// loads and Q fill; the 64-row kernel's WG2 also transposes V (the 32-row kernel reads V^T's fragments from the
+// cache tile and holds a fourth stage where the V^T buffers are); docs/design.md §5.1, "FP8 cache".
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -65,7 +66,8 @@ constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums and maxim
 // load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
 // (12 registers each) in flight: 4 rows need 104 registers, so only the large-page instantiation, where
 // WG1 needs less, batches them. The 32-row kernel (kNarrow) moves registers from its WG0 to WG1: O^T (128) and
-// V^T's A fragments of a chunk (64); its WG2 only fills Q.
+// V^T's A fragments of a chunk (64), with small pages also the page-slice loads (256, the most there is); its WG2
+// only fills Q.
 template <bool kSmallPages, bool kNarrow = false>
 struct Budget {
   static constexpr int kRegsWG0 = kNarrow ? 152 : 200;
@@ -190,8 +192,8 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
   }
 }
 
-// L2 prefetch of the 64 query rows of request r in this tile (one bulk prefetch per row, by threads 0..63 of
-// a warpgroup), so that the Q fill reads them from L2: while the cache streams at full bandwidth, a
+// L2 prefetch of the 64 query rows of request r in this tile (one bulk prefetch per row: row tid_wg by the caller's
+// thread tid_wg, 0..63 of a warpgroup, or the 32 lanes of the 32-row kernel's loading warp), so that the Q fill reads them from L2: while the cache streams at full bandwidth, a
 // round trip to DRAM takes microseconds, and the fill makes four of them in a row.
 __device__ __forceinline__ void prefetch_q_rows(const DenseDecodeParams& p, int r, int mtile, int kvh, int tid_wg) {
   const int m = mtile * kBlockM + tid_wg;
@@ -350,7 +352,8 @@ __device__ __forceinline__ void qk_fp8(float (&s)[kN / 2], uint32_t sbase, int s
 }
 
 // Chunks the loading warp (warp 0 of WG1, in both kernels) loads at the start: with pages of 64 and more,
-// only the first; WG2 loads the next kStages - 1 once it has written the first Q (q_and_transpose_warpgroup).
+// only the first; WG2 loads the next kNumStages - 1 once it has written the first Q (q_and_transpose_warpgroup,
+// narrow_q_warpgroup).
 // Every SM starts at once, and a Q fill issued behind all stages' cache loads lands behind their bytes
 // (microseconds at the start of every CTA, NOTES_fp8_decode.md); the first QK needs Q and the first chunk
 // only. (With small pages WG2 has no registers for the page-slice loads, and WG1 loads all stages.)
@@ -388,7 +391,7 @@ __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, co
   }
 }
 
-// WG2 of both FP8 kernels: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
+// WG2 of the 64-row kernel: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
 // factors in s_qscale), the first loads WG1 leaves to it, and the V transposes of every chunk of the
 // partition, in order.
 template <bool kSmallPages, int kRowsPerWarp>
