@@ -124,14 +124,19 @@ def test_fp8_decode_large(case):
     check_case(b, s_q, h_q, h_kv, s_k, causal, q_fp8, varlen=True, zeros=True, seed=sum(case[:5]))
 
 
+# h_q 64 at s_q 2: 128 query rows; h_q 32 at s_q 2: 64 rows, one tile of the 64-row kernel.
+@pytest.mark.parametrize("h_q", [64, 32])
 @pytest.mark.parametrize("num_sm_parts", [1, 3, 200])
-def test_fp8_decode_odd_partitions(num_sm_parts):
-    check_case(6, 2, 64, 1, 1000, True, False, True, True, seed=num_sm_parts, num_sm_parts=num_sm_parts)
+def test_fp8_decode_odd_partitions(num_sm_parts, h_q):
+    check_case(6, 2, h_q, 1, 1000, True, False, True, True, seed=num_sm_parts + (h_q == 32), num_sm_parts=num_sm_parts)
 
 
+# h_q 32: the 32-row kernel, h_q 64: the 64-row kernel; page ids outside the cache in one case.
+@pytest.mark.parametrize("h_q,bad_pages", [(32, 0.0), (64, 0.0), (64, 0.2)])
 @pytest.mark.parametrize("page_size", [128, 256])
-def test_fp8_decode_page_sizes(page_size):
-    check_case(6, 1, 32, 1, 2900, False, True, True, True, seed=page_size, page_size=page_size)
+def test_fp8_decode_page_sizes(page_size, h_q, bad_pages):
+    seed = page_size if h_q == 32 else page_size + h_q + int(bad_pages * 10)
+    check_case(6, 1, h_q, 1, 2900, False, True, True, True, seed=seed, page_size=page_size, bad_pages=bad_pages)
 
 
 # Pages that are not a multiple of 64 tokens (e4m3 pairs loaded in page slices, then converted): short
