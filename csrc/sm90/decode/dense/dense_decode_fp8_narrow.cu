@@ -6,8 +6,8 @@
 //
 // Same plan, cache loads, Q fill and error model as the 64-row kernel (dense_decode_fp8.cuh; docs/design.md
 // §5.1, "FP8 cache"); V^T is not written to shared memory: it is A of the PV product, and A may come from
-// registers, so WG1 reads its fragments straight from the cache tile (ldmatrix .trans and a byte permute,
-// pv_from_tile below). Without the V^T buffers the shared memory holds kNarrowStages = 4 cache stages.
+// registers, so WG1 reads its fragments straight from the cache tile (ldmatrix .trans and byte permutes,
+// v_fragments below). Without the V^T buffers the shared memory holds kNarrowStages = 4 cache stages.
 // Three warpgroups:
 //   WG0: S^T (Q's rows 0..31 are B), masked online softmax down the columns (one column per query row:
 //        column maxima over the chunk's 64 tokens by shuffles and through shared memory), P^T rounded to
