@@ -90,12 +90,14 @@ def page_size_rows(page_sizes=PAGE_SIZES):
         for page in page_sizes:
             q, cache, table, lens = inputs(b, s_q, s_k, h_q, page_size=page)
             meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+            meta8, splits8 = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
             cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
             us, _, _ = graph_time_us(
                 lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, meta, splits))
             clock = sm_clock_mhz()
             us8, _, _ = graph_time_us(
-                lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta, splits, None, dk))
+                lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta8, splits8,
+                                                      None, dk))
             base.setdefault("bf16", us)
             base.setdefault("fp8", us8)
             rows.append(dict(kind="page", b=b, s_q=s_q, s_k=s_k, h_q=h_q, page_size=page, ours_us=us, fp8_us=us8,
@@ -129,9 +131,11 @@ def decode_bytes(b, s_q, s_k, h_q, h_kv=1, cache_bytes=2):
 FP8_DESCALE = 2.0 ** -6
 
 
-def fp8_row(q, cache, table, lens, meta, splits, b, s_q, s_k, h_q, bf16_us):
-    """The FP8 dense decode of the same shape: the cache quantized per tensor (descale 2^-6)."""
+def fp8_row(q, cache, table, lens, b, s_q, s_k, h_q, bf16_us):
+    """The FP8 dense decode of the same shape: the cache quantized per tensor (descale 2^-6), the plan made
+    with is_fp8_kvcache=True (33..64 query rows run as two 32-row tiles, half the partitions)."""
     from torch_flashmla import kv_cache as kvc
+    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
     dk = torch.tensor([FP8_DESCALE], device=DEV)
     cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
     scale = D_QK ** -0.5
@@ -244,7 +248,7 @@ def main():
             naive_us, _, _ = graph_time_us(lambda: naive_decode(q, cache, table, lens, scale), iters=2, reps=3)
             row.update(naive_us=naive_us, naive_tflops=flops / naive_us / 1e6, naive_gbs=nbytes / naive_us / 1e3)
         if with_fp8 and kind != "l2diag":
-            row.update(fp8_row(q, cache, table, lens, meta, splits, b, s_q, s_k, h_q, med))
+            row.update(fp8_row(q, cache, table, lens, b, s_q, s_k, h_q, med))
             row["fp8_floor_met"] = row["fp8_ratio"] >= (1.2 if kind == "compute" else 1.7)
         ref = None if rows_only else flashmla_fn(q, cache, table, lens, h_q, s_q)
         if ref is not None:  # timed the same two ways as ours

@@ -51,7 +51,7 @@ def rate_cell(shape, tensors, plan, us):
 def whole_call_cell(shape, tensors, plan, us):
     b, s_q, s_k, h_q = shape
     q, cache, table, lens = tensors
-    fp8_us = fp8_row(q, cache, table, lens, *plan, b, s_q, s_k, h_q, us)["fp8_us"]
+    fp8_us = fp8_row(q, cache, table, lens, b, s_q, s_k, h_q, us)["fp8_us"]
     ref = flashmla_fn(q, cache, table, lens, h_q, s_q)
     fm_us = graph_time_us(ref)[0] if ref is not None else float("nan")
     return f"b{b}s{s_k}h{h_q} {us:.1f}/{fp8_us:.1f}/{fm_us:.1f}"

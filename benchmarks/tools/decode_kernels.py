@@ -41,14 +41,14 @@ def profiled_kernels(fn) -> dict:
 def kernel_times(b, s_q, s_k, h_q, fp8=False):
     """(our kernels, FlashMLA's kernels or None, extra split pieces of our plan) for one shape."""
     q, cache, table, lens = inputs(b, s_q, s_k, h_q)
-    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=fp8)
     descale_k = None
     if fp8:
         descale_k = torch.tensor([FP8_DESCALE], device=cache.device)
         cache = kvc.quantize_per_tensor_e4m3(cache, descale_k).view(torch.float8_e4m3fn)
 
     def step():
-        torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+        torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=fp8)
         torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits, None, descale_k)
 
     ours = profiled_kernels(step)
