@@ -8,6 +8,9 @@ Usage: python benchmarks/tools/ab_dense.py LABEL [--sequential]   (--sequential:
 With --whole-call: µs of the whole call instead, on the memory-bound shapes where start-up and the combine weigh
 most (and one compute shape), as `b<b>s<s_k>h<h_q> ours/FP8/FlashMLA`: FP8 is ours over the per-tensor e4m3
 cache (as bench_decode.py's FP8 rows), FlashMLA only when `flash_mla` is importable.
+
+With --fp8-tiles: `b<b>q<s_q>s<s_k>h<h_q> BF16/FP8(BF16 / FP8)` (whole call, µs) on the FP8 memory-bound shapes by
+query rows per kv head: 64 (h_q 64, and s_q 2 x h_q 32), 32 and 16, and one compute shape.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from bench_decode import COMPUTE, D_QK, D_V, decode_bytes, decode_flops, flashml
 from bench_timing import graph_time_us  # noqa: E402
 
 SHAPES = COMPUTE + [(64, 1, 8192, 16), (128, 1, 32768, 64)]
+FP8_TILE_SHAPES = [(64, 1, 8192, 64), (128, 1, 8192, 64), (64, 1, 32768, 64), (128, 1, 32768, 64), (64, 2, 8192, 32),
+                   (64, 1, 8192, 16), (128, 1, 8192, 32), (128, 1, 4096, 128)]
 WHOLE_CALL_SHAPES = [(64, 1, 8192, 16), (64, 1, 8192, 64), (128, 1, 8192, 32), (128, 1, 8192, 64),
                      (64, 1, 32768, 16), (128, 1, 4096, 128)]
 
@@ -57,11 +62,20 @@ def whole_call_cell(shape, tensors, plan, us):
     return f"b{b}s{s_k}h{h_q} {us:.1f}/{fp8_us:.1f}/{fm_us:.1f}"
 
 
+def fp8_ratio_cell(shape, tensors, plan, us):
+    b, s_q, s_k, h_q = shape
+    row = fp8_row(*tensors, b, s_q, s_k, h_q, us)
+    return f"b{b}q{s_q}s{s_k}h{h_q} {us:.1f}/{row['fp8_us']:.1f}({row['fp8_ratio']:.2f})"
+
+
 def main():
     label = sys.argv[1] if len(sys.argv) > 1 else "?"
     sequential = "--sequential" in sys.argv
     if sequential:
         label += "/seq"
+    if "--fp8-tiles" in sys.argv:
+        print(f"{label:10} " + " | ".join(timed_cells(FP8_TILE_SHAPES, sequential, fp8_ratio_cell)), flush=True)
+        return
     if "--whole-call" in sys.argv:
         print(f"{label:10} " + " | ".join(timed_cells(WHOLE_CALL_SHAPES, sequential, whole_call_cell)), flush=True)
         return
