@@ -57,7 +57,9 @@ out += [gen(64, "e4m3", "wgmma_m64n64k32_e4m3_kk", None, False, k=32), "",
         # FP8 dense decode with at most 32 query rows (transposed products): S^T = K Q^T, O^T += V^T P^T.
         gen(32, "e4m3", "wgmma_m64n32k32_e4m3_kk", None, False, k=32), "",
         # ... with V^T's fragments in registers (ldmatrix .trans of the cache tile, bytes permuted).
-        gen(32, "e4m3", "wgmma_m64n32k32_e4m3_rk", None, True, k=32), ""]
+        gen(32, "e4m3", "wgmma_m64n32k32_e4m3_rk", None, True, k=32), "",
+        # 64 query rows, O^T += V^T P^T with V^T's fragments in registers (two warpgroups of 256 dims each).
+        gen(64, "e4m3", "wgmma_m64n64k32_e4m3_rk", None, True, k=32), ""]
 # Sparse decode with few heads (transposed products): S^T = K Q^T and O^T += V^T P^T, N = the head tile.
 out += [gen(16, "bf16", "wgmma_m64n16k16_bf16_kk", 0, False), "",
         gen(16, "bf16", "wgmma_m64n16k16_bf16_mnk", 0, False, transa=1), ""]

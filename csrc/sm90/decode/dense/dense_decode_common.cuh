@@ -162,22 +162,25 @@ constexpr int kNarrowRowsPerThread = kNarrowRows / 4;  // columns (query rows) o
 // Query row (S^T / O^T column) of a thread's per-row value k = 2 j + e.
 __device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) + 2 * quad + k % 2; }
 
-// Epilogue of one request in the 32-row kernels: O^T * out_mult / l to `out` (T, unsplit) or to the split
-// scratch, and the log-sum-exp. l / mx: full column sums and final maxima (log2 domain) of the thread's columns.
-// A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its 8 columns (w = warp of the warpgroup, i = lane / 4):
+// Epilogue of one request in the transposed kernels: O^T * out_mult / l to `out` (T, unsplit) or to the split
+// scratch, and the log-sum-exp (only with store_lse). o: kMTiles m64 accumulators of dims dim0 + 64 m.., N =
+// 2 kRows query rows each (the tile's column n is query row tile_row0 + n); l / mx: full column sums and final
+// maxima (log2 domain) of the thread's kRows columns.
+// A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its columns (w = warp of the warpgroup, i = lane / 4):
 // lanes i and i ^ 1 swap one value each, so that every lane stores two adjacent dims of a row. With kDimPairs the
-// accumulator rows i and i + 8 are dims 64 m + 16 w + 2 i + {0, 1} already (the FP8 kernel's V^T fragment order).
-template <typename T, bool kDimPairs = false>
-__device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams& p, const float (&o)[8][16], int r,
-                                                         int kvh, const float (&l)[kNarrowRowsPerThread],
-                                                         const float (&mx)[kNarrowRowsPerThread], int n_splits,
-                                                         int split_idx, float out_mult, int warp, int lane) {
+// accumulator rows i and i + 8 are dims 64 m + 16 w + 2 i + {0, 1} already (the FP8 kernels' V^T fragment order).
+template <typename T, bool kDimPairs = false, int kMTiles = 8, int kRows = kNarrowRowsPerThread>
+__device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams& p, const float (&o)[kMTiles][2 * kRows],
+                                                         int r, int kvh, int tile_row0, const float (&l)[kRows],
+                                                         const float (&mx)[kRows], int n_splits, int split_idx,
+                                                         float out_mult, int warp, int lane, int dim0 = 0,
+                                                         bool store_lse = true) {
   const int quad = lane % 4, i = lane / 4;
   const bool odd = i & 1;
   const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
 #pragma unroll
-  for (int k = 0; k < kNarrowRowsPerThread; ++k) {
-    const int n = narrow_row(k, quad);
+  for (int k = 0; k < kRows; ++k) {
+    const int n = tile_row0 + narrow_row(k, quad);
     const bool ok = n < p.m_total;
     const int nn = ok ? n : 0;
     const QueryRow row = query_row(p, kvh, nn);
@@ -185,7 +188,7 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
     const float inv = res.scale, lse = res.lse;
     T* out_row = reinterpret_cast<T*>(p.out) + out_offset(p, r, row);
     float* acc_row = p.oacc + (acc_base + nn) * kDV;
-    if (ok && warp == 0 && i == 0) {
+    if (ok && store_lse && warp == 0 && i == 0) {
       if (n_splits == 1) {
         p.lse[lse_offset(p, r, row)] = lse;
       } else {
@@ -194,12 +197,12 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
     }
     const int j = k / 2, e = k % 2;
 #pragma unroll
-    for (int m = 0; m < 8; ++m) {
+    for (int m = 0; m < kMTiles; ++m) {
       const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8 (kDimPairs: d, d + 1)
       const float other = kDimPairs ? 0.f : __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
       // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8, its own)
       const float2 pair = kDimPairs ? make_float2(v0, v1) : odd ? make_float2(other, v1) : make_float2(v0, other);
-      const int dim = 64 * m + 16 * warp + (kDimPairs ? 2 * i : odd ? i - 1 + 8 : i);
+      const int dim = dim0 + 64 * m + 16 * warp + (kDimPairs ? 2 * i : odd ? i - 1 + 8 : i);
       if (!ok) continue;
       if (n_splits == 1) {
         *reinterpret_cast<uint32_t*>(out_row + dim) = TypeOps<T>::pack(pair.x, pair.y);

@@ -2,7 +2,13 @@
 //
 // One CTA = (SM partition of the plan, kv head, 64-row query tile), as in the 16-bit kernel
 // (dense_decode_kernel.cuh), with the same plan, split scratch and epilogue (dense_decode_common.cuh).
-// Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
+// Two kernels of three warpgroups each (setmaxnreg moves registers to the math warpgroups):
+//
+// dense_decode_fp8_large_pages_kernel (pages of 64 tokens and more; below the other one):
+//   WG0: Q (its own fill at each request's start), S = Q K^T, the row softmax, P and its factors into shared memory.
+//   WG1 / WG2: 256 dims of O^T = V^T P^T each, V^T's fragments read from the cache tile (v_fragments).
+//
+// dense_decode_fp8_small_pages_kernel (pages smaller than 64: page-slice loads, whose registers WG1 needs):
 //   WG0: S = Q K^T (m64n64k32 e4m3, Q and K both K-major in shared memory: the TMA'd cache tile is used
 //        as it lands), masked online softmax, P rounded to e4m3 into the A fragments of its PV steps and
 //        into shared memory for WG1, O[:, 0:256] += P V.
@@ -55,9 +61,10 @@ __device__ __forceinline__ void exp_pack_e4m3(uint32_t (&pa)[2][4], float (&s)[3
   }
 }
 
+// (A template over the page kind for its shared pieces; launched only with kSmallPages.)
 template <bool kSmallPages>
 __global__ void __launch_bounds__(kThreads, 1)
-    dense_decode_fp8_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+    dense_decode_fp8_small_pages_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_addr(smem);
@@ -245,6 +252,222 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+
+// ---- pages of 64 tokens and more: O^T = V^T P^T with V^T's fragments read from the cache tile ----
+// WG0: Q (its own fill at each request's start), S = Q K^T, the row softmax, P (e4m3, V^T's token order) and the
+//      factors into shared memory; nothing else, so its QK and softmax alone set the chunk period.
+// WG1 / WG2: O^T (dims 256 h.. of 512, h = wg - 1; 64 query rows: four m64n64 accumulators, 128 fp32 per thread)
+//      += V^T P^T: A = V^T's fragments from the cache tile (v_fragments, dense_decode_fp8.cuh), B = P as WG0 wrote it
+//      (P[row][token] K-major is P^T's B layout); each stores its dims of every request. WG1's warp 0 issues the
+//      loads; a stage is refilled once both products with its chunk are done (WG2's through kVtFull + parity).
+// No V transpose and no V^T buffers: four stages, as in the 32-row kernel.
+constexpr uint32_t kBarQFill = 2;  // named barrier: WG0's Q rows written before any of its warps' QK
+// setmaxnreg: WG0 holds S (32), P (8) and, at a request's start, the Q fill's loads (48); WG1 / WG2 O^T (128) and
+// the chunk's V^T fragments (32); 0 spills (192 registers for WG1 / WG2 spill).
+constexpr int kLargeRegsWG0 = 104, kLargeRegsProduct = 200;
+static_assert(kLargeRegsWG0 + 2 * kLargeRegsProduct == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+constexpr int kLargeQFillRows = 4;  // Q rows per warp with their loads in flight at once (48 registers)
+
+__device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
+                                                              const Partition& pt, uint8_t* smem, int mtile, int kvh,
+                                                              int tid_wg) {
+  const uint32_t sbase = smem_addr(smem);
+  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
+  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
+  float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
+  float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
+  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
+  const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4, quad_col = 2 * quad;
+  const int row0 = warp * 16 + lane / 4, row1 = row0 + 8;
+  const int tile_row0 = mtile * kBlockM;
+  const int t0 = row_query_pos(p, tile_row0 + row0), t1 = row_query_pos(p, tile_row0 + row1);
+  const float descale_k = *p.descale_k;
+  const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+  prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
+  uint32_t g = 0, qi = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, pt, r, start, end);
+    if (start >= end) continue;
+    // Q of the request: this warpgroup's previous QK is done, so the Q tiles are free.
+#pragma unroll 1
+    for (int row = warp * 16; row < warp * 16 + 16; row += kLargeQFillRows)
+      fill_q_rows<kLargeQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+    fence_proxy_async();
+    named_bar_sync(kBarQFill, 128);
+    if (qi == 0 && warp == 0) deferred_first_loads<false, kNarrowStages>(tmap, p, pt, sbase, kvh);
+    const int len = request_len(p, r);
+    const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
+    const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
+    const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
+    const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];
+    // The next request's Q is prefetched 4 chunks before this one's end (q_and_transpose_warpgroup says why).
+    const int prefetch_at = max(start, end - 4 * kBlockN);
+    float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
+#pragma unroll 1
+    for (int c = start; c < end; c += kBlockN, ++g) {
+      const int stage = g % kNarrowStages;
+      if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
+      float s[32];
+      qk_fp8<64>(s, sbase, stage, (g / kNarrowStages) & 1);
+      wgmma_wait<0>();
+      fence_all(s);
+      float mx0, mx1;
+      mask_tail(s, c, lim0, lim1, quad_col);
+      mask_pages(s, s_page_ok[stage], quad_col);
+      row_max(s, 1.f, mx0, mx1);
+      const MaxUpdate u = update_max(max0, max1, mx0 * sl0, mx1 * sl1);
+      max0 = u.max0;
+      max1 = u.max1;
+      uint32_t pa[2][4];
+      float sum0, sum1;
+      exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
+      l0 = l0 * u.scale0 + sum0;
+      l1 = l1 * u.scale1 + sum1;
+      mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // both products with the previous P are done
+#pragma unroll
+      for (int kb = 0; kb < 2; ++kb) {
+#pragma unroll
+        for (int reg = 0; reg < 4; ++reg) {
+          const int row = reg & 1 ? row1 : row0;
+          const uint32_t dst = sbase + kOffP + swz64(row, 32 * kb + 16 * (reg >> 1) + 4 * quad);
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(pa[kb][reg]) : "memory");
+        }
+      }
+      if (quad == 0) {
+        s_alpha[row0] = u.scale0;
+        s_alpha[row1] = u.scale1;
+      }
+      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kPFull));
+    }
+#pragma unroll
+    for (int o_ = 1; o_ <= 2; o_ *= 2) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
+    }
+    if (quad == 0) {
+      const int b = (qi & 1) * 64;
+      s_rowsum[b + row0] = l0;
+      s_rowsum[b + row1] = l1;
+      s_rowmax[b + row0] = max0;
+      s_rowmax[b + row1] = max1;
+    }
+    // Once both products with the request's last P are done (the epilogue barrier's arrivals then never run two
+    // requests ahead of WG1 / WG2, as in the kernels above).
+    mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
+    named_bar_arrive(kBarEpilogue, 384);
+    ++qi;
+  }
+}
+
+__device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
+                                                              const Partition& pt, uint8_t* smem, int mtile, int kvh,
+                                                              int half, int tid_wg) {
+  constexpr int kRows = 16;  // query rows (O^T columns) per thread
+  const uint32_t sbase = smem_addr(smem);
+  const float* s_alpha = reinterpret_cast<const float*>(smem + kOffAlpha);
+  const float* s_rowsum = reinterpret_cast<const float*>(smem + kOffRowSum);
+  const float* s_rowmax = reinterpret_cast<const float*>(smem + kOffRowMax);
+  const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
+  const float descale_k = *p.descale_k;
+  ChunkWalk lw{pt.end_req + 1, 0, 0, 0};
+  if (half == 0) lw = first_loads<false, true, kNarrowStages>(tmap, p, pt, sbase, kvh, warp);
+  uint32_t g = 0, qi = 0;
+  for (int r = pt.begin_req; r <= pt.end_req; ++r) {
+    int start, end;
+    request_range(p, pt, r, start, end);
+    const int n_splits = p.num_splits[r + 1] - p.num_splits[r];
+    float o[4][32];  // O^T tile m: dims 256 half + 64 m + 16 warp + 2 (lane / 4) + {0, 1}, rows 8 j + 2 quad + {0, 1}
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+#pragma unroll
+      for (int k = 0; k < 32; ++k) o[m][k] = 0.f;
+    float l[kRows], mx[kRows];
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) l[k] = 0.f, mx[k] = -INFINITY;
+    if (start < end) {
+#pragma unroll 1
+      for (int c = start; c < end; c += kBlockN, ++g) {
+        const int stage = g % kNarrowStages;
+        mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kNarrowStages) & 1);
+        uint32_t a[4][2][4];
+        v_fragments<4>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 4 * half);
+        mbar_wait(bar_addr(sbase, kPFull), g & 1);
+        float alpha[kRows];
+        bool rescale = false;
+#pragma unroll
+        for (int j = 0; j < kRows / 2; ++j) {
+          const float2 f = *reinterpret_cast<const float2*>(s_alpha + 8 * j + 2 * quad);
+          alpha[2 * j] = f.x, alpha[2 * j + 1] = f.y;
+          rescale |= f.x != 1.f || f.y != 1.f;
+        }
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+          for (int m = 0; m < 4; ++m)
+#pragma unroll
+            for (int j = 0; j < kRows / 2; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                o[m][4 * j + e] *= alpha[2 * j + e];
+                o[m][4 * j + 2 + e] *= alpha[2 * j + e];
+              }
+        }
+        const uint64_t desc_p = desc_sw64(sbase + kOffP);
+        fence_all(o);
+        wgmma_fence();
+#pragma unroll
+        for (int m = 0; m < 4; ++m)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k32_e4m3_rk(o[m], a[m][kk], desc_add(desc_p, kk * 32), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_all(o);
+        mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
+        if (half == 1) mbar_arrive_per_warp(bar_addr(sbase, kVtFull + (g & 1)));  // its reads of the stage are done
+        if (half == 0 && warp == 0 && lw.r <= pt.end_req) {
+          mbar_wait(bar_addr(sbase, kVtFull + (g & 1)), (g >> 1) & 1);
+          load_chunk<false, true>(tmap, p, sbase, lw, kvh, stage);
+          walk_next<true>(p, pt, lw);
+        }
+      }
+      named_bar_sync(kBarEpilogue, 384);
+      const int b = (qi & 1) * 64;
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        l[k] = s_rowsum[b + narrow_row(k, quad)];
+        mx[k] = s_rowmax[b + narrow_row(k, quad)];
+      }
+      ++qi;
+    }
+    store_outputs_transposed<__nv_bfloat16, true, 4, kRows>(p, o, r, kvh, mtile * kBlockM, l, mx, n_splits,
+                                                            r == pt.begin_req ? pt.begin_split : 0, descale_k, warp,
+                                                            lane, 256 * half, half == 0);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_decode_fp8_large_pages_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const uint32_t sbase = smem_addr(smem);
+  const int tid = threadIdx.x, wg = tid / 128, tid_wg = tid % 128;
+  const int kvh = blockIdx.y, mtile = blockIdx.x;
+  const Partition pt = read_partition(p);
+  if (pt.empty()) return;
+  // kVtFull + parity: WG2's product with a chunk done (its 4 warps); kPEmpty: both products done (8 warps)
+  if (tid == 0) init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);
+  __syncthreads();
+  allow_dependent_launch();
+  if (wg == 0) {
+    set_warpgroup_registers<kLargeRegsWG0>();
+    large_pages_softmax_warpgroup(&tmap, p, pt, smem, mtile, kvh, tid_wg);
+    return;
+  }
+  set_warpgroup_registers<kLargeRegsProduct>();
+  large_pages_product_warpgroup(&tmap, p, pt, smem, mtile, kvh, wg - 1, tid_wg);
+}
+
 }  // namespace dense_fp8
 
 // Per-tensor e4m3 cache, q bf16 or e4m3, bf16 out.
@@ -254,7 +477,7 @@ void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap
     launch_dense_decode_fp8_narrow(p, tmap, stream);
     return;
   }
-  launch_on_plan_grid(dense_decode_fp8_kernel<true>, dense_decode_fp8_kernel<false>, kThreads, kSmemBytes, p, tmap,
+  launch_on_plan_grid(dense_decode_fp8_small_pages_kernel<true>, dense_decode_fp8_large_pages_kernel, kThreads, kSmemBytes, p, tmap,
                       stream);
 }
 

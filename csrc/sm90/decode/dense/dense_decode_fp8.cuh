@@ -1,8 +1,9 @@
-// Shared pieces of the two SM90 dense decode kernels over the per-tensor e4m3 cache: the 64-row kernel
-// (dense_decode_fp8.cu: S = Q K^T, O = P V) and the 32-row kernel for few query rows per kv head
-// (dense_decode_fp8_narrow.cu: S^T = K Q^T, O^T = V^T P^T). Both use the same shared-memory layout, cache
-// loads and Q fill; the 64-row kernel's WG2 also transposes V (the 32-row kernel reads V^T's fragments from the
-// cache tile and holds a fourth stage where the V^T buffers are); docs/design.md §5.1, "FP8 cache".
+// Shared pieces of the SM90 dense decode kernels over the per-tensor e4m3 cache: the 64-row kernels
+// (dense_decode_fp8.cu: S = Q K^T, then O^T = V^T P^T with pages of 64 and more, O = P V with smaller pages) and
+// the 32-row kernel for few query rows per kv head (dense_decode_fp8_narrow.cu: S^T = K Q^T, O^T = V^T P^T). All use
+// the same shared-memory layout, cache loads and Q fill; the small-page 64-row kernel's WG2 transposes V, the others
+// read V^T's fragments from the cache tile (v_fragments) and hold a fourth stage where the V^T buffers are;
+// docs/design.md §5.1, "FP8 cache".
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,8 +21,8 @@ namespace dense_fp8 {
 using namespace dense;
 
 constexpr int kThreads = 384;  // three warpgroups
-constexpr int kStages = 3;        // cache stages of the 64-row kernel
-constexpr int kNarrowStages = 4;  // of the 32-row kernel: it has no V^T buffers, and its fourth stage takes their place
+constexpr int kStages = 3;        // cache stages of the small-page 64-row kernel
+constexpr int kNarrowStages = 4;  // of the 32-row and large-page kernels: no V^T buffers, the fourth stage is there
 constexpr int kMaxStages = 4;     // stage barriers and page masks reserved
 constexpr int kVtBufs = 2;  // V^T buffers: the transposer runs up to kVtBufs - 1 chunks ahead (3 with 2 stages: slower)
 constexpr int kLatentSlots = 4;                     // columns 0..511: four 128-column slots
@@ -60,7 +61,8 @@ static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 &
 
 constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums and maxima are in shared memory for WG1
 
-// setmaxnreg budgets of both kernels, per page-size instantiation; they must sum to the launch allotment
+// setmaxnreg budgets of the small-page 64-row kernel and the 32-row kernel, per page-size instantiation (the
+// large-page 64-row kernel has its own, dense_decode_fp8.cu); they must sum to the launch allotment
 // (3 x 168). In the 64-row kernel WG0 holds O (128), S (32) and P (8); in the 32-row kernel WG0 holds S^T (16)
 // and the per-row softmax state. WG1 holds O (O^T) and, with small pages, the page-slice loads of
 // load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
@@ -269,11 +271,12 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
 }
 
 // The partition's chunks in the order every warpgroup consumes them: tokens [tok, min(tok + 64, end)) of
-// request r; r > end_req once all are walked. With kPageAhead (the 32-row kernel, pages of 64 and more) `page` is
+// request r; r > end_req once all are walked. With kPageAhead (pages of 64 and more) `page` is
 // the chunk's block-table entry, read when the walk reaches the chunk: the loading warp walks on right after issuing
 // a chunk's loads, so the read has a chunk's time to land before those loads need it. Read at the load, it stood
-// in front of WG1's next product; reading ahead made the 32-row kernel 1.5-3% faster and the 64-row kernel 3% slower
-// at h_q 128 (benchmarks/NOTES_fp8_decode.md, session 13), which therefore reads at the load.
+// in front of WG1's next product; reading ahead made the 32-row kernel 1.5-3% faster and the 64-row kernel of that
+// time (today's small-page one) 3% slower at h_q 128 (benchmarks/NOTES_fp8_decode.md, session 13). The large-page
+// 64-row kernel, whose loading warp sits after its product as in the 32-row kernel, reads ahead too.
 struct ChunkWalk {
   int r, tok, end, page;
 };
@@ -391,7 +394,7 @@ __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, co
   }
 }
 
-// WG2 of the 64-row kernel: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
+// WG2 of the small-page 64-row kernel: the Q rows of each request (kRowsPerWarp rows per warp, quantized, with their
 // factors in s_qscale), the first loads WG1 leaves to it, and the V transposes of every chunk of the
 // partition, in order.
 template <bool kSmallPages, int kRowsPerWarp>
@@ -431,16 +434,71 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tma
   }
 }
 
+// ldmatrix .x4 .trans of 8x8 16-bit matrices: lane l gives the address of row l % 8 of matrix l / 8; register j
+// holds, for lane (i = l / 4, q = l % 4), the 16-bit column i of rows 2q and 2q + 1 of matrix j (row 2q low).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// A fragments of V^T for one chunk (the O^T = V^T P^T products of dense_decode_fp8_narrow.cu and
+// dense_decode_fp8.cu): a[m][kk] = the m64k32 fragment of dims 64 (m_first + m).. and tokens 32 kk.. of the cache
+// tile at `tile` (latent slots of 64 token rows x 128 bytes, 128B swizzle). Warp w takes dims
+// D = 64 (m_first + m) + 16 w..D + 15 (one 16-byte column of the tile); matrix j of the ldmatrix is tokens 32 kk + 8 j..+7 of
+// it, so lane (i, q) receives, per matrix, the bytes (token 2q: dims D + 2i, D + 2i + 1; token 2q + 1: the same).
+// Bytes 0 and 2 of matrices 0 and 1 are dim D + 2i at tokens {2q, 2q + 1, 8 + 2q, 9 + 2q}: positions 4q..4q + 3 of
+// fragment row i in P^T's token order; bytes 1 and 3, dim D + 2i + 1 (row i + 8); matrices 2 and 3 the same 16
+// tokens on. So O^T's accumulator rows i and i + 8 of warp w are dims D + 2i, D + 2i + 1 (store_outputs_transposed
+// with kDimPairs). Tokens from `valid` on are zeroed: the cache there may hold NaN, which P^T = 0 must not meet.
+// Bank conflicts: the 8 rows of a matrix are 8 tokens whose 16-byte column sits at 8 different swizzle phases.
+template <int kMTiles>
+__device__ __forceinline__ void v_fragments(uint32_t (&a)[kMTiles][2][4], uint32_t tile, int valid, int warp, int lane,
+                                            int m_first) {
+  // row lane (token 8 (lane / 8) + lane % 8 of a 32-token block), 16-byte column 4 (m & 1) + warp of slot m / 2
+  const uint32_t base = tile + lane * 128 + (static_cast<uint32_t>(warp ^ (lane & 7)) << 4);
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const int dm = m_first + m;
+      uint32_t r[4];
+      ldmatrix_x4_trans(((dm & 1) ? base ^ 64u : base) + (dm >> 1) * kSlotBytes + kk * 32 * 128, r);
+      a[m][kk][0] = __byte_perm(r[0], r[1], 0x6420);
+      a[m][kk][1] = __byte_perm(r[0], r[1], 0x7531);
+      a[m][kk][2] = __byte_perm(r[2], r[3], 0x6420);
+      a[m][kk][3] = __byte_perm(r[2], r[3], 0x7531);
+    }
+  if (valid < kBlockN) {
+    const int q = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = 32 * kk + 16 * h + 2 * q;  // the fragment's tokens t, t + 1, t + 8, t + 9
+        const uint32_t keep = (t < valid ? 0xFFu : 0u) | (t + 1 < valid ? 0xFF00u : 0u) |
+                              (t + 8 < valid ? 0xFF0000u : 0u) | (t + 9 < valid ? 0xFF000000u : 0u);
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+          a[m][kk][2 * h] &= keep;
+          a[m][kk][2 * h + 1] &= keep;
+        }
+      }
+  }
+}
+
 // The barriers of both FP8 kernels; v_readers: the warps that read a V^T buffer (its kVtEmpty count).
 template <int kNumStages = kStages>
-__device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_readers, const CUtensorMap* tmap) {
+__device__ __forceinline__ void init_barriers(uint32_t sbase, uint32_t v_readers, const CUtensorMap* tmap,
+                                              uint32_t p_readers = 4) {
   for (int s = 0; s < kNumStages; ++s) mbar_init(bar_addr(sbase, kKvFull + s), 1);
   for (int b = 0; b < kVtBufs; ++b) {
     mbar_init(bar_addr(sbase, kVtFull + b), 4);
     mbar_init(bar_addr(sbase, kVtEmpty + b), v_readers);
   }
   mbar_init(bar_addr(sbase, kPFull), 4);
-  mbar_init(bar_addr(sbase, kPEmpty), 4);
+  mbar_init(bar_addr(sbase, kPEmpty), p_readers);
   mbar_init(bar_addr(sbase, kQFull), 4);
   mbar_init(bar_addr(sbase, kQEmpty), 4);
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");

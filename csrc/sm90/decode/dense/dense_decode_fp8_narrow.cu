@@ -7,7 +7,7 @@
 // Same plan, cache loads, Q fill and error model as the 64-row kernel (dense_decode_fp8.cuh; docs/design.md
 // §5.1, "FP8 cache"); V^T is not written to shared memory: it is A of the PV product, and A may come from
 // registers, so WG1 reads its fragments straight from the cache tile (ldmatrix .trans and byte permutes,
-// v_fragments below). Without the V^T buffers the shared memory holds kNarrowStages = 4 cache stages.
+// v_fragments in dense_decode_fp8.cuh). Without the V^T buffers the shared memory holds kNarrowStages = 4 cache stages.
 // Three warpgroups:
 //   WG0: S^T (Q's rows 0..31 are B), masked online softmax down the columns (one column per query row:
 //        column maxima over the chunk's 64 tokens by shuffles and through shared memory), P^T rounded to
@@ -156,56 +156,6 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
   }
 }
 
-// ldmatrix .x4 .trans of 8x8 16-bit matrices: lane l gives the address of row l % 8 of matrix l / 8; register j
-// holds, for lane (i = l / 4, q = l % 4), the 16-bit column i of rows 2q and 2q + 1 of matrix j (row 2q low).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// WG1's A fragments of V^T for one chunk: a[m][kk] = the m64k32 fragment of dims 64 m.. and tokens 32 kk.. of the
-// cache tile at `tile` (latent slots of 64 token rows x 128 bytes, 128B swizzle). Warp w takes dims
-// D = 64 m + 16 w..D + 15 (one 16-byte column of the tile); matrix j of the ldmatrix is tokens 32 kk + 8 j..+7 of
-// it, so lane (i, q) receives, per matrix, the bytes (token 2q: dims D + 2i, D + 2i + 1; token 2q + 1: the same).
-// Bytes 0 and 2 of matrices 0 and 1 are dim D + 2i at tokens {2q, 2q + 1, 8 + 2q, 9 + 2q}: positions 4q..4q + 3 of
-// fragment row i in P^T's token order; bytes 1 and 3, dim D + 2i + 1 (row i + 8); matrices 2 and 3 the same 16
-// tokens on. So O^T's accumulator rows i and i + 8 of warp w are dims D + 2i, D + 2i + 1 (store_outputs_transposed
-// with kDimPairs). Tokens from `valid` on are zeroed: the cache there may hold NaN, which P^T = 0 must not meet.
-// Bank conflicts: the 8 rows of a matrix are 8 tokens whose 16-byte column sits at 8 different swizzle phases.
-__device__ __forceinline__ void v_fragments(uint32_t (&a)[8][2][4], uint32_t tile, int valid, int warp, int lane) {
-  // row lane (token 8 (lane / 8) + lane % 8 of a 32-token block), 16-byte column 4 (m & 1) + warp of slot m / 2
-  const uint32_t base = tile + lane * 128 + (static_cast<uint32_t>(warp ^ (lane & 7)) << 4);
-#pragma unroll
-  for (int m = 0; m < 8; ++m)
-#pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      uint32_t r[4];
-      ldmatrix_x4_trans(((m & 1) ? base ^ 64u : base) + (m >> 1) * kSlotBytes + kk * 32 * 128, r);
-      a[m][kk][0] = __byte_perm(r[0], r[1], 0x6420);
-      a[m][kk][1] = __byte_perm(r[0], r[1], 0x7531);
-      a[m][kk][2] = __byte_perm(r[2], r[3], 0x6420);
-      a[m][kk][3] = __byte_perm(r[2], r[3], 0x7531);
-    }
-  if (valid < kBlockN) {
-    const int q = lane & 3;
-#pragma unroll
-    for (int kk = 0; kk < 2; ++kk)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = 32 * kk + 16 * h + 2 * q;  // the fragment's tokens t, t + 1, t + 8, t + 9
-        const uint32_t keep = (t < valid ? 0xFFu : 0u) | (t + 1 < valid ? 0xFF00u : 0u) |
-                              (t + 8 < valid ? 0xFF0000u : 0u) | (t + 9 < valid ? 0xFF000000u : 0u);
-#pragma unroll
-        for (int m = 0; m < 8; ++m) {
-          a[m][kk][2 * h] &= keep;
-          a[m][kk][2 * h + 1] &= keep;
-        }
-      }
-  }
-}
-
 // WG2: the Q rows of each request of the partition (kNarrowRows / 4 rows per warp, quantized, their factors in
 // s_qscale) and the first loads WG1 leaves to it. The next request's rows are prefetched into L2 by WG1's loading
 // warp when its walk enters that request (kNarrowStages chunks ahead of the QK), or here right after the fill when
@@ -300,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // V^T's fragments as soon as the chunk has landed, while WG0 computes its P^T
         mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kNarrowStages) & 1);
         uint32_t a[8][2][4];
-        v_fragments(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane);
+        v_fragments<8>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 0);
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
         float alpha[kNarrowRowsPerThread];
         bool rescale = false;
@@ -340,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ++qi;
     }
-    store_outputs_transposed<__nv_bfloat16, true>(p, o, r, kvh, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0,
+    store_outputs_transposed<__nv_bfloat16, true>(p, o, r, kvh, 0, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0,
                                             descale_k, warp, lane);
   }
 }

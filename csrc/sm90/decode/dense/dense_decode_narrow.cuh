@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     reduce_over_tokens<kNarrowRows>(run_sum, s_colsum, warp, lane, kBarColumns, AddOp{});
     named_bar_sync(kBarColumns, 128);  // s_colsum is rewritten by the next request's epilogue
     const int split_idx = r == s_part->begin_req ? s_part->begin_split : 0;
-    dense::store_outputs_transposed<T>(p, o, r, kvh, run_sum, run_max, n_splits, split_idx, 1.f, warp, lane);
+    dense::store_outputs_transposed<T>(p, o, r, kvh, 0, run_sum, run_max, n_splits, split_idx, 1.f, warp, lane);
   }
 }
 
