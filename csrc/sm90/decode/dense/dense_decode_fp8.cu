@@ -30,6 +30,7 @@
 //     the subnormal range); the row sums are taken from the unrounded values;
 //   - descale_q * descale_k (or descale_k / f) enter the softmax scale, descale_k the output factor;
 //     outputs are bf16, lse fp32.
+#include "sm90/common/transposed.h"
 #include "sm90/decode/dense/dense_decode_fp8.cuh"
 
 namespace flashmla {
@@ -58,6 +59,43 @@ __device__ __forceinline__ void exp_pack_e4m3(uint32_t (&pa)[2][4], float (&s)[3
       pa[kb][2 * h] = f32x4_to_e4m3x4(s[4 * j], s[4 * j + 1], s[4 * j + 4], s[4 * j + 5]);
       pa[kb][2 * h + 1] = f32x4_to_e4m3x4(s[4 * j + 2], s[4 * j + 3], s[4 * j + 6], s[4 * j + 7]);
     }
+  }
+}
+
+// WG0 of both 64-row kernels: P of the chunk (e4m3 A fragments pa, V^T's token order) and the rescale factors into
+// shared memory for the product warpgroups.
+__device__ __forceinline__ void store_p_and_factors(uint32_t sbase, float* s_alpha, const uint32_t (&pa)[2][4], int row0,
+                                                    int row1, int quad, const MaxUpdate& u) {
+#pragma unroll
+  for (int kb = 0; kb < 2; ++kb) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const int row = reg & 1 ? row1 : row0;
+      const uint32_t dst = sbase + kOffP + swz64(row, 32 * kb + 16 * (reg >> 1) + 4 * quad);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(pa[kb][reg]) : "memory");
+    }
+  }
+  if (quad == 0) {
+    s_alpha[row0] = u.scale0;
+    s_alpha[row1] = u.scale1;
+  }
+}
+
+// WG0 of both 64-row kernels at a request's end: row sums over the quad, then the sums and maxima to shared memory
+// (by request parity qi) for the warpgroups that store the outputs.
+__device__ __forceinline__ void store_row_stats(float* s_rowsum, float* s_rowmax, float& l0, float& l1, float max0,
+                                                float max1, int row0, int row1, int quad, uint32_t qi) {
+#pragma unroll
+  for (int o_ = 1; o_ <= 2; o_ *= 2) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
+  }
+  if (quad == 0) {
+    const int b = (qi & 1) * 64;
+    s_rowsum[b + row0] = l0;
+    s_rowsum[b + row1] = l1;
+    s_rowmax[b + row0] = max0;
+    s_rowmax[b + row1] = max1;
   }
 }
 
@@ -154,19 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // While the product runs: P and the factors for WG1, once its product with the previous P is done
           // (P's registers are only read here).
           mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
-#pragma unroll
-          for (int kb = 0; kb < 2; ++kb) {
-#pragma unroll
-            for (int reg = 0; reg < 4; ++reg) {
-              const int row = reg & 1 ? row1 : row0;
-              const uint32_t dst = sbase + kOffP + swz64(row, 32 * kb + 16 * (reg >> 1) + 4 * quad);
-              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(pa[kb][reg]) : "memory");
-            }
-          }
-          if (quad == 0) {
-            s_alpha[row0] = u.scale0;
-            s_alpha[row1] = u.scale1;
-          }
+          store_p_and_factors(sbase, s_alpha, pa, row0, row1, quad, u);
           fence_proxy_async();
           mbar_arrive_per_warp(bar_addr(sbase, kPFull));
           wgmma_wait<0>();
@@ -176,18 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // read before the wait for WG1 below, not after it (no register holds it across the chunks)
         n_splits = p.num_splits[r + 1] - p.num_splits[r];
         // row sums over the quad; WG1 takes them (and the maxima) from shared memory
-#pragma unroll
-        for (int o_ = 1; o_ <= 2; o_ *= 2) {
-          l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
-          l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
-        }
-        if (quad == 0) {
-          const int b = (qi & 1) * 64;
-          s_rowsum[b + row0] = l0;
-          s_rowsum[b + row1] = l1;
-          s_rowmax[b + row0] = max0;
-          s_rowmax[b + row1] = max1;
-        }
+        store_row_stats(s_rowsum, s_rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
         // Once WG1's product with this request's last P is done: WG1 passes its epilogue barrier of the previous
         // request before that product, so this warpgroup is never two arrivals ahead on the named barrier.
         mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
@@ -325,34 +340,11 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       l0 = l0 * u.scale0 + sum0;
       l1 = l1 * u.scale1 + sum1;
       mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // both products with the previous P are done
-#pragma unroll
-      for (int kb = 0; kb < 2; ++kb) {
-#pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-          const int row = reg & 1 ? row1 : row0;
-          const uint32_t dst = sbase + kOffP + swz64(row, 32 * kb + 16 * (reg >> 1) + 4 * quad);
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(pa[kb][reg]) : "memory");
-        }
-      }
-      if (quad == 0) {
-        s_alpha[row0] = u.scale0;
-        s_alpha[row1] = u.scale1;
-      }
+      store_p_and_factors(sbase, s_alpha, pa, row0, row1, quad, u);
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kPFull));
     }
-#pragma unroll
-    for (int o_ = 1; o_ <= 2; o_ *= 2) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
-    }
-    if (quad == 0) {
-      const int b = (qi & 1) * 64;
-      s_rowsum[b + row0] = l0;
-      s_rowsum[b + row1] = l1;
-      s_rowmax[b + row0] = max0;
-      s_rowmax[b + row1] = max1;
-    }
+    store_row_stats(s_rowsum, s_rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
     // Once both products with the request's last P are done (the epilogue barrier's arrivals then never run two
     // requests ahead of WG1 / WG2, as in the kernels above).
     mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
@@ -402,17 +394,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
           alpha[2 * j] = f.x, alpha[2 * j + 1] = f.y;
           rescale |= f.x != 1.f || f.y != 1.f;
         }
-        if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-          for (int m = 0; m < 4; ++m)
-#pragma unroll
-            for (int j = 0; j < kRows / 2; ++j)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                o[m][4 * j + e] *= alpha[2 * j + e];
-                o[m][4 * j + 2 + e] *= alpha[2 * j + e];
-              }
-        }
+        rescale_columns<kBlockM, 4>(o, alpha, rescale);
         const uint64_t desc_p = desc_sw64(sbase + kOffP);
         fence_all(o);
         wgmma_fence();
