@@ -322,7 +322,8 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
 #pragma unroll 1
     for (int c = start; c < end; c += kBlockN, ++g) {
       const int stage = g % kNarrowStages;
-      if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req) prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
+      if (c <= prefetch_at && prefetch_at < c + kBlockN && r < pt.end_req)
+        prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
       float s[32];
       qk_fp8<64>(s, sbase, stage, (g / kNarrowStages) & 1);
       wgmma_wait<0>();
@@ -459,8 +460,8 @@ void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap
     launch_dense_decode_fp8_narrow(p, tmap, stream);
     return;
   }
-  launch_on_plan_grid(dense_decode_fp8_small_pages_kernel<true>, dense_decode_fp8_large_pages_kernel, kThreads, kSmemBytes, p, tmap,
-                      stream);
+  launch_on_plan_grid(dense_decode_fp8_small_pages_kernel<true>, dense_decode_fp8_large_pages_kernel, kThreads,
+                      kSmemBytes, p, tmap, stream);
 }
 
 }  // namespace sm90

@@ -445,14 +445,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4
 
 // A fragments of V^T for one chunk (the O^T = V^T P^T products of dense_decode_fp8_narrow.cu and
 // dense_decode_fp8.cu): a[m][kk] = the m64k32 fragment of dims 64 (m_first + m).. and tokens 32 kk.. of the cache
-// tile at `tile` (latent slots of 64 token rows x 128 bytes, 128B swizzle). Warp w takes dims
-// D = 64 (m_first + m) + 16 w..D + 15 (one 16-byte column of the tile); matrix j of the ldmatrix is tokens 32 kk + 8 j..+7 of
-// it, so lane (i, q) receives, per matrix, the bytes (token 2q: dims D + 2i, D + 2i + 1; token 2q + 1: the same).
-// Bytes 0 and 2 of matrices 0 and 1 are dim D + 2i at tokens {2q, 2q + 1, 8 + 2q, 9 + 2q}: positions 4q..4q + 3 of
-// fragment row i in P^T's token order; bytes 1 and 3, dim D + 2i + 1 (row i + 8); matrices 2 and 3 the same 16
-// tokens on. So O^T's accumulator rows i and i + 8 of warp w are dims D + 2i, D + 2i + 1 (store_outputs_transposed
-// with kDimPairs). Tokens from `valid` on are zeroed: the cache there may hold NaN, which P^T = 0 must not meet.
-// Bank conflicts: the 8 rows of a matrix are 8 tokens whose 16-byte column sits at 8 different swizzle phases.
+// tile at `tile` (latent slots of 64 token rows x 128 bytes, 128B swizzle). Warp w takes dims D = 64 (m_first + m) +
+// 16 w..D + 15 (one 16-byte column of the tile); matrix j of the ldmatrix is tokens 32 kk + 8 j..+7 of it, so lane
+// (i, q) receives, per matrix, the bytes (token 2q: dims D + 2i, D + 2i + 1; token 2q + 1: the same). Bytes 0 and 2
+// of matrices 0 and 1 are dim D + 2i at tokens {2q, 2q + 1, 8 + 2q, 9 + 2q}: positions 4q..4q + 3 of fragment row i
+// in P^T's token order; bytes 1 and 3, dim D + 2i + 1 (row i + 8); matrices 2 and 3 the same 16 tokens on. So O^T's
+// accumulator rows i and i + 8 of warp w are dims D + 2i, D + 2i + 1 (store_outputs_transposed with kDimPairs).
+// Tokens from `valid` on are zeroed: the cache there may hold NaN, which P^T = 0 must not meet. Bank conflicts: the
+// 8 rows of a matrix are 8 tokens whose 16-byte column sits at 8 different swizzle phases.
 template <int kMTiles>
 __device__ __forceinline__ void v_fragments(uint32_t (&a)[kMTiles][2][4], uint32_t tile, int valid, int warp, int lane,
                                             int m_first) {
