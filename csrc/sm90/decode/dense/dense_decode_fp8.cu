@@ -62,6 +62,23 @@ __device__ __forceinline__ void exp_pack_e4m3(uint32_t (&pa)[2][4], float (&s)[3
   }
 }
 
+// WG0 of both 64-row kernels, one chunk's softmax step: scores masked past each row's limit and for tokens whose page
+// is outside the cache, the running maxima (log2 domain, sl = the rows' scales) updated, P = exp2(S sl - base)
+// rounded to e4m3 into pa (V^T's token order) and this thread's row sums of the unrounded values.
+__device__ __forceinline__ MaxUpdate softmax_chunk(float (&s)[32], int chunk_tok, int lim0, int lim1, int quad_col,
+                                                   const uint64_t& page_ok, float sl0, float sl1, float& max0, float& max1,
+                                                   uint32_t (&pa)[2][4], float& sum0, float& sum1) {
+  float mx0, mx1;
+  mask_tail(s, chunk_tok, lim0, lim1, quad_col);
+  mask_pages(s, page_ok, quad_col);
+  row_max(s, 1.f, mx0, mx1);
+  const MaxUpdate u = update_max(max0, max1, mx0 * sl0, mx1 * sl1);
+  max0 = u.max0;
+  max1 = u.max1;
+  exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
+  return u;
+}
+
 // WG0 of both 64-row kernels: P of the chunk (e4m3 A fragments pa, V^T's token order) and the rescale factors into
 // shared memory for the product warpgroups.
 __device__ __forceinline__ void store_p_and_factors(uint32_t sbase, float* s_alpha, const uint32_t (&pa)[2][4], int row0,
@@ -172,16 +189,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();
           fence_all(s);
           if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
-          float mx0, mx1;
-          mask_tail(s, c, lim0, lim1, quad_col);
-          mask_pages(s, s_page_ok[stage], quad_col);
-          row_max(s, 1.f, mx0, mx1);
-          const MaxUpdate u = update_max(max0, max1, mx0 * sl0, mx1 * sl1);
-          max0 = u.max0;
-          max1 = u.max1;
           uint32_t pa[2][4];
           float sum0, sum1;
-          exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
+          const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, s_page_ok[stage], sl0, sl1, max0, max1, pa,
+                                            sum0, sum1);
           rescale_add(o, l0, l1, u, sum0, sum1);
           mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
           const uint64_t desc_vt = desc_sw64(sbase + kOffVt + buf * kVtBytes);
@@ -328,16 +339,10 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       qk_fp8<64>(s, sbase, stage, (g / kNarrowStages) & 1);
       wgmma_wait<0>();
       fence_all(s);
-      float mx0, mx1;
-      mask_tail(s, c, lim0, lim1, quad_col);
-      mask_pages(s, s_page_ok[stage], quad_col);
-      row_max(s, 1.f, mx0, mx1);
-      const MaxUpdate u = update_max(max0, max1, mx0 * sl0, mx1 * sl1);
-      max0 = u.max0;
-      max1 = u.max1;
       uint32_t pa[2][4];
       float sum0, sum1;
-      exp_pack_e4m3(pa, s, sl0, sl1, u.base0, u.base1, sum0, sum1);
+      const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, s_page_ok[stage], sl0, sl1, max0, max1, pa, sum0,
+                                        sum1);
       l0 = l0 * u.scale0 + sum0;
       l1 = l1 * u.scale1 + sum1;
       mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // both products with the previous P are done
