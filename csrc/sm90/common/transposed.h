@@ -135,6 +135,21 @@ __device__ __forceinline__ void rescale_columns(float (&o)[kMTiles][kN / 2], con
   }
 }
 
+// The same with the factors another warpgroup wrote to shared memory, s_alpha[n] for query row (column) n: a
+// thread's columns are 8 j + 2 quad + {0, 1} (the FP8 dense kernels' product warpgroups).
+template <int kN, int kMTiles = 8>
+__device__ __forceinline__ void rescale_columns(float (&o)[kMTiles][kN / 2], const float* s_alpha, int quad) {
+  float alpha[kN / 4];
+  bool rescale = false;
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+    const float2 f = *reinterpret_cast<const float2*>(s_alpha + 8 * j + 2 * quad);
+    alpha[2 * j] = f.x, alpha[2 * j + 1] = f.y;
+    rescale |= f.x != 1.f || f.y != 1.f;
+  }
+  rescale_columns<kN, kMTiles>(o, alpha, rescale);
+}
+
 // O^T += V^T P^T over one 64-token chunk with 16-bit operands, not committed: V^T is the chunk's eight tiles of 64
 // dims (8 KB apart, 128B swizzle, read MN-major), P^T K-major at desc_pt; four k16 steps per tile, each through
 // pv(d, desc_a, desc_b) (the m64nNk16 MN-major x K-major product of the kernel's type and N).

@@ -392,15 +392,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         uint32_t a[4][2][4];
         v_fragments<4>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 4 * half);
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
-        float alpha[kRows];
-        bool rescale = false;
-#pragma unroll
-        for (int j = 0; j < kRows / 2; ++j) {
-          const float2 f = *reinterpret_cast<const float2*>(s_alpha + 8 * j + 2 * quad);
-          alpha[2 * j] = f.x, alpha[2 * j + 1] = f.y;
-          rescale |= f.x != 1.f || f.y != 1.f;
-        }
-        rescale_columns<kBlockM, 4>(o, alpha, rescale);
+        rescale_columns<kBlockM, 4>(o, s_alpha, quad);
         const uint64_t desc_p = desc_sw64(sbase + kOffP);
         fence_all(o);
         wgmma_fence();

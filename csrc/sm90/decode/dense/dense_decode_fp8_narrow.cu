@@ -252,15 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint32_t a[8][2][4];
         v_fragments<8>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 0);
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
-        float alpha[kNarrowRowsPerThread];
-        bool rescale = false;
-#pragma unroll
-        for (int j = 0; j < kNarrowRowsPerThread / 2; ++j) {
-          const float2 a = *reinterpret_cast<const float2*>(s_alpha + 8 * j + 2 * quad);
-          alpha[2 * j] = a.x, alpha[2 * j + 1] = a.y;
-          rescale |= a.x != 1.f || a.y != 1.f;
-        }
-        rescale_columns<kNarrowRows>(o, alpha, rescale);
+        rescale_columns<kNarrowRows>(o, s_alpha, quad);
         const uint64_t desc_pt = desc_sw64(sbase + kOffP);
         fence_all(o);
         wgmma_fence();
