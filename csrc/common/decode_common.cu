@@ -105,27 +105,46 @@ __device__ __forceinline__ void store4<__half>(__half* dst, const float4& v) {
 }
 
 constexpr int kCombineWarps = 4;
+constexpr int kSplitsInFlight = 2;  // partial rows a lane has in flight at once (16 floats each)
 
-// One warp per (request, kv head, query row); each lane owns 16 of the 512 columns.
+// A lane's 16 of the 512 columns (columns k * 128 + lane * 4 .. + 3) of one partial row.
+__device__ __forceinline__ void load_partial(const float* oacc_row, int lane, float4 (&v)[4]) {
+  const float4* src = reinterpret_cast<const float4*>(oacc_row);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] = src[k * 32 + lane];
+}
+
+// One warp per (request, kv head, query row); each lane owns 16 of the 512 columns. Latency-bound (a few
+// splits per row): the plan is read before the wait for the attention kernel, and after it the split
+// statistics and the first kSplitsInFlight partial rows are loaded together, so a row costs about one
+// round trip to L2 for every kSplitsInFlight splits.
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombineParams p) {
-  // Launched as a programmatic dependent of the attention kernel (launch_combine): its CTAs may start before
-  // the attention kernel ends; this waits for it to complete and for its writes to be visible.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int r = blockIdx.x;
   const int kvh = blockIdx.y;
   const int m = blockIdx.z * kCombineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (m >= p.m_total) return;
+  // num_splits is the plan, complete before the attention kernel started (that kernel is launched in stream
+  // order; this one starts only once all of its CTAs run): it may be read before the wait below.
   const int first = p.num_splits[r];
   const int n = p.num_splits[r + 1] - first;
-  if (n <= 1) return;
+  // Launched as a programmatic dependent of the attention kernel (launch_combine): its CTAs may start before
+  // the attention kernel ends; this waits for it to complete and for its writes to be visible.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  if (m >= p.m_total || n <= 1) return;
   int base = 2 * (first - r);  // scratch row of this request's first split (see the attention kernel)
   base = max(0, min(base, p.acc_rows - n));
   const size_t row_stride = (size_t)p.h_kv * p.m_total;
   const size_t row0 = (size_t)base * row_stride + (size_t)kvh * p.m_total + m;
-  float mx = -INFINITY;
-  for (int i = lane; i < n; i += 32) mx = fmaxf(mx, p.lseacc[row0 + (size_t)i * row_stride]);
+
+  float4 partial[kSplitsInFlight][4];
+#pragma unroll
+  for (int j = 0; j < kSplitsInFlight; ++j)
+    if (j < n) load_partial(p.oacc + (row0 + (size_t)j * row_stride) * 512, lane, partial[j]);
+  // Lane i holds split i's lse (splits 32.. are read again where needed: a request over more than 32 partitions).
+  const float lane_lse = lane < n ? p.lseacc[row0 + (size_t)lane * row_stride] : -INFINITY;
+  float mx = lane_lse;
+  for (int i = lane + 32; i < n; i += 32) mx = fmaxf(mx, p.lseacc[row0 + (size_t)i * row_stride]);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   const int t = m / p.group;
@@ -138,27 +157,33 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
     if (lane == 0) p.lse[((size_t)r * p.h_q + head) * p.s_q + t] = INFINITY;
     return;
   }
-  float sum = 0.f;
-  for (int i = lane; i < n; i += 32) sum += __expf(p.lseacc[row0 + (size_t)i * row_stride] - mx);
+  float sum = __expf(lane_lse - mx);
+  for (int i = lane + 32; i < n; i += 32) sum += __expf(p.lseacc[row0 + (size_t)i * row_stride] - mx);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   const float lse = mx + __logf(sum);
+  const float lane_weight = __expf(lane_lse - lse);
   float4 acc[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int i = 0; i < n; ++i) {
-    const size_t row = row0 + (size_t)i * row_stride;
-    const float w = __expf(p.lseacc[row] - lse);
-    const float4* src = reinterpret_cast<const float4*>(p.oacc + row * 512);
+#pragma unroll 1
+  for (int i0 = 0; i0 < n; i0 += kSplitsInFlight) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float4 v = src[k * 32 + lane];
-      if (w > 0.f) {  // a split with nothing attended holds zeros; skip it (w == 0)
-        acc[k].x += w * v.x;
-        acc[k].y += w * v.y;
-        acc[k].z += w * v.z;
-        acc[k].w += w * v.w;
+    for (int j = 0; j < kSplitsInFlight; ++j) {
+      const int i = i0 + j;
+      if (i >= n) break;
+      const float w = __shfl_sync(0xffffffffu, lane_weight, i & 31);
+      const float weight = i < 32 ? w : __expf(p.lseacc[row0 + (size_t)i * row_stride] - lse);
+      if (weight > 0.f) {  // a split with nothing attended holds zeros; skip it (weight == 0)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          acc[k].x += weight * partial[j][k].x;
+          acc[k].y += weight * partial[j][k].y;
+          acc[k].z += weight * partial[j][k].z;
+          acc[k].w += weight * partial[j][k].w;
+        }
       }
+      if (i + kSplitsInFlight < n) load_partial(p.oacc + (row0 + (size_t)(i + kSplitsInFlight) * row_stride) * 512, lane, partial[j]);
     }
   }
   if (p.attn_sink != nullptr) {  // sigmoid(lse - sink): the sink's share of the softmax is dropped
@@ -184,7 +209,8 @@ void launch_planner(const int* seqlens, int b, int num_sm_parts, int* metadata, 
 
 // Programmatic dependent launch: the combine's launch and start overlap the end of the attention kernel
 // before it in the stream (the dense attention kernels signal griddepcontrol.launch_dependents once every
-// CTA runs; the others at their exit), and combine_kernel waits for that kernel's completion first thing.
+// CTA runs; the others at their exit), and combine_kernel waits for that kernel's completion before it reads
+// the partials.
 // Works the same under CUDA-graph capture (a programmatic edge).
 void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream) {
   if (p.b == 0 || p.m_total == 0) return;

@@ -226,7 +226,7 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
 // from `end` on are not loaded (their rows are masked and zeroed like any tail) and not expected by the
 // mbarriers. Loops not unrolled and no integer division (a multiply by page_div_mul): the warp's registers
 // are full (as a called function ptxas spilled more).
-template <int kColsPerLoad, bool kBarPerLoad>
+template <int kColsPerLoad, bool kBarPerLoad, bool kEvictFirst = false>
 static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap* tmap, const int* bt_row, uint32_t div_mul,
                                                               int div_shift, int page_size, int rows_log2, int num_blocks,
                                                               int tok, int end, int kvh,
@@ -255,7 +255,8 @@ static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap*
       const uint32_t dst = stage_base + (j << (rows_log2 + 7));
 #pragma unroll 1
       for (int t = t_begin; t < t_end; ++t)
-        tma_load_4d(dst + t * kSlotBytes, tmap, bar_base + t * kBarStride, t * kColsPerLoad, kvh, in_page, page);
+        tma_load_4d<kEvictFirst>(dst + t * kSlotBytes, tmap, bar_base + t * kBarStride, t * kColsPerLoad, kvh, in_page,
+                                 page);
     }
     sub |= uint64_t(__ballot_sync(0xffffffffu, static_cast<unsigned>(page) < static_cast<unsigned>(num_blocks))) << (32 * h);
   }
@@ -278,7 +279,7 @@ static __device__ __forceinline__ void load_tiles_small_pages(const CUtensorMap*
 // in the FP8 32-row kernel one chunk ahead) as kLoads TMA loads of 64 rows x 128 bytes (columns u * kColsPerLoad..,
 // 128B swizzle) into consecutive 8 KB slots at dst on the one mbarrier `bar`; its page mask (all ones, or zeros
 // for a page id outside the cache) to mask_addr. Called by one whole warp; lane 0 issues.
-template <int kLoads, int kColsPerLoad>
+template <int kLoads, int kColsPerLoad, bool kEvictFirst = false>
 __device__ __forceinline__ void load_chunk_from_page(const CUtensorMap* tmap, const DenseDecodeParams& p, int page,
                                                      int tok, int kvh, uint32_t dst, uint32_t bar, uint32_t mask_addr) {
   if (threadIdx.x % 32 != 0) return;
@@ -287,26 +288,28 @@ __device__ __forceinline__ void load_chunk_from_page(const CUtensorMap* tmap, co
   asm volatile("st.shared.v2.u32 [%0], {%1, %1};\n" ::"r"(mask_addr), "r"(in_cache) : "memory");
   mbar_expect_tx(bar, kLoads * kSlotBytes);
 #pragma unroll
-  for (int u = 0; u < kLoads; ++u) tma_load_4d(dst + u * kSlotBytes, tmap, bar, u * kColsPerLoad, kvh, in_page, page);
+  for (int u = 0; u < kLoads; ++u)
+    tma_load_4d<kEvictFirst>(dst + u * kSlotBytes, tmap, bar, u * kColsPerLoad, kvh, in_page, page);
 }
 
 // The chunk at `tok` (a multiple of 64, before `end`) of request r: kLoads TMA loads of 64 rows x 128 bytes (columns
 // u * kColsPerLoad.., 128B swizzle) into consecutive 8 KB slots at dst, all on the one mbarrier `bar`; the
 // chunk's page mask to mask_addr (bit k: token k's page is in the cache). Page ids outside the cache land as
 // zeros. Called by one whole warp (the 16-bit 32-row kernel: 9 loads of 64 values; the FP8 kernels: 5 of 128).
-template <int kLoads, int kColsPerLoad, bool kSmallPages>
+template <int kLoads, int kColsPerLoad, bool kSmallPages, bool kEvictFirst = false>
 __device__ __forceinline__ void load_chunk_one_barrier(const CUtensorMap* tmap, const DenseDecodeParams& p, int r,
                                                        int tok, int end, int kvh, uint32_t dst, uint32_t bar,
                                                        uint32_t mask_addr) {
   const int* bt_row = block_table_row(p, r);
   if constexpr (kSmallPages) {
-    load_tiles_small_pages<kColsPerLoad, false>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size,
+    load_tiles_small_pages<kColsPerLoad, false, kEvictFirst>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size,
                                                 p.page_rows_log2, p.num_blocks, tok, end, kvh, dst, bar, mask_addr, 0,
                                                 kLoads);
   } else {
     if (threadIdx.x % 32 != 0) return;
     // chunk_page, written out on bt_row: through chunk_page nvcc 13.0 schedules the FP8 64-row kernel differently.
-    load_chunk_from_page<kLoads, kColsPerLoad>(tmap, p, bt_row[tok / p.page_size], tok, kvh, dst, bar, mask_addr);
+    load_chunk_from_page<kLoads, kColsPerLoad, kEvictFirst>(tmap, p, bt_row[tok / p.page_size], tok, kvh, dst, bar,
+                                                            mask_addr);
   }
 }
 

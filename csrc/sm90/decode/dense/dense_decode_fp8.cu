@@ -293,6 +293,10 @@ constexpr uint32_t kBarQFill = 2;  // named barrier: WG0's Q rows written before
 constexpr int kLargeRegsWG0 = 104, kLargeRegsProduct = 200;
 static_assert(kLargeRegsWG0 + 2 * kLargeRegsProduct == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 constexpr int kLargeQFillRows = 4;  // Q rows per warp with their loads in flight at once (48 registers)
+// The cache stream is loaded evict-first (the combine's partials stay in L2): 1-3% faster on the h_q 64 rows
+// (benchmarks/NOTES_fp8_decode.md, session 24; the 32-row FP8 kernel measured 1-2% slower with it and keeps the
+// normal policy).
+constexpr bool kLargePagesKvEvictFirst = true;
 
 __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                               const Partition& pt, uint8_t* smem, int mtile, int kvh,
@@ -321,7 +325,7 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       fill_q_rows<kLargeQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     named_bar_sync(kBarQFill, 128);
-    if (qi == 0 && warp == 0) deferred_first_loads<false, kNarrowStages>(tmap, p, pt, sbase, kvh);
+    if (qi == 0 && warp == 0) deferred_first_loads<false, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh);
     const int len = request_len(p, r);
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
     const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
@@ -370,7 +374,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
   const float descale_k = *p.descale_k;
   ChunkWalk lw{pt.end_req + 1, 0, 0, 0};
-  if (half == 0) lw = first_loads<false, true, kNarrowStages>(tmap, p, pt, sbase, kvh, warp);
+  if (half == 0) lw = first_loads<false, true, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh, warp);
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
@@ -407,7 +411,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         if (half == 1) mbar_arrive_per_warp(bar_addr(sbase, kVtFull + (g & 1)));  // its reads of the stage are done
         if (half == 0 && warp == 0 && lw.r <= pt.end_req) {
           mbar_wait(bar_addr(sbase, kVtFull + (g & 1)), (g >> 1) & 1);
-          load_chunk<false, true>(tmap, p, sbase, lw, kvh, stage);
+          load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, lw, kvh, stage);
           walk_next<true>(p, pt, lw);
         }
       }

@@ -304,17 +304,18 @@ __device__ __forceinline__ void walk_next(const DenseDecodeParams& p, const Part
   }
 }
 
-// The walk's chunk into `stage` (five loads of 128 e4m3 columns, one mbarrier; called by one whole warp).
-template <bool kSmallPages, bool kPageAhead>
+// The walk's chunk into `stage` (five loads of 128 e4m3 columns, one mbarrier; called by one whole warp);
+// kEvictFirst: loaded with the L2 evict-first policy (tma_load_4d).
+template <bool kSmallPages, bool kPageAhead, bool kEvictFirst = false>
 __device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseDecodeParams& p, uint32_t sbase,
                                            const ChunkWalk& w, int kvh, int stage) {
   const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
   if constexpr (!kPageAhead) {
-    load_chunk_one_barrier<5, 128, kSmallPages>(tmap, p, w.r, w.tok, w.end, kvh, dst,
-                                                bar_addr(sbase, kKvFull + stage), sbase + kOffPageOk + stage * 8);
+    load_chunk_one_barrier<5, 128, kSmallPages, kEvictFirst>(tmap, p, w.r, w.tok, w.end, kvh, dst,
+                                                             bar_addr(sbase, kKvFull + stage), sbase + kOffPageOk + stage * 8);
   } else {
-    load_chunk_from_page<5, 128>(tmap, p, w.page, w.tok, kvh, dst, bar_addr(sbase, kKvFull + stage),
-                                 sbase + kOffPageOk + stage * 8);
+    load_chunk_from_page<5, 128, kEvictFirst>(tmap, p, w.page, w.tok, kvh, dst, bar_addr(sbase, kKvFull + stage),
+                                              sbase + kOffPageOk + stage * 8);
   }
 }
 
@@ -365,7 +366,7 @@ constexpr int kFirstLoads = kSmallPages ? kNumStages : 1;
 
 // The loads of the partition's first kFirstLoads chunks, by warp 0; returns the walk at chunk kNumStages (the next
 // chunk WG1 loads), in warp 0.
-template <bool kSmallPages, bool kPageAhead, int kNumStages = kStages>
+template <bool kSmallPages, bool kPageAhead, int kNumStages = kStages, bool kEvictFirst = false>
 __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p, const Partition& pt,
                                                  uint32_t sbase, int kvh, int warp) {
   ChunkWalk lw{pt.begin_req, 0, 0, 0};
@@ -373,7 +374,8 @@ __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const 
   if (warp == 0) {
 #pragma unroll 1
     for (int s = 0; s < kNumStages && lw.r <= pt.end_req; ++s) {
-      if (s < kFirstLoads<kSmallPages, kNumStages>) load_chunk<kSmallPages, kPageAhead>(tmap, p, sbase, lw, kvh, s);
+      if (s < kFirstLoads<kSmallPages, kNumStages>)
+        load_chunk<kSmallPages, kPageAhead, kEvictFirst>(tmap, p, sbase, lw, kvh, s);
       walk_next<kPageAhead>(p, pt, lw);
     }
   }
@@ -382,14 +384,15 @@ __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const 
 
 // WG2's part of the first loads: chunks kFirstLoads..kNumStages - 1 of the partition, by one warp. (Its own walk, so
 // it may read the pages ahead in either kernel.)
-template <bool kSmallPages, int kNumStages = kStages>
+template <bool kSmallPages, int kNumStages = kStages, bool kEvictFirst = false>
 __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                      const Partition& pt, uint32_t sbase, int kvh) {
   ChunkWalk lw{pt.begin_req, 0, 0, 0};
   walk_skip_empty<!kSmallPages>(p, pt, lw);
 #pragma unroll 1
   for (int s = 0; s < kNumStages && lw.r <= pt.end_req; ++s) {
-    if (s >= kFirstLoads<kSmallPages, kNumStages>) load_chunk<kSmallPages, !kSmallPages>(tmap, p, sbase, lw, kvh, s);
+    if (s >= kFirstLoads<kSmallPages, kNumStages>)
+      load_chunk<kSmallPages, !kSmallPages, kEvictFirst>(tmap, p, sbase, lw, kvh, s);
     walk_next<!kSmallPages>(p, pt, lw);
   }
 }

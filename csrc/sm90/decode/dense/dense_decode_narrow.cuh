@@ -37,6 +37,9 @@ using dense::kSlotBytes;
 using dense::narrow_row;
 
 constexpr int kThreads = 160;                             // the math warpgroup + the loading warp
+// The cache stream is loaded evict-first (the combine's partials stay in L2): 1.5-2.5% faster at b64 s8192 h16
+// (benchmarks/NOTES.md, session 24).
+constexpr bool kKvEvictFirst = true;
 constexpr int kTiles = kDQK / 64;                         // 9 column tiles of 64 values (128 bytes)
 constexpr int kStageBytes = kTiles * kSlotBytes;          // 64 tokens x 576 values
 constexpr int kQTileBytes = kNarrowRows * 128;            // 32 query rows x 128 bytes, 128B swizzle
@@ -131,15 +134,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
       if constexpr (kSmallPages) {
         mbar_wait(bar_empty + stage * 8, empty_parity);
-        dense::load_chunk_one_barrier<kTiles, 64, true>(&tmap, p, r, tok, end, kvh, dst, bar_full + stage * 8,
-                                                        sbase + kOffPageOk + stage * 8);
+        dense::load_chunk_one_barrier<kTiles, 64, true, kKvEvictFirst>(&tmap, p, r, tok, end, kvh, dst,
+                                                                       bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
       } else {
         // The chunk's page id is read before the wait: the refill then follows the release with nothing but
         // its TMA issues (the block-table read and the division by page_size overlap the wait).
         const int page = dense::chunk_page(p, r, tok);
         mbar_wait(bar_empty + stage * 8, empty_parity);
-        dense::load_chunk_from_page<kTiles, 64>(&tmap, p, page, tok, kvh, dst, bar_full + stage * 8,
-                                                sbase + kOffPageOk + stage * 8);
+        dense::load_chunk_from_page<kTiles, 64, kKvEvictFirst>(&tmap, p, page, tok, kvh, dst, bar_full + stage * 8,
+                                                               sbase + kOffPageOk + stage * 8);
       }
     });
     return;
