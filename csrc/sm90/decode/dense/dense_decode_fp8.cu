@@ -123,11 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_addr(smem);
-  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
-  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
-  float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
-  float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
-  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
+  const RowArrays arrays(smem);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -149,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, 16>(&tmap, p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, 16>(&tmap, p, pt, sbase, arrays.qscale, mtile, kvh, tid_wg);
     return;
   }
 
@@ -179,8 +175,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       int n_splits = 1;
       if (start < end) {
         mbar_wait(bar_addr(sbase, kQFull), qi & 1);
-        const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
-        const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];
+        const float sl0 = p.scale_log2 * descale_k * arrays.qscale[row0];
+        const float sl1 = p.scale_log2 * descale_k * arrays.qscale[row1];
 #pragma unroll 1
         for (int c = start; c < end; c += kBlockN, ++g) {
           const int stage = g % kStages, buf = g % kVtBufs;
@@ -191,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
           uint32_t pa[2][4];
           float sum0, sum1;
-          const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, s_page_ok[stage], sl0, sl1, max0, max1, pa,
+          const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, arrays.page_ok[stage], sl0, sl1, max0, max1, pa,
                                             sum0, sum1);
           rescale_add(o, l0, l1, u, sum0, sum1);
           mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
@@ -203,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // While the product runs: P and the factors for WG1, once its product with the previous P is done
           // (P's registers are only read here).
           mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
-          store_p_and_factors(sbase, s_alpha, pa, row0, row1, quad, u);
+          store_p_and_factors(sbase, arrays.alpha, pa, row0, row1, quad, u);
           fence_proxy_async();
           mbar_arrive_per_warp(bar_addr(sbase, kPFull));
           wgmma_wait<0>();
@@ -213,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // read before the wait for WG1 below, not after it (no register holds it across the chunks)
         n_splits = p.num_splits[r + 1] - p.num_splits[r];
         // row sums over the quad; WG1 takes them (and the maxima) from shared memory
-        store_row_stats(s_rowsum, s_rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
+        store_row_stats(arrays.rowsum, arrays.rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
         // Once WG1's product with this request's last P is done: WG1 passes its epilogue barrier of the previous
         // request before that product, so this warpgroup is never two arrivals ahead on the named barrier.
         mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
@@ -245,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int c = start; c < end; c += kBlockN, ++g) {
           const int buf = g % kVtBufs;
           mbar_wait(bar_addr(sbase, kPFull), g & 1);
-          rescale_rows(o, s_alpha[row0], s_alpha[row1]);
+          rescale_rows(o, arrays.alpha[row0], arrays.alpha[row1]);
           mbar_wait(bar_addr(sbase, kVtFull + buf), (g / kVtBufs) & 1);
           // The stage of chunk g is free: its QK is done (P is written) and so is its transpose.
           if (warp == 0 && lw.r <= pt.end_req) {
@@ -266,10 +262,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         named_bar_sync(kBarEpilogue, 256);
         const int b = (qi & 1) * 64;
-        l0 = s_rowsum[b + row0];
-        l1 = s_rowsum[b + row1];
-        max0 = s_rowmax[b + row0];
-        max1 = s_rowmax[b + row1];
+        l0 = arrays.rowsum[b + row0];
+        l1 = arrays.rowsum[b + row1];
+        max0 = arrays.rowmax[b + row0];
+        max1 = arrays.rowmax[b + row1];
         ++qi;
       }
       store_outputs<__nv_bfloat16>(p, o, r, kvh, 1, m0, m1, t0, t1, l0, l1, max0, max1, n_splits,
@@ -302,11 +298,7 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
                                                               const Partition& pt, uint8_t* smem, int mtile, int kvh,
                                                               int tid_wg) {
   const uint32_t sbase = smem_addr(smem);
-  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
-  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
-  float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
-  float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
-  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
+  const RowArrays arrays(smem);
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4, quad_col = 2 * quad;
   const int row0 = warp * 16 + lane / 4, row1 = row0 + 8;
   const int tile_row0 = mtile * kBlockM;
@@ -322,15 +314,15 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
     // Q of the request: this warpgroup's previous QK is done, so the Q tiles are free.
 #pragma unroll 1
     for (int row = warp * 16; row < warp * 16 + 16; row += kLargeQFillRows)
-      fill_q_rows<kLargeQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
+      fill_q_rows<kLargeQFillRows>(p, sbase, arrays.qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     named_bar_sync(kBarQFill, 128);
     if (qi == 0 && warp == 0) deferred_first_loads<false, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh);
     const int len = request_len(p, r);
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
     const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
-    const float sl0 = p.scale_log2 * descale_k * s_qscale[row0];
-    const float sl1 = p.scale_log2 * descale_k * s_qscale[row1];
+    const float sl0 = p.scale_log2 * descale_k * arrays.qscale[row0];
+    const float sl1 = p.scale_log2 * descale_k * arrays.qscale[row1];
     // The next request's Q is prefetched 4 chunks before this one's end (q_and_transpose_warpgroup says why).
     const int prefetch_at = max(start, end - 4 * kBlockN);
     float l0 = 0.f, l1 = 0.f, max0 = -INFINITY, max1 = -INFINITY;
@@ -345,16 +337,16 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       fence_all(s);
       uint32_t pa[2][4];
       float sum0, sum1;
-      const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, s_page_ok[stage], sl0, sl1, max0, max1, pa, sum0,
-                                        sum1);
+      const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, arrays.page_ok[stage], sl0, sl1, max0, max1, pa,
+                                        sum0, sum1);
       l0 = l0 * u.scale0 + sum0;
       l1 = l1 * u.scale1 + sum1;
       mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // both products with the previous P are done
-      store_p_and_factors(sbase, s_alpha, pa, row0, row1, quad, u);
+      store_p_and_factors(sbase, arrays.alpha, pa, row0, row1, quad, u);
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kPFull));
     }
-    store_row_stats(s_rowsum, s_rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
+    store_row_stats(arrays.rowsum, arrays.rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
     // Once both products with the request's last P are done (the epilogue barrier's arrivals then never run two
     // requests ahead of WG1 / WG2, as in the kernels above).
     mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);
@@ -368,9 +360,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
                                                               int half, int tid_wg) {
   constexpr int kRows = 16;  // query rows (O^T columns) per thread
   const uint32_t sbase = smem_addr(smem);
-  const float* s_alpha = reinterpret_cast<const float*>(smem + kOffAlpha);
-  const float* s_rowsum = reinterpret_cast<const float*>(smem + kOffRowSum);
-  const float* s_rowmax = reinterpret_cast<const float*>(smem + kOffRowMax);
+  const RowArrays arrays(smem);
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
   const float descale_k = *p.descale_k;
   ChunkWalk lw{pt.end_req + 1, 0, 0, 0};
@@ -396,7 +386,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         uint32_t a[4][2][4];
         v_fragments<4>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 4 * half);
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
-        rescale_columns<kBlockM, 4>(o, s_alpha, quad);
+        rescale_columns<kBlockM, 4>(o, arrays.alpha, quad);
         const uint64_t desc_p = desc_sw64(sbase + kOffP);
         fence_all(o);
         wgmma_fence();
@@ -419,8 +409,8 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
       const int b = (qi & 1) * 64;
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
-        l[k] = s_rowsum[b + narrow_row(k, quad)];
-        mx[k] = s_rowmax[b + narrow_row(k, quad)];
+        l[k] = arrays.rowsum[b + narrow_row(k, quad)];
+        mx[k] = arrays.rowmax[b + narrow_row(k, quad)];
       }
       ++qi;
     }

@@ -61,6 +61,21 @@ static_assert(kOffKV % 1024 == 0 && kOffVt % 1024 == 0 && kOffQRope % 512 == 0 &
 
 constexpr uint32_t kBarEpilogue = 1;  // named barrier: WG0's row sums and maxima are in shared memory for WG1
 
+// The per-row arrays every FP8 kernel keeps in shared memory (offsets above), as typed pointers.
+struct RowArrays {
+  float* qscale;            // dequantization factor of each Q row
+  float* alpha;             // WG0's rescale factors of the chunk in P (P^T)
+  float* rowsum;            // a request's row sums, by request parity
+  float* rowmax;            // its final row maxima (log2 domain)
+  const uint64_t* page_ok;  // per stage: bit k = token k's page is in the cache
+  __device__ __forceinline__ explicit RowArrays(uint8_t* smem)
+      : qscale(reinterpret_cast<float*>(smem + kOffQScale)),
+        alpha(reinterpret_cast<float*>(smem + kOffAlpha)),
+        rowsum(reinterpret_cast<float*>(smem + kOffRowSum)),
+        rowmax(reinterpret_cast<float*>(smem + kOffRowMax)),
+        page_ok(reinterpret_cast<const uint64_t*>(smem + kOffPageOk)) {}
+};
+
 // setmaxnreg budgets of the small-page 64-row kernel and the 32-row kernel, per page-size instantiation (the
 // large-page 64-row kernel has its own, dense_decode_fp8.cu); they must sum to the launch allotment
 // (3 x 168). In the 64-row kernel WG0 holds O (128), S (32) and P (8); in the 32-row kernel WG0 holds S^T (16)

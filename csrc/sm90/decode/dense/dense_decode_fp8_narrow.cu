@@ -58,13 +58,9 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
                                                          int tid_wg) {
   constexpr int kH = kNarrowRowsPerThread;
   const uint32_t sbase = smem_addr(smem);
-  const float* s_qscale = reinterpret_cast<const float*>(smem + kOffQScale);
-  float* s_alpha = reinterpret_cast<float*>(smem + kOffAlpha);
-  float* s_rowsum = reinterpret_cast<float*>(smem + kOffRowSum);
-  float* s_rowmax = reinterpret_cast<float*>(smem + kOffRowMax);
+  const RowArrays arrays(smem);
   float* s_colmax = reinterpret_cast<float*>(smem + kOffColMax);
   float* s_colsum = reinterpret_cast<float*>(smem + kOffColSum);
-  const uint64_t* s_page_ok = reinterpret_cast<const uint64_t*>(smem + kOffPageOk);
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
   const int tok0 = warp * 16 + lane / 4;  // this thread's tokens of a chunk: tok0, tok0 + 8
   const bool odd = (lane / 4) & 1;        // which column of each pair this lane writes to P^T
@@ -87,7 +83,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
       const int t = row_query_pos(p, n);
       lim[k] = min(end, p.causal ? len - p.s_q + t + 1 : len);
       lim_min = min(lim_min, lim[k]);
-      sl[k] = p.scale_log2 * descale_k * s_qscale[n];
+      sl[k] = p.scale_log2 * descale_k * arrays.qscale[n];
     }
     float run_max[kH], run_sum[kH];
 #pragma unroll
@@ -102,7 +98,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
       fence_all(s);
       if (c + kBlockN >= end) mbar_arrive_per_warp(bar_addr(sbase, kQEmpty));  // the request's last read of Q
       // scores in the log2 domain; -inf past a row's limit and for tokens whose page is outside the cache
-      const uint64_t page_ok = s_page_ok[stage];
+      const uint64_t page_ok = arrays.page_ok[stage];
       const bool in0 = (page_ok >> tok0) & 1, in1 = (page_ok >> (tok0 + 8)) & 1;
       float mx[kH];
       mask_scale_columns<kNarrowRows>(s, in0, in1, tok0, RowLimits{c + kBlockN > lim_min, c, lim}, RowScales{sl}, mx);
@@ -132,7 +128,7 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
       if (warp == 0 && lane < 4) {
 #pragma unroll
         for (int j = 0; j < kH / 2; ++j)
-          *reinterpret_cast<float2*>(s_alpha + 8 * j + 2 * quad) = make_float2(alpha[2 * j], alpha[2 * j + 1]);
+          *reinterpret_cast<float2*>(arrays.alpha + 8 * j + 2 * quad) = make_float2(alpha[2 * j], alpha[2 * j + 1]);
       }
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kPFull));
@@ -143,8 +139,8 @@ __device__ __forceinline__ void narrow_softmax_warpgroup(const DenseDecodeParams
       const int b = (qi & 1) * 64;
 #pragma unroll
       for (int k = 0; k < kH; ++k) {
-        s_rowsum[b + narrow_row(k, quad)] = run_sum[k];
-        s_rowmax[b + narrow_row(k, quad)] = run_max[k];
+        arrays.rowsum[b + narrow_row(k, quad)] = run_sum[k];
+        arrays.rowmax[b + narrow_row(k, quad)] = run_max[k];
       }
     }
     // Arrive only once WG1's product with this request's last P^T is done: WG1 passes its epilogue barrier of
@@ -191,10 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_addr(smem);
-  float* s_qscale = reinterpret_cast<float*>(smem + kOffQScale);
-  const float* s_alpha = reinterpret_cast<const float*>(smem + kOffAlpha);
-  const float* s_rowsum = reinterpret_cast<const float*>(smem + kOffRowSum);
-  const float* s_rowmax = reinterpret_cast<const float*>(smem + kOffRowMax);
+  const RowArrays arrays(smem);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -215,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q (rows 0..31) =======================
     set_warpgroup_registers<Budget<kSmallPages, true>::kRegsWG2>();
-    narrow_q_warpgroup<kSmallPages>(&tmap, p, pt, sbase, s_qscale, mtile, kvh, tid_wg);
+    narrow_q_warpgroup<kSmallPages>(&tmap, p, pt, sbase, arrays.qscale, mtile, kvh, tid_wg);
     return;
   }
   if (wg == 0) {
@@ -252,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint32_t a[8][2][4];
         v_fragments<8>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 0);
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
-        rescale_columns<kNarrowRows>(o, s_alpha, quad);
+        rescale_columns<kNarrowRows>(o, arrays.alpha, quad);
         const uint64_t desc_pt = desc_sw64(sbase + kOffP);
         fence_all(o);
         wgmma_fence();
@@ -277,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int b = (qi & 1) * 64;
 #pragma unroll
       for (int k = 0; k < kNarrowRowsPerThread; ++k) {
-        l[k] = s_rowsum[b + narrow_row(k, quad)];
-        mx[k] = s_rowmax[b + narrow_row(k, quad)];
+        l[k] = arrays.rowsum[b + narrow_row(k, quad)];
+        mx[k] = arrays.rowmax[b + narrow_row(k, quad)];
       }
       ++qi;
     }
