@@ -317,7 +317,8 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       fill_q_rows<kLargeQFillRows>(p, sbase, arrays.qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     named_bar_sync(kBarQFill, 128);
-    if (qi == 0 && warp == 0) deferred_first_loads<false, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh);
+    if (qi == 0 && warp == 0)
+      deferred_first_loads<false, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh);
     const int len = request_len(p, r);
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
     const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
