@@ -6,6 +6,10 @@ tool; those builds give wrong results and never go into the library):
                                                      loaded, every barrier kept)
   benchmarks/tools/fp8_large_pages_no_softmax.patch  WG0 writes P = 1 and factors 1 without the softmax arithmetic
   benchmarks/tools/fp8_large_pages_no_qk.patch       WG0 waits for the stage but issues no QK (S = 0)
+  benchmarks/tools/fp8_large_pages_no_v_fragments.patch  the product warpgroups skip the V^T fragment loads (A =
+                                                     constants): 32 KB less shared-memory reading per chunk
+  benchmarks/tools/fp8_large_pages_pv_twice.patch    the PV product issued twice: its tensor-core work and its
+                                                     32 KB of shared-memory operand reads doubled
 
 Usage (on the GPU machine, after `pip install --no-build-isolation --no-deps -e .`):
   python3 benchmarks/tools/fp8_large_pages_probe.py LABEL
