@@ -81,23 +81,18 @@ PAGE_SIZES = (64, 32, 16, 4, 1)
 
 def page_size_rows(page_sizes=PAGE_SIZES):
     """Op time per page size, BF16 and FP8 cache, next to pages of 64 (the one-load-per-tile kernel)."""
-    from torch_flashmla import kv_cache as kvc
     scale = D_QK ** -0.5
-    dk = torch.tensor([FP8_DESCALE], device=DEV)
     rows = []
     for b, s_q, s_k, h_q in PAGE_SHAPES:
         base = {}
         for page in page_sizes:
             q, cache, table, lens = inputs(b, s_q, s_k, h_q, page_size=page)
             meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
-            meta8, splits8 = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
-            cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
             us, _, _ = graph_time_us(
                 lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, scale, False, meta, splits))
             clock = sm_clock_mhz()
-            us8, _, _ = graph_time_us(
-                lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta8, splits8,
-                                                      None, dk))
+            fp8 = fp8_call(q, cache, table, lens)
+            us8, _, _ = graph_time_us(fp8)
             base.setdefault("bf16", us)
             base.setdefault("fp8", us8)
             rows.append(dict(kind="page", b=b, s_q=s_q, s_k=s_k, h_q=h_q, page_size=page, ours_us=us, fp8_us=us8,
@@ -105,7 +100,7 @@ def page_size_rows(page_sizes=PAGE_SIZES):
                              ours_tflops=decode_flops(b, s_q, s_k, h_q) / us / 1e6,
                              ours_gbs=decode_bytes(b, s_q, s_k, h_q) / us / 1e3,
                              fp8_gbs=decode_bytes(b, s_q, s_k, h_q, cache_bytes=1) / us8 / 1e3))
-            del q, cache, cache8, table, lens
+            del q, cache, fp8, table, lens
             torch.cuda.empty_cache()
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "bench_decode_pages.json"), "w") as f:
@@ -131,22 +126,27 @@ def decode_bytes(b, s_q, s_k, h_q, h_kv=1, cache_bytes=2):
 FP8_DESCALE = 2.0 ** -6
 
 
-def fp8_row(q, cache, table, lens, b, s_q, s_k, h_q, bf16_us):
-    """The FP8 dense decode of the same shape: the cache quantized per tensor (descale 2^-6), the plan made
-    with is_fp8_kvcache=True (33..64 query rows run as two 32-row tiles, half the partitions)."""
+def fp8_call(q, cache, table, lens):
+    """The FP8 dense decode call on the same inputs, as a function of no arguments: the cache quantized per tensor
+    (descale 2^-6, a copy), the plan made with is_fp8_kvcache=True."""
     from torch_flashmla import kv_cache as kvc
+    s_q, h_q = q.shape[1], q.shape[2]
     meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
-    dk = torch.tensor([FP8_DESCALE], device=DEV)
+    dk = torch.tensor([FP8_DESCALE], device=q.device)
     cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
     scale = D_QK ** -0.5
-    fn = lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta, splits,  # noqa: E731
-                                               None, dk)
+    return lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, scale, False, meta, splits, None, dk)
+
+
+def fp8_row(q, cache, table, lens, b, s_q, s_k, h_q, bf16_us):
+    """The FP8 dense decode of the same shape (fp8_call), timed as the BF16 rows are."""
+    fn = fp8_call(q, cache, table, lens)
     one_us = single_call_us(fn)
     med, _, _ = graph_time_us(fn)
     clock = sm_clock_mhz()
     flops = decode_flops(b, s_q, s_k, h_q)
     nbytes = decode_bytes(b, s_q, s_k, h_q, cache_bytes=1)
-    del cache8
+    del fn
     return dict(fp8_us=med, fp8_single_us=one_us, fp8_mhz=clock, fp8_tflops=flops / med / 1e6,
                 fp8_gbs=nbytes / med / 1e3, fp8_ratio=bf16_us / med)
 
