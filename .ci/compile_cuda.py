@@ -5,8 +5,8 @@ does not build for the GPU machine would pass it. This compiles each of them to 
 is linked: a CPU-only torch has no CUDA libraries) with setup.py's flags plus those that
 torch.utils.cpp_extension adds, host compilation included (cudafe++ and the host compiler run, as in
 the real build), once per C++ standard that torch's extension builder uses (c++17 up to torch 2.12,
-c++20 from 2.13). ptxas spill lines and wgmma-serialization lines are printed, not failed on (docs/design.md §8). The entry points
-compile against a CPU-only torch's headers with one generated header supplied (below).
+c++20 from 2.13). ptxas spill lines and wgmma-serialization lines are printed, not failed on (docs/design.md
+§8). The entry points compile against a CPU-only torch's headers with one generated header supplied (below).
 
 Exits 0 with a message when no nvcc is found.
 Usage: python .ci/compile_cuda.py [--jobs N] [--std c++17,c++20] [PATH_PART ...]
@@ -108,14 +108,14 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for src, std, proc, seconds in pool.map(run, jobs):
                 log = proc.stdout + proc.stderr
-                # spills, and wgmma serialized by ptxas (C7510-C7520 "Potential Performance Loss": every wgmma of
+                # spills, and wgmma serialized by ptxas (C7514 / C7515, "Potential Performance Loss": every wgmma of
                 # the kernel then waits for the one before, measured 19-27% slower in benchmarks/NOTES_fp8_decode.md)
-                spills = sorted({line.strip() for line in log.splitlines()
-                                 if any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line))
-                                 or "Potential Performance Loss" in line})
+                ptxas_lines = sorted({line.strip() for line in log.splitlines()
+                                      if any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line))
+                                      or "Potential Performance Loss" in line})
                 status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 print(f"  {status:20} {seconds:5.1f} s  -std={std}  {src}", flush=True)
-                for line in spills:
+                for line in ptxas_lines:
                     print(f"      ptxas: {line}")
                 if proc.returncode != 0:
                     failures.append(src)

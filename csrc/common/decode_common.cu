@@ -183,7 +183,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
           acc[k].w += weight * partial[j][k].w;
         }
       }
-      if (i + kSplitsInFlight < n) load_partial(p.oacc + (row0 + (size_t)(i + kSplitsInFlight) * row_stride) * 512, lane, partial[j]);
+      if (i + kSplitsInFlight < n)
+        load_partial(p.oacc + (row0 + (size_t)(i + kSplitsInFlight) * row_stride) * 512, lane, partial[j]);
     }
   }
   if (p.attn_sink != nullptr) {  // sigmoid(lse - sink): the sink's share of the softmax is dropped

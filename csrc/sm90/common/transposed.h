@@ -121,7 +121,8 @@ __device__ __forceinline__ void exp_columns(float (&s)[kN / 2], const float (&ba
 
 // O^T's columns (kMTiles m64 tiles) times alpha, skipped when no column of the warp changes.
 template <int kN, int kMTiles = 8>
-__device__ __forceinline__ void rescale_columns(float (&o)[kMTiles][kN / 2], const float (&alpha)[kN / 4], bool rescale) {
+__device__ __forceinline__ void rescale_columns(float (&o)[kMTiles][kN / 2], const float (&alpha)[kN / 4],
+                                                bool rescale) {
   if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
     for (int i = 0; i < kMTiles; ++i)

@@ -302,9 +302,9 @@ __device__ __forceinline__ void load_chunk_one_barrier(const CUtensorMap* tmap, 
                                                        uint32_t mask_addr) {
   const int* bt_row = block_table_row(p, r);
   if constexpr (kSmallPages) {
-    load_tiles_small_pages<kColsPerLoad, false, kEvictFirst>(tmap, bt_row, p.page_div_mul, p.page_div_shift, p.page_size,
-                                                p.page_rows_log2, p.num_blocks, tok, end, kvh, dst, bar, mask_addr, 0,
-                                                kLoads);
+    load_tiles_small_pages<kColsPerLoad, false, kEvictFirst>(tmap, bt_row, p.page_div_mul, p.page_div_shift,
+                                                             p.page_size, p.page_rows_log2, p.num_blocks, tok, end,
+                                                             kvh, dst, bar, mask_addr, 0, kLoads);
   } else {
     if (threadIdx.x % 32 != 0) return;
     // chunk_page, written out on bt_row: through chunk_page nvcc 13.0 schedules the FP8 64-row kernel differently.

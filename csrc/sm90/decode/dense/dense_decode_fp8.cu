@@ -66,8 +66,8 @@ __device__ __forceinline__ void exp_pack_e4m3(uint32_t (&pa)[2][4], float (&s)[3
 // is outside the cache, the running maxima (log2 domain, sl = the rows' scales) updated, P = exp2(S sl - base)
 // rounded to e4m3 into pa (V^T's token order) and this thread's row sums of the unrounded values.
 __device__ __forceinline__ MaxUpdate softmax_chunk(float (&s)[32], int chunk_tok, int lim0, int lim1, int quad_col,
-                                                   const uint64_t& page_ok, float sl0, float sl1, float& max0, float& max1,
-                                                   uint32_t (&pa)[2][4], float& sum0, float& sum1) {
+                                                   const uint64_t& page_ok, float sl0, float sl1, float& max0,
+                                                   float& max1, uint32_t (&pa)[2][4], float& sum0, float& sum1) {
   float mx0, mx1;
   mask_tail(s, chunk_tok, lim0, lim1, quad_col);
   mask_pages(s, page_ok, quad_col);
@@ -81,8 +81,8 @@ __device__ __forceinline__ MaxUpdate softmax_chunk(float (&s)[32], int chunk_tok
 
 // WG0 of both 64-row kernels: P of the chunk (e4m3 A fragments pa, V^T's token order) and the rescale factors into
 // shared memory for the product warpgroups.
-__device__ __forceinline__ void store_p_and_factors(uint32_t sbase, float* s_alpha, const uint32_t (&pa)[2][4], int row0,
-                                                    int row1, int quad, const MaxUpdate& u) {
+__device__ __forceinline__ void store_p_and_factors(uint32_t sbase, float* s_alpha, const uint32_t (&pa)[2][4],
+                                                    int row0, int row1, int quad, const MaxUpdate& u) {
 #pragma unroll
   for (int kb = 0; kb < 2; ++kb) {
 #pragma unroll

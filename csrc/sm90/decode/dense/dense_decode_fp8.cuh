@@ -327,7 +327,8 @@ __device__ __forceinline__ void load_chunk(const CUtensorMap* tmap, const DenseD
   const uint32_t dst = sbase + kOffKV + stage * kStageBytes;
   if constexpr (!kPageAhead) {
     load_chunk_one_barrier<5, 128, kSmallPages, kEvictFirst>(tmap, p, w.r, w.tok, w.end, kvh, dst,
-                                                             bar_addr(sbase, kKvFull + stage), sbase + kOffPageOk + stage * 8);
+                                                             bar_addr(sbase, kKvFull + stage),
+                                                             sbase + kOffPageOk + stage * 8);
   } else {
     load_chunk_from_page<5, 128, kEvictFirst>(tmap, p, w.page, w.tok, kvh, dst, bar_addr(sbase, kKvFull + stage),
                                               sbase + kOffPageOk + stage * 8);

@@ -135,7 +135,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kSmallPages) {
         mbar_wait(bar_empty + stage * 8, empty_parity);
         dense::load_chunk_one_barrier<kTiles, 64, true, kKvEvictFirst>(&tmap, p, r, tok, end, kvh, dst,
-                                                                       bar_full + stage * 8, sbase + kOffPageOk + stage * 8);
+                                                                       bar_full + stage * 8,
+                                                                       sbase + kOffPageOk + stage * 8);
       } else {
         // The chunk's page id is read before the wait: the refill then follows the release with nothing but
         // its TMA issues (the block-table read and the division by page_size overlap the wait).
