@@ -15,14 +15,16 @@ Usage (on the GPU machine, after `pip install --no-build-isolation --no-deps -e 
   python3 benchmarks/tools/fp8_large_pages_probe.py LABEL
   git apply PATCH && python3 setup.py build_ext --inplace && python3 benchmarks/tools/fp8_large_pages_probe.py LABEL
   git apply -R PATCH
-Prints one line: `AB LABEL shape µs | ...` (L2 = L2-resident cache). Results: benchmarks/NOTES_fp8_decode.md, session 25.
+Prints one line: `AB LABEL shape µs | ...` (L2 = L2-resident cache). Results: benchmarks/NOTES_fp8_decode.md,
+session 25.
 
   python3 benchmarks/tools/fp8_large_pages_probe.py --calls B S_Q S_K H_Q [L2_PAGES]
 six eager FP8 calls of that shape (cache in L2_PAGES pages when given), for Nsight Compute:
   ncu --clock-control none --kernel-name regex:dense_decode_fp8_large_pages_kernel --launch-skip 3 --launch-count 1
       --section SpeedOfLight --section WarpStateStats --section SourceCounters -o REPORT python3 ... --calls ...
   ncu --import REPORT.ncu-rep --page source --csv --print-source sass | gzip > CSV.gz
-  python3 benchmarks/tools/ncu_source_report.py CSV.gz --barriers kv_full=0x38620,wg2_done=0x38640,p_full=0x38660,p_empty=0x38668
+  python3 benchmarks/tools/ncu_source_report.py CSV.gz \
+      --barriers kv_full=0x38620,wg2_done=0x38640,p_full=0x38660,p_empty=0x38668
 (barrier offsets of the tree at 6f02d23: `kOffBar` of dense_decode_fp8.cuh is 0x38620 from the 1024-aligned base;
 the roles print as "dec 104" (WG0) and "inc 200" (the product warpgroups).)
 """
