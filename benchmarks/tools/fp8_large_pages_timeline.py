@@ -2,12 +2,13 @@
 
 Needs a development build with the marks of benchmarks/tools/fp8_large_pages_timeline.patch (`git apply
 benchmarks/tools/fp8_large_pages_timeline.patch`, rebuild; `git apply -R` afterwards; that build's output is wrong
-on purpose): thread 0 of each warpgroup stores clock64 at 16 points of chunks 40..43 of its CTA (WG0: before the QK,
-QK issued, QK done, softmax done, PEmpty passed, PFull arrived; WG1: stage full, PFull passed, PV issued, PV done;
-WG2: PFull passed, PV done; WG1's loading warp: PEmpty arrived, VtFull passed, loads
-issued, walked on), and WG1 copies them over the output row of the CTA's last request. b 132, s_q 1, h_q
-64, s_k 8192: one request per CTA, no splits. Prints, per mark, the median over the CTAs of SM clocks after WG0's
-first mark of chunk 40, for the four chunks, and the median chunk period.
+on purpose): thread 0 of each warpgroup stores clock64 at 16 points of chunks 40..43 of its CTA (WG0: before the
+QK, QK issued, QK done, softmax done, PEmpty passed, P stored; WG1: stage full, PFull passed, PV issued, PV done;
+WG2: PFull passed, PV done; WG1's loading warp: PEmpty arrived, and for the refill of the chunk's stage, which it
+issues in its next iteration: VtFull passed, loads issued, walked on), and WG1 copies them over the output row of
+the CTA's last request. b 132, s_q 1, h_q 64, s_k 8192: one request per CTA, no splits. Prints, per mark, the
+median over the CTAs of SM clocks after WG0's first mark of chunk 40, for the four chunks, and the median chunk
+period.
 Usage: python3 benchmarks/tools/fp8_large_pages_timeline.py LABEL
 """
 import os
@@ -21,7 +22,7 @@ from bench_decode import fp8_call, inputs  # noqa: E402
 from bench_timing import graph_time_us, sm_clock_mhz  # noqa: E402
 
 MARKS = ["WG0 before QK", "WG0 QK issued", "WG0 QK done", "WG0 softmax done", "WG0 PEmpty passed",
-         "WG0 PFull arrived", "WG1 stage full", "WG1 PFull passed", "WG1 PV issued", "WG1 PV done",
+         "WG0 P stored", "WG1 stage full", "WG1 PFull passed", "WG1 PV issued", "WG1 PV done",
          "WG2 PFull passed", "WG2 PV done", "WG1 PEmpty arrived", "WG1 w0 VtFull passed", "WG1 w0 loads issued",
          "WG1 w0 walked on"]
 CHUNKS = 4

@@ -281,7 +281,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // WG1 / WG2: O^T (dims 256 h.. of 512, h = wg - 1; 64 query rows: four m64n64 accumulators, 128 fp32 per thread)
 //      += V^T P^T: A = V^T's fragments from the cache tile (v_fragments, dense_decode_fp8.cuh), B = P as WG0 wrote it
 //      (P[row][token] K-major is P^T's B layout); each stores its dims of every request. WG1's warp 0 issues the
-//      loads; a stage is refilled once both products with its chunk are done (WG2's through kVtFull + parity).
+//      loads; a stage is refilled once both products with its chunk are done (WG2's through kVtFull + parity), in
+//      WG1's next iteration after its V^T fragments, while P of that chunk is not yet there.
+// WG0 hands P of chunk g over once its QK of chunk g + 1 is done, so the PV runs beside the softmax, and the
+// loading warp's refill (~1,100 clocks per chunk) is off the path from one PV to the next: 2-12% faster per row
+// (benchmarks/NOTES_fp8_decode.md, session 26).
 // No V transpose and no V^T buffers: four stages, as in the 32-row kernel.
 constexpr uint32_t kBarQFill = 2;  // named barrier: WG0's Q rows written before any of its warps' QK
 // setmaxnreg: WG0 holds S (32), P (8) and, at a request's start, the Q fill's loads (48); WG1 / WG2 O^T (128) and
@@ -336,6 +340,10 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       qk_fp8<64>(s, sbase, stage, (g / kNarrowStages) & 1);
       wgmma_wait<0>();
       fence_all(s);
+      // P of the previous chunk goes to the products only now that this QK is done: their PV then runs beside
+      // this chunk's softmax instead of sharing the tensor cores with the QK (and leaving them idle during the
+      // softmax).
+      if (c != start) mbar_arrive_per_warp(bar_addr(sbase, kPFull));
       uint32_t pa[2][4];
       float sum0, sum1;
       const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, arrays.page_ok[stage], sl0, sl1, max0, max1, pa,
@@ -345,8 +353,8 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // both products with the previous P are done
       store_p_and_factors(sbase, arrays.alpha, pa, row0, row1, quad, u);
       fence_proxy_async();
-      mbar_arrive_per_warp(bar_addr(sbase, kPFull));
     }
+    mbar_arrive_per_warp(bar_addr(sbase, kPFull));  // the request's last P
     store_row_stats(arrays.rowsum, arrays.rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
     // Once both products with the request's last P are done (the epilogue barrier's arrivals then never run two
     // requests ahead of WG1 / WG2, as in the kernels above).
@@ -367,6 +375,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
   ChunkWalk lw{pt.end_req + 1, 0, 0, 0};
   if (half == 0) lw = first_loads<false, true, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh, warp);
   uint32_t g = 0, qi = 0;
+  bool refill_pending = false;  // the stage of chunk g - 1 waits for its refill (WG1's loading warp)
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, pt, r, start, end);
@@ -386,6 +395,15 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kNarrowStages) & 1);
         uint32_t a[4][2][4];
         v_fragments<4>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 4 * half);
+        // The refill of the previous chunk's stage, while P of this chunk is not yet there (WG0 hands it over
+        // after its next QK): the loading warp's work off the path from one PV to the next.
+        if (refill_pending) {
+          refill_pending = false;
+          const uint32_t gp = g - 1;
+          mbar_wait(bar_addr(sbase, kVtFull + (gp & 1)), (gp >> 1) & 1);
+          load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, lw, kvh, gp % kNarrowStages);
+          walk_next<true>(p, pt, lw);
+        }
         mbar_wait(bar_addr(sbase, kPFull), g & 1);
         rescale_columns<kBlockM, 4>(o, arrays.alpha, quad);
         const uint64_t desc_p = desc_sw64(sbase + kOffP);
@@ -400,11 +418,7 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         fence_all(o);
         mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
         if (half == 1) mbar_arrive_per_warp(bar_addr(sbase, kVtFull + (g & 1)));  // its reads of the stage are done
-        if (half == 0 && warp == 0 && lw.r <= pt.end_req) {
-          mbar_wait(bar_addr(sbase, kVtFull + (g & 1)), (g >> 1) & 1);
-          load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, lw, kvh, stage);
-          walk_next<true>(p, pt, lw);
-        }
+        refill_pending = half == 0 && warp == 0 && lw.r <= pt.end_req;
       }
       named_bar_sync(kBarEpilogue, 384);
       const int b = (qi & 1) * 64;
