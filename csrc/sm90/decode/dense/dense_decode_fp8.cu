@@ -284,8 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 //      loads; a stage is refilled once both products with its chunk are done (WG2's through kVtFull + parity), in
 //      WG1's next iteration after its V^T fragments, while P of that chunk is not yet there.
 // WG0 hands P of chunk g over once its QK of chunk g + 1 is done, so the PV runs beside the softmax, and the
-// loading warp's refill (~1,100 clocks per chunk) is off the path from one PV to the next: 2-12% faster per row
-// (benchmarks/NOTES_fp8_decode.md, session 26).
+// loading warp's refill (~1,100 clocks per chunk) is off the path from one PV to the next: 1.5-12% less time on six
+// of seven 64-row rows in both pairs of the A/B (benchmarks/NOTES_fp8_decode.md, session 26).
 // No V transpose and no V^T buffers: four stages, as in the 32-row kernel.
 constexpr uint32_t kBarQFill = 2;  // named barrier: WG0's Q rows written before any of its warps' QK
 // setmaxnreg: WG0 holds S (32), P (8) and, at a request's start, the Q fill's loads (48); WG1 / WG2 O^T (128) and
