@@ -197,7 +197,12 @@ def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
         out: 2^-4 sum_j p_j |v_j| + 2^-10 max_j p_j sum_j |v_j|     (P's rounding)
              + 2 * lse bound * sum_j p_j |v_j|                        (the scores)
-             + 2^-8 |out|                                             (bf16 output, both sides)"""
+             + 2^-9 sum_j p_j |v_j|                                   (split partials rounded to bf16)
+             + 2^-8 |out|                                             (bf16 output, both sides)
+
+    The partials' term: a split piece's output O_i = sum_(j in i) p_j v_j / l_i, rounded to bf16 (relative
+    2^-9), enters with weight l_i / l, so it adds at most 2^-9 sum_j p_j |v_j| (the 32-row kernel writes bf16
+    partials; docs/design.md §4.2)."""
     b, s_q, h_q, _ = q.shape
     out_bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse_bound = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
@@ -208,7 +213,7 @@ def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
         pmax = probs.amax(dim=-1, keepdim=True)
         out = torch.einsum("ktgs,ksd->ktgd", probs, values).abs()
         score_err = 2.0 ** -11 * mags                                           # [h_kv, s_q, group]
-        e = ((2.0 ** -4 + 2 * score_err[..., None]) * weighted + 2.0 ** -10 * pmax * av.sum(dim=1)[:, None, None, :]
+        e = ((2.0 ** -4 + 2.0 ** -9 + 2 * score_err[..., None]) * weighted + 2.0 ** -10 * pmax * av.sum(dim=1)[:, None, None, :]
              + 2.0 ** -8 * out)
         out_bound[i] = e.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
         lse_bound[i] = score_err.permute(0, 2, 1).reshape(h_q, s_q)

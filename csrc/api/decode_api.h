@@ -67,14 +67,19 @@ inline at::Tensor q_for_kernel(const at::Tensor& q) {
   return q;
 }
 
-// Merges the split partials oacc [acc_rows, h_kv, m_total, 512] / lseacc [acc_rows, h_kv, m_total]
+// Merges the split partials oacc [acc_rows, h_kv, m_total, 512] (fp32, or bf16 with a bf16 out) / lseacc
+// [acc_rows, h_kv, m_total] fp32
 // into out [b, s_q, h_q, 512] and lse [b, h_q, s_q] (requests with one piece were written by the
 // attention kernel). attn_sink [h_q] or nullptr.
 inline void combine_splits(const at::Tensor& oacc, const at::Tensor& lseacc, const at::Tensor& num_splits,
                            at::Tensor& out, at::Tensor& lse, const float* attn_sink, int64_t h_kv,
                            cudaStream_t stream) {
   common::CombineParams cp{};
-  cp.oacc = oacc.data_ptr<float>();
+  TORCH_INTERNAL_ASSERT(oacc.scalar_type() == at::kFloat ||
+                            (oacc.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16),
+                        "combine_splits: oacc must be float32, or bfloat16 with a bfloat16 out");
+  cp.oacc = oacc.data_ptr();
+  cp.oacc_bf16 = oacc.scalar_type() == at::kBFloat16;
   cp.lseacc = lseacc.data_ptr<float>();
   cp.num_splits = num_splits.data_ptr<int>();
   cp.out = out.data_ptr();

@@ -167,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   // the rows of different requests never overlap, and E <= num_sm_parts (one extra piece per
   // partition at most) bounds every row by 2 * num_sm_parts.
   const int64_t acc_rows = 2 * num_sm_parts + 1;
-  at::Tensor oacc = at::empty({acc_rows, h_kv, m_total, fs::kDV}, q.options().dtype(at::kFloat));
+  const bool bf16_partials = fs::split_partials_bf16(fp8, m_total);  // the FP8 32-row kernel's
+  at::Tensor oacc = at::empty({acc_rows, h_kv, m_total, fs::kDV}, q.options().dtype(bf16_partials ? at::kBFloat16 : at::kFloat));
   at::Tensor lseacc = at::empty({acc_rows, h_kv, m_total}, q.options().dtype(at::kFloat));
 
   fs::DenseDecodeParams p{};
@@ -177,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   p.q_head_stride = q.stride(2);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.oacc = oacc.data_ptr<float>();
+  p.oacc = oacc.data_ptr();
   p.lseacc = lseacc.data_ptr<float>();
   p.acc_rows = static_cast<int>(acc_rows);
   p.block_table = block_table.data_ptr<int>();

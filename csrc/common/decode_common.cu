@@ -113,13 +113,24 @@ __device__ __forceinline__ void load_partial(const float* oacc_row, int lane, fl
 #pragma unroll
   for (int k = 0; k < 4; ++k) v[k] = src[k * 32 + lane];
 }
+__device__ __forceinline__ void load_partial(const __nv_bfloat16* oacc_row, int lane, float4 (&v)[4]) {
+  const uint2* src = reinterpret_cast<const uint2*>(oacc_row);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint2 u = src[k * 32 + lane];
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    v[k] = make_float4(a.x, a.y, b.x, b.y);
+  }
+}
 
 // One warp per (request, kv head, query row); each lane owns 16 of the 512 columns. Latency-bound (a few
 // splits per row): the plan is read before the wait for the attention kernel, and after it the split
 // statistics and the first kSplitsInFlight partial rows are loaded together, so a row costs about one
-// round trip to L2 for every kSplitsInFlight splits.
-template <typename T>
+// round trip to L2 for every kSplitsInFlight splits. T: out's type; AccT: the partials' (float or bf16).
+template <typename T, typename AccT>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombineParams p) {
+  const AccT* oacc = static_cast<const AccT*>(p.oacc);
   const int r = blockIdx.x;
   const int kvh = blockIdx.y;
   const int m = blockIdx.z * kCombineWarps + threadIdx.x / 32;
@@ -140,7 +151,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   float4 partial[kSplitsInFlight][4];
 #pragma unroll
   for (int j = 0; j < kSplitsInFlight; ++j)
-    if (j < n) load_partial(p.oacc + (row0 + (size_t)j * row_stride) * 512, lane, partial[j]);
+    if (j < n) load_partial(oacc + (row0 + (size_t)j * row_stride) * 512, lane, partial[j]);
   // Lane i holds split i's lse (splits 32.. are read again where needed: a request over more than 32 partitions).
   const float lane_lse = lane < n ? p.lseacc[row0 + (size_t)lane * row_stride] : -INFINITY;
   float mx = lane_lse;
@@ -184,7 +195,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
         }
       }
       if (i + kSplitsInFlight < n)
-        load_partial(p.oacc + (row0 + (size_t)(i + kSplitsInFlight) * row_stride) * 512, lane, partial[j]);
+        load_partial(oacc + (row0 + (size_t)(i + kSplitsInFlight) * row_stride) * 512, lane, partial[j]);
     }
   }
   if (p.attn_sink != nullptr) {  // sigmoid(lse - sink): the sink's share of the softmax is dropped
@@ -225,10 +236,12 @@ void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream) {
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  if (is_bf16) {
-    cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p);
+  if (p.oacc_bf16) {
+    cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, __nv_bfloat16>, p);
+  } else if (is_bf16) {
+    cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, float>, p);
   } else {
-    cudaLaunchKernelEx(&config, combine_kernel<__half>, p);
+    cudaLaunchKernelEx(&config, combine_kernel<__half, float>, p);
   }
 }
 

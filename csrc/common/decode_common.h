@@ -14,17 +14,18 @@ constexpr int kMetadataWidth = 8;
 void launch_planner(const int* seqlens, int b, int num_sm_parts, int* metadata, int* num_splits, cudaStream_t stream);
 
 struct CombineParams {
-  const float* oacc;     // [acc_rows, h_kv, m_total, 512]
+  const void* oacc;      // [acc_rows, h_kv, m_total, 512] fp32, or bf16 with oacc_bf16
   const float* lseacc;   // [acc_rows, h_kv, m_total]
   const int* num_splits; // [b + 1]
   void* out;             // [b, s_q, h_q, 512] (bf16 or fp16)
   float* lse;            // [b, h_q, s_q]
   const float* attn_sink;  // [h_q] fp32 or nullptr: out *= exp(lse) / (exp(lse) + exp(attn_sink))
   int b, s_q, h_q, h_kv, group, m_total, acc_rows;
+  bool oacc_bf16;        // bf16 partials (the FP8 dense path); only with a bf16 out
 };
 
 // Merges the partials of every request with more than one split (the others are written by the
-// attention kernel and skipped here).
+// attention kernel and skipped here). is_bf16: out is bf16 (else fp16).
 void launch_combine(const CombineParams& p, bool is_bf16, cudaStream_t stream);
 
 }  // namespace common

@@ -16,6 +16,11 @@ constexpr int kBlockM = 64;   // query rows per CTA (rows = s_q * h_q / h_kv of 
 constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of one page, or of several small ones)
 constexpr int kNarrowRows = 32;  // query rows per kv head up to which the transposed (32-row) kernels run
 
+// Split partials in bf16 instead of fp32: those of the FP8 32-row kernel (an FP8 cache, m_total <= kNarrowRows).
+// Their rounding (2^-9 relative) is small beside P's e4m3 rounding (2^-4); half the scratch traffic measured 1-4%
+// faster on the 32-row rows, while the 64-row FP8 kernel measured 0-4% slower with them (docs/design.md §4.2).
+inline bool split_partials_bf16(bool fp8, int64_t m_total) { return fp8 && m_total <= kNarrowRows; }
+
 struct DenseDecodeParams {
   // q [b, s_q, h_q, 576]; element strides (last dim contiguous)
   const void* q;
@@ -23,8 +28,9 @@ struct DenseDecodeParams {
   // out [b, s_q, h_q, 512] contiguous; lse [b, h_q, s_q] fp32 contiguous
   void* out;
   float* lse;
-  // split partials: oacc [rows, h_kv, m_total, 512] fp32, lseacc [rows, h_kv, m_total]
-  float* oacc;
+  // split partials: oacc [rows, h_kv, m_total, 512] (fp32; bf16 where split_partials_bf16), lseacc [rows, h_kv,
+  // m_total] fp32
+  void* oacc;
   float* lseacc;
   int acc_rows;
   const int* block_table;

@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include <type_traits>
+
 #include "sm90/common/seesaw.h"
 #include "sm90/common/sm90_ptx.h"
 #include "sm90/decode/dense/dense_decode.h"
@@ -115,7 +117,7 @@ __device__ __forceinline__ RowResult finish_row(float l, float max, float out_mu
 }
 
 // First element of request r's split piece split_idx (kv head kvh) in the split scratch: rows of
-// m_total x 512 fp32 in oacc, m_total values in lseacc. The row index is clamped into the scratch.
+// m_total x 512 values in oacc, m_total values in lseacc. The row index is clamped into the scratch.
 __device__ __forceinline__ int64_t split_scratch_base(const DenseDecodeParams& p, int r, int kvh, int split_idx) {
   int row = 2 * (p.num_splits[r] - r) + split_idx;
   row = max(0, min(row, p.acc_rows - 1));
@@ -147,7 +149,7 @@ __device__ __forceinline__ void store_outputs(const DenseDecodeParams& p, const 
     }
   } else {
     const int64_t base = split_scratch_base(p, r, kvh, split_idx);
-    float* acc = p.oacc + wg * 256;
+    float* acc = static_cast<float*>(p.oacc) + wg * 256;
     store_rows_f32(acc + (base + m0) * kDV, acc + (base + m1) * kDV, o, inv0, inv1, ok0, ok1, lane4);
     if (wg == 0 && lane4 == 0) {
       if (ok0) p.lseacc[base + m0] = lse0;
@@ -169,25 +171,50 @@ __device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) 
 // A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its columns (w = warp of the warpgroup, i = lane / 4):
 // lanes i and i ^ 1 swap one value each, so that every lane stores two adjacent dims of a row. With kDimPairs the
 // accumulator rows i and i + 8 are dims 64 m + 16 w + 2 i + {0, 1} already (the FP8 kernels' V^T fragment order).
-template <typename T, bool kDimPairs = false, int kMTiles = 8, int kRows = kNarrowRowsPerThread>
+// AccT: the split scratch's element type: float, or T itself (bf16 partials of the FP8 kernels, with kDimPairs).
+template <typename T, bool kDimPairs = false, int kMTiles = 8, int kRows = kNarrowRowsPerThread, typename AccT = float>
 __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams& p, const float (&o)[kMTiles][2 * kRows],
                                                          int r, int kvh, int tile_row0, const float (&l)[kRows],
                                                          const float (&mx)[kRows], int n_splits, int split_idx,
                                                          float out_mult, int warp, int lane, int dim0 = 0,
                                                          bool store_lse = true) {
+  static_assert(std::is_same_v<AccT, float> || (std::is_same_v<AccT, T> && kDimPairs),
+                "16-bit partials: out's type, in the FP8 kernels' dim-pair order");
+  constexpr bool kSameType = std::is_same_v<AccT, T>;
   const int quad = lane % 4, i = lane / 4;
   const bool odd = i & 1;
   const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
+  // 16-bit partials: O^T scaled and packed first (half its registers; stored in place, the 200-register product
+  // warpgroups of the large-page kernel spilled), then one store path whatever the destination.
+  uint32_t packed[kSameType ? kMTiles : 1][kSameType ? kRows : 1];
+  float row_lse[kSameType ? kRows : 1];
+  if constexpr (kSameType) {
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) {
+      const RowResult res = finish_row(l[k], mx[k], out_mult, n_splits);
+      row_lse[k] = res.lse;
+      const int j = k / 2, e = k % 2;
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+        packed[m][k] = TypeOps<T>::pack(o[m][4 * j + e] * res.scale, o[m][4 * j + 2 + e] * res.scale);
+      }
+    }
+  }
 #pragma unroll
   for (int k = 0; k < kRows; ++k) {
     const int n = tile_row0 + narrow_row(k, quad);
     const bool ok = n < p.m_total;
     const int nn = ok ? n : 0;
     const QueryRow row = query_row(p, kvh, nn);
-    const RowResult res = finish_row(l[k], mx[k], out_mult, n_splits);
+    RowResult res{0.f, 0.f};
+    if constexpr (kSameType) {
+      res.lse = row_lse[k];
+    } else {
+      res = finish_row(l[k], mx[k], out_mult, n_splits);
+    }
     const float inv = res.scale, lse = res.lse;
     T* out_row = reinterpret_cast<T*>(p.out) + out_offset(p, r, row);
-    float* acc_row = p.oacc + (acc_base + nn) * kDV;
+    AccT* acc_row = static_cast<AccT*>(p.oacc) + (acc_base + nn) * kDV;
     if (ok && store_lse && warp == 0 && i == 0) {
       if (n_splits == 1) {
         p.lse[lse_offset(p, r, row)] = lse;
@@ -195,19 +222,27 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
         p.lseacc[acc_base + n] = lse;
       }
     }
-    const int j = k / 2, e = k % 2;
+    if constexpr (kSameType) {
+      T* dst = n_splits == 1 ? out_row : reinterpret_cast<T*>(acc_row);
 #pragma unroll
-    for (int m = 0; m < kMTiles; ++m) {
-      const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8 (kDimPairs: d, d + 1)
-      const float other = kDimPairs ? 0.f : __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-      // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8, its own)
-      const float2 pair = kDimPairs ? make_float2(v0, v1) : odd ? make_float2(other, v1) : make_float2(v0, other);
-      const int dim = dim0 + 64 * m + 16 * warp + (kDimPairs ? 2 * i : odd ? i - 1 + 8 : i);
-      if (!ok) continue;
-      if (n_splits == 1) {
-        *reinterpret_cast<uint32_t*>(out_row + dim) = TypeOps<T>::pack(pair.x, pair.y);
-      } else {
-        *reinterpret_cast<float2*>(acc_row + dim) = pair;
+      for (int m = 0; m < kMTiles; ++m)
+        if (ok) *reinterpret_cast<uint32_t*>(dst + dim0 + 64 * m + 16 * warp + 2 * i) = packed[m][k];
+    } else {
+      const int j = k / 2, e = k % 2;
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+        const float v0 = o[m][4 * j + e] * inv, v1 = o[m][4 * j + 2 + e] * inv;  // dims d, d + 8 (kDimPairs: d, d + 1)
+        const float other = kDimPairs ? 0.f : __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+        // even lane: dims d, d + 1 (its d and the odd lane's); odd lane: dims d + 7, d + 8 (the even lane's d + 8,
+        // its own)
+        const float2 pair = kDimPairs ? make_float2(v0, v1) : odd ? make_float2(other, v1) : make_float2(v0, other);
+        const int dim = dim0 + 64 * m + 16 * warp + (kDimPairs ? 2 * i : odd ? i - 1 + 8 : i);
+        if (!ok) continue;
+        if (n_splits == 1) {
+          *reinterpret_cast<uint32_t*>(out_row + dim) = TypeOps<T>::pack(pair.x, pair.y);
+        } else {
+          *reinterpret_cast<float2*>(acc_row + dim) = pair;
+        }
       }
     }
     // One row's stores at a time: without the exchange above nothing orders the rows, and ptxas, holding every
