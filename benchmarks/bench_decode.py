@@ -126,6 +126,13 @@ def decode_bytes(b, s_q, s_k, h_q, h_kv=1, cache_bytes=2):
 FP8_DESCALE = 2.0 ** -6
 
 
+def bf16_call(q, cache, table, lens):
+    """The dense decode call over the 16-bit cache, as a function of no arguments (plan made here, not timed)."""
+    s_q, h_q = q.shape[1], q.shape[2]
+    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
+    return lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
+
+
 def fp8_call(q, cache, table, lens):
     """The FP8 dense decode call on the same inputs, as a function of no arguments: the cache quantized per tensor
     (descale 2^-6, a copy), the plan made with is_fp8_kvcache=True."""

@@ -4,7 +4,7 @@
 # each variant, then runs the timing command once per build in the order main / V1 / V2 ... and again (PASSES
 # times, default 2), swapping the built library in place between runs, so that every build is timed in the same
 # state of the machine. The timing command gets the build's label as its last argument.
-# Usage: benchmarks/tools/ab_swap.sh "TIMING COMMAND" PATCH... 
+# Usage: benchmarks/tools/ab_swap.sh "TIMING COMMAND" PATCH...
 #   e.g. benchmarks/tools/ab_swap.sh "python3 benchmarks/tools/ab_whole_call.py --set long" benchmarks/variants/x.patch
 #   TESTS="tests/test_dense_decode_fp8_cuda.py tests/test_decode_graphs.py" runs those tests on every variant build.
 # Lines of the timing command go to stdout and to $OUT/ab.txt (OUT defaults to gpu_logs).

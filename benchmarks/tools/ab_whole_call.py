@@ -7,8 +7,8 @@ long rows), one call the median of single calls after idle (bench_timing.single_
 SM clock read after the replays. The inputs and the FP8 call are bench_decode.py's (`inputs`, `fp8_call`).
 
 Usage: python3 benchmarks/tools/ab_whole_call.py LABEL [--set tiles|long] [--bf16] [--l2] [--bf16-only]
-  --set tiles  (default) bench_decode.py's FP8 tile shapes by query rows per kv head, and two shapes of many
-               short requests (b512 s1024, b1024 s512, h_q 64)
+  --set tiles  (default) eleven FP8 shapes by kernel and query rows per kv head (64-row: h_q 64, s_q 2 x h_q 32,
+               h_q 128; 32-row: h_q 16 / 32), and two shapes of many short requests (b512 s1024, b1024 s512, h_q 64)
   --set long   the 32-row kernel's rows with s_k up to 32768 (b128 s32768 h_q 16 / 32 ...)
   --bf16       also the BF16 call of each shape;  --bf16-only: only the BF16 call
   --l2         cache of 16 pages (L2-resident), as bench_decode.py's l2diag rows
@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-import torch_flashmla  # noqa: E402
-from bench_decode import D_QK, D_V, fp8_call, inputs  # noqa: E402
+from bench_decode import bf16_call, fp8_call, inputs  # noqa: E402
 from bench_timing import graph_time_us, single_call_us, sm_clock_mhz  # noqa: E402
 
 SETS = {
@@ -34,12 +33,6 @@ SETS = {
     "long": [(128, 1, 32768, 16), (128, 1, 32768, 32), (64, 1, 32768, 16), (128, 1, 16384, 16), (64, 1, 8192, 16),
              (128, 1, 8192, 32)],
 }
-
-
-def bf16_call(q, cache, table, lens):
-    s_q, h_q = q.shape[1], q.shape[2]
-    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
-    return lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits)
 
 
 def cell(shape, with_fp8, with_bf16, l2_pages):

@@ -4,7 +4,8 @@ For each h_q and batch b, the whole call (attention + combine, CUDA-graph replay
 a sweep of s_k, BF16 and FP8 cache, and a least-squares line T = F + C * P through the points, C = the 64-token
 chunks per SM (b * s_k / 64 / 132): P is the marginal period of one chunk per SM, F what the call costs beyond
 its chunks (start-up, request ends, the split partials and their combine, the launch). b 132 at s_q 1 gives one
-request per SM and no split partials, so F(b 128) - F(b 132) is about what the partials and the combine add.
+request per SM and no split partials; the plan leaves b 128 unsplit too up to s_k 8192 (128 pieces), while b 64 has
+two pieces per request, so the rows compare calls with and without the partials and their combine.
 Then, under torch.profiler on eager calls, the combine's tail: the median time from the attention kernel's end to
 the combine kernel's end.
 
@@ -22,23 +23,17 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import torch_flashmla  # noqa: E402
-from bench_decode import D_QK, D_V, fp8_call, inputs  # noqa: E402
+from bench_decode import bf16_call, fp8_call, inputs  # noqa: E402
 from bench_timing import graph_time_us, sm_clock_mhz  # noqa: E402
 
 SMS = 132
 
 
-def bf16_call(q, cache, table, lens):
-    s_q, h_q = q.shape[1], q.shape[2]
-    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
-    return (lambda: torch.ops.flashmla.mla_decode(q, cache, table, lens, D_V, D_QK ** -0.5, False, meta, splits),
-            int(splits[-1].item()))
-
-
 def calls(b, s_k, h_q):
+    """The BF16 and FP8 calls of one shape, and the number of split pieces in its plan."""
     q, cache, table, lens = inputs(b, 1, s_k, h_q)
-    bf16, pieces = bf16_call(q, cache, table, lens)
-    return {"BF16": bf16, "FP8": fp8_call(q, cache, table, lens)}, pieces
+    pieces = int(torch_flashmla.get_mla_metadata(lens, h_q, 1, h_q)[1][-1].item())
+    return {"BF16": bf16_call(q, cache, table, lens), "FP8": fp8_call(q, cache, table, lens)}, pieces
 
 
 def fit(points):
