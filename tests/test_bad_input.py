@@ -84,6 +84,10 @@ S = sparse_args()
     (dict(attn_sink=torch.zeros(4, dtype=torch.bfloat16)), "attn_sink"),
     (dict(extra_kv_cache=None), "extra_indices"),
     (dict(extra_indices=None), "extra_indices"),
+    (dict(extra_indices=S["extra_indices"][:1]), "extra_indices"),
+    (dict(extra_indices=S["extra_indices"].long()), "extra_indices"),
+    (dict(extra_topk_length=S["extra_topk_length"][:1]), "extra_topk_length"),
+    (dict(extra_topk_length=S["extra_topk_length"].long()), "extra_topk_length"),
 ])
 def test_sparse_decode_bad_input(over, arg):
     with pytest.raises(ValueError, match=f"argument '{arg}'"):

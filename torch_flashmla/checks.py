@@ -198,6 +198,17 @@ def _check_fp8_cache(c: _Checker, arg: str, cache, device) -> None:
     c.size(arg, cache, 2, 1, "h_kv = 1 for sparse attention")
 
 
+def _check_topk_indices(c: _Checker, arg: str, indices, length_arg: str, lengths, topk: str, b: int, s_q: int,
+                        device) -> None:
+    """Sparse decode's token indices [b, s_q, topk] int32 and, when given, their counts per request [b] int32."""
+    c.tensor(arg, indices, dtypes=(torch.int32,), dim=3, device=device)
+    c.value(arg, _all(indices.shape[0] == b, indices.shape[1] == s_q), f"[b={b}, s_q={s_q}, {topk}]",
+            lambda: f"shape {tuple(indices.shape)}")
+    if lengths is not None:
+        c.tensor(length_arg, lengths, dtypes=(torch.int32,), dim=1, device=device, contiguous=True)
+        c.size(length_arg, lengths, 0, b, "batch size of q")
+
+
 def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices,
                             extra_topk_length, head_dim_v, softmax_scale, tile_scheduler_metadata,
                             num_splits) -> None:
@@ -210,12 +221,7 @@ def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_
     dev = q.device
     b, s_q, h_q = q.shape[0], q.shape[1], q.shape[2]
     check_cache(c, "kv_cache", kv_cache, dev)
-    c.tensor("indices", indices, dtypes=(torch.int32,), dim=3, device=dev)
-    c.value("indices", _all(indices.shape[0] == b, indices.shape[1] == s_q),
-            f"[b={b}, s_q={s_q}, topk]", lambda: f"shape {tuple(indices.shape)}")
-    if topk_length is not None:
-        c.tensor("topk_length", topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
-        c.size("topk_length", topk_length, 0, b, "batch size of q")
+    _check_topk_indices(c, "indices", indices, "topk_length", topk_length, "topk", b, s_q, dev)
     if attn_sink is not None:
         c.tensor("attn_sink", attn_sink, dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
         c.size("attn_sink", attn_sink, 0, h_q, "h_q")
@@ -225,13 +231,9 @@ def check_sparse_mla_decode(q, kv_cache, indices, topk_length, attn_sink, extra_
     else:
         c.value("extra_indices", extra_indices is None, "None when extra_kv_cache is None", "a tensor")
         c.value("extra_topk_length", extra_topk_length is None, "None when extra_kv_cache is None", "a tensor")
-    if extra_indices is not None:
-        c.tensor("extra_indices", extra_indices, dtypes=(torch.int32,), dim=3, device=dev)
-        c.value("extra_indices", _all(extra_indices.shape[0] == b, extra_indices.shape[1] == s_q),
-                f"[b={b}, s_q={s_q}, extra_topk]", lambda: f"shape {tuple(extra_indices.shape)}")
-    if extra_topk_length is not None:
-        c.tensor("extra_topk_length", extra_topk_length, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
-        c.size("extra_topk_length", extra_topk_length, 0, b, "batch size of q")
+    if extra_indices is not None:  # (extra_topk_length without it was refused above)
+        _check_topk_indices(c, "extra_indices", extra_indices, "extra_topk_length", extra_topk_length, "extra_topk",
+                            b, s_q, dev)
     c.value("head_dim_v", head_dim_v == D_V, str(D_V), head_dim_v)
     c.scale("softmax_scale", softmax_scale)
     _check_plan(c, tile_scheduler_metadata, num_splits, b, dev)
