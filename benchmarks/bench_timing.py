@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import torch
+import torch.profiler
 
 # The H200's ceilings measured on this machine kind (docs/design.md §6): device-to-device copy GB/s and
 # bf16 dense matmul TFLOPS. The benchmarks print their shares of these.
@@ -45,6 +46,18 @@ def single_call_us(fn, reps: int = 10, idle_s: float = 0.5):
     drops from 1980 to ~1500-1830 MHz on the compute-bound shapes.) Returns the median."""
     time.sleep(idle_s)
     return graph_time_us(fn, iters=1, reps=reps)[0]
+
+
+def cuda_kernel_events(fn, calls: int, warmup: int = 3) -> list:
+    """The CUDA kernel events of ``calls`` eager calls of ``fn`` under torch.profiler (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def gpu_query(fields: str):

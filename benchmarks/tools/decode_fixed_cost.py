@@ -20,11 +20,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import torch_flashmla  # noqa: E402
 from bench_decode import bf16_call, fp8_call, inputs  # noqa: E402
-from bench_timing import graph_time_us, sm_clock_mhz  # noqa: E402
+from bench_timing import cuda_kernel_events, graph_time_us, sm_clock_mhz  # noqa: E402
 
 SMS = 132
 
@@ -47,17 +46,8 @@ def fit(points):
 
 def combine_tail_us(fn, n_calls=20):
     """Median time from the attention kernel's end to the combine kernel's end, eager calls under the profiler."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n_calls):
-            fn()
-        torch.cuda.synchronize()
     attn, comb = [], []
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    for ev in cuda_kernel_events(fn, n_calls):
         if "combine" in ev.name:
             comb.append(ev.time_range.end)
         elif "dense_decode" in ev.name:

@@ -12,11 +12,11 @@ import sys
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "benchmarks")
 import torch_flashmla  # noqa: E402
 from bench_decode import D_QK, D_V, FP8_DESCALE, flashmla_fn, inputs  # noqa: E402
+from bench_timing import cuda_kernel_events  # noqa: E402
 from torch_flashmla import kv_cache as kvc  # noqa: E402
 
 CALLS = 20
@@ -24,17 +24,9 @@ CALLS = 20
 
 def profiled_kernels(fn) -> dict:
     """{kernel name: mean device us per call of fn} over CALLS eager calls (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            fn()
-        torch.cuda.synchronize()
     total = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time
+    for ev in cuda_kernel_events(fn, CALLS):
+        total[ev.name] += ev.device_time
     return {name: us / CALLS for name, us in total.items()}
 
 

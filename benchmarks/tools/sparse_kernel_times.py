@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch_flashmla  # noqa: E402
 from bench_sparse_decode import (D_QK, V4_D_QK, flashmla_fns, flashmla_fns_v4, make_cache, make_cache_v4,  # noqa: E402
                                  make_indices, make_q, plan)
+from bench_timing import cuda_kernel_events  # noqa: E402
 
 S_K = 32768
 SHAPES = [(b, h_q, 2, S_K, 262144 // b) for h_q in (128, 64) for b in (256, 128, 64, 32)]
@@ -50,17 +51,9 @@ def v4_impls(b: int, h_q: int, extra: int, dev, have_fm: bool):
 
 
 def kernel_times(fn, calls: int) -> dict:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
     total = collections.defaultdict(float)
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            total[evt.name] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+    for evt in cuda_kernel_events(fn, calls):
+        total[evt.name] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
     return {name: us / calls for name, us in total.items()}
 
 
