@@ -388,19 +388,27 @@ GRAPH_CASES = [SparseDecodeCase(b=8, h_q=64, s_q=2, topk=512, num_blocks=64, wit
                SparseDecodeCase(b=6, h_q=32, s_q=1, topk=2048, num_blocks=128, with_topk_length=True)]
 
 
-@pytest.mark.parametrize("case", GRAPH_CASES, ids=[case_id(c) for c in GRAPH_CASES])
-def test_cuda_graph_replay(case):
-    static = make_inputs(case, seed=20)
+def capture_decode_graph(static, scale=SCALE):
+    """The planner and sparse_mla_decode on ``static`` (inputs of make_inputs, their plan dropped here) captured in
+    one CUDA graph. Returns the graph, its static out / lse, and the index tensors a replay may change (V3.2 and V4
+    graph tests)."""
     static.pop("tile_scheduler_metadata")
     static.pop("num_splits")
 
     def step():
         meta, splits = plan(static)
         return torch_flashmla.sparse_mla_decode(**static, tile_scheduler_metadata=meta, num_splits=splits,
-                                                softmax_scale=SCALE)
+                                                softmax_scale=scale)
 
     graph, (out, lse) = capture_cuda_graph(step, warmup_iters=2)
     changing = [k for k in ("indices", "topk_length", "extra_indices", "extra_topk_length") if static[k] is not None]
+    return graph, out, lse, changing
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=[case_id(c) for c in GRAPH_CASES])
+def test_cuda_graph_replay(case):
+    static = make_inputs(case, seed=20)
+    graph, out, lse, changing = capture_decode_graph(static)
     for r in range(4):
         fresh = make_inputs(case, seed=100 + r)   # same shapes: its indices fit the captured caches
         for k in changing:

@@ -25,13 +25,14 @@ torch_flashmla = pytest.importorskip("torch_flashmla")
 from torch_flashmla import _registration  # noqa: E402
 from torch_flashmla import kv_cache as kvc  # noqa: E402
 from torch_flashmla import reference  # noqa: E402
-from torch_flashmla.testing import SparseDecodeCase, capture_cuda_graph, sparse_decode_inputs  # noqa: E402
+from torch_flashmla.testing import SparseDecodeCase, sparse_decode_inputs  # noqa: E402
 
 from sm90 import require_sm90_kernel  # noqa: E402
 
 require_sm90_kernel("sparse_mla_decode")
 
-from test_sparse_decode_cuda import DET_REPEATS, assert_all_empty, check_close, poison_allocator  # noqa: E402
+from test_sparse_decode_cuda import (DET_REPEATS, assert_all_empty, capture_decode_graph, check_close,  # noqa: E402
+                                      plan, poison_allocator)
 
 DEV = torch.device("cuda")
 D_QK, D_V = kvc.V4_D_QK, 512
@@ -98,19 +99,6 @@ def make_inputs(case: SparseDecodeCase, seed: int = 0, num_sm_parts=None, page_s
         used = attended_slots(inp["extra_kv_cache"], inp["extra_indices"], inp["extra_topk_length"])
         inp["extra_kv_cache"] = relay(inp["extra_kv_cache"], used, extra_page_stride, dtype)
     return inp
-
-
-def plan(inp, num_sm_parts=None):
-    b, s_q, h_q, _ = inp["q"].shape
-    topk = inp["indices"].shape[-1]
-    seqlens = inp["topk_length"] if inp["topk_length"] is not None else \
-        torch.full((b,), topk, dtype=torch.int32, device=DEV)
-    if inp["extra_kv_cache"] is not None:
-        extra = inp["extra_indices"].shape[-1]
-        seqlens = seqlens + (inp["extra_topk_length"] if inp["extra_topk_length"] is not None else extra)
-        topk += extra
-    return torch_flashmla.get_mla_metadata(seqlens.to(torch.int32), s_q * h_q, 1, h_q, is_fp8_kvcache=True,
-                                           topk=topk, num_sm_parts=num_sm_parts)
 
 
 def run_kernel(inp):
@@ -258,16 +246,7 @@ def test_v4_plan_split_invariance(num_sm_parts):
                          ids=case_id)
 def test_v4_cuda_graph_replay(case):
     static = make_inputs(case, seed=20)
-    static.pop("tile_scheduler_metadata")
-    static.pop("num_splits")
-
-    def step():
-        meta, splits = plan(static)
-        return torch_flashmla.sparse_mla_decode(**static, tile_scheduler_metadata=meta, num_splits=splits,
-                                                softmax_scale=SCALE)
-
-    graph, (out, lse) = capture_cuda_graph(step, warmup_iters=2)
-    changing = [k for k in ("indices", "topk_length", "extra_indices", "extra_topk_length") if static[k] is not None]
+    graph, out, lse, changing = capture_decode_graph(static, SCALE)
     for r in range(3):
         # Same shapes; the fresh indices may select slots poisoned in the captured caches, so the
         # caches' bytes are refreshed in place too (the kernel reads them through the same pointers).
