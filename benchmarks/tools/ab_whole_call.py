@@ -6,10 +6,11 @@ median under CUDA-graph replay (bench_timing.graph_time_us, 30 calls back to bac
 long rows), one call the median of single calls after idle (bench_timing.single_call_us: the full clock), MHz the
 SM clock read after the replays. The inputs and the FP8 call are bench_decode.py's (`inputs`, `fp8_call`).
 
-Usage: python3 benchmarks/tools/ab_whole_call.py LABEL [--set tiles|long] [--bf16] [--l2] [--bf16-only]
+Usage: python3 benchmarks/tools/ab_whole_call.py LABEL [--set tiles|long|reqlen] [--bf16] [--l2] [--bf16-only]
   --set tiles  (default) eleven FP8 shapes by kernel and query rows per kv head (64-row: h_q 64, s_q 2 x h_q 32,
                h_q 128; 32-row: h_q 16 / 32), and two shapes of many short requests (b512 s1024, b1024 s512, h_q 64)
   --set long   the 32-row kernel's rows with s_k up to 32768 (b128 s32768 h_q 16 / 32 ...)
+  --set reqlen the same cached tokens (b x s_k = 524,288) in requests of 512 to 8192 tokens, h_q 64 and 16
   --bf16       also the BF16 call of each shape;  --bf16-only: only the BF16 call
   --l2         cache of 16 pages (L2-resident), as bench_decode.py's l2diag rows
 """
@@ -30,6 +31,9 @@ SETS = {
     "tiles": [(64, 1, 8192, 64), (128, 1, 8192, 64), (64, 1, 32768, 64), (128, 1, 32768, 64), (64, 2, 8192, 32),
               (64, 1, 8192, 16), (64, 1, 8192, 32), (128, 1, 8192, 32), (64, 1, 32768, 16), (128, 1, 4096, 128),
               (128, 2, 8192, 128), (512, 1, 1024, 64), (1024, 1, 512, 64)],
+    # the same 524,288 cached tokens in requests of 512 .. 8192 tokens: what a request costs beyond its chunks
+    "reqlen": [(1024, 1, 512, 64), (512, 1, 1024, 64), (256, 1, 2048, 64), (128, 1, 4096, 64), (64, 1, 8192, 64),
+               (1024, 1, 512, 16), (256, 1, 2048, 16), (64, 1, 8192, 16)],
     "long": [(128, 1, 32768, 16), (128, 1, 32768, 32), (64, 1, 32768, 16), (128, 1, 16384, 16), (64, 1, 8192, 16),
              (128, 1, 8192, 32)],
 }
