@@ -9,7 +9,7 @@ done; WG2: epilogue barrier passed, outputs stored, first PFull passed), and WG1
 the partition's second request. Prints, per mark, the median over the CTAs and the three boundaries of SM clocks
 after WG0's last QK of the request, and the median chunk period inside a request (first QK done to last QK done).
 Usage: python3 benchmarks/tools/fp8_large_pages_boundary.py LABEL [B S_K ...]   (s_q 1, h_q 64; default 1024 512
-512 1024)
+2048 256)
 """
 import os
 import sys
@@ -27,7 +27,7 @@ MARKS = ["WG0 last QK done", "WG0 last P stored", "WG0 PEmpty passed", "WG0 next
          "WG2 first PFull"]
 SLOTS, FIRST_REQ = 3, 2
 label = sys.argv[1] if len(sys.argv) > 1 else ""
-args = [int(x) for x in sys.argv[2:]] or [1024, 512, 512, 1024]
+args = [int(x) for x in sys.argv[2:]] or [1024, 512, 2048, 256]
 for b, s_k in zip(args[0::2], args[1::2]):
     s_q, h_q = 1, 64
     q, cache, table, lens = inputs(b, s_q, s_k, h_q)
@@ -40,7 +40,7 @@ for b, s_k in zip(args[0::2], args[1::2]):
         out, _lse = fn()
     torch.cuda.synchronize()
     parts = meta.cpu()
-    rows = [int(m[0]) + 1 for m in parts if int(m[2]) - int(m[0]) >= FIRST_REQ + SLOTS + 1]
+    rows = [int(m[0]) + 1 for m in parts if int(m[2]) - int(m[0]) >= FIRST_REQ + SLOTS]
     raw = out.reshape(b, -1).view(torch.int64)[rows, : SLOTS * len(MARKS)].cpu().double()
     marks = raw.reshape(len(rows), SLOTS, len(MARKS))
     rel = (marks - marks[:, :, 0:1]).reshape(-1, len(MARKS))
