@@ -10,6 +10,12 @@ the partition's second request. Prints, per mark, the median over the CTAs and t
 after WG0's last QK of the request, and the median chunk period inside a request (first QK done to last QK done).
 Usage: python3 benchmarks/tools/fp8_large_pages_boundary.py LABEL [B S_K ...]   (s_q 1, h_q 64; default 1024 512
 2048 256)
+
+Two diagnostic builds time the boundary's parts with whole calls (`ab_swap.sh "python3
+benchmarks/tools/ab_whole_call.py --set reqlen" PATCH...`; wrong results, never in the library):
+  benchmarks/tools/fp8_large_pages_no_epilogue_stores.patch  the product warpgroups store no outputs or partials
+  benchmarks/tools/fp8_large_pages_no_q_fill.patch           WG0 fills Q for the CTA's first request only
+Results: benchmarks/NOTES_fp8_decode.md, session 31.
 """
 import os
 import sys
