@@ -156,12 +156,6 @@ def check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softma
     c = _Checker("mla_decode")
     fp8 = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype in FP8_CACHE_DTYPES
     _check_q(c, q, FP8_DECODE_Q_DTYPES if fp8 else HALF_DTYPES)
-    # The SM90 kernels read q in pieces of 8 elements (16-byte loads and cp.async of a bf16 q, 8-byte loads of an
-    # e4m3 one): every row must start on such a piece, or a load is misaligned (a CUDA error, not a wrong answer).
-    c.value("q", _all(*((q.shape[i] <= 1) | (q.stride(i) % 8 == 0) for i in range(3)), q.storage_offset() % 8 == 0),
-            "a tensor whose rows start on 8-element boundaries (strides of dimensions 0-2 and storage offset multiples "
-            "of 8)",
-            lambda: f"strides {tuple(q.stride())}, storage offset {q.storage_offset()}")
     dev = q.device
     if fp8:
         c.value("descale_k", descale_k is not None, "a float32 tensor of one element with an FP8 kv_cache "
