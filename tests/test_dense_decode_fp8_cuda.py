@@ -131,9 +131,9 @@ def test_fp8_decode_odd_partitions(num_sm_parts, h_q):
     check_case(6, 2, h_q, 1, 1000, True, False, True, True, seed=num_sm_parts + (h_q == 32), num_sm_parts=num_sm_parts)
 
 
-# Many requests per CTA on the large-page 64-row kernel, whose Q fill for a request starts during the previous one
-# (staged rows, kernel-side): h_q 48 leaves rows 48-63 of the tile empty (the staged rounds, register rows and early
-# rows past m_total), zero-length requests are skipped between, q bf16 and e4m3.
+# Many requests per CTA on the large-page 64-row kernel, whose WG0 refills Q at every request boundary while the
+# product warpgroups store the previous request: h_q 48 leaves rows 48-63 of the tile past m_total, zero-length
+# requests are skipped between, q bf16 and e4m3.
 @pytest.mark.parametrize("q_fp8", [False, True])
 @pytest.mark.parametrize("h_q", [48, 64])
 def test_fp8_decode_many_requests_per_cta(h_q, q_fp8):
