@@ -16,8 +16,9 @@ benchmarks/tools/ab_whole_call.py --set reqlen" PATCH...`; wrong results, never 
   benchmarks/tools/fp8_large_pages_no_epilogue_stores.patch  the product warpgroups store no outputs or partials
   benchmarks/tools/fp8_large_pages_no_q_fill.patch           WG0 fills Q for the CTA's first request only
   benchmarks/tools/fp8_large_pages_fill_loads_only.patch    after the first request WG0 issues the fill's loads (same
-                                                             batches) but converts and writes nothing (not run yet)
-Results: benchmarks/NOTES_fp8_decode.md, session 31.
+                                                             batches) and waits for them, but converts and writes no Q
+                                                             (its session 33 run predates that wait and is void)
+Results: benchmarks/NOTES_fp8_decode.md, sessions 31 and 33.
 """
 import os
 import sys

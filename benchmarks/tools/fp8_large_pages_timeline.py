@@ -44,7 +44,7 @@ del cache
 meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
 assert int(splits[-1].item()) == b, "a request was split: its output row is the combine's"
 op_us, _, _ = graph_time_us(fn)
-mhz = sm_clock_mhz()
+graph_mhz = mhz = sm_clock_mhz()  # graph_mhz: the op time's clock; mhz: the marks' clock (below)
 for _ in range(max(3, args.sustain)):
     out, _lse = fn()
 torch.cuda.synchronize()
@@ -57,8 +57,8 @@ if args.sustain:
 raw = out.reshape(b, -1).view(torch.int64)[:, : CHUNKS * len(MARKS)].cpu().double()
 rel = raw - raw[:, 0:1]
 med = rel.median(dim=0).values.reshape(CHUNKS, len(MARKS))
-print(f"{args.label} (s_k {s_k}): op {op_us:.1f} us, SM clock {mhz} MHz; clocks after WG0's first "
-      f"mark of chunk 40 (median over {b} CTAs)")
+print(f"{args.label} (s_k {s_k}): op {op_us:.1f} us at {graph_mhz} MHz; marks at {mhz} MHz, clocks after WG0's "
+      f"first mark of chunk 40 (median over {b} CTAs)")
 print(f"  {'mark':20s}" + "".join(f"{'chunk ' + str(40 + k):>11s}" for k in range(CHUNKS)))
 for i, name in enumerate(MARKS):
     print(f"  {name:20s}" + "".join(f"{med[k, i].item():11.0f}" for k in range(CHUNKS)))
