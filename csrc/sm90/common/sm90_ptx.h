@@ -30,14 +30,14 @@ __device__ __forceinline__ void named_bar_arrive(uint32_t id, uint32_t count) {
 // CTAs once every CTA of this grid has passed here or exited; the dependent waits for this grid's completion
 // (griddepcontrol.wait) before it reads anything.
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-// setmaxnreg from the launch allotment (168 registers for 384 threads) to kRegs: .inc above it, .dec below it
-// (an .inc to fewer registers than the warp holds is an illegal instruction).
-template <int kRegs>
+// setmaxnreg from the launch allotment (kLaunchRegs: 168 registers for 384 threads, 128 for 512) to kRegs: .inc
+// above it, .dec below it (an .inc to fewer registers than the warp holds is an illegal instruction).
+template <int kRegs, int kLaunchRegs = 168>
 __device__ __forceinline__ void set_warpgroup_registers() {
   static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg range");
-  if constexpr (kRegs > 168) {
+  if constexpr (kRegs > kLaunchRegs) {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-  } else if constexpr (kRegs < 168) {
+  } else if constexpr (kRegs < kLaunchRegs) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
   }
 }

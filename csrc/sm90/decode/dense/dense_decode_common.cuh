@@ -404,11 +404,14 @@ __device__ __forceinline__ void row_max(const float (&s)[32], float scale_log2, 
 
 // Host side: launches one of a dense decode kernel's two instantiations (small_pages when page_size is not a
 // multiple of 64) on the plan's grid, m tiles x kv heads x partitions (the m-tile CTAs of a partition read the
-// same pages, so they launch together).
+// same pages, so they launch together). large_pages_threads: the large-page kernel's block size where it differs.
 template <typename Kernel>
 inline void launch_on_plan_grid(Kernel small_pages, Kernel large_pages, int threads, int smem_bytes,
-                                const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream) {
-  const Kernel kernel = p.page_rows_log2 < 6 ? small_pages : large_pages;
+                                const DenseDecodeParams& p, const CUtensorMap& tmap, cudaStream_t stream,
+                                int large_pages_threads = 0) {
+  const bool small = p.page_rows_log2 < 6;
+  const Kernel kernel = small ? small_pages : large_pages;
+  if (!small && large_pages_threads > 0) threads = large_pages_threads;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   const dim3 grid(p.num_m_tiles, p.h_kv, p.num_sm_parts);
   kernel<<<grid, threads, smem_bytes, stream>>>(tmap, p);

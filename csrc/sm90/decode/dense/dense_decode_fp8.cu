@@ -2,13 +2,15 @@
 //
 // One CTA = (SM partition of the plan, kv head, 64-row query tile), as in the 16-bit kernel
 // (dense_decode_kernel.cuh), with the same plan, split scratch and epilogue (dense_decode_common.cuh).
-// Two kernels of three warpgroups each (setmaxnreg moves registers to the math warpgroups):
+// Two kernels (setmaxnreg moves registers to the math warpgroups):
 //
-// dense_decode_fp8_large_pages_kernel (pages of 64 tokens and more; below the other one):
+// dense_decode_fp8_large_pages_kernel (pages of 64 tokens and more; below the other one), four warpgroups:
 //   WG0: Q (its own fill at each request's start), S = Q K^T, the row softmax, P and its factors into shared memory.
 //   WG1 / WG2: 256 dims of O^T = V^T P^T each, V^T's fragments read from the cache tile (v_fragments).
+//   WG3: one warp issues the cache loads (24 registers).
 //
-// dense_decode_fp8_small_pages_kernel (pages smaller than 64: page-slice loads, whose registers WG1 needs):
+// dense_decode_fp8_small_pages_kernel (pages smaller than 64: page-slice loads, whose registers WG1 needs), three
+// warpgroups:
 //   WG0: S = Q K^T (m64n64k32 e4m3, Q and K both K-major in shared memory: the TMA'd cache tile is used
 //        as it lands), masked online softmax, P rounded to e4m3 into the A fragments of its PV steps and
 //        into shared memory for WG1, O[:, 0:256] += P V.
@@ -280,27 +282,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 //      factors into shared memory; nothing else, so its QK and softmax alone set the chunk period.
 // WG1 / WG2: O^T (dims 256 h.. of 512, h = wg - 1; 64 query rows: four m64n64 accumulators, 128 fp32 per thread)
 //      += V^T P^T: A = V^T's fragments from the cache tile (v_fragments, dense_decode_fp8.cuh), B = P as WG0 wrote it
-//      (P[row][token] K-major is P^T's B layout); each stores its dims of every request. WG1's warp 0 issues the
-//      loads; a stage is refilled once both products with its chunk are done (WG2's through kVtFull + parity), in
-//      WG1's next iteration after its V^T fragments, while P of that chunk is not yet there.
-// WG0 hands P of chunk g over once its QK of chunk g + 1 is done, so the PV runs beside the softmax, and the
-// loading warp's refill (~1,100 clocks per chunk) is off the path from one PV to the next: 1.5-12% less time on six
-// of seven 64-row rows in both pairs of the A/B (benchmarks/NOTES_fp8_decode.md, session 26).
+//      (P[row][token] K-major is P^T's B layout); each stores its dims of every request.
+// WG3 (24 registers): its warp 0 issues every cache load; a stage is refilled once WG0's QK and both products'
+//      V^T fragments of its chunk are done (kStageEmpty, 12 warps), so no math warpgroup issues loads.
+// WG0 hands P of chunk g over once its QK of chunk g + 1 is done, so the PV runs beside the softmax
+// (benchmarks/NOTES_fp8_decode.md, session 26). The products rescale O^T by the factors of P as soon as WG0 has
+// stored them (kAlphaFull, during WG0's next QK), and WG0's proxy fence for P drains during that QK: with the loads
+// and the rescale off the hand-over, WG0's own loop is the period (3.5-7% less time on the h_q 128 and the long
+// h_q 64 rows, sessions 34-35).
 // No V transpose and no V^T buffers: four stages, as in the 32-row kernel.
 constexpr uint32_t kBarQFill = 2;  // named barrier: WG0's Q rows written before any of its warps' QK
-// setmaxnreg: WG0 holds S (32), P (8) and, at a request's start, the Q fill's loads (48); WG1 / WG2 O^T (128) and
-// the chunk's V^T fragments (32); 0 spills (192 registers for WG1 / WG2 spill).
-constexpr int kLargeRegsWG0 = 104, kLargeRegsProduct = 200;
-static_assert(kLargeRegsWG0 + 2 * kLargeRegsProduct == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
+// setmaxnreg (512 threads: 128 registers each at launch): WG0 holds S (32), P (8) and, at a request's start, the Q
+// fill's loads (48); WG1 / WG2 O^T (128) and the chunk's V^T fragments (32); WG3 the walk over the chunks.
+constexpr int kLargeThreads = 512, kLargeLaunchRegs = 128;
+constexpr int kLargeRegsWG0 = 104, kLargeRegsProduct = 192, kLargeRegsLoader = 24;
+static_assert(kLargeRegsWG0 + 2 * kLargeRegsProduct + kLargeRegsLoader == 4 * kLargeLaunchRegs,
+              "setmaxnreg budgets must fit the launch allotment");
 constexpr int kLargeQFillRows = 4;  // Q rows per warp with their loads in flight at once (48 registers)
 // The cache stream is loaded evict-first (the combine's partials stay in L2): 1-3% faster on the h_q 64 rows
 // (benchmarks/NOTES_fp8_decode.md, session 24; the 32-row FP8 kernel measured 1-2% slower with it and keeps the
 // normal policy).
 constexpr bool kLargePagesKvEvictFirst = true;
 
-__device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
-                                                              const Partition& pt, uint8_t* smem, int mtile, int kvh,
-                                                              int tid_wg) {
+__device__ __forceinline__ void large_pages_softmax_warpgroup(const DenseDecodeParams& p, const Partition& pt,
+                                                              uint8_t* smem, int mtile, int kvh, int tid_wg) {
   const uint32_t sbase = smem_addr(smem);
   const RowArrays arrays(smem);
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4, quad_col = 2 * quad;
@@ -321,8 +326,7 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
       fill_q_rows<kLargeQFillRows>(p, sbase, arrays.qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     named_bar_sync(kBarQFill, 128);
-    if (qi == 0 && warp == 0)
-      deferred_first_loads<false, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh);
+    if (qi == 0) mbar_arrive_per_warp(bar_addr(sbase, kQFull));  // the loading warp's other first loads may go
     const int len = request_len(p, r);
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
     const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
@@ -338,22 +342,29 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
         prefetch_q_rows(p, r + 1, mtile, kvh, tid_wg);
       float s[32];
       qk_fp8<64>(s, sbase, stage, (g / kNarrowStages) & 1);
+      // The previous P's stores made visible to the products' wgmma (async proxy) while this QK runs, before the
+      // P is handed over below: the fence's drain off WG0's loop.
+      fence_proxy_async();
       wgmma_wait<0>();
       fence_all(s);
+      // The chunk's page mask before the stage is released: the loading warp rewrites it with the next chunk.
+      const uint64_t page_ok = arrays.page_ok[stage];
+      mbar_arrive_per_warp(bar_addr(sbase, kStageEmpty + stage));
       // P of the previous chunk goes to the products only now that this QK is done: their PV then runs beside
       // this chunk's softmax instead of sharing the tensor cores with the QK (and leaving them idle during the
       // softmax).
       if (c != start) mbar_arrive_per_warp(bar_addr(sbase, kPFull));
       uint32_t pa[2][4];
       float sum0, sum1;
-      const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, arrays.page_ok[stage], sl0, sl1, max0, max1, pa,
+      const MaxUpdate u = softmax_chunk(s, c, lim0, lim1, quad_col, page_ok, sl0, sl1, max0, max1, pa,
                                         sum0, sum1);
       l0 = l0 * u.scale0 + sum0;
       l1 = l1 * u.scale1 + sum1;
       mbar_wait(bar_addr(sbase, kPEmpty), (g & 1) ^ 1);  // both products with the previous P are done
       store_p_and_factors(sbase, arrays.alpha, pa, row0, row1, quad, u);
-      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kAlphaFull));  // the products rescale O^T during the next QK
     }
+    fence_proxy_async();
     mbar_arrive_per_warp(bar_addr(sbase, kPFull));  // the request's last P
     store_row_stats(arrays.rowsum, arrays.rowmax, l0, l1, max0, max1, row0, row1, quad, qi);
     // Once both products with the request's last P are done (the epilogue barrier's arrivals then never run two
@@ -364,18 +375,14 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const CUtensorMap*
   }
 }
 
-__device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
-                                                              const Partition& pt, uint8_t* smem, int mtile, int kvh,
-                                                              int half, int tid_wg) {
+__device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeParams& p, const Partition& pt,
+                                                              uint8_t* smem, int mtile, int kvh, int half, int tid_wg) {
   constexpr int kRows = 16;  // query rows (O^T columns) per thread
   const uint32_t sbase = smem_addr(smem);
   const RowArrays arrays(smem);
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
   const float descale_k = *p.descale_k;
-  ChunkWalk lw{pt.end_req + 1, 0, 0, 0};
-  if (half == 0) lw = first_loads<false, true, kNarrowStages, kLargePagesKvEvictFirst>(tmap, p, pt, sbase, kvh, warp);
   uint32_t g = 0, qi = 0;
-  bool refill_pending = false;  // the stage of chunk g - 1 waits for its refill (WG1's loading warp)
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, pt, r, start, end);
@@ -395,17 +402,12 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         mbar_wait(bar_addr(sbase, kKvFull + stage), (g / kNarrowStages) & 1);
         uint32_t a[4][2][4];
         v_fragments<4>(a, sbase + kOffKV + stage * kStageBytes, end - c, warp, lane, 4 * half);
-        // The refill of the previous chunk's stage, while P of this chunk is not yet there (WG0 hands it over
-        // after its next QK): the loading warp's work off the path from one PV to the next.
-        if (refill_pending) {
-          refill_pending = false;
-          const uint32_t gp = g - 1;
-          mbar_wait(bar_addr(sbase, kVtFull + (gp & 1)), (gp >> 1) & 1);
-          load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, lw, kvh, gp % kNarrowStages);
-          walk_next<true>(p, pt, lw);
-        }
-        mbar_wait(bar_addr(sbase, kPFull), g & 1);
+        mbar_arrive_per_warp(bar_addr(sbase, kStageEmpty + stage));  // the fragments are in registers
+        // O^T rescaled by the chunk's factors as soon as WG0 has written them (during its next QK), so that only
+        // the PV stands between P handed over and the products done with it.
+        mbar_wait(bar_addr(sbase, kAlphaFull), g & 1);
         rescale_columns<kBlockM, 4>(o, arrays.alpha, quad);
+        mbar_wait(bar_addr(sbase, kPFull), g & 1);
         const uint64_t desc_p = desc_sw64(sbase + kOffP);
         fence_all(o);
         wgmma_fence();
@@ -417,8 +419,6 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
         wgmma_wait<0>();
         fence_all(o);
         mbar_arrive_per_warp(bar_addr(sbase, kPEmpty));
-        if (half == 1) mbar_arrive_per_warp(bar_addr(sbase, kVtFull + (g & 1)));  // its reads of the stage are done
-        refill_pending = half == 0 && warp == 0 && lw.r <= pt.end_req;
       }
       named_bar_sync(kBarEpilogue, 384);
       const int b = (qi & 1) * 64;
@@ -435,7 +435,24 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const CUtensorMap*
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1)
+// WG3's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks (pages read
+// ahead by the walk). The first chunk at once; the next ones after WG0's first Q fill (a Q fill issued behind all
+// stages' loads lands behind their bytes at every CTA's start); each later one once its stage's chunk has been read.
+__device__ __forceinline__ void large_pages_loader_warp(const CUtensorMap* tmap, const DenseDecodeParams& p,
+                                                        const Partition& pt, uint32_t sbase, int kvh) {
+  ChunkWalk w{pt.begin_req, 0, 0, 0};
+  walk_skip_empty<true>(p, pt, w);
+#pragma unroll 1
+  for (uint32_t g = 0; w.r <= pt.end_req; ++g) {
+    const int stage = g % kNarrowStages;
+    if (g == 1) mbar_wait(bar_addr(sbase, kQFull), 0);
+    if (g >= kNarrowStages) mbar_wait(bar_addr(sbase, kStageEmpty + stage), ((g / kNarrowStages) - 1) & 1);
+    load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, w, kvh, stage);
+    walk_next<true>(p, pt, w);
+  }
+}
+
+__global__ void __launch_bounds__(kLargeThreads, 1)
     dense_decode_fp8_large_pages_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -444,17 +461,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y, mtile = blockIdx.x;
   const Partition pt = read_partition(p);
   if (pt.empty()) return;
-  // kVtFull + parity: WG2's product with a chunk done (its 4 warps); kPEmpty: both products done (8 warps)
-  if (tid == 0) init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);
+  // kStageEmpty: a stage read by WG0's QK and both products' fragments (12 warps); kAlphaFull: the factors of the
+  // next P stored (4 WG0 warps); kPEmpty: both products done with P (8 warps); kQFull: WG0's first Q fill written.
+  if (tid == 0) {
+    for (int s = 0; s < kNarrowStages; ++s) mbar_init(bar_addr(sbase, kStageEmpty + s), 12);
+    mbar_init(bar_addr(sbase, kAlphaFull), 4);
+    init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);
+  }
   __syncthreads();
   allow_dependent_launch();
-  if (wg == 0) {
-    set_warpgroup_registers<kLargeRegsWG0>();
-    large_pages_softmax_warpgroup(&tmap, p, pt, smem, mtile, kvh, tid_wg);
+  if (wg == 3) {
+    set_warpgroup_registers<kLargeRegsLoader, kLargeLaunchRegs>();
+    if (tid_wg < 32) large_pages_loader_warp(&tmap, p, pt, sbase, kvh);
     return;
   }
-  set_warpgroup_registers<kLargeRegsProduct>();
-  large_pages_product_warpgroup(&tmap, p, pt, smem, mtile, kvh, wg - 1, tid_wg);
+  if (wg == 0) {
+    set_warpgroup_registers<kLargeRegsWG0, kLargeLaunchRegs>();
+    large_pages_softmax_warpgroup(p, pt, smem, mtile, kvh, tid_wg);
+    return;
+  }
+  set_warpgroup_registers<kLargeRegsProduct, kLargeLaunchRegs>();
+  large_pages_product_warpgroup(p, pt, smem, mtile, kvh, wg - 1, tid_wg);
 }
 
 }  // namespace dense_fp8
@@ -467,7 +494,7 @@ void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap
     return;
   }
   launch_on_plan_grid(dense_decode_fp8_small_pages_kernel<true>, dense_decode_fp8_large_pages_kernel, kThreads,
-                      kSmemBytes, p, tmap, stream);
+                      kSmemBytes, p, tmap, stream, kLargeThreads);
 }
 
 }  // namespace sm90
