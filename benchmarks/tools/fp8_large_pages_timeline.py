@@ -34,8 +34,8 @@ args = parser.parse_args()
 
 MARKS = ["WG0 before QK", "WG0 QK issued", "WG0 QK done", "WG0 softmax done", "WG0 PEmpty passed",
          "WG0 P stored", "WG1 stage full", "WG1 PFull passed", "WG1 PV issued", "WG1 PV done",
-         "WG2 PFull passed", "WG2 PV done", "WG1 PEmpty arrived", "WG1 w0 VtFull passed", "WG1 w0 loads issued",
-         "WG1 w0 walked on"]
+         "WG2 PFull passed", "WG2 PV done", "WG1 PEmpty arrived", "WG3 stage empty passed", "WG3 loads issued",
+         "WG3 walked on"]
 CHUNKS = 4
 b, s_q, s_k, h_q = 132, 1, args.s_k, 64
 q, cache, table, lens = inputs(b, s_q, s_k, h_q)
