@@ -299,6 +299,7 @@ constexpr int kLargeRegsWG0 = 104, kLargeRegsProduct = 192, kLargeRegsLoader = 2
 static_assert(kLargeRegsWG0 + 2 * kLargeRegsProduct + kLargeRegsLoader == 4 * kLargeLaunchRegs,
               "setmaxnreg budgets must fit the launch allotment");
 constexpr int kLargeQFillRows = 4;  // Q rows per warp with their loads in flight at once (48 registers)
+constexpr int kFirstQFillRows = 8;  // the same for the products' fill of the CTA's first Q (8 warps x 8 rows)
 // The cache stream is loaded evict-first (the combine's partials stay in L2): 1-3% faster on the h_q 64 rows
 // (benchmarks/NOTES_fp8_decode.md, session 24; the 32-row FP8 kernel measured 1-2% slower with it and keeps the
 // normal policy).
@@ -314,19 +315,21 @@ __device__ __forceinline__ void large_pages_softmax_warpgroup(const DenseDecodeP
   const int t0 = row_query_pos(p, tile_row0 + row0), t1 = row_query_pos(p, tile_row0 + row1);
   const float descale_k = *p.descale_k;
   const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
-  prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
     request_range(p, pt, r, start, end);
     if (start >= end) continue;
-    // Q of the request: this warpgroup's previous QK is done, so the Q tiles are free.
+    if (qi == 0) {
+      mbar_wait(bar_addr(sbase, kFirstQFull), 0);  // the products wrote the CTA's first Q
+    } else {
+      // Q of the request: this warpgroup's previous QK is done, so the Q tiles are free.
 #pragma unroll 1
-    for (int row = warp * 16; row < warp * 16 + 16; row += kLargeQFillRows)
-      fill_q_rows<kLargeQFillRows>(p, sbase, arrays.qscale, r, row, mtile, kvh, lane, descale_q);
-    fence_proxy_async();
-    named_bar_sync(kBarQFill, 128);
-    if (qi == 0) mbar_arrive_per_warp(bar_addr(sbase, kQFull));  // the loading warp's other first loads may go
+      for (int row = warp * 16; row < warp * 16 + 16; row += kLargeQFillRows)
+        fill_q_rows<kLargeQFillRows>(p, sbase, arrays.qscale, r, row, mtile, kvh, lane, descale_q);
+      fence_proxy_async();
+      named_bar_sync(kBarQFill, 128);
+    }
     const int len = request_len(p, r);
     const int lim0 = min(end, p.causal ? len - p.s_q + t0 + 1 : len);
     const int lim1 = min(end, p.causal ? len - p.s_q + t1 + 1 : len);
@@ -382,6 +385,22 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
   const RowArrays arrays(smem);
   const int warp = tid_wg / 32, lane = tid_wg % 32, quad = lane % 4;
   const float descale_k = *p.descale_k;
+  {
+    // The CTA's first Q, 8 rows per warp with all their loads in flight at once: one global-memory round trip at
+    // the CTA's start, while WG0 (whose fill takes four, 4 rows at a time in its 104 registers) waits.
+    int r = pt.begin_req, start = 0, end = 0;
+    for (; r <= pt.end_req; ++r) {
+      request_range(p, pt, r, start, end);
+      if (start < end) break;
+    }
+    if (r <= pt.end_req) {
+      const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+      fill_q_rows<kFirstQFillRows>(p, sbase, arrays.qscale, r, (4 * half + warp) * kFirstQFillRows, mtile, kvh, lane,
+                                   descale_q);
+      fence_proxy_async();
+      mbar_arrive_per_warp(bar_addr(sbase, kFirstQFull));
+    }
+  }
   uint32_t g = 0, qi = 0;
   for (int r = pt.begin_req; r <= pt.end_req; ++r) {
     int start, end;
@@ -436,8 +455,9 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
 }
 
 // WG3's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks (pages read
-// ahead by the walk). The first chunk at once; the next ones after WG0's first Q fill (a Q fill issued behind all
-// stages' loads lands behind their bytes at every CTA's start); each later one once its stage's chunk has been read.
+// ahead by the walk). The first chunk at once; the next ones after the CTA's first Q fill (a Q fill issued behind
+// all stages' loads lands behind their bytes at every CTA's start); each later one once its stage's chunk has been
+// read.
 __device__ __forceinline__ void large_pages_loader_warp(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                         const Partition& pt, uint32_t sbase, int kvh) {
   ChunkWalk w{pt.begin_req, 0, 0, 0};
@@ -445,7 +465,7 @@ __device__ __forceinline__ void large_pages_loader_warp(const CUtensorMap* tmap,
 #pragma unroll 1
   for (uint32_t g = 0; w.r <= pt.end_req; ++g) {
     const int stage = g % kNarrowStages;
-    if (g == 1) mbar_wait(bar_addr(sbase, kQFull), 0);
+    if (g == 1) mbar_wait(bar_addr(sbase, kFirstQFull), 0);
     if (g >= kNarrowStages) mbar_wait(bar_addr(sbase, kStageEmpty + stage), ((g / kNarrowStages) - 1) & 1);
     load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, w, kvh, stage);
     walk_next<true>(p, pt, w);
@@ -462,10 +482,12 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   const Partition pt = read_partition(p);
   if (pt.empty()) return;
   // kStageEmpty: a stage read by WG0's QK and both products' fragments (12 warps); kAlphaFull: the factors of the
-  // next P stored (4 WG0 warps); kPEmpty: both products done with P (8 warps); kQFull: WG0's first Q fill written.
+  // next P stored (4 WG0 warps); kPEmpty: both products done with P (8 warps); kFirstQFull: the CTA's first Q written
+  // (the products' 8 warps).
   if (tid == 0) {
     for (int s = 0; s < kNarrowStages; ++s) mbar_init(bar_addr(sbase, kStageEmpty + s), 12);
     mbar_init(bar_addr(sbase, kAlphaFull), 4);
+    mbar_init(bar_addr(sbase, kFirstQFull), 8);
     init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);
   }
   __syncthreads();
