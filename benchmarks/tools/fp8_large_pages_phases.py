@@ -3,7 +3,7 @@ chunk loop goes.
 
 Needs a development build with the marks of benchmarks/tools/fp8_large_pages_phases.patch (`git apply` it, rebuild;
 `git apply -R` afterwards; that build's output is wrong on purpose): one thread of a warp(group) stores %globaltimer
-at 16 points (kernel entry, the loading warp's first loads, WG0's first Q fill, its QKs of chunks 0, 1, 4 and 36,
+at 16 points (kernel entry, the loading warp's first loads, the first Q fill (the products'), WG0's QKs of chunks 0, 1, 4 and 36,
 the end of its last chunk, the products' first and last PV and their stores) into shared memory past the fourth
 stage, and WG1 copies them over the first 128 bytes of the output row of the CTA's last request. b 132, s_q 1,
 h_q 64: one request per CTA (no split, no combine). Prints, per mark, min / median / max over the CTAs of µs after
@@ -21,8 +21,8 @@ from bench_timing import graph_time_us  # noqa: E402
 from probe_marks import last_request_marks, print_spread  # noqa: E402
 from torch_flashmla import kv_cache as kvc  # noqa: E402
 
-NAMES = ["entry (WG0 t0)", "chunk 0 issued (loader)", "QFull passed (loader)", "chunk 3 issued (loader)",
-         "Q fill loads+stores (WG0)", "Q fill barrier (WG0)", "QK 0 done (WG0)", "QK 1 done (WG0)",
+NAMES = ["entry (WG0 t0)", "chunk 0 issued (loader)", "first Q passed (loader)", "chunk 3 issued (loader)",
+         "first Q written (WG1 w0)", "first Q seen (WG0)", "QK 0 done (WG0)", "QK 1 done (WG0)",
          "before QK 4 (WG0)", "before QK 36 (WG0)", "last P consumed (WG0)", "1st PV done (WG1)",
          "last PV done (WG1)", "epilogue barrier (WG1)", "stores done (WG1)", "stores done (WG2)"]
 for s_k in [int(x) for x in sys.argv[1:]] or [4096, 8192]:
