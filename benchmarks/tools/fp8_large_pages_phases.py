@@ -12,14 +12,8 @@ Usage: python3 benchmarks/tools/fp8_large_pages_phases.py [S_K ...]   (default 4
 """
 import sys
 
-import torch
-
 sys.path.insert(0, "benchmarks")
-import torch_flashmla  # noqa: E402
-from bench_decode import D_QK, D_V, FP8_DESCALE, inputs  # noqa: E402
-from bench_timing import graph_time_us  # noqa: E402
-from probe_marks import last_request_marks, print_spread  # noqa: E402
-from torch_flashmla import kv_cache as kvc  # noqa: E402
+from probe_marks import fp8_probe_run, print_spread  # noqa: E402
 
 NAMES = ["entry (WG0 t0)", "chunk 0 issued (loader)", "first Q passed (loader)", "chunk 3 issued (loader)",
          "first Q written (WG1 w0)", "first Q seen (WG0)", "QK 0 done (WG0)", "QK 1 done (WG0)",
@@ -27,18 +21,8 @@ NAMES = ["entry (WG0 t0)", "chunk 0 issued (loader)", "first Q passed (loader)",
          "last PV done (WG1)", "epilogue barrier (WG1)", "stores done (WG1)", "stores done (WG2)"]
 for s_k in [int(x) for x in sys.argv[1:]] or [4096, 8192]:
     b, s_q, h_q = 132, 1, 64
-    q, cache, table, lens = inputs(b, s_q, s_k, h_q)
-    dk = torch.tensor([FP8_DESCALE], device="cuda")
-    cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
-    del cache
-    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q, is_fp8_kvcache=True)
-    assert int(splits[-1].item()) == b, "a request was split: its output row is the combine's"
-    fn = lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, D_QK ** -0.5, False, meta, splits, None, dk)
-    op_us, _, _ = graph_time_us(fn)
-    for _ in range(3):
-        out, _lse = fn()
-    torch.cuda.synchronize()
-    raw = last_request_marks(out, meta, b, len(NAMES))
+    op_us, raw, extra = fp8_probe_run(b, s_q, s_k, h_q, len(NAMES))
+    assert extra == 0, "a request was split: its output row is the combine's"
     g0 = raw[:, 0].min()
     st = (raw[:, 0] - g0).sort().values
     per = ((raw[:, 9] - raw[:, 8]) / 32).median().item()

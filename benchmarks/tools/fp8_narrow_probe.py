@@ -9,13 +9,8 @@ copies them over the first 128 bytes of the output row of the CTA's last request
 Usage: python3 benchmarks/tools/fp8_narrow_probe.py
 """
 import sys
-import torch
 sys.path.insert(0, "benchmarks")
-import torch_flashmla
-from bench_decode import D_QK, D_V, FP8_DESCALE, inputs
-from bench_timing import graph_time_us
-from probe_marks import last_request_marks, print_spread
-from torch_flashmla import kv_cache as kvc
+from probe_marks import fp8_probe_run, print_spread  # noqa: E402
 
 NAMES = ["start", "1st loads issued (WG1 w0)", "Q written (WG2)", "QFull seen (WG0)", "1st QK done (WG0)",
          "1st V fragments read (WG1)", "1st PV done (WG1)", "last PV done (WG1)", "stores done (WG1)", "WG2 begins",
@@ -23,18 +18,7 @@ NAMES = ["start", "1st loads issued (WG1 w0)", "Q written (WG2)", "QFull seen (W
          "WG2 chunks 1-3 issued"]
 for b, s_k in ((132, 8192),):
     s_q, h_q = 1, 16
-    q, cache, table, lens = inputs(b, s_q, s_k, h_q)
-    dk = torch.tensor([FP8_DESCALE], device="cuda")
-    cache8 = kvc.quantize_per_tensor_e4m3(cache, dk).view(torch.float8_e4m3fn)
-    del cache
-    meta, splits = torch_flashmla.get_mla_metadata(lens, s_q * h_q, 1, h_q)
-    extra = int(splits[-1].item()) - b
-    fn = lambda: torch.ops.flashmla.mla_decode(q, cache8, table, lens, D_V, D_QK ** -0.5, False, meta, splits, None, dk)
-    op_us, _, _ = graph_time_us(fn)
-    for rep in range(3):
-        out, lse = fn()
-    torch.cuda.synchronize()
-    raw = last_request_marks(out, meta, b, len(NAMES))
+    op_us, raw, extra = fp8_probe_run(b, s_q, s_k, h_q, len(NAMES))
     t = raw - raw[:, 0:1]
     g0 = raw[:, 0].min()
     st = (raw[:, 0] - g0).sort().values
