@@ -184,8 +184,8 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
   const int quad = lane % 4, i = lane / 4;
   const bool odd = i & 1;
   const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
-  // 16-bit partials: O^T scaled and packed first (half its registers; stored in place, the 200-register product
-  // warpgroups of the large-page kernel spilled), then one store path whatever the destination.
+  // 16-bit partials: O^T scaled and packed first (half its registers; stored in place, the product warpgroups of the
+  // large-page kernel spilled, session 27), then one store path whatever the destination.
   uint32_t packed[kSameType ? kMTiles : 1][kSameType ? kRows : 1];
   float row_lse[kSameType ? kRows : 1];
   if constexpr (kSameType) {

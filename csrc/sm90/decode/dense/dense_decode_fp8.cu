@@ -5,8 +5,10 @@
 // Two kernels (setmaxnreg moves registers to the math warpgroups):
 //
 // dense_decode_fp8_large_pages_kernel (pages of 64 tokens and more; below the other one), four warpgroups:
-//   WG0: Q (its own fill at each request's start), S = Q K^T, the row softmax, P and its factors into shared memory.
-//   WG1 / WG2: 256 dims of O^T = V^T P^T each, V^T's fragments read from the cache tile (v_fragments).
+//   WG0: Q (its own fill at each request's start but the CTA's first), S = Q K^T, the row softmax, P and its factors
+//        into shared memory.
+//   WG1 / WG2: the CTA's first Q; 256 dims of O^T = V^T P^T each, V^T's fragments read from the cache tile
+//        (v_fragments).
 //   WG3: one warp issues the cache loads (24 registers).
 //
 // dense_decode_fp8_small_pages_kernel (pages smaller than 64: page-slice loads, whose registers WG1 needs), three
@@ -278,8 +280,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 
 // ---- pages of 64 tokens and more: O^T = V^T P^T with V^T's fragments read from the cache tile ----
-// WG0: Q (its own fill at each request's start), S = Q K^T, the row softmax, P (e4m3, V^T's token order) and the
-//      factors into shared memory; nothing else, so its QK and softmax alone set the chunk period.
+// WG0: Q (its own fill at each request's start but the CTA's first, which the products write), S = Q K^T, the row
+//      softmax, P (e4m3, V^T's token order) and the factors into shared memory; nothing else, so its QK and softmax
+//      alone set the chunk period.
 // WG1 / WG2: O^T (dims 256 h.. of 512, h = wg - 1; 64 query rows: four m64n64 accumulators, 128 fp32 per thread)
 //      += V^T P^T: A = V^T's fragments from the cache tile (v_fragments, dense_decode_fp8.cuh), B = P as WG0 wrote it
 //      (P[row][token] K-major is P^T's B layout); each stores its dims of every request.
@@ -488,7 +491,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
     for (int s = 0; s < kNarrowStages; ++s) mbar_init(bar_addr(sbase, kStageEmpty + s), 12);
     mbar_init(bar_addr(sbase, kAlphaFull), 4);
     mbar_init(bar_addr(sbase, kFirstQFull), 8);
-    init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);
+    init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);  // (kVtFull / kVtEmpty are not used here)
   }
   __syncthreads();
   allow_dependent_launch();

@@ -46,8 +46,8 @@ constexpr int kOffBar = kOffPageOk + kMaxStages * 8;
 constexpr int kKvFull = 0;               // [kMaxStages]: the chunk's bytes landed (TMA transactions)
 constexpr int kVtFull = kMaxStages;              // [kVtBufs]: V^T written (4 WG2 warps)
 constexpr int kVtEmpty = kVtFull + kVtBufs;      // [kVtBufs]: every PV product of the buffer done (its warps)
-constexpr int kPFull = kVtEmpty + kVtBufs;       // P and the factors written (4 WG0 warps)
-constexpr int kPEmpty = kPFull + 1;              // WG1's product with P done (4 WG1 warps)
+constexpr int kPFull = kVtEmpty + kVtBufs;       // P and (but large pages: kAlphaFull) the factors written (4 WG0 warps)
+constexpr int kPEmpty = kPFull + 1;              // the product(s) with P done (4 WG1 warps; large pages: WG1 + WG2, 8)
 constexpr int kQFull = kPFull + 2;               // Q and its row factors written (4 WG2 warps)
 constexpr int kQEmpty = kPFull + 3;              // WG0's last QK of the request done (4 WG0 warps)
 constexpr int kStageEmpty = kPFull + 4;          // [kMaxStages]: the large-page kernel's stage read by all (12 warps)
@@ -294,7 +294,7 @@ __device__ __forceinline__ void transpose_v(uint32_t stage, uint32_t vt, int val
 // a chunk's loads, so the read has a chunk's time to land before those loads need it. Read at the load, it stood
 // in front of WG1's next product; reading ahead made the 32-row kernel 1.5-3% faster and the 64-row kernel of that
 // time (today's small-page one) 3% slower at h_q 128 (benchmarks/NOTES_fp8_decode.md, session 13). The large-page
-// 64-row kernel, whose loading warp sits after its product as in the 32-row kernel, reads ahead too.
+// 64-row kernel, whose loading warp (WG3) does nothing else, reads ahead too.
 struct ChunkWalk {
   int r, tok, end, page;
 };
@@ -374,9 +374,9 @@ __device__ __forceinline__ void qk_fp8(float (&s)[kN / 2], uint32_t sbase, int s
   wgmma_commit();
 }
 
-// Chunks the loading warp (warp 0 of WG1, in both kernels) loads at the start: with pages of 64 and more,
-// only the first; WG2 loads the next kNumStages - 1 once it has written the first Q (q_and_transpose_warpgroup,
-// narrow_q_warpgroup).
+// Chunks the loading warp (warp 0 of WG1, in the small-page 64-row kernel and the 32-row kernel) loads at the start:
+// with pages of 64 and more (the 32-row kernel), only the first; WG2 loads the next kNumStages - 1 once it has
+// written the first Q (narrow_q_warpgroup).
 // Every SM starts at once, and a Q fill issued behind all stages' cache loads lands behind their bytes
 // (microseconds at the start of every CTA, NOTES_fp8_decode.md); the first QK needs Q and the first chunk
 // only. (With small pages WG2 has no registers for the page-slice loads, and WG1 loads all stages.)
@@ -441,7 +441,6 @@ __device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tma
       fill_q_rows<kQFillRows>(p, sbase, s_qscale, r, row, mtile, kvh, lane, descale_q);
     fence_proxy_async();
     mbar_arrive_per_warp(bar_addr(sbase, kQFull));
-    if (qi == 0 && warp == 0 && !kSmallPages) deferred_first_loads<kSmallPages>(tmap, p, pt, sbase, kvh);
     ++qi;
 #pragma unroll 1
     for (int c = start; c < end; c += kBlockN, ++g) {
