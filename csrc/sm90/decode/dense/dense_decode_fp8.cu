@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {
     // ======================= WG2: Q and the V transposes =======================
     set_warpgroup_registers<Budget<kSmallPages>::kRegsWG2>();
-    q_and_transpose_warpgroup<kSmallPages, 16>(&tmap, p, pt, sbase, arrays.qscale, mtile, kvh, tid_wg);
+    q_and_transpose_warpgroup<kSmallPages, 16>(p, pt, sbase, arrays.qscale, mtile, kvh, tid_wg);
     return;
   }
 
@@ -391,15 +391,12 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
   {
     // The CTA's first Q, 8 rows per warp with all their loads in flight at once: one global-memory round trip at
     // the CTA's start, while WG0 (whose fill takes four, 4 rows at a time in its 104 registers) waits.
-    int r = pt.begin_req, start = 0, end = 0;
-    for (; r <= pt.end_req; ++r) {
-      request_range(p, pt, r, start, end);
-      if (start < end) break;
-    }
-    if (r <= pt.end_req) {
+    ChunkWalk first{pt.begin_req, 0, 0, 0};
+    walk_skip_empty<false>(p, pt, first);  // the CTA's first non-empty request, as WG0 and the loading warp find it
+    if (first.r <= pt.end_req) {
       const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
-      fill_q_rows<kFirstQFillRows>(p, sbase, arrays.qscale, r, (4 * half + warp) * kFirstQFillRows, mtile, kvh, lane,
-                                   descale_q);
+      fill_q_rows<kFirstQFillRows>(p, sbase, arrays.qscale, first.r, (4 * half + warp) * kFirstQFillRows, mtile, kvh,
+                                   lane, descale_q);
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kFirstQFull));
     }

@@ -401,8 +401,8 @@ __device__ __forceinline__ ChunkWalk first_loads(const CUtensorMap* tmap, const 
   return lw;
 }
 
-// WG2's part of the first loads: chunks kFirstLoads..kNumStages - 1 of the partition, by one warp. (Its own walk, so
-// it may read the pages ahead in either kernel.)
+// WG2's part of the first loads (the 32-row kernel with pages of 64 and more): chunks kFirstLoads..kNumStages - 1 of
+// the partition, by one warp, on its own walk.
 template <bool kSmallPages, int kNumStages = kStages, bool kEvictFirst = false>
 __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                      const Partition& pt, uint32_t sbase, int kvh) {
@@ -420,9 +420,9 @@ __device__ __forceinline__ void deferred_first_loads(const CUtensorMap* tmap, co
 // factors in s_qscale), the first loads WG1 leaves to it, and the V transposes of every chunk of the
 // partition, in order.
 template <bool kSmallPages, int kRowsPerWarp>
-__device__ __forceinline__ void q_and_transpose_warpgroup(const CUtensorMap* tmap, const DenseDecodeParams& p,
-                                                          const Partition& pt, uint32_t sbase, float* s_qscale, int mtile,
-                                                          int kvh, int tid_wg) {
+__device__ __forceinline__ void q_and_transpose_warpgroup(const DenseDecodeParams& p, const Partition& pt,
+                                                          uint32_t sbase, float* s_qscale, int mtile, int kvh,
+                                                          int tid_wg) {
   const int warp = tid_wg / 32, lane = tid_wg % 32;
   prefetch_q_rows(p, pt.begin_req, mtile, kvh, tid_wg);
   const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
