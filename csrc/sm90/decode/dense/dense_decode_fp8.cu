@@ -120,10 +120,9 @@ __device__ __forceinline__ void store_row_stats(float* s_rowsum, float* s_rowmax
   }
 }
 
-// (A template over the page kind for its shared pieces; launched only with kSmallPages.)
-template <bool kSmallPages>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_fp8_small_pages_kernel(const __grid_constant__ CUtensorMap tmap, const DenseDecodeParams p) {
+  constexpr bool kSmallPages = true;  // the page kind of the helpers it shares with the 32-row kernel
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_addr(smem);
@@ -515,7 +514,7 @@ void launch_dense_decode_fp8(const DenseDecodeParams& p, const CUtensorMap& tmap
     launch_dense_decode_fp8_narrow(p, tmap, stream);
     return;
   }
-  launch_on_plan_grid(dense_decode_fp8_small_pages_kernel<true>, dense_decode_fp8_large_pages_kernel, kThreads,
+  launch_on_plan_grid(dense_decode_fp8_small_pages_kernel, dense_decode_fp8_large_pages_kernel, kThreads,
                       kSmemBytes, p, tmap, stream, kLargeThreads);
 }
 

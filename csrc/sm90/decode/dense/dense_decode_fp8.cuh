@@ -79,20 +79,20 @@ struct RowArrays {
         page_ok(reinterpret_cast<const uint64_t*>(smem + kOffPageOk)) {}
 };
 
-// setmaxnreg budgets of the small-page 64-row kernel and the 32-row kernel, per page-size instantiation (the
+// setmaxnreg budgets of the small-page 64-row kernel and of the 32-row kernel per page-size instantiation (the
 // large-page 64-row kernel has its own, dense_decode_fp8.cu); they must sum to the launch allotment
 // (3 x 168). In the 64-row kernel WG0 holds O (128), S (32) and P (8); in the 32-row kernel WG0 holds S^T (16)
 // and the per-row softmax state. WG1 holds O (O^T) and, with small pages, the page-slice loads of
 // load_tiles_small_pages (below 224 ptxas spills there). WG2's Q fill keeps the loads of kQFillRows rows
-// (12 registers each) in flight: 4 rows need 104 registers, so only the large-page instantiation, where
-// WG1 needs less, batches them. The 32-row kernel (kNarrow) moves registers from its WG0 to WG1: O^T (128) and
-// V^T's A fragments of a chunk (64), with small pages also the page-slice loads (256, the most there is); its WG2
-// only fills Q.
+// (12 registers each) in flight: with small pages one row (WG1 needs the registers), with large pages (the 32-row
+// kernel) four. The 32-row kernel (kNarrow) moves registers from its WG0 to WG1: O^T (128) and V^T's A fragments of
+// a chunk (64), with small pages also the page-slice loads (256, the most there is); its WG2 only fills Q.
 template <bool kSmallPages, bool kNarrow = false>
 struct Budget {
+  static_assert(kNarrow || kSmallPages, "the 64-row kernel with large pages has its own budgets");
   static constexpr int kRegsWG0 = kNarrow ? 152 : 200;
-  static constexpr int kRegsWG1 = kNarrow ? (kSmallPages ? 256 : 240) : (kSmallPages ? 224 : 200);
-  static constexpr int kRegsWG2 = kNarrow ? (kSmallPages ? 96 : 112) : (kSmallPages ? 80 : 104);
+  static constexpr int kRegsWG1 = kNarrow ? (kSmallPages ? 256 : 240) : 224;
+  static constexpr int kRegsWG2 = kNarrow ? (kSmallPages ? 96 : 112) : 80;
   static constexpr int kQFillRows = kSmallPages ? 1 : 4;
   static_assert(kRegsWG0 + kRegsWG1 + kRegsWG2 == 3 * 168, "setmaxnreg budgets must fit the launch allotment");
 };
