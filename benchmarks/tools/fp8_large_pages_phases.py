@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 from probe_marks import fp8_probe_run, print_spread  # noqa: E402
 
-NAMES = ["entry (WG0 t0)", "chunk 0 issued (loader)", "first Q passed (loader)", "chunk 3 issued (loader)",
+NAMES = ["entry (WG0 t0)", "chunk 0 issued (loader)", "first Q loads issued (loader)", "chunk 3 issued (loader)",
          "first Q written (WG1 w0)", "first Q seen (WG0)", "QK 0 done (WG0)", "QK 1 done (WG0)",
          "before QK 4 (WG0)", "before QK 36 (WG0)", "last P consumed (WG0)", "1st PV done (WG1)",
          "last PV done (WG1)", "epilogue barrier (WG1)", "stores done (WG1)", "stores done (WG2)"]

@@ -49,6 +49,11 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// An arrival that orders nothing before it (no release): a signal that instructions were issued, not that their
+// results are visible (e.g. that global loads are in flight).
+__device__ __forceinline__ void mbar_arrive_relaxed(uint32_t bar) {
+  asm volatile("mbarrier.arrive.relaxed.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 // One arrival per warp (lane 0, after the warp has converged): consumer barriers counted in warps.
 __device__ __forceinline__ void mbar_arrive_per_warp(uint32_t bar) {
   __syncwarp();

@@ -394,8 +394,12 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
     walk_skip_empty<false>(p, pt, first);  // the CTA's first non-empty request, as WG0 and the loading warp find it
     if (first.r <= pt.end_req) {
       const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
+      // Once this warp's loads are issued the loading warp may queue the next chunks behind them (kFirstQLoads).
       fill_q_rows<kFirstQFillRows>(p, sbase, arrays.qscale, first.r, (4 * half + warp) * kFirstQFillRows, mtile, kvh,
-                                   lane, descale_q);
+                                   lane, descale_q, [&] {
+                                     __syncwarp();
+                                     if (lane == 0) mbar_arrive_relaxed(bar_addr(sbase, kFirstQLoads));
+                                   });
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kFirstQFull));
     }
@@ -454,9 +458,9 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
 }
 
 // WG3's warp 0: every cache load of the partition, in the order the math warpgroups consume the chunks (pages read
-// ahead by the walk). The first chunk at once; the next ones after the CTA's first Q fill (a Q fill issued behind
-// all stages' loads lands behind their bytes at every CTA's start); each later one once its stage's chunk has been
-// read.
+// ahead by the walk). The first chunk at once; the next ones once the products have issued the loads of the CTA's
+// first Q (a Q fill issued behind all stages' loads lands behind their bytes at every CTA's start; issued before
+// them, the Q rows are converted while the stages stream); each later one once its stage's chunk has been read.
 __device__ __forceinline__ void large_pages_loader_warp(const CUtensorMap* tmap, const DenseDecodeParams& p,
                                                         const Partition& pt, uint32_t sbase, int kvh) {
   ChunkWalk w{pt.begin_req, 0, 0, 0};
@@ -464,7 +468,7 @@ __device__ __forceinline__ void large_pages_loader_warp(const CUtensorMap* tmap,
 #pragma unroll 1
   for (uint32_t g = 0; w.r <= pt.end_req; ++g) {
     const int stage = g % kNarrowStages;
-    if (g == 1) mbar_wait(bar_addr(sbase, kFirstQFull), 0);
+    if (g == 1) mbar_wait(bar_addr(sbase, kFirstQLoads), 0);
     if (g >= kNarrowStages) mbar_wait(bar_addr(sbase, kStageEmpty + stage), ((g / kNarrowStages) - 1) & 1);
     load_chunk<false, true, kLargePagesKvEvictFirst>(tmap, p, sbase, w, kvh, stage);
     walk_next<true>(p, pt, w);
@@ -487,6 +491,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
     for (int s = 0; s < kNarrowStages; ++s) mbar_init(bar_addr(sbase, kStageEmpty + s), 12);
     mbar_init(bar_addr(sbase, kAlphaFull), 4);
     mbar_init(bar_addr(sbase, kFirstQFull), 8);
+    mbar_init(bar_addr(sbase, kFirstQLoads), 8);
     init_barriers<kNarrowStages>(sbase, 4, &tmap, 8);  // (kVtFull / kVtEmpty are not used here)
   }
   __syncthreads();

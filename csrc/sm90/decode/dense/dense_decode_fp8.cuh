@@ -53,7 +53,8 @@ constexpr int kQEmpty = kPFull + 3;              // WG0's last QK of the request
 constexpr int kStageEmpty = kPFull + 4;          // [kMaxStages]: the large-page kernel's stage read by all (12 warps)
 constexpr int kAlphaFull = kStageEmpty + kMaxStages;  // the large-page kernel's factors of the next P (4 WG0 warps)
 constexpr int kFirstQFull = kAlphaFull + 1;  // the large-page kernel's first Q, written by the products (8 warps)
-constexpr int kNumBars = kFirstQFull + 1;
+constexpr int kFirstQLoads = kFirstQFull + 1;  // the large-page kernel's first Q loads issued (8 product warps)
+constexpr int kNumBars = kFirstQLoads + 1;
 constexpr int kSmemUsed = kOffBar + kNumBars * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;  // slack for 1024-byte alignment
 static_assert(kSmemBytes <= 232448, "shared memory per block");
@@ -135,10 +136,15 @@ __device__ __forceinline__ float e4m3_row_factor(float amax) {
 // Query rows row_first..row_first + kRows - 1 of the tile (request r) -> e4m3 in the Q tiles, their
 // dequantization factors -> s_qscale. One warp per row at a time: lane l takes the 8-value pieces l, l + 32,
 // l + 64 (< 72) of the 576 values. The loads of all kRows rows are issued first, so that the fill costs one
-// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first).
-template <int kRows>
+// global-memory round trip per kRows rows (it sits between a request's last QK and the next one's first);
+// loads_issued() runs once they are, before any of them is waited for.
+struct NoSignal {
+  __device__ __forceinline__ void operator()() const {}
+};
+template <int kRows, typename LoadsIssued = NoSignal>
 __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t sbase, float* s_qscale, int r,
-                                            int row_first, int mtile, int kvh, int lane, float descale_q) {
+                                            int row_first, int mtile, int kvh, int lane, float descale_q,
+                                            LoadsIssued loads_issued = {}) {
   uint4 raw[kRows][3];  // bf16: 8 values per piece; e4m3: 8 values in .x, .y
   bool in[kRows];
 #pragma unroll
@@ -161,6 +167,7 @@ __device__ __forceinline__ void fill_q_rows(const DenseDecodeParams& p, uint32_t
       }
     }
   }
+  loads_issued();
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int row = row_first + i;
