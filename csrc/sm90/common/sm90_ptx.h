@@ -54,10 +54,18 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_arrive_relaxed(uint32_t bar) {
   asm volatile("mbarrier.arrive.relaxed.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// One arrival per warp (lane 0, after the warp has converged): consumer barriers counted in warps.
+// One arrival per warp (lane 0, after the warp has converged): consumer barriers counted in warps; kRelaxed: the
+// arrival orders nothing before it (mbar_arrive_relaxed).
+template <bool kRelaxed = false>
 __device__ __forceinline__ void mbar_arrive_per_warp(uint32_t bar) {
   __syncwarp();
-  if (threadIdx.x % 32 == 0) mbar_arrive(bar);
+  if (threadIdx.x % 32 == 0) {
+    if constexpr (kRelaxed) {
+      mbar_arrive_relaxed(bar);
+    } else {
+      mbar_arrive(bar);
+    }
+  }
 }
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");

@@ -396,10 +396,8 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
       const float descale_q = p.q_fp8 ? *p.descale_q : 1.f;
       // Once this warp's loads are issued the loading warp may queue the next chunks behind them (kFirstQLoads).
       fill_q_rows<kFirstQFillRows>(p, sbase, arrays.qscale, first.r, (4 * half + warp) * kFirstQFillRows, mtile, kvh,
-                                   lane, descale_q, [&] {
-                                     __syncwarp();
-                                     if (lane == 0) mbar_arrive_relaxed(bar_addr(sbase, kFirstQLoads));
-                                   });
+                                   lane, descale_q,
+                                   [&] { mbar_arrive_per_warp</*kRelaxed=*/true>(bar_addr(sbase, kFirstQLoads)); });
       fence_proxy_async();
       mbar_arrive_per_warp(bar_addr(sbase, kFirstQFull));
     }
