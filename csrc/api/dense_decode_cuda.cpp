@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_in, const
   // the rows of different requests never overlap, and E <= num_sm_parts (one extra piece per
   // partition at most) bounds every row by 2 * num_sm_parts.
   const int64_t acc_rows = 2 * num_sm_parts + 1;
-  const bool bf16_partials = fs::split_partials_bf16(fp8, m_total);  // the FP8 32-row kernel's
+  const bool bf16_partials = fs::split_partials_bf16(fp8, m_total, page_size);
   at::Tensor oacc = at::empty({acc_rows, h_kv, m_total, fs::kDV}, q.options().dtype(bf16_partials ? at::kBFloat16 : at::kFloat));
   at::Tensor lseacc = at::empty({acc_rows, h_kv, m_total}, q.options().dtype(at::kFloat));
 

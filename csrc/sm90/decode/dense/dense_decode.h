@@ -16,10 +16,12 @@ constexpr int kBlockM = 64;   // query rows per CTA (rows = s_q * h_q / h_kv of 
 constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of one page, or of several small ones)
 constexpr int kNarrowRows = 32;  // query rows per kv head up to which the transposed (32-row) kernels run
 
-// Split partials in bf16 instead of fp32: those of the FP8 32-row kernel (an FP8 cache, m_total <= kNarrowRows).
-// Their rounding (2^-9 relative) is small beside P's e4m3 rounding (2^-4); half the scratch traffic measured 1-4%
-// faster on the 32-row rows, while the 64-row FP8 kernel measured 0-4% slower with them (docs/design.md §4.2).
-inline bool split_partials_bf16(bool fp8, int64_t m_total) { return fp8 && m_total <= kNarrowRows; }
+// Split partials in bf16 instead of fp32: those of the FP8 32-row kernel (an FP8 cache, m_total <= kNarrowRows)
+// and of the FP8 large-page kernel (pages of whole 64-token chunks). Their rounding (2^-9 relative) is small beside
+// P's e4m3 rounding (2^-4); half the scratch traffic (docs/design.md §4.2).
+inline bool split_partials_bf16(bool fp8, int64_t m_total, int64_t page_size) {
+  return fp8 && (m_total <= kNarrowRows || page_size % kBlockN == 0);
+}
 
 struct DenseDecodeParams {
   // q [b, s_q, h_q, 576]; element strides (last dim contiguous)

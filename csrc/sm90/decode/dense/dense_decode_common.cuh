@@ -164,6 +164,12 @@ constexpr int kNarrowRowsPerThread = kNarrowRows / 4;  // columns (query rows) o
 // Query row (S^T / O^T column) of a thread's per-row value k = 2 j + e.
 __device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) + 2 * quad + k % 2; }
 
+// How the transposed kernels write split partials: fp32, or in out's 16-bit type (the FP8 kernels,
+// split_partials_bf16 in dense_decode.h, with kDimPairs), either packed first (O^T scaled and packed into half its
+// registers, then one store path whatever the destination: the 32-row kernel) or packed at each store like `out`
+// (the large-page kernel, whose product warpgroups have no registers for the packed copy).
+enum class Partials { kF32, k16PackedFirst, k16AtStore };
+
 // Epilogue of one request in the transposed kernels: O^T * out_mult / l to `out` (T, unsplit) or to the split
 // scratch, and the log-sum-exp (only with store_lse). o: kMTiles m64 accumulators of dims dim0 + 64 m.., N =
 // 2 kRows query rows each (the tile's column n is query row tile_row0 + n); l / mx: full column sums and final
@@ -171,24 +177,32 @@ __device__ __forceinline__ int narrow_row(int k, int quad) { return 8 * (k / 2) 
 // A thread holds rows (dims) 64 m + 16 w + i + {0, 8} of its columns (w = warp of the warpgroup, i = lane / 4):
 // lanes i and i ^ 1 swap one value each, so that every lane stores two adjacent dims of a row. With kDimPairs the
 // accumulator rows i and i + 8 are dims 64 m + 16 w + 2 i + {0, 1} already (the FP8 kernels' V^T fragment order).
-// AccT: the split scratch's element type: float, or T itself (bf16 partials of the FP8 kernels, with kDimPairs).
-template <typename T, bool kDimPairs = false, int kMTiles = 8, int kRows = kNarrowRowsPerThread, typename AccT = float>
+// kPartials: how split partials are written (Partials above).
+template <typename T, bool kDimPairs = false, int kMTiles = 8, int kRows = kNarrowRowsPerThread,
+          Partials kPartials = Partials::kF32>
 __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams& p, const float (&o)[kMTiles][2 * kRows],
                                                          int r, int kvh, int tile_row0, const float (&l)[kRows],
                                                          const float (&mx)[kRows], int n_splits, int split_idx,
                                                          float out_mult, int warp, int lane, int dim0 = 0,
                                                          bool store_lse = true) {
-  static_assert(std::is_same_v<AccT, float> || (std::is_same_v<AccT, T> && kDimPairs),
-                "16-bit partials: out's type, in the FP8 kernels' dim-pair order");
-  constexpr bool kSameType = std::is_same_v<AccT, T>;
+  static_assert(kPartials == Partials::kF32 || kDimPairs, "16-bit partials: in the FP8 kernels' dim-pair order");
+  constexpr bool kPackedFirst = kPartials == Partials::k16PackedFirst;
+  using AccT = std::conditional_t<kPartials == Partials::kF32, float, T>;
   const int quad = lane % 4, i = lane / 4;
   const bool odd = i & 1;
   const int64_t acc_base = n_splits > 1 ? split_scratch_base(p, r, kvh, split_idx) : 0;
-  // 16-bit partials: O^T scaled and packed first (half its registers; stored in place, the product warpgroups of the
-  // large-page kernel spilled, session 27), then one store path whatever the destination.
-  uint32_t packed[kSameType ? kMTiles : 1][kSameType ? kRows : 1];
-  float row_lse[kSameType ? kRows : 1];
-  if constexpr (kSameType) {
+  // With Partials::k16AtStore m_total is read here through an opaque copy: the rows' flags below are the same for
+  // every request and were otherwise computed once before the caller's request loop and held across its chunk loop
+  // (the large-page kernel's product warpgroups spilled them, and ptxas rescheduled both of its chunk loops). The
+  // other callers' code is left as it was (their flags fit).
+  int m_total_at_store = 0;
+  if constexpr (kPartials == Partials::k16AtStore)
+    asm volatile("mov.b32 %0, %1;\n" : "=r"(m_total_at_store) : "r"(p.m_total));
+  // Partials::k16PackedFirst: O^T scaled and packed first (half its registers), then one store path whatever the
+  // destination.
+  uint32_t packed[kPackedFirst ? kMTiles : 1][kPackedFirst ? kRows : 1];
+  float row_lse[kPackedFirst ? kRows : 1];
+  if constexpr (kPackedFirst) {
 #pragma unroll
     for (int k = 0; k < kRows; ++k) {
       const RowResult res = finish_row(l[k], mx[k], out_mult, n_splits);
@@ -203,11 +217,11 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
 #pragma unroll
   for (int k = 0; k < kRows; ++k) {
     const int n = tile_row0 + narrow_row(k, quad);
-    const bool ok = n < p.m_total;
+    const bool ok = n < (kPartials == Partials::k16AtStore ? m_total_at_store : p.m_total);
     const int nn = ok ? n : 0;
     const QueryRow row = query_row(p, kvh, nn);
     RowResult res{0.f, 0.f};
-    if constexpr (kSameType) {
+    if constexpr (kPackedFirst) {
       res.lse = row_lse[k];
     } else {
       res = finish_row(l[k], mx[k], out_mult, n_splits);
@@ -222,7 +236,7 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
         p.lseacc[acc_base + n] = lse;
       }
     }
-    if constexpr (kSameType) {
+    if constexpr (kPackedFirst) {
       T* dst = n_splits == 1 ? out_row : reinterpret_cast<T*>(acc_row);
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m)
@@ -240,6 +254,8 @@ __device__ __forceinline__ void store_outputs_transposed(const DenseDecodeParams
         if (!ok) continue;
         if (n_splits == 1) {
           *reinterpret_cast<uint32_t*>(out_row + dim) = TypeOps<T>::pack(pair.x, pair.y);
+        } else if constexpr (kPartials == Partials::k16AtStore) {
+          *reinterpret_cast<uint32_t*>(acc_row + dim) = TypeOps<T>::pack(pair.x, pair.y);
         } else {
           *reinterpret_cast<float2*>(acc_row + dim) = pair;
         }

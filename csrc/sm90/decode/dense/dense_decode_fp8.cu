@@ -449,9 +449,10 @@ __device__ __forceinline__ void large_pages_product_warpgroup(const DenseDecodeP
       }
       ++qi;
     }
-    store_outputs_transposed<__nv_bfloat16, true, 4, kRows>(p, o, r, kvh, mtile * kBlockM, l, mx, n_splits,
-                                                            r == pt.begin_req ? pt.begin_split : 0, descale_k, warp,
-                                                            lane, 256 * half, half == 0);
+    // Split partials in bf16 (split_partials_bf16, dense_decode.h).
+    store_outputs_transposed<__nv_bfloat16, true, 4, kRows, Partials::k16AtStore>(
+        p, o, r, kvh, mtile * kBlockM, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0, descale_k, warp, lane,
+        256 * half, half == 0);
   }
 }
 

@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ++qi;
     }
     // Split partials in bf16 (split_partials_bf16, dense_decode.h).
-    store_outputs_transposed<__nv_bfloat16, true, 8, kNarrowRowsPerThread, __nv_bfloat16>(
+    store_outputs_transposed<__nv_bfloat16, true, 8, kNarrowRowsPerThread, Partials::k16PackedFirst>(
         p, o, r, kvh, 0, l, mx, n_splits, r == pt.begin_req ? pt.begin_split : 0, descale_k, warp, lane);
   }
 }
