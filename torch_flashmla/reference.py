@@ -201,8 +201,8 @@ def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
              + 2^-8 |out|                                             (bf16 output, both sides)
 
     The partials' term: a split piece's output O_i = sum_(j in i) p_j v_j / l_i, rounded to bf16 (relative
-    2^-9), enters with weight l_i / l, so it adds at most 2^-9 sum_j p_j |v_j| (the 32-row kernel writes bf16
-    partials; docs/design.md §4.2)."""
+    2^-9), enters with weight l_i / l, so it adds at most 2^-9 sum_j p_j |v_j| (the FP8 kernels write bf16
+    partials for pages of whole 64-token chunks and at most 32 rows per kv head; docs/design.md §4.2)."""
     b, s_q, h_q, _ = q.shape
     out_bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse_bound = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
