@@ -1,0 +1,122 @@
+"""Seeded random configurations of the decode ops on the GPU, checked like the matrices of the per-op
+GPU test files (their input generators, poisoning and tolerances, imported from them): shapes between and
+off the grid points of those matrices (any h_q with h_kv dividing it, s_q 1..4, any length, page sizes
+that are not a power of two, odd partition counts, topk of any size, every optional input), so that a
+combination no matrix names still meets the reference. The configurations are drawn once from a fixed
+seed: the same ids, and the same inputs, in every run.
+
+    python -m pytest -q -m cuda tests/test_random_sweep_cuda.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+pytest.importorskip("torch_flashmla")
+from torch_flashmla.testing import SparseDecodeCase  # noqa: E402
+
+# The per-op test modules skip (at import) without an SM90 GPU and kernels; so does this one.
+import test_dense_decode_cuda as dense16  # noqa: E402
+import test_dense_decode_fp8_cuda as dense8  # noqa: E402
+import test_sparse_decode_cuda as sparse32  # noqa: E402
+import test_sparse_decode_v4_cuda as sparse4  # noqa: E402
+
+_rng = random.Random(20261204)
+
+
+def _log_uniform(lo: int, hi: int) -> int:
+    return int(round(math.exp(_rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def _length(short_hi: int, long_lo: int, long_hi: int) -> int:
+    """Half short (log-uniform from 1: single chunks, partial chunks, the short-request paths), half long
+    (many chunks per partition, split requests and the combine)."""
+    return _log_uniform(1, short_hi) if _rng.random() < 0.5 else _rng.randint(long_lo, long_hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+    b: int
+    s_q: int
+    h_q: int
+    h_kv: int
+    s_k: int
+    page_size: int
+    causal: bool
+    varlen: bool
+    zeros: bool
+    half: bool          # fp16 (16-bit cache) / an e4m3 q (FP8 cache)
+    num_sm_parts: int   # 0: the default plan
+    bad_pages: float
+
+    def id(self) -> str:
+        return (f"b{self.b}-sq{self.s_q}-h{self.h_q}_{self.h_kv}-sk{self.s_k}-p{self.page_size}"
+                f"{'-c' if self.causal else ''}{'-v' if self.varlen else ''}{'-z' if self.zeros else ''}"
+                f"{'-h' if self.half else ''}{f'-n{self.num_sm_parts}' if self.num_sm_parts else ''}"
+                f"{'-bad' if self.bad_pages else ''}")
+
+
+def _dense_config() -> DenseConfig:
+    h_kv = _rng.choice([1, 1, 1, 1, 2, 4, 8])
+    return DenseConfig(b=_rng.randint(1, 9), s_q=_rng.randint(1, 4), h_q=h_kv * _rng.randint(1, 128 // h_kv),
+                       h_kv=h_kv, s_k=_length(2000, 1025, 20000),
+                       page_size=_rng.choice([64, 64, 64, 128, 256, 1, 2, 7, 16, 32, 48, 80, 100]),
+                       causal=_rng.random() < 0.5, varlen=_rng.random() < 0.6, zeros=_rng.random() < 0.3,
+                       half=_rng.random() < 0.5, num_sm_parts=_rng.choice([0, 0, _rng.randint(1, 200)]),
+                       bad_pages=_rng.choice([0.0, 0.0, 0.2]))
+
+
+def _sparse_case(v4: bool) -> SparseDecodeCase:
+    page_size = _rng.choice([64, 64, 256, 1, 2, 5] if v4 else [64, 64, 1, 5, 16, 32, 100, 128])
+    topk = _length(1000, 1000, 9000)
+    extra = _rng.random() < 0.5
+    return SparseDecodeCase(
+        b=_rng.randint(1, 9), s_q=_rng.randint(1, 4), h_q=_rng.randint(1, 128), topk=topk,
+        num_blocks=max(2, _log_uniform(64, 8192) // page_size), page_size=page_size,
+        with_topk_length=_rng.random() < 0.5, with_attn_sink=_rng.random() < 0.5,
+        extra_topk=_log_uniform(1, 1200) if extra else 0, extra_page_size=_rng.choice([1, 2, 16, 32, 64, 128]),
+        invalid_fraction=_rng.choice([0.0, 0.2, 0.2, 0.9]), d_qk=512 if v4 else 576)
+
+
+DENSE16 = [_dense_config() for _ in range(40)]
+DENSE8 = [_dense_config() for _ in range(24)]
+SPARSE_V32 = [(_sparse_case(False), _rng.choice([None, None, _rng.randint(1, 200)])) for _ in range(32)]
+SPARSE_V4 = [(_sparse_case(True), _rng.choice([None, None, _rng.randint(1, 200)])) for _ in range(16)]
+
+
+def _parts(c: DenseConfig):
+    return c.num_sm_parts or None
+
+
+@pytest.mark.parametrize("c", DENSE16, ids=[c.id() for c in DENSE16])
+def test_random_dense_16bit(c):
+    dtype = torch.float16 if c.half else torch.bfloat16
+    dense16.check_case(c.b, c.s_q, c.h_q, c.h_kv, c.s_k, c.causal, dtype, c.varlen, c.zeros,
+                       seed=DENSE16.index(c), num_sm_parts=_parts(c), page_size=c.page_size, bad_pages=c.bad_pages)
+
+
+@pytest.mark.parametrize("c", DENSE8, ids=[c.id() for c in DENSE8])
+def test_random_dense_fp8(c):
+    dense8.check_case(c.b, c.s_q, c.h_q, c.h_kv, c.s_k, c.causal, c.half, c.varlen, c.zeros,
+                      seed=100 + DENSE8.index(c), num_sm_parts=_parts(c), page_size=c.page_size,
+                      bad_pages=c.bad_pages)
+
+
+def _sparse_id(case, parts, module) -> str:
+    return module.case_id(case) + f"-i{case.invalid_fraction}" + (f"-n{parts}" if parts else "")
+
+
+@pytest.mark.parametrize("case,parts", SPARSE_V32, ids=[_sparse_id(c, n, sparse32) for c, n in SPARSE_V32])
+def test_random_sparse_v32(case, parts):
+    sparse32.check_case(case, seed=sparse32.case_seed(case), num_sm_parts=parts)
+
+
+@pytest.mark.parametrize("case,parts", SPARSE_V4, ids=[_sparse_id(c, n, sparse4) for c, n in SPARSE_V4])
+def test_random_sparse_v4(case, parts):
+    sparse4.check_case(case, num_sm_parts=parts)
