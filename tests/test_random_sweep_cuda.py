@@ -1,4 +1,4 @@
-"""Seeded random configurations of the decode ops on the GPU, checked like the matrices of the per-op
+"""Seeded random configurations of the attention ops on the GPU, checked like the matrices of the per-op
 GPU test files (their input generators, poisoning and tolerances, imported from them): shapes between and
 off the grid points of those matrices (any h_q with h_kv dividing it, s_q 1..4, any length, page sizes
 that are not a power of two, odd partition counts, topk of any size, every optional input), so that a
@@ -19,13 +19,17 @@ import torch
 pytestmark = pytest.mark.cuda
 
 pytest.importorskip("torch_flashmla")
-from torch_flashmla.testing import SparseDecodeCase  # noqa: E402
+from torch_flashmla import testing as T  # noqa: E402
+from torch_flashmla.testing import SparseDecodeCase, SparsePrefillCase  # noqa: E402
 
 # The per-op test modules skip (at import) without an SM90 GPU and kernels; so does this one.
 import test_dense_decode_cuda as dense16  # noqa: E402
 import test_dense_decode_fp8_cuda as dense8  # noqa: E402
 import test_sparse_decode_cuda as sparse32  # noqa: E402
 import test_sparse_decode_v4_cuda as sparse4  # noqa: E402
+import test_sparse_prefill_cuda as prefill  # noqa: E402
+import test_mha_prefill_cuda as mha  # noqa: E402
+from attention_asserts import assert_mha_prefill_close  # noqa: E402
 
 _rng = random.Random(20261204)
 
@@ -84,10 +88,37 @@ def _sparse_case(v4: bool) -> SparseDecodeCase:
         invalid_fraction=_rng.choice([0.0, 0.2, 0.2, 0.9]), d_qk=512 if v4 else 576)
 
 
-DENSE16 = [_dense_config() for _ in range(40)]
-DENSE8 = [_dense_config() for _ in range(24)]
-SPARSE_V32 = [(_sparse_case(False), _rng.choice([None, None, _rng.randint(1, 200)])) for _ in range(32)]
-SPARSE_V4 = [(_sparse_case(True), _rng.choice([None, None, _rng.randint(1, 200)])) for _ in range(16)]
+def _sparse_prefill_case() -> SparsePrefillCase:
+    return SparsePrefillCase(s_q=_log_uniform(1, 600), s_kv=_log_uniform(1, 9000), h_q=_rng.randint(1, 128),
+                             topk=_length(1000, 1000, 4000), d_qk=_rng.choice([576, 512]),
+                             with_topk_length=_rng.random() < 0.5, with_attn_sink=_rng.random() < 0.5,
+                             invalid_fraction=_rng.choice([0.0, 0.2, 0.2, 0.9]))
+
+
+def _mha_prefill_case() -> T.MHAPrefillCase:
+    h_k = _rng.choice([1, 2, 4, 8, 16, 32, 64, 128])
+    h_q = h_k * _rng.randint(1, 128 // h_k)
+    b = _rng.randint(1, 9)
+    lens = None
+    if _rng.random() < 0.4:  # lengths of their own: key counts below the query counts too, zero lengths
+        lens = (tuple(_log_uniform(1, 3000) - 1 for _ in range(b)), tuple(_log_uniform(1, 3000) - 1 for _ in range(b)))
+    return T.MHAPrefillCase(b=b, h_q=h_q, h_k=h_k, d_qk=_rng.choice([192, 128]), seqlen_q=_log_uniform(1, 3000),
+                            kv_prefix=_rng.choice([0, _log_uniform(1, 3000)]), varlen=_rng.random() < 0.7,
+                            zero_lengths=_rng.random() < 0.3, causal=_rng.random() < 0.6,
+                            dtype=_rng.choice([torch.bfloat16, torch.float16]),
+                            q_lens=lens[0] if lens else None, k_lens=lens[1] if lens else None)
+
+
+def _parts_or_default():
+    return _rng.choice([None, None, _rng.randint(1, 200)])
+
+
+DENSE16 = [_dense_config() for _ in range(150)]
+DENSE8 = [_dense_config() for _ in range(100)]
+SPARSE_V32 = [(_sparse_case(False), _parts_or_default()) for _ in range(100)]
+SPARSE_V4 = [(_sparse_case(True), _parts_or_default()) for _ in range(60)]
+SPARSE_PREFILL = [_sparse_prefill_case() for _ in range(60)]
+MHA_PREFILL = [_mha_prefill_case() for _ in range(60)]
 
 
 def _parts(c: DenseConfig):
@@ -120,3 +151,22 @@ def test_random_sparse_v32(case, parts):
 @pytest.mark.parametrize("case,parts", SPARSE_V4, ids=[_sparse_id(c, n, sparse4) for c, n in SPARSE_V4])
 def test_random_sparse_v4(case, parts):
     sparse4.check_case(case, num_sm_parts=parts)
+
+
+@pytest.mark.parametrize("case", SPARSE_PREFILL,
+                         ids=[prefill.case_id(c) + f"-i{c.invalid_fraction}" for c in SPARSE_PREFILL])
+def test_random_sparse_prefill(case):
+    prefill.check_case(case, seed=SPARSE_PREFILL.index(case))
+
+
+def _mha_id(c: T.MHAPrefillCase) -> str:
+    lens = f"q{sum(c.q_lens)}k{sum(c.k_lens)}" if c.q_lens else f"s{c.seqlen_q}p{c.kv_prefix}"
+    return (f"b{c.b}-h{c.h_q}_{c.h_k}-d{c.d_qk}-{lens}{'-v' if c.varlen else ''}{'-z' if c.zero_lengths else ''}"
+            f"{'-c' if c.causal else ''}{'-fp16' if c.dtype == torch.float16 else ''}")
+
+
+@pytest.mark.parametrize("case", MHA_PREFILL, ids=[_mha_id(c) for c in MHA_PREFILL])
+def test_random_mha_prefill(case):
+    a = T.mha_prefill_inputs(case, device="cuda", seed=MHA_PREFILL.index(case))
+    out, lse = mha._kernel(a)
+    assert_mha_prefill_close(out, lse, *mha._reference(a))
