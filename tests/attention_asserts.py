@@ -49,3 +49,24 @@ def assert_out_rows_close(out, ref_out, full_rows, out_abs, out_rel, cos_tol, ta
         if denom > 0:
             diff = 1 - 2 * (od * rd).sum().item() / denom
             assert diff <= cos_tol, f"{tag}: cosine distance {diff:.3g}"
+
+
+def assert_within_error_model(out, lse, ref_out, ref_lse, bound, lse_rtol, tag=""):
+    """Every out element within ``bound`` (the reference's per-element error model of the kernel, e.g.
+    ``reference.sparse_mla_decode_error_bound``) of the reference; no NaN; ``+inf`` lse exactly where the
+    reference has it, and there out exactly 0 (rows with nothing to attend to); finite lse within rel
+    ``lse_rtol`` (atol 1e-6). ``out`` is [..., d_v]; ``lse`` in the reference's layout."""
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype, f"{tag}: out {out.shape} {out.dtype}"
+    assert lse.shape == ref_lse.shape, f"{tag}: lse {lse.shape}"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{tag}: NaN in out or lse"
+    empty = torch.isposinf(ref_lse)
+    assert torch.equal(empty, torch.isposinf(lse)), f"{tag}: +inf pattern of lse differs"
+    err = (out.double() - ref_out.double()).abs()
+    bad = err > bound.double()
+    worst = (err / bound.double()).max().item() if err.numel() else 0.0
+    assert not bad.any(), (f"{tag}: {int(bad.sum())} of {bad.numel()} out elements past the error bound, worst "
+                           f"err / bound {worst:.3g}, first at {bad.nonzero()[:3].tolist()}")
+    fin = torch.isfinite(ref_lse)
+    lerr = (lse[fin].double() - ref_lse[fin].double()).abs()
+    lbad = lerr > 1e-6 + lse_rtol * ref_lse[fin].double().abs()
+    assert not lbad.any(), f"{tag}: lse mismatch ({int(lbad.sum())} rows), max err {lerr.max().item():.3g}"

@@ -96,6 +96,22 @@ def _sink_scale(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isposinf(lse), 1.0, torch.sigmoid(lse - attn_sink))
 
 
+# Unit roundoff (round to nearest) of the types the 16-bit kernels round P and their outputs to.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _rounded_p_bound(weighted_abs: torch.Tensor, out: torch.Tensor, n_keys: int, dtype: torch.dtype
+                     ) -> torch.Tensor:
+    """Bound on a 16-bit kernel's out element against the float32 reference (docs/design.md §7): the kernel
+    rounds P to ``dtype`` before P V (relative u per weight), sums in float32 (n_keys * 2^-24, both sides)
+    and rounds out to ``dtype`` (u, both sides). weighted_abs = sum_j p_j |v_j| and out (float32) carry
+    any sink factor already:
+
+        (u + 2 n_keys 2^-24) sum_j p_j |v_j| + 2 u |out| + 1e-6"""
+    u = UNIT_ROUNDOFF[dtype]
+    return (u + 2 * n_keys * 2.0 ** -24) * weighted_abs + 2 * u * out.abs() + 1e-6
+
+
 # --------------------------------------------------------------------------------------------
 # dense decode
 # --------------------------------------------------------------------------------------------
@@ -180,6 +196,22 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     return out, lse
 
 
+def mla_decode_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool
+                           ) -> torch.Tensor:
+    """Per-element bound on a 16-bit kernel's out [b, s_q, h_q, head_dim_v] (float32) against mla_decode on a
+    bf16/fp16 cache: P and out rounded to the cache's type (``_rounded_p_bound``). The FP8 cache has its own
+    model (``mla_decode_fp8_error_bound``)."""
+    b, s_q, h_q, _ = q.shape
+    bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    for i, probs, values, _ in _dense_decode_requests(q, kv_cache, block_table, cache_seqlens, head_dim_v,
+                                                      softmax_scale, causal, None, None):
+        e = _rounded_p_bound(torch.einsum("ktgs,ksd->ktgd", probs, values.abs()),
+                             torch.einsum("ktgs,ksd->ktgd", probs, values), probs.shape[-1], kv_cache.dtype)
+        bound[i] = e.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
+    return bound
+
+
 def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                                cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool,
                                descale_q: Optional[torch.Tensor] = None,
@@ -197,11 +229,12 @@ def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
         out: 2^-4 sum_j p_j |v_j| + 2^-10 max_j p_j sum_j |v_j|     (P's rounding)
              + 2 * lse bound * sum_j p_j |v_j|                        (the scores)
-             + 2^-9 sum_j p_j |v_j|                                   (split partials rounded to bf16)
-             + 2^-8 |out|                                             (bf16 output, both sides)
+             + 2^-8 sum_j p_j |v_j|                                   (split partials rounded to bf16)
+             + 2^-7 |out|                                             (bf16 output, both sides)
 
-    The partials' term: a split piece's output O_i = sum_(j in i) p_j v_j / l_i, rounded to bf16 (relative
-    2^-9), enters with weight l_i / l, so it adds at most 2^-9 sum_j p_j |v_j| (the FP8 kernels write bf16
+    (bf16's unit roundoff is 2^-8.) The partials' term: a split piece's output O_i = sum_(j in i) p_j v_j / l_i,
+    rounded to bf16 (relative 2^-8), enters with weight l_i / l, so it adds at most 2^-8 sum_j p_j |v_j| (the FP8
+    kernels write bf16
     partials for pages of whole 64-token chunks and at most 32 rows per kv head; docs/design.md §4.2)."""
     b, s_q, h_q, _ = q.shape
     out_bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
@@ -213,8 +246,8 @@ def mla_decode_fp8_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
         pmax = probs.amax(dim=-1, keepdim=True)
         out = torch.einsum("ktgs,ksd->ktgd", probs, values).abs()
         score_err = 2.0 ** -11 * mags                                           # [h_kv, s_q, group]
-        e = ((2.0 ** -4 + 2.0 ** -9 + 2 * score_err[..., None]) * weighted + 2.0 ** -10 * pmax * av.sum(dim=1)[:, None, None, :]
-             + 2.0 ** -8 * out)
+        e = ((2.0 ** -4 + 2.0 ** -8 + 2 * score_err[..., None]) * weighted
+             + 2.0 ** -10 * pmax * av.sum(dim=1)[:, None, None, :] + 2.0 ** -7 * out)
         out_bound[i] = e.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
         lse_bound[i] = score_err.permute(0, 2, 1).reshape(h_q, s_q)
     return out_bound, lse_bound
@@ -259,7 +292,19 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     b, s_q, h_q, _ = q.shape
     out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    for i in range(b):
+    for i, probs, values, l, sink in _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink,
+                                                             extra_kv_cache, extra_indices, extra_topk_length,
+                                                             head_dim_v, softmax_scale):
+        out[i] = (torch.einsum("thn,tnd->thd", probs, values) * sink).to(q.dtype)
+        lse[i] = l.transpose(0, 1)
+    return out, lse
+
+
+def _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices,
+                            extra_topk_length, head_dim_v, softmax_scale):
+    """The attention of sparse_mla_decode request by request: yields (i, probs [s_q, h_q, n], values
+    [s_q, n, head_dim_v], lse [s_q, h_q], the sink factor of out [s_q, h_q, 1] or 1.0) in float32."""
+    for i in range(q.shape[0]):
         tokens, valid = _gather_fp8_tokens(kv_cache, indices[i], None if topk_length is None else topk_length[i])
         if extra_kv_cache is not None:
             extra_tokens, extra_valid = _gather_fp8_tokens(
@@ -268,12 +313,26 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
             valid = torch.cat([valid, extra_valid], dim=1)
         scores = torch.einsum("thd,tnd->thn", q[i].float(), tokens) * softmax_scale   # [s_q, h_q, n]
         probs, l = _masked_softmax(scores, valid[:, None, :].expand_as(scores))
-        o = torch.einsum("thn,tnd->thd", probs, tokens[..., :head_dim_v])
-        if attn_sink is not None:
-            o = o * _sink_scale(l, attn_sink)[..., None]
-        out[i] = o.to(q.dtype)
-        lse[i] = l.transpose(0, 1)
-    return out, lse
+        sink = _sink_scale(l, attn_sink)[..., None] if attn_sink is not None else 1.0
+        yield i, probs, tokens[..., :head_dim_v], l, sink
+
+
+def sparse_mla_decode_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
+                                  topk_length: Optional[torch.Tensor], attn_sink: Optional[torch.Tensor],
+                                  extra_kv_cache: Optional[torch.Tensor], extra_indices: Optional[torch.Tensor],
+                                  extra_topk_length: Optional[torch.Tensor], head_dim_v: int, softmax_scale: float
+                                  ) -> torch.Tensor:
+    """Per-element bound on the kernel's out [b, s_q, h_q, head_dim_v] (float32) against sparse_mla_decode: the
+    cache is dequantized to bf16 as here, P and out are rounded to bf16 (``_rounded_p_bound``)."""
+    b, s_q, h_q, _ = q.shape
+    bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    for i, probs, values, _, sink in _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink,
+                                                             extra_kv_cache, extra_indices, extra_topk_length,
+                                                             head_dim_v, softmax_scale):
+        bound[i] = _rounded_p_bound(torch.einsum("thn,tnd->thd", probs, values.abs()) * sink,
+                                    torch.einsum("thn,tnd->thd", probs, values) * sink, probs.shape[-1],
+                                    torch.bfloat16)
+    return bound
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,12 +349,25 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     Returns out [s_q, h_q, d_v] bf16, max_logits [s_q, h_q] fp32 (max scaled score, -inf if none),
     lse [s_q, h_q] fp32 (natural log of the sum of exp of scaled scores, +inf if none; the sink
     does not enter it)."""
-    s_q, h_q, d_qk = q.shape
-    s_kv = kv.shape[0]
-    keys = kv[:, 0]
+    s_q, h_q, _ = q.shape
     out = torch.empty(s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    for rows, probs, values, l, row_max, sink in _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v,
+                                                                      attn_sink, topk_length):
+        out[rows] = (torch.einsum("rhn,rnd->rhd", probs, values) * sink).to(q.dtype)
+        max_logits[rows] = row_max
+        lse[rows] = l
+    return out, max_logits, lse
+
+
+def _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v, attn_sink, topk_length):
+    """The attention of sparse_mla_prefill, PREFILL_CHUNK query rows at a time: yields (rows, probs [r, h_q, topk],
+    values [r, topk, head_dim_v], lse [r, h_q], max_logits [r, h_q], the sink factor of out [r, h_q, 1] or 1.0)
+    in float32."""
+    s_q, h_q, d_qk = q.shape
+    s_kv = kv.shape[0]
+    keys = kv[:, 0]
     topk = indices.shape[-1]
     slots = torch.arange(topk, device=q.device)
     for start in range(0, s_q, PREFILL_CHUNK):
@@ -310,14 +382,24 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         scores = torch.einsum("rhd,rnd->rhn", q[rows].float(), gathered) * softmax_scale
         mask = valid[:, None, :].expand_as(scores)
         probs, l = _masked_softmax(scores, mask)
-        o = torch.einsum("rhn,rnd->rhd", probs, gathered[..., :head_dim_v])
-        if attn_sink is not None:
-            o = o * _sink_scale(l, attn_sink)[..., None]
-        out[rows] = o.to(q.dtype)
-        max_logits[rows] = (scores.masked_fill(~mask, _NEG_INF).amax(dim=-1) if topk > 0
-                            else torch.full(scores.shape[:-1], _NEG_INF, device=q.device))
-        lse[rows] = l
-    return out, max_logits, lse
+        sink = _sink_scale(l, attn_sink)[..., None] if attn_sink is not None else 1.0
+        row_max = (scores.masked_fill(~mask, _NEG_INF).amax(dim=-1) if topk > 0
+                   else torch.full(scores.shape[:-1], _NEG_INF, device=q.device))
+        yield rows, probs, gathered[..., :head_dim_v], l, row_max, sink
+
+
+def sparse_mla_prefill_error_bound(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, softmax_scale: float,
+                                   head_dim_v: int, attn_sink: Optional[torch.Tensor],
+                                   topk_length: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-element bound on the kernel's out [s_q, h_q, head_dim_v] (float32) against sparse_mla_prefill: P and
+    out rounded to bf16 (``_rounded_p_bound``)."""
+    s_q, h_q, _ = q.shape
+    bound = torch.empty(s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    for rows, probs, values, _, _, sink in _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v, attn_sink,
+                                                                topk_length):
+        bound[rows] = _rounded_p_bound(torch.einsum("rhn,rnd->rhd", probs, values.abs()) * sink,
+                                       torch.einsum("rhn,rnd->rhd", probs, values) * sink, probs.shape[-1], q.dtype)
+    return bound
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +518,18 @@ def mha_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
             out.index_put_((dest,), o.permute(0, 3, 1, 2, 4).reshape(n * r, h_q, d_v).to(q.dtype))
             lse.index_put_((dest,), block_lse.permute(0, 3, 1, 2).reshape(n * r, h_q))
     return out[:total_q], lse[:total_q]
+
+
+def mha_prefill_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                            causal: bool) -> torch.Tensor:
+    """Per-element bound on the kernel's out [total_q, h_q, d_v] (float32) against mha_prefill: P and out
+    rounded to q's type (``_rounded_p_bound``); sum_j p_j |v_j| is this reference run on |v| in float32."""
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    qf, kf = q.float(), k.float()
+    weighted_abs, _ = mha_prefill(qf, kf, v.float().abs(), *args)
+    out, _ = mha_prefill(qf, kf, v.float(), *args)
+    return _rounded_p_bound(weighted_abs, out, max_seqlen_k, q.dtype)
 
 
 # --------------------------------------------------------------------------------------------

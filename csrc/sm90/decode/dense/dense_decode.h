@@ -17,7 +17,7 @@ constexpr int kBlockN = 64;   // tokens per pipeline stage (a 64-token slice of 
 constexpr int kNarrowRows = 32;  // query rows per kv head up to which the transposed (32-row) kernels run
 
 // Split partials in bf16 instead of fp32: those of the FP8 32-row kernel (an FP8 cache, m_total <= kNarrowRows)
-// and of the FP8 large-page kernel (pages of whole 64-token chunks). Their rounding (2^-9 relative) is small beside
+// and of the FP8 large-page kernel (pages of whole 64-token chunks). Their rounding (2^-8 relative) is small beside
 // P's e4m3 rounding (2^-4); half the scratch traffic (docs/design.md §4.2).
 inline bool split_partials_bf16(bool fp8, int64_t m_total, int64_t page_size) {
   return fp8 && (m_total <= kNarrowRows || page_size % kBlockN == 0);

@@ -42,8 +42,8 @@ static_assert(kBlockM == kBlockN, "Q, K and V tiles share one row count");
 constexpr int kKSteps = kBlockN / 16;      // k-steps of the PV product
 
 // Warpgroups whose rows attend at most this many keys take the precise path (P = hi + lo, two bf16/fp16
-// terms, in both PV products): with P rounded once (relative error up to 2^-9 in bf16) the output of a
-// row that averages few keys is off by up to ~2^-9 |v| (0.0029 seen at 2-key rows of a causal 4096
+// terms, in both PV products): with P rounded once (relative error up to 2^-8 in bf16) the output of a
+// row that averages few keys is off by up to ~2^-8 |v| (0.0029 seen at 2-key rows of a causal 4096
 // prompt, against the 8e-4 tolerance); over n keys the error falls as 1 / sqrt(n). Measured on the
 // H200 (benchmarks/NOTES_mha_prefill.md): with no precise path 742 / 1040 elements of two test cases
 // missed the tolerance, with a 256-key bound 4, with 384 and 512 none; each step of the bound costs

@@ -73,7 +73,7 @@ constexpr uint32_t kBarPbFree = 4;  // WG0 -> WG1: WG0's product with P_b is don
 constexpr uint32_t kBarMath = 5;    // both math warpgroups (Q tile, epilogue)
 
 // Tokens with at most this many index slots take the precise path (P = hi + lo): with P rounded to
-// bf16 once (relative error up to 2^-9), outputs of tokens with a few hundred valid rows missed the
+// bf16 once (relative error up to 2^-8), outputs of tokens with a few hundred valid rows missed the
 // abs 8e-4 tolerance (at 389 and 392 slots, reproduced by a CPU emulation of the rounding:
 // benchmarks/NOTES_sparse_prefill.md). The same bound as the decode kernels.
 constexpr int kPreciseMaxLen = 1024;
