@@ -285,3 +285,25 @@ def test_concat_and_cache_skips_slots_past_the_cache():
     flat, old = a["kv_cache"].view(32, -1), before.view(32, -1)
     assert torch.equal(flat[0], torch.cat([a["kv_c"][0], a["k_pe"][0]]))
     assert torch.equal(flat[1:].view(torch.uint8), old[1:].view(torch.uint8))
+
+
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float16])
+def test_rounded_p_bound_holds_and_is_tight(p_dtype):
+    """The 16-bit kernels' error model (reference._rounded_p_bound, docs/design.md §7) against an emulation of
+    their arithmetic on the rows where it is worst: few distinct keys, each repeated many times (the rounding
+    of P is then the same for every copy and does not average out). Emulated: e_j = exp(s_j - max) rounded to
+    p_dtype, out = sum_j e_j v_j / sum_j exp(s_j - max) in float32, rounded to p_dtype. Every element within
+    the bound, and the worst at more than a tenth of it (the bound is not vacuous)."""
+    from torch_flashmla import reference
+    g = torch.Generator().manual_seed(7)
+    rows, distinct, copies, d = 64, 3, 700, 512
+    v = torch.randn(rows, distinct, d, generator=g).repeat(1, copies, 1)            # [rows, n, d]
+    s = (torch.randn(rows, distinct, generator=g) * 2).repeat(1, copies)            # [rows, n]
+    probs = torch.softmax(s, dim=-1)
+    ref = torch.einsum("rn,rnd->rd", probs, v)
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    emulated = torch.einsum("rn,rnd->rd", e.to(p_dtype).float(), v) / e.sum(dim=-1, keepdim=True)
+    err = (emulated.to(p_dtype).double() - ref.to(p_dtype).double()).abs()
+    bound = reference._rounded_p_bound(torch.einsum("rn,rnd->rd", probs, v.abs()), ref, v.shape[1], p_dtype)
+    assert (err <= bound.double()).all()
+    assert (err / bound.double()).max() > 0.1
