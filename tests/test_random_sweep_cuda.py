@@ -24,7 +24,7 @@ import torch
 pytestmark = pytest.mark.cuda
 
 pytest.importorskip("torch_flashmla")
-from torch_flashmla import reference, testing as T  # noqa: E402
+from torch_flashmla import kv_cache as kvc, reference, testing as T  # noqa: E402
 from torch_flashmla.testing import SparseDecodeCase, SparsePrefillCase  # noqa: E402
 
 # The per-op test modules skip (at import) without an SM90 GPU and kernels; so does this one.
@@ -125,6 +125,14 @@ SPARSE_V32 = [(_sparse_case(False), _parts_or_default()) for _ in range(100)]
 SPARSE_V4 = [(_sparse_case(True), _parts_or_default()) for _ in range(60)]
 SPARSE_PREFILL = [_sparse_prefill_case() for _ in range(60)]
 MHA_PREFILL = [_mha_prefill_case() for _ in range(60)]
+# concat_and_cache_mla: (kv_cache_dtype, input dtype, tokens, blocks, page size); bit-exact against the reference
+CACHE_WRITES = []
+for _ in range(40):
+    _kind = _rng.choice(["auto", "fp8_ds_mla", "fp8_ds_mla_v4", "fp8", "fp8_e4m3"])
+    _page = _rng.choice([1, 2, 3, 16, 33, 64, 100, 128, 256])
+    _blocks = max(1, _log_uniform(1, 6000) // _page)
+    CACHE_WRITES.append((_kind, _rng.choice([torch.bfloat16, torch.float16]) if _kind in ("auto", "fp8", "fp8_e4m3")
+                         else torch.bfloat16, _rng.randint(0, _blocks * _page), _blocks, _page))
 
 
 def _parts(c: DenseConfig):
@@ -205,3 +213,14 @@ def test_random_mha_prefill(case):
     args = (a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"], a["max_seqlen_k"])
     bound = reference.mha_prefill_error_bound(*args, a["q"].shape[-1] ** -0.5, a["causal"])
     assert_within_error_model(out, lse, ref_out, ref_lse, bound, MHA_PREFILL_TOL["lse_rtol"], _mha_id(case))
+
+
+@pytest.mark.parametrize("kind,dtype,tokens,blocks,page", CACHE_WRITES,
+                         ids=[f"{k}-{str(d)[6:]}-t{t}-nb{b}p{p}" for k, d, t, b, p in CACHE_WRITES])
+def test_random_cache_write(kind, dtype, tokens, blocks, page):
+    a = T.cache_write_inputs(num_tokens=tokens, num_blocks=blocks, page_size=page, kv_cache_dtype=kind, dtype=dtype,
+                             device="cuda", seed=CACHE_WRITES.index((kind, dtype, tokens, blocks, page)))
+    expected = a["kv_cache"].clone()
+    kvc.concat_and_cache_mla(a["kv_c"], a["k_pe"], expected, a["slot_mapping"], kind, a["scale"])
+    torch.ops.flashmla.concat_and_cache_mla(a["kv_c"], a["k_pe"], a["kv_cache"], a["slot_mapping"], kind, a["scale"])
+    assert torch.equal(a["kv_cache"].view(torch.uint8), expected.view(torch.uint8)), "cache bytes differ"
