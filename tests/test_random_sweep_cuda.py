@@ -133,6 +133,8 @@ for _ in range(40):
     _blocks = max(1, _log_uniform(1, 6000) // _page)
     CACHE_WRITES.append((_kind, _rng.choice([torch.bfloat16, torch.float16]) if _kind in ("auto", "fp8", "fp8_e4m3")
                          else torch.bfloat16, _rng.randint(0, _blocks * _page), _blocks, _page))
+# sparse decode with a plan made from other lengths (docs/design.md §4.1: it still covers every token)
+SPARSE_STALE_PLAN = [(_sparse_case(_rng.random() < 0.4), _parts_or_default()) for _ in range(24)]
 
 
 def _parts(c: DenseConfig):
@@ -224,3 +226,17 @@ def test_random_cache_write(kind, dtype, tokens, blocks, page):
     kvc.concat_and_cache_mla(a["kv_c"], a["k_pe"], expected, a["slot_mapping"], kind, a["scale"])
     torch.ops.flashmla.concat_and_cache_mla(a["kv_c"], a["k_pe"], a["kv_cache"], a["slot_mapping"], kind, a["scale"])
     assert torch.equal(a["kv_cache"].view(torch.uint8), expected.view(torch.uint8)), "cache bytes differ"
+
+
+@pytest.mark.parametrize("case,parts", SPARSE_STALE_PLAN,
+                         ids=[_sparse_id(c, n, sparse32) for c, n in SPARSE_STALE_PLAN])
+def test_random_sparse_stale_plan(case, parts):
+    module = sparse4 if case.d_qk == 512 else sparse32
+    inp = module.make_inputs(case, seed=module.case_seed(case), num_sm_parts=parts)
+    b, s_q, h_q, _ = inp["q"].shape
+    total = case.topk + case.extra_topk
+    g = torch.Generator(device="cuda").manual_seed(SPARSE_STALE_PLAN.index((case, parts)))
+    other = torch.randint(0, total + 1, (b,), generator=g, device="cuda", dtype=torch.int32)
+    inp["tile_scheduler_metadata"], inp["num_splits"] = torch.ops.flashmla.get_mla_metadata(
+        other, s_q * h_q, 1, h_q, True, total, parts or module.plan(inp)[0].shape[0])
+    _check_sparse_decode(module, inp, module.case_id(case) + "-stale")
