@@ -138,7 +138,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(CombinePara
   // num_splits is the plan, complete before the attention kernel started (that kernel is launched in stream
   // order; this one starts only once all of its CTAs run): it may be read before the wait below.
   const int first = p.num_splits[r];
-  const int n = p.num_splits[r + 1] - first;
+  // At most acc_rows splits: the plan's values are not checked (host sync), and a garbage num_splits must
+  // still read inside the scratch (from the clamped first row below), never past it.
+  const int n = min(p.num_splits[r + 1] - first, p.acc_rows);
   // Launched as a programmatic dependent of the attention kernel (launch_combine): its CTAs may start before
   // the attention kernel ends; this waits for it to complete and for its writes to be visible.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
