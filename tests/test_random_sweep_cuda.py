@@ -24,6 +24,7 @@ import torch
 pytestmark = pytest.mark.cuda
 
 pytest.importorskip("torch_flashmla")
+import torch_flashmla  # noqa: E402
 from torch_flashmla import kv_cache as kvc, reference, testing as T  # noqa: E402
 from torch_flashmla.testing import SparseDecodeCase, SparsePrefillCase  # noqa: E402
 
@@ -135,6 +136,9 @@ for _ in range(40):
                          else torch.bfloat16, _rng.randint(0, _blocks * _page), _blocks, _page))
 # sparse decode with a plan made from other lengths (docs/design.md §4.1: it still covers every token)
 SPARSE_STALE_PLAN = [(_sparse_case(_rng.random() < 0.4), _parts_or_default()) for _ in range(24)]
+# plan + decode captured in one CUDA graph, replayed on fresh inputs copied into the captured tensors
+GRAPH_DENSE = [_dense_config() for _ in range(16)]
+GRAPH_SPARSE = [_sparse_case(_rng.random() < 0.4) for _ in range(16)]
 
 
 def _parts(c: DenseConfig):
@@ -240,3 +244,63 @@ def test_random_sparse_stale_plan(case, parts):
     inp["tile_scheduler_metadata"], inp["num_splits"] = torch.ops.flashmla.get_mla_metadata(
         other, s_q * h_q, 1, h_q, True, total, parts or module.plan(inp)[0].shape[0])
     _check_sparse_decode(module, inp, module.case_id(case) + "-stale")
+
+
+GRAPH_REPLAYS = 3
+
+
+@pytest.mark.parametrize("c", GRAPH_DENSE, ids=[c.id() for c in GRAPH_DENSE])
+def test_random_dense_graph_replay(c):
+    """16-bit (c.half: fp16) or, for odd indices, the FP8 cache (c.half: an e4m3 q)."""
+    fp8 = GRAPH_DENSE.index(c) % 2 == 1
+    make = dense8.make_inputs if fp8 else paged.make_inputs
+    kw = dict(page_size=c.page_size, varlen=c.varlen, zeros=c.zeros, bad_pages=c.bad_pages)
+    kw.update(q_fp8=c.half) if fp8 else kw.update(dtype=torch.float16 if c.half else torch.bfloat16)
+
+    def fresh(seed):
+        got = make(c.b, c.s_q, c.h_q, c.h_kv, c.s_k, seed=seed, **kw)
+        return list(got[:4]) + (list(got[5:]) if fp8 else [None, None])  # q, cache, table, lens, dq, dk
+
+    static = fresh(0)
+    q, cache, table, lens, dq, dk = static
+    scale = dense16.D_QK ** -0.5
+    rows = c.s_q * c.h_q // c.h_kv
+
+    def step():
+        meta, splits = torch_flashmla.get_mla_metadata(lens, rows, c.h_kv, c.h_q, is_fp8_kvcache=fp8,
+                                                       num_sm_parts=_parts(c))
+        return torch.ops.flashmla.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal, meta, splits, dq, dk)
+
+    graph, (out, lse) = T.capture_cuda_graph(step, warmup_iters=2)
+    for r in range(GRAPH_REPLAYS):
+        for dst, src in zip(static, fresh(1000 + r)):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        tag = f"{c.id()} replay {r}"
+        if fp8:
+            dense8.assert_fp8_close(out, lse, q, cache, table, lens, c.causal, dq, dk)
+            continue
+        ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal)
+        bound = reference.mla_decode_error_bound(q, cache, table, lens, dense16.D_V, scale, c.causal)
+        assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"], tag)
+
+
+@pytest.mark.parametrize("case", GRAPH_SPARSE, ids=[sparse32.case_id(c) for c in GRAPH_SPARSE])
+def test_random_sparse_graph_replay(case):
+    module = sparse4 if case.d_qk == 512 else sparse32
+    static = module.make_inputs(case, seed=0)
+    graph, out, lse, _ = sparse32.capture_decode_graph(static, module.SCALE)
+    for r in range(GRAPH_REPLAYS):
+        new = module.make_inputs(case, seed=1000 + r)
+        for k, v in static.items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(new[k])
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = module.run_reference(static)
+        bound = reference.sparse_mla_decode_error_bound(*(static[k] for k in module.INPUT_KEYS), module.D_V,
+                                                        module.SCALE)
+        assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"],
+                                  f"{module.case_id(case)} replay {r}")
