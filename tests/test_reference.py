@@ -307,3 +307,42 @@ def test_rounded_p_bound_holds_and_is_tight(p_dtype):
     bound = reference._rounded_p_bound(torch.einsum("rn,rnd->rd", probs, v.abs()), ref, v.shape[1], p_dtype)
     assert (err <= bound.double()).all()
     assert (err / bound.double()).max() > 0.1
+
+
+def _bound_cases():
+    """(name, reference call, bound call) on the shared generator's CPU inputs; the bounds' own inputs."""
+    from torch_flashmla import reference as R
+    d = T.dense_decode_inputs(T.DenseDecodeCase(b=3, s_q=2, h_q=4, h_kv=2, seqlen=150, causal=True, varlen=True,
+                                                zero_lengths=True), seed=1)
+    dense = (d["q"], d["kv_cache"], d["block_table"], d["cache_seqlens"], 512, 576 ** -0.5, True)
+    s = T.sparse_decode_inputs(T.SparseDecodeCase(b=3, s_q=2, h_q=4, topk=96, with_topk_length=True,
+                                                  with_attn_sink=True, extra_topk=40), seed=2)
+    keys = ("q", "kv_cache", "indices", "topk_length", "attn_sink", "extra_kv_cache", "extra_indices",
+            "extra_topk_length")
+    sparse = tuple(s[k] for k in keys) + (512, 576 ** -0.5)
+    p = T.sparse_prefill_inputs(T.SparsePrefillCase(s_q=9, h_q=4, with_attn_sink=True, with_topk_length=True),
+                                seed=3)
+    prefill_args = (p["q"], p["kv"], p["indices"], 576 ** -0.5, 512, p["attn_sink"], p["topk_length"])
+    m = T.mha_prefill_inputs(T.MHAPrefillCase(zero_lengths=True), seed=4)
+    mha = (m["q"], m["k"], m["v"], m["cu_seqlens_q"], m["cu_seqlens_k"], m["max_seqlen_q"], m["max_seqlen_k"],
+           192 ** -0.5, True)
+    return [("mla_decode", lambda: R.mla_decode(*dense), lambda: R.mla_decode_error_bound(*dense)),
+            ("sparse_mla_decode", lambda: R.sparse_mla_decode(*sparse),
+             lambda: R.sparse_mla_decode_error_bound(*sparse)),
+            ("sparse_mla_prefill", lambda: R.sparse_mla_prefill(*prefill_args),
+             lambda: R.sparse_mla_prefill_error_bound(*prefill_args)),
+            ("mha_prefill", lambda: R.mha_prefill(*mha), lambda: R.mha_prefill_error_bound(*mha))]
+
+
+@pytest.mark.parametrize("name", ["mla_decode", "sparse_mla_decode", "sparse_mla_prefill", "mha_prefill"])
+def test_error_bounds_cover_the_output_rounding(name):
+    """Each op's error bound (docs/design.md §7) has out's shape, is finite and at least 1e-6, and covers the
+    reference's own rounding of out to its 16-bit type (a part of the model the kernels share)."""
+    ref_call, bound_call = next((r, b) for n, r, b in _bound_cases() if n == name)
+    out = ref_call()[0]
+    bound = bound_call()
+    assert bound.shape == out.shape and bound.dtype == torch.float32
+    assert torch.isfinite(bound).all() and (bound >= 1e-6).all()
+    # The 16-bit out's rounding error is at most u |out|, inside the bound.
+    u = 2.0 ** -8 if out.dtype == torch.bfloat16 else 2.0 ** -11
+    assert (bound >= u * out.float().abs()).all()
