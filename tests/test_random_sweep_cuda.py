@@ -255,7 +255,10 @@ def test_random_dense_graph_replay(c):
     fp8 = GRAPH_DENSE.index(c) % 2 == 1
     make = dense8.make_inputs if fp8 else paged.make_inputs
     kw = dict(page_size=c.page_size, varlen=c.varlen, zeros=c.zeros, bad_pages=c.bad_pages)
-    kw.update(q_fp8=c.half) if fp8 else kw.update(dtype=torch.float16 if c.half else torch.bfloat16)
+    if fp8:
+        kw["q_fp8"] = c.half
+    else:
+        kw["dtype"] = torch.float16 if c.half else torch.bfloat16
 
     def fresh(seed):
         got = make(c.b, c.s_q, c.h_q, c.h_kv, c.s_k, seed=seed, **kw)

@@ -344,5 +344,5 @@ def test_error_bounds_cover_the_output_rounding(name):
     assert bound.shape == out.shape and bound.dtype == torch.float32
     assert torch.isfinite(bound).all() and (bound >= 1e-6).all()
     # The 16-bit out's rounding error is at most u |out|, inside the bound.
-    u = 2.0 ** -8 if out.dtype == torch.bfloat16 else 2.0 ** -11
-    assert (bound >= u * out.float().abs()).all()
+    from torch_flashmla import reference
+    assert (bound >= reference.UNIT_ROUNDOFF[out.dtype] * out.float().abs()).all()

@@ -112,6 +112,16 @@ def _rounded_p_bound(weighted_abs: torch.Tensor, out: torch.Tensor, n_keys: int,
     return (u + 2 * n_keys * 2.0 ** -24) * weighted_abs + 2 * u * out.abs() + 1e-6
 
 
+def _rounded_p_bound_of(spec: str, probs: torch.Tensor, values: torch.Tensor, dtype: torch.dtype,
+                        sink: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``_rounded_p_bound`` of the output ``einsum(spec, probs, values)`` (times the sink factor, if any), the keys
+    on probs' last dimension."""
+    weighted_abs, out = torch.einsum(spec, probs, values.abs()), torch.einsum(spec, probs, values)
+    if sink is not None:
+        weighted_abs, out = weighted_abs * sink, out * sink
+    return _rounded_p_bound(weighted_abs, out, probs.shape[-1], dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # dense decode
 # --------------------------------------------------------------------------------------------
@@ -206,8 +216,7 @@ def mla_decode_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     bound = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     for i, probs, values, _ in _dense_decode_requests(q, kv_cache, block_table, cache_seqlens, head_dim_v,
                                                       softmax_scale, causal, None, None):
-        e = _rounded_p_bound(torch.einsum("ktgs,ksd->ktgd", probs, values.abs()),
-                             torch.einsum("ktgs,ksd->ktgd", probs, values), probs.shape[-1], kv_cache.dtype)
+        e = _rounded_p_bound_of("ktgs,ksd->ktgd", probs, values, kv_cache.dtype)
         bound[i] = e.permute(1, 0, 2, 3).reshape(s_q, h_q, head_dim_v)
     return bound
 
@@ -295,7 +304,8 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     for i, probs, values, l, sink in _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink,
                                                              extra_kv_cache, extra_indices, extra_topk_length,
                                                              head_dim_v, softmax_scale):
-        out[i] = (torch.einsum("thn,tnd->thd", probs, values) * sink).to(q.dtype)
+        o = torch.einsum("thn,tnd->thd", probs, values)
+        out[i] = (o if sink is None else o * sink).to(q.dtype)
         lse[i] = l.transpose(0, 1)
     return out, lse
 
@@ -303,7 +313,7 @@ def sparse_mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
 def _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices,
                             extra_topk_length, head_dim_v, softmax_scale):
     """The attention of sparse_mla_decode request by request: yields (i, probs [s_q, h_q, n], values
-    [s_q, n, head_dim_v], lse [s_q, h_q], the sink factor of out [s_q, h_q, 1] or 1.0) in float32."""
+    [s_q, n, head_dim_v], lse [s_q, h_q], the sink factor of out [s_q, h_q, 1] or None) in float32."""
     for i in range(q.shape[0]):
         tokens, valid = _gather_fp8_tokens(kv_cache, indices[i], None if topk_length is None else topk_length[i])
         if extra_kv_cache is not None:
@@ -313,7 +323,7 @@ def _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink, extra_
             valid = torch.cat([valid, extra_valid], dim=1)
         scores = torch.einsum("thd,tnd->thn", q[i].float(), tokens) * softmax_scale   # [s_q, h_q, n]
         probs, l = _masked_softmax(scores, valid[:, None, :].expand_as(scores))
-        sink = _sink_scale(l, attn_sink)[..., None] if attn_sink is not None else 1.0
+        sink = _sink_scale(l, attn_sink)[..., None] if attn_sink is not None else None
         yield i, probs, tokens[..., :head_dim_v], l, sink
 
 
@@ -329,9 +339,7 @@ def sparse_mla_decode_error_bound(q: torch.Tensor, kv_cache: torch.Tensor, indic
     for i, probs, values, _, sink in _sparse_decode_requests(q, kv_cache, indices, topk_length, attn_sink,
                                                              extra_kv_cache, extra_indices, extra_topk_length,
                                                              head_dim_v, softmax_scale):
-        bound[i] = _rounded_p_bound(torch.einsum("thn,tnd->thd", probs, values.abs()) * sink,
-                                    torch.einsum("thn,tnd->thd", probs, values) * sink, probs.shape[-1],
-                                    torch.bfloat16)
+        bound[i] = _rounded_p_bound_of("thn,tnd->thd", probs, values, torch.bfloat16, sink)
     return bound
 
 
@@ -355,7 +363,8 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     for rows, probs, values, l, row_max, sink in _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v,
                                                                       attn_sink, topk_length):
-        out[rows] = (torch.einsum("rhn,rnd->rhd", probs, values) * sink).to(q.dtype)
+        o = torch.einsum("rhn,rnd->rhd", probs, values)
+        out[rows] = (o if sink is None else o * sink).to(q.dtype)
         max_logits[rows] = row_max
         lse[rows] = l
     return out, max_logits, lse
@@ -363,7 +372,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
 
 def _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v, attn_sink, topk_length):
     """The attention of sparse_mla_prefill, PREFILL_CHUNK query rows at a time: yields (rows, probs [r, h_q, topk],
-    values [r, topk, head_dim_v], lse [r, h_q], max_logits [r, h_q], the sink factor of out [r, h_q, 1] or 1.0)
+    values [r, topk, head_dim_v], lse [r, h_q], max_logits [r, h_q], the sink factor of out [r, h_q, 1] or None)
     in float32."""
     s_q, h_q, d_qk = q.shape
     s_kv = kv.shape[0]
@@ -382,7 +391,7 @@ def _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v, attn_sink, t
         scores = torch.einsum("rhd,rnd->rhn", q[rows].float(), gathered) * softmax_scale
         mask = valid[:, None, :].expand_as(scores)
         probs, l = _masked_softmax(scores, mask)
-        sink = _sink_scale(l, attn_sink)[..., None] if attn_sink is not None else 1.0
+        sink = _sink_scale(l, attn_sink)[..., None] if attn_sink is not None else None
         row_max = (scores.masked_fill(~mask, _NEG_INF).amax(dim=-1) if topk > 0
                    else torch.full(scores.shape[:-1], _NEG_INF, device=q.device))
         yield rows, probs, gathered[..., :head_dim_v], l, row_max, sink
@@ -397,8 +406,7 @@ def sparse_mla_prefill_error_bound(q: torch.Tensor, kv: torch.Tensor, indices: t
     bound = torch.empty(s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     for rows, probs, values, _, _, sink in _sparse_prefill_rows(q, kv, indices, softmax_scale, head_dim_v, attn_sink,
                                                                 topk_length):
-        bound[rows] = _rounded_p_bound(torch.einsum("rhn,rnd->rhd", probs, values.abs()) * sink,
-                                       torch.einsum("rhn,rnd->rhd", probs, values) * sink, probs.shape[-1], q.dtype)
+        bound[rows] = _rounded_p_bound_of("rhn,rnd->rhd", probs, values, q.dtype, sink)
     return bound
 
 
