@@ -80,6 +80,12 @@ def test_planner_gpu_equals_cpu_at_scale():
         gpu = F.get_mla_metadata(seqlens.to(DEV), 128, 1, 128, num_sm_parts=parts)
         cpu = F.get_mla_metadata(seqlens, 128, 1, 128, num_sm_parts=parts)
         assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    # lengths near 2^31: the block count of a length is formed without overflowing int32
+    seqlens = torch.tensor([2**31 - 1, 5, 2**31 - 64, 2**31 - 63, 0, 2**31 - 65], dtype=torch.int32)
+    for parts in (1, 7, 132):
+        gpu = F.get_mla_metadata(seqlens.to(DEV), 128, 1, 128, num_sm_parts=parts)
+        cpu = F.get_mla_metadata(seqlens, 128, 1, 128, num_sm_parts=parts)
+        assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1]), parts
 
 
 def test_bad_input_on_cuda():

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kPlannerThreads) planner_kernel(const int* __r
   long long local = 0;
   for (int i = threadIdx.x; i < b; i += blockDim.x) {
     const int len = max(seqlens[i], 0);
-    const int nb = (len + kPlannerBlockN - 1) / kPlannerBlockN;
+    const int nb = len / kPlannerBlockN + (len % kPlannerBlockN != 0);
     if (staged) s_nblk[i] = nb;
     local += nb;
   }
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kPlannerThreads) planner_kernel(const int* __r
   auto nblk = [&](int r) -> long long {
     if (staged) return s_nblk[r];
     const int len = max(seqlens[r], 0);
-    return (len + kPlannerBlockN - 1) / kPlannerBlockN;
+    return len / kPlannerBlockN + (len % kPlannerBlockN != 0);
   };
   auto length = [&](int r) -> int { return max(seqlens[r], 0); };
   int req = 0, split = 0, cum = 0;
