@@ -307,3 +307,35 @@ def test_random_sparse_graph_replay(case):
                                                         module.SCALE)
         assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"],
                                   f"{module.case_id(case)} replay {r}")
+
+
+# dense decode (16-bit, and the FP8 cache for odd indices) with a plan made from other lengths: each request's
+# last piece runs to the request's real end (docs/design.md §4.1), so every token is still attended. Defined
+# last, so that the configurations above keep their random draws.
+DENSE_STALE_PLAN = [_dense_config() for _ in range(24)]
+
+
+@pytest.mark.parametrize("c", DENSE_STALE_PLAN, ids=[c.id() for c in DENSE_STALE_PLAN])
+def test_random_dense_stale_plan(c):
+    i = DENSE_STALE_PLAN.index(c)
+    fp8 = i % 2 == 1
+    kw = dict(page_size=c.page_size, varlen=c.varlen, zeros=c.zeros, seed=300 + i, num_sm_parts=_parts(c),
+              bad_pages=c.bad_pages)
+    if fp8:
+        q, cache, table, lens, plan, dq, dk = dense8.make_inputs(c.b, c.s_q, c.h_q, c.h_kv, c.s_k, q_fp8=c.half, **kw)
+    else:
+        dtype = torch.float16 if c.half else torch.bfloat16
+        q, cache, table, lens, plan = paged.make_inputs(c.b, c.s_q, c.h_q, c.h_kv, c.s_k, dtype=dtype, **kw)
+    g = torch.Generator(device="cuda").manual_seed(i)
+    other = torch.randint(0, c.s_k + 1, (c.b,), generator=g, device="cuda", dtype=torch.int32)
+    plan = torch_flashmla.get_mla_metadata(other, c.s_q * c.h_q // c.h_kv, c.h_kv, c.h_q, is_fp8_kvcache=fp8,
+                                           num_sm_parts=plan[0].shape[0])
+    if fp8:
+        out, lse = dense8.run_fp8(q, cache, table, lens, plan, c.causal, dq, dk)
+        dense8.assert_fp8_close(out, lse, q, cache, table, lens, c.causal, dq, dk)
+        return
+    scale = dense16.D_QK ** -0.5
+    out, lse = dense16.run_kernel(q, cache, table, lens, plan, c.causal, scale)
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal)
+    bound = reference.mla_decode_error_bound(q, cache, table, lens, dense16.D_V, scale, c.causal)
+    assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"], c.id() + "-stale")
