@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torch_flashmla as F
-from torch_flashmla import testing as T
+from torch_flashmla import reference, testing as T
 
 import oracle
 
@@ -163,9 +163,12 @@ def test_planner_covers_every_token_once(lengths, parts):
     for begin_req, begin_tok, end_req, end_tok, begin_split, *_ in meta.tolist():
         for r in range(begin_req, end_req + 1):
             start = begin_tok if r == begin_req else 0
-            end = end_tok if r == end_req else lengths[r]
+            end = min(end_tok, lengths[r]) if r == end_req else lengths[r]
             split = begin_split if r == begin_req else 0
             covered[r].append((split, start, end))
+            if r == end_req:  # a last piece is open-ended (runs to the length at decode time), no other is
+                last = split == int(num_splits[r + 1] - num_splits[r]) - 1
+                assert (end_tok == reference.PLAN_OPEN_END) == last, (r, split, end_tok)
     for r, pieces in covered.items():
         pieces.sort()
         n = int(num_splits[r + 1] - num_splits[r])
@@ -294,7 +297,6 @@ def test_rounded_p_bound_holds_and_is_tight(p_dtype):
     of P is then the same for every copy and does not average out). Emulated: e_j = exp(s_j - max) rounded to
     p_dtype, out = sum_j e_j v_j / sum_j exp(s_j - max) in float32, rounded to p_dtype. Every element within
     the bound, and the worst at more than a tenth of it (the bound is not vacuous)."""
-    from torch_flashmla import reference
     g = torch.Generator().manual_seed(7)
     rows, distinct, copies, d = 64, 3, 700, 512
     v = torch.randn(rows, distinct, d, generator=g).repeat(1, copies, 1)            # [rows, n, d]
@@ -344,5 +346,4 @@ def test_error_bounds_cover_the_output_rounding(name):
     assert bound.shape == out.shape and bound.dtype == torch.float32
     assert torch.isfinite(bound).all() and (bound >= 1e-6).all()
     # The 16-bit out's rounding error is at most u |out|, inside the bound.
-    from torch_flashmla import reference
     assert (bound >= reference.UNIT_ROUNDOFF[out.dtype] * out.float().abs()).all()

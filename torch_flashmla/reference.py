@@ -23,6 +23,7 @@ from . import kv_cache as kvc
 PLANNER_BLOCK_N = 64        # tokens per planner block
 PLANNER_FIXED_OVERHEAD = 5  # cost of one (request, split) piece, in blocks
 METADATA_WIDTH = 8
+PLAN_OPEN_END = 2**31 - 1   # end_token of a partition that ends with a request's last piece (runs to its length)
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -40,7 +41,9 @@ def get_mla_metadata(seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_he
 
     Returns ``tile_scheduler_metadata int32 [num_sm_parts, 8]`` with rows
     ``[begin_req, begin_token, end_req, end_token, begin_split, 0, 0, 0]`` (``end_req`` inclusive,
-    ``end_token`` exclusive; ``begin_req > end_req`` means no work) and ``num_splits int32 [b + 1]``,
+    ``end_token`` exclusive, and ``PLAN_OPEN_END`` (2^31 - 1) when the partition ends with its last request's
+    last piece: that piece runs to the request's length at decode time, so a plan made from other lengths
+    still covers every token; ``begin_req > end_req`` means no work) and ``num_splits int32 [b + 1]``,
     the running count of splits (request ``i`` has ``num_splits[i+1] - num_splits[i]`` pieces).
     Requests with one piece are written directly; the others are merged by a combine step.
     """
@@ -70,7 +73,7 @@ def get_mla_metadata(seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_he
         if blk > 0:
             end_req, end_tok = req, min(blk * PLANNER_BLOCK_N, lengths[req])
         else:
-            end_req, end_tok = req - 1, (lengths[req - 1] if req >= 1 else 0)
+            end_req, end_tok = req - 1, PLAN_OPEN_END
         metadata[part][:5] = [begin_req, begin_blk * PLANNER_BLOCK_N, end_req, end_tok, begin_split]
     device = seqlens.device
     return (torch.tensor(metadata, dtype=torch.int32, device=device),

@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kPlannerThreads) planner_kernel(const int* __r
       end_req = req;
       end_tok = (int)min(blk * kPlannerBlockN, (long long)length(req));
     } else {
-      end_req = req - 1;
-      end_tok = req >= 1 ? length(req - 1) : 0;
+      end_req = req - 1;  // the partition ends with a request's last piece
+      end_tok = kPlanOpenEnd;
     }
     int* row = metadata + (size_t)p * kMetadataWidth;
     row[0] = begin_req;

@@ -9,6 +9,9 @@ namespace common {
 constexpr int kPlannerBlockN = 64;
 constexpr int kPlannerOverhead = 5;
 constexpr int kMetadataWidth = 8;
+// end_token of a partition whose last piece is its request's last: that piece runs to the request's length at
+// decode time, so that a plan made from other lengths still covers every token (docs/design.md §4.1).
+constexpr int kPlanOpenEnd = 0x7fffffff;
 
 // seqlens [b] int32 -> metadata [num_sm_parts, 8] int32, num_splits [b + 1] int32 (one CTA).
 void launch_planner(const int* seqlens, int b, int num_sm_parts, int* metadata, int* num_splits, cudaStream_t stream);

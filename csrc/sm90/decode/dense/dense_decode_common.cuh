@@ -4,7 +4,6 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <climits>
 #include <math.h>
 
 #include <type_traits>
@@ -63,34 +62,32 @@ __device__ __forceinline__ int request_len(const DenseDecodeParams& p, int r) {
   return min(max(p.seqlens[r], 0), p.max_tokens);
 }
 
+// Token range [start, end) of request r inside partition (begin_req..end_req). end_tok is clamped to the length:
+// the plan's open end (kPlanOpenEnd) on a request's last piece makes that piece run to the request's real end.
+__device__ __forceinline__ void request_range(const DenseDecodeParams& p, int r, int begin_req, int begin_tok,
+                                              int end_req, int end_tok, int& start, int& end) {
+  const int len = request_len(p, r);
+  start = r == begin_req ? begin_tok : 0;
+  end = r == end_req ? end_tok : len;
+  end = min(end, len);
+  start = max(start, 0);
+}
+
 // A CTA's SM partition of the plan (row blockIdx.z of tile_scheduler_metadata): requests begin_req..end_req
 // (end_req clamped into the batch), from token begin_tok of the first and before token end_tok of the last;
 // begin_split is the split index of the first request's piece. Empty: the CTA has nothing to do.
-//
-// When the partition holds the last piece of its last request, end_tok is read as INT_MAX: that piece runs to
-// the request's real end (as in the sparse kernel), so that a plan made from other lengths still covers every
-// token and only balances worse (a piece that starts past a shrunk length is empty and, when split, weighs
-// nothing in the combine). Decided here, once per CTA, so that the request loops stay as they are.
 struct Partition {
   int begin_req, begin_tok, end_req, end_tok, begin_split;
   __device__ __forceinline__ bool empty() const { return begin_req > end_req || begin_req < 0; }
 };
 __device__ __forceinline__ Partition read_partition(const DenseDecodeParams& p) {
   const int* meta = p.metadata + blockIdx.z * 8;
-  Partition pt{meta[0], meta[1], min(meta[2], p.b - 1), meta[3], meta[4]};
-  if (!pt.empty()) {
-    const int r = pt.end_req;
-    const int split_idx = r == pt.begin_req ? pt.begin_split : 0;
-    if (split_idx >= p.num_splits[r + 1] - p.num_splits[r] - 1) pt.end_tok = INT_MAX;
-  }
-  return pt;
+  return {meta[0], meta[1], min(meta[2], p.b - 1), meta[3], meta[4]};
 }
 // Token range [start, end) of request r inside partition pt.
 __device__ __forceinline__ void request_range(const DenseDecodeParams& p, const Partition& pt, int r, int& start,
                                               int& end) {
-  const int len = request_len(p, r);
-  start = r == pt.begin_req ? max(pt.begin_tok, 0) : 0;
-  end = min(r == pt.end_req ? pt.end_tok : len, len);
+  request_range(p, r, pt.begin_req, pt.begin_tok, pt.end_req, pt.end_tok, start, end);
 }
 
 // A loading warp's walk over two stages: load(r, tok, end, stage, empty_parity) for every 64-token chunk of the
