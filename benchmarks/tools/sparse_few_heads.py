@@ -12,7 +12,7 @@ V3.2 cache, b 128, s_q 2, topk 2048 (the first row of bench_sparse_decode.py), h
   64/this   64-head op us / this op us (1.0: a few-head call costs what 64 heads cost)
 
 Run on the GPU machine: python benchmarks/tools/sparse_few_heads.py [--no-reference] [--calls N]
-                                                                  [--flashmla-heads 64,...] [--num-sm-parts N]
+                                                                  [--flashmla-heads 64,...] [--num-sm-parts N] [LABEL]
 --num-sm-parts N: plan every head count with N partitions instead of the default (docs/design.md §4.1;
 132 reproduces the default of before the one-wave plans on an H200).
 """
@@ -43,7 +43,10 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=20, help="profiled calls for the kernel-alone time")
     ap.add_argument("--flashmla-heads", default="64", help="head counts at which FlashMLA is timed (comma list)")
     ap.add_argument("--num-sm-parts", type=int, default=None, help="partitions of every plan (default: the planner's)")
+    ap.add_argument("label", nargs="?", default=None, help="printed first (benchmarks/tools/ab_swap.sh passes the build's)")
     opts = ap.parse_args()
+    if opts.label:
+        print(f"== {opts.label}")
     dev = torch.device("cuda")
     cache, table = make_cache(B, S_K, dev)
     indices = make_indices(table, S_K, S_Q, TOPK)
