@@ -49,9 +49,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
     Args:
         cache_seqlens: [b] int32, tokens per request (for sparse decode: ``topk_length``, or a
             tensor filled with ``topk``, plus ``extra_topk_length`` with an extra cache). Negative
-            lengths count as 0. The sparse kernel attends to every token whatever lengths were
-            planned (the last piece of a request runs to its end); other lengths only balance the
-            work worse.
+            lengths count as 0. Every decode kernel attends to every token whatever lengths were
+            planned (the last piece of a request runs to its end: the plan's ``end_token`` is
+            2^31 - 1 there); other lengths only balance the work worse.
         num_q_tokens_per_head_k: ``s_q * h_q // h_kv`` (the query rows of one kv head).
         num_heads_k: h_kv.
         num_heads_q: h_q, or None (FlashMLA's old call form ``get_mla_metadata(seqlens,
