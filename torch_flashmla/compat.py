@@ -7,7 +7,8 @@ get_mla_metadata, flash_mla_with_kvcache``). Two forms of the planner, as FlashM
   returns the tensor pair ``(tile_scheduler_metadata, num_splits)``, computed on the GPU now;
 * new form, ``get_mla_metadata()`` (no arguments) returns ``(FlashMLASchedMeta(), None)``; the plan
   is computed on the first ``flash_mla_with_kvcache`` call that receives the object and reused
-  afterwards (so only reuse it while the lengths stay the same, as with FlashMLA).
+  afterwards (reused with other lengths it still gives correct outputs, only balanced worse: each
+  request's last piece runs to its real end; a new object per decode step keeps the balance).
 
 The object form keeps state in Python between calls; for ``torch.compile`` and CUDA graphs prefer
 the tensor form or :mod:`torch_flashmla.ops`, which are stateless.
