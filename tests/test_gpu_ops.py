@@ -74,18 +74,18 @@ def test_dense_decode_matrix(case):
 
 def test_planner_gpu_equals_cpu_at_scale():
     g = torch.Generator().manual_seed(0)
+    cases = []
     for b, parts in [(1, 132), (128, 132), (4096, 66), (333, 7)]:
         seqlens = torch.randint(0, 131072, (b,), generator=g, dtype=torch.int32)
         seqlens[::5] = 0
-        gpu = F.get_mla_metadata(seqlens.to(DEV), 128, 1, 128, num_sm_parts=parts)
-        cpu = F.get_mla_metadata(seqlens, 128, 1, 128, num_sm_parts=parts)
-        assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+        cases.append((seqlens, parts))
     # lengths near 2^31: the block count of a length is formed without overflowing int32
-    seqlens = torch.tensor([2**31 - 1, 5, 2**31 - 64, 2**31 - 63, 0, 2**31 - 65], dtype=torch.int32)
-    for parts in (1, 7, 132):
+    near_max = torch.tensor([2**31 - 1, 5, 2**31 - 64, 2**31 - 63, 0, 2**31 - 65], dtype=torch.int32)
+    cases += [(near_max, parts) for parts in (1, 7, 132)]
+    for seqlens, parts in cases:
         gpu = F.get_mla_metadata(seqlens.to(DEV), 128, 1, 128, num_sm_parts=parts)
         cpu = F.get_mla_metadata(seqlens, 128, 1, 128, num_sm_parts=parts)
-        assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1]), parts
+        assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1]), (len(seqlens), parts)
 
 
 def test_bad_input_on_cuda():

@@ -145,6 +145,16 @@ def _parts(c: DenseConfig):
     return c.num_sm_parts or None
 
 
+DENSE16_SCALE = dense16.D_QK ** -0.5
+
+
+def _assert_dense16(out, lse, q, cache, table, lens, causal, tag):
+    """16-bit dense decode outputs against the reference and its error model (docs/design.md §7)."""
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, dense16.D_V, DENSE16_SCALE, causal)
+    bound = reference.mla_decode_error_bound(q, cache, table, lens, dense16.D_V, DENSE16_SCALE, causal)
+    assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"], tag)
+
+
 @pytest.mark.parametrize("c", DENSE16, ids=[c.id() for c in DENSE16])
 def test_random_dense_16bit(c):
     dtype = torch.float16 if c.half else torch.bfloat16
@@ -152,11 +162,8 @@ def test_random_dense_16bit(c):
                                                     varlen=c.varlen, zeros=c.zeros, dtype=dtype,
                                                     seed=DENSE16.index(c), num_sm_parts=_parts(c),
                                                     bad_pages=c.bad_pages)
-    scale = dense16.D_QK ** -0.5
-    out, lse = dense16.run_kernel(q, cache, table, lens, plan, c.causal, scale)
-    ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal)
-    bound = reference.mla_decode_error_bound(q, cache, table, lens, dense16.D_V, scale, c.causal)
-    assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"], c.id())
+    out, lse = dense16.run_kernel(q, cache, table, lens, plan, c.causal, DENSE16_SCALE)
+    _assert_dense16(out, lse, q, cache, table, lens, c.causal, c.id())
 
 
 @pytest.mark.parametrize("c", DENSE8, ids=[c.id() for c in DENSE8])
@@ -266,13 +273,13 @@ def test_random_dense_graph_replay(c):
 
     static = fresh(0)
     q, cache, table, lens, dq, dk = static
-    scale = dense16.D_QK ** -0.5
     rows = c.s_q * c.h_q // c.h_kv
 
     def step():
         meta, splits = torch_flashmla.get_mla_metadata(lens, rows, c.h_kv, c.h_q, is_fp8_kvcache=fp8,
                                                        num_sm_parts=_parts(c))
-        return torch.ops.flashmla.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal, meta, splits, dq, dk)
+        return torch.ops.flashmla.mla_decode(q, cache, table, lens, dense16.D_V, DENSE16_SCALE, c.causal, meta, splits,
+                                             dq, dk)
 
     graph, (out, lse) = T.capture_cuda_graph(step, warmup_iters=2)
     for r in range(GRAPH_REPLAYS):
@@ -285,9 +292,7 @@ def test_random_dense_graph_replay(c):
         if fp8:
             dense8.assert_fp8_close(out, lse, q, cache, table, lens, c.causal, dq, dk)
             continue
-        ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal)
-        bound = reference.mla_decode_error_bound(q, cache, table, lens, dense16.D_V, scale, c.causal)
-        assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"], tag)
+        _assert_dense16(out, lse, q, cache, table, lens, c.causal, tag)
 
 
 @pytest.mark.parametrize("case", GRAPH_SPARSE, ids=[sparse32.case_id(c) for c in GRAPH_SPARSE])
@@ -334,8 +339,5 @@ def test_random_dense_stale_plan(c):
         out, lse = dense8.run_fp8(q, cache, table, lens, plan, c.causal, dq, dk)
         dense8.assert_fp8_close(out, lse, q, cache, table, lens, c.causal, dq, dk)
         return
-    scale = dense16.D_QK ** -0.5
-    out, lse = dense16.run_kernel(q, cache, table, lens, plan, c.causal, scale)
-    ref_out, ref_lse = reference.mla_decode(q, cache, table, lens, dense16.D_V, scale, c.causal)
-    bound = reference.mla_decode_error_bound(q, cache, table, lens, dense16.D_V, scale, c.causal)
-    assert_within_error_model(out, lse, ref_out, ref_lse, bound, DECODE_TOL["lse_rtol"], c.id() + "-stale")
+    out, lse = dense16.run_kernel(q, cache, table, lens, plan, c.causal, DENSE16_SCALE)
+    _assert_dense16(out, lse, q, cache, table, lens, c.causal, c.id() + "-stale")
