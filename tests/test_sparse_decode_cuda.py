@@ -228,8 +228,9 @@ def test_sparse_decode_small_heads(case):
 ODD = [SparseDecodeCase(b=3, h_q=h, s_q=s, topk=k, num_blocks=64, **flags_of(i + 5))
        for i, (h, s, k) in enumerate([(1, 1, 128), (3, 2, 512), (63, 2, 256), (126, 1, 2048),
                                       # either side of the few-head kernel's 16-head tile (h_q <= 16; the
-                                      # 64-head kernel above) and of h_q 32
-                                      (15, 2, 1024), (16, 1, 640), (17, 1, 512), (31, 2, 2048), (33, 1, 640)])]
+                                      # 64-head kernel above), of h_q 32 and of its 8-head tile (h_q <= 8)
+                                      (15, 2, 1024), (16, 1, 640), (17, 1, 512), (31, 2, 2048), (33, 1, 640),
+                                      (7, 1, 2048), (9, 2, 1024)])]
 
 
 @pytest.mark.parametrize("case", ODD, ids=[case_id(c) for c in ODD])

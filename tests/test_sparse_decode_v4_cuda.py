@@ -154,8 +154,10 @@ MATRIX = [
 ODD = [V4(b=3, h_q=h, s_q=s, topk=k, num_blocks=32, page_size=64, with_topk_length=bool(i & 1),
           with_attn_sink=bool(i & 2), extra_topk=512 if i & 1 else 0, extra_page_size=2)
        for i, (h, s, k) in enumerate([(1, 1, 64), (16, 4, 256), (32, 2, 128), (100, 2, 512), (127, 1, 2048),
-                                      # few heads on long index lists (h_q <= 16: the transposed kernel)
-                                      (8, 2, 4096), (24, 1, 16384), (12, 2, 1024), (32, 2, 1024)])]
+                                      # few heads on long index lists (h_q <= 16: the transposed kernel,
+                                      # 8- or 16-head tile)
+                                      (8, 2, 4096), (24, 1, 16384), (12, 2, 1024), (32, 2, 1024), (9, 1, 2048),
+                                      (5, 2, 512)])]
 
 
 @pytest.mark.parametrize("case", MATRIX + ODD, ids=[case_id(c) for c in MATRIX + ODD])

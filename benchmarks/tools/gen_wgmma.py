@@ -62,7 +62,9 @@ out += [gen(64, "e4m3", "wgmma_m64n64k32_e4m3_kk", None, False, k=32), "",
         gen(64, "e4m3", "wgmma_m64n64k32_e4m3_rk", None, True, k=32), ""]
 # Sparse decode with few heads (transposed products): S^T = K Q^T and O^T += V^T P^T, N = the head tile.
 out += [gen(16, "bf16", "wgmma_m64n16k16_bf16_kk", 0, False), "",
-        gen(16, "bf16", "wgmma_m64n16k16_bf16_mnk", 0, False, transa=1), ""]
+        gen(16, "bf16", "wgmma_m64n16k16_bf16_mnk", 0, False, transa=1), "",
+        gen(8, "bf16", "wgmma_m64n8k16_bf16_kk", 0, False), "",
+        gen(8, "bf16", "wgmma_m64n8k16_bf16_mnk", 0, False, transa=1), ""]
 # Dense 16-bit decode with at most 32 query rows (transposed products): S^T = K Q^T, O^T += V^T P^T.
 for dt in ("bf16", "f16"):
     out += [gen(32, dt, f"wgmma_m64n32k16_{dt}_kk", 0, False), "",

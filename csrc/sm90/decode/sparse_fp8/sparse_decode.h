@@ -53,14 +53,18 @@ struct SparseDecodeParams {
   float scale_log2;        // softmax_scale * log2(e)
 };
 
-// Heads per Q tile load of the kernel that serves h_q: kNarrowHeads for few heads (h_q <= 16: the
-// transposed kernel, whose head tile is the products' N), else 64.
+// Heads per Q tile load of the kernel that serves h_q: kNarrowHeadsSmall or kNarrowHeads for few heads
+// (h_q <= 8 / h_q <= 16: the transposed kernel, whose head tile is the products' N), else 64.
 constexpr int kNarrowHeads = 16;
-inline int sparse_decode_q_box_heads(int h_q) { return h_q <= kNarrowHeads ? kNarrowHeads : 64; }
+constexpr int kNarrowHeadsSmall = 8;  // h_q <= 8: the same kernel with 8-column products
+inline int sparse_decode_q_box_heads(int h_q) {
+  return h_q <= kNarrowHeadsSmall ? kNarrowHeadsSmall : h_q <= kNarrowHeads ? kNarrowHeads : 64;
+}
 
 // Grid (num_sm_parts, s_q, ceil(h_q / 64)), 384 threads, on `stream`.
 // h_q > 64: clusters of the two 64-head tiles of a query token share the gathered chunks.
-// h_q <= 16: one math warpgroup with the products transposed, two producer warpgroups.
+// h_q <= 16: one math warpgroup with the products transposed (N = 8 heads for h_q <= 8, else 16), two
+// producer warpgroups.
 // tmap_q: 4-D map over q {d_qk, h_q, s_q, b}, box {64, sparse_decode_q_box_heads(h_q), 1, 1}, 128B swizzle
 // (api/tensor_map.h, make_q_heads_map).
 void launch_sparse_decode(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream);

@@ -816,7 +816,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // With h_q <= 16 a 64-row head tile is mostly padding, and the kernel above is bound by its one
 // producer warpgroup, which does the same work per index whatever h_q is. Here the chunk's tokens are
-// the M side of the products and the heads the N side (kN = 16 columns):
+// the M side of the products and the heads the N side (kN = 8 columns for h_q <= 8, else 16):
 //   S^T = K Q^T    (m64 tokens x kN heads, k over d_qk; A = the stage, K-major; B = Q, K-major)
 //   O^T += V^T P^T (8 products of m64 latent columns x kN heads, k over the 64 tokens; A = the stage
 //                   read MN-major; B = P^T, a [kN heads][64 tokens] tile written by stmatrix.trans)
@@ -825,9 +825,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // throughput per SM. The softmax runs down the accumulator's columns: each thread's heads are
 // 8 j + 2 (lane % 4) + e, its tokens warp * 16 + lane / 4 (+ 8); the chunk maximum of a head is
 // reduced over the quads of a warp by shuffles and over the 4 warps through shared memory.
-// The code is written for any kN that is a multiple of 16; only kN = 16 is built: at kN = 32 (h_q 17..32)
-// the math warpgroup's chain per chunk grows by a third and the call was no faster than the 64-head
-// kernel (benchmarks/NOTES_sparse_decode.md, few heads), so those head counts use the kernel above.
+// The code is written for kN = 8 and any multiple of 16; kN = 8 and 16 are built. At kN = 8 the products'
+// B operand (Q^T, P^T) is half of kN = 16's in the shared-memory reads that bound the call: h_q 8 measured
+// 5-6% faster than at kN = 16. At kN = 32 (h_q 17..32) the math warpgroup's chain per chunk grows by a third
+// and the call was no faster than the 64-head kernel (benchmarks/NOTES_sparse_decode.md, few heads), so
+// those head counts use the kernel above.
 template <int kN, bool kV4>
 struct NarrowLayout {
   using Base = Layout<kV4>;
@@ -867,6 +869,11 @@ struct NarrowOps<16> {
   static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n16k16_bf16_kk(d, a, b, s); }
   static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n16k16_bf16_mnk(d, a, b, 1); }
 };
+template <>
+struct NarrowOps<8> {
+  static __device__ __forceinline__ void qk(float* d, uint64_t a, uint64_t b, int s) { wgmma_m64n8k16_bf16_kk(d, a, b, s); }
+  static __device__ __forceinline__ void pv(float* d, uint64_t a, uint64_t b) { wgmma_m64n8k16_bf16_mnk(d, a, b, 1); }
+};
 
 // The few-head math warpgroup (WG0): S^T, the softmax, O^T and the epilogue of every request of the
 // partition. Accumulator element 4 j + 2 half + e of a thread is (row warp * 16 + lane / 4 + 8 half,
@@ -876,7 +883,7 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
                                                       uint8_t* smem, int tid, int t, int begin_req, int begin_tok,
                                                       int end_req, int end_tok, int begin_split) {
   using L = NarrowLayout<kN, kV4>;
-  static_assert(kN % 16 == 0, "P^T leaves in pairs of 8-head blocks (stmatrix x4)");
+  static_assert(kN == 8 || kN % 16 == 0, "P^T leaves in pairs of 8-head blocks (stmatrix x4), or one (x2)");
   constexpr int kJ = kN / 8;    // 8-head column blocks
   constexpr int kH = kN / 4;    // heads of one thread
   constexpr int kAcc = kN / 2;  // accumulators of one thread per m64 product
@@ -968,14 +975,19 @@ __device__ __forceinline__ void narrow_math_warpgroup(const SparseDecodeParams& 
         const uint32_t tile = sbase + L::kOffP + term * L::kHeadTileBytes;
 #pragma unroll
         for (int j0 = 0; j0 < kJ; j0 += 2) {
+          constexpr int kMatrices = kJ == 1 ? 2 : 4;
           uint32_t rg[4];
 #pragma unroll
-          for (int m = 0; m < 4; ++m) {  // matrix m: token block 2 warp + m % 2, head block j0 + m / 2
+          for (int m = 0; m < kMatrices; ++m) {  // matrix m: token block 2 warp + m % 2, head block j0 + m / 2
             const int base_idx = 4 * (j0 + m / 2) + 2 * (m % 2);
             rg[m] = term == 0 ? TypeOps<T>::pack(s[base_idx], s[base_idx + 1])
                               : TypeOps<T>::pack_residue(s[base_idx], s[base_idx + 1]);
           }
-          stmatrix_x4_trans(pt_addr(tile, j0), rg[0], rg[1], rg[2], rg[3]);
+          if constexpr (kMatrices == 2) {
+            stmatrix_x2_trans(pt_addr(tile, j0), rg[0], rg[1]);
+          } else {
+            stmatrix_x4_trans(pt_addr(tile, j0), rg[0], rg[1], rg[2], rg[3]);
+          }
         }
       }
       fence_proxy_async();
@@ -1148,7 +1160,11 @@ void launch_narrow(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaS
 }  // namespace
 
 void launch_sparse_decode(const SparseDecodeParams& p, const CUtensorMap& tmap_q, cudaStream_t stream) {
-  if (sparse_decode_q_box_heads(p.h_q) == kNarrowHeads) {
+  const int box_heads = sparse_decode_q_box_heads(p.h_q);
+  if (box_heads == kNarrowHeadsSmall) {
+    p.v4 ? launch_narrow<kNarrowHeadsSmall, true>(p, tmap_q, stream)
+         : launch_narrow<kNarrowHeadsSmall, false>(p, tmap_q, stream);
+  } else if (box_heads == kNarrowHeads) {
     p.v4 ? launch_narrow<kNarrowHeads, true>(p, tmap_q, stream) : launch_narrow<kNarrowHeads, false>(p, tmap_q, stream);
   } else if (p.num_m_tiles == 2) {
     p.v4 ? launch_kernel<2, true>(p, tmap_q, stream) : launch_kernel<2, false>(p, tmap_q, stream);
