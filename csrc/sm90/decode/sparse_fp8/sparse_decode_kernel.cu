@@ -176,9 +176,9 @@ __device__ __forceinline__ RequestWork request_work(const SparseDecodeParams& p,
   return w;
 }
 
-// This partition's piece [start, end) of request r. end_tok is clamped to the request's walked length:
-// the plan's open end (kPlanOpenEnd) on a request's last piece makes that piece run to the request's
-// real end, so a plan made from other lengths still covers every token (it only balances worse).
+// This partition's piece [start, end) of request r. The last piece of a request runs to the
+// request's real end, so a plan made from other lengths still covers every token (it only
+// balances worse).
 struct Piece {
   int start, end, split_idx, n_splits;
 };
@@ -188,8 +188,9 @@ __device__ __forceinline__ Piece request_piece(const RequestLoads& l, int r, int
   Piece pc;
   pc.n_splits = l.split_hi - l.split_lo;
   pc.split_idx = r == begin_req ? begin_split : 0;
+  const bool last = pc.split_idx >= pc.n_splits - 1;
   pc.start = r == begin_req ? max(begin_tok, 0) : 0;
-  pc.end = r == end_req ? min(end_tok, total) : total;
+  pc.end = (r == end_req && !last) ? min(end_tok, total) : total;
   pc.start = min(pc.start, pc.end);
   return pc;
 }
