@@ -8,8 +8,9 @@
 //
 // Three warpgroups, specialised (setmaxnreg moves registers to the math warpgroups):
 //   WG2 (producer): per chunk, gathers the 656-byte records with 16-byte loads (indices read two
-//       chunks ahead, records prefetched into L2 ahead of the loads, the loads of one row in flight
-//       while another is converted: see the producer loop), dequantizes e4m3 * scale to bf16
+//       chunks ahead, records prefetched into L2 ahead of the loads (not in the V3.2 few-head
+//       kernel), the loads of one row in flight while another is converted: see the producer
+//       loop), dequantizes e4m3 * scale to bf16
 //       and writes the 64 x 576 tile into shared memory in the 128B-swizzled K-major layout that
 //       wgmma reads (rows of skipped indices are zero, so masked probabilities never meet NaN),
 //       with one valid flag per row: st.shared + proxy fence + arrive. In a cluster, one thread then
@@ -565,6 +566,9 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
     }
   };
   auto prefetch_l2 = [&](const ChunkSlots& cs) {
+    // Not in the V3.2 few-head kernel (two producers): it measured 1-2% faster without (NOTES_sparse_decode.md,
+    // sessions 41 and 43). The V4 few-head producers keep it: without it, ptxas spilled there.
+    if constexpr (kProducers == 2 && !kV4) return;
     const uint8_t* rec[kRows];
     const uint8_t* scl[kRows];
     records_of(cs, rec, scl);
@@ -608,8 +612,11 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
       } else {
         ld.scl = ld_nc_v4(scl[k]);
       }
-      ld.rope[0] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32);
-      ld.rope[1] = ld_nc_v4(rec[k] + L::kRopeOffset + piece * 32 + 16);
+      // V3.2: the RoPE part as two contiguous 64-byte spans of the warp's 8 rows (16-byte chunks piece and
+      // piece + 4): a 64-byte span touches fewer 128-byte lines than 112 bytes at a 32-byte pitch. (V4 keeps
+      // the 32-byte pitch: the other form made ptxas spill in its 64-head producer.)
+      ld.rope[0] = ld_nc_v4(rec[k] + L::kRopeOffset + (kV4 ? piece * 32 : piece * 16));
+      ld.rope[1] = ld_nc_v4(rec[k] + L::kRopeOffset + (kV4 ? piece * 32 + 16 : 64 + piece * 16));
     } else {
 #pragma unroll
       for (int i = 0; i < L::kLatentGroups; ++i) ld.lat[i] = make_uint4(0, 0, 0, 0);
@@ -642,8 +649,8 @@ __device__ __forceinline__ void producer_warpgroups(const SparseDecodeParams& p,
       store16(kv + i * kTileBytes + swz(row, 2 * piece), make_uint4(a.x, a.y, b.x, b.y));
       store16(kv + i * kTileBytes + swz(row, 2 * piece + 1), make_uint4(c.x, c.y, d.x, d.y));
     }
-    store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece), ld.rope[0]);
-    store16(kv + L::kLatentGroups * kTileBytes + swz(row, 2 * piece + 1), ld.rope[1]);
+    store16(kv + L::kLatentGroups * kTileBytes + swz(row, kV4 ? 2 * piece : piece), ld.rope[0]);
+    store16(kv + L::kLatentGroups * kTileBytes + swz(row, kV4 ? 2 * piece + 1 : piece + 4), ld.rope[1]);
     if (piece == 0) {
       const uint32_t flag = ld.valid ? 1 : 0;
       const uint32_t vaddr = sbase + L::kOffValid + (stage * 64 + row) * 4;
